@@ -1,0 +1,41 @@
+"""The `facefleet` command: one typer app, one module per concern registering its commands."""
+
+from __future__ import annotations
+
+import typer
+
+from facefleet.cli import (
+    agent_cmds,
+    budget_cmds,
+    contract_cmds,
+    demo_cmds,
+    placement_cmds,
+    scheduler_cmds,
+    security_cmds,
+)
+
+app = typer.Typer(
+    name="facefleet",
+    help=(
+        "Hybrid-cloud scheduling for GPU face-swap work. Private data stays on-prem, always; "
+        "public work bursts to cloud spot GPUs within budget. Start with `facefleet up`."
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+)
+
+for module in (
+    demo_cmds,
+    scheduler_cmds,
+    agent_cmds,
+    placement_cmds,
+    budget_cmds,
+    security_cmds,
+    contract_cmds,
+):
+    module.register(app)
+
+
+if __name__ == "__main__":
+    app()

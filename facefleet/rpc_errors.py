@@ -1,0 +1,50 @@
+"""gRPC errors a person can act on, with a machine-readable reason code.
+
+Every refusal goes out as a gRPC status plus the trailing metadata key `facefleet-reason`
+(an `ErrorReason` name from proto/facefleet/v1/types.proto) and, for bad input, `facefleet-field`.
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import grpc
+
+from facefleet.v1 import types_pb2
+
+REASON_KEY = "facefleet-reason"
+FIELD_KEY = "facefleet-field"
+
+
+class TaskInputError(ValueError):
+    """A submitted task is invalid; `field` names the offending field path."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def abort(
+    context: grpc.ServicerContext,
+    code: grpc.StatusCode,
+    reason: int,
+    message: str,
+    field: str = "",
+) -> NoReturn:
+    """Abort the RPC with `code` and `message`, attaching the reason (and field) as metadata."""
+    metadata: list[tuple[str, str]] = [(REASON_KEY, types_pb2.ErrorReason.Name(reason))]  # type: ignore[arg-type]
+    if field:
+        metadata.append((FIELD_KEY, field))
+    context.set_trailing_metadata(tuple(metadata))
+    context.abort(code, message)
+    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+def reason_of(error: grpc.RpcError) -> str:
+    """The `facefleet-reason` a server attached to `error`, or "" when none."""
+    trailing = error.trailing_metadata() if isinstance(error, grpc.Call) else None
+    for key, value in trailing or ():
+        if key == REASON_KEY:
+            return str(value)
+    return ""
