@@ -1,0 +1,45 @@
+"""Every Prometheus metric the scheduler exports, in one place (served on /metrics).
+
+Dashboards and alert rules under deploy/ name these; tests check they exist.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+QUEUE_DEPTH = Gauge("facefleet_queue_depth", "Tasks waiting to be placed, by priority.", ["priority"])
+PLACEMENTS = Counter(
+    "facefleet_placements_total", "Placement decisions by pool, rule and outcome.", ["pool", "rule", "outcome"]
+)
+DISPATCH_LATENCY = Histogram(
+    "facefleet_dispatch_latency_seconds",
+    "Time from a placement decision to the agent accepting the task.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+QUEUE_WAIT = Histogram(
+    "facefleet_task_queue_wait_seconds",
+    "Time from submission to dispatch.",
+    buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800),
+)
+REQUEUES = Counter("facefleet_requeues_total", "Tasks sent back to the queue, by reason.", ["reason"])
+TASKS_FINISHED = Counter("facefleet_tasks_finished_total", "Tasks reaching a terminal state.", ["state", "pool"])
+LEADER = Gauge("facefleet_leader", "1 when this scheduler replica holds the leader lock.")
+AGENTS = Gauge("facefleet_agents", "Known agents by pool and state (ready, draining, lost).", ["pool", "state"])
+POOL_FREE_SLOTS = Gauge("facefleet_pool_free_slots", "Free slots per pool as placement sees them.", ["pool"])
+CAPACITY_SOURCE_STALE = Gauge(
+    "facefleet_capacity_prometheus_stale", "1 when Prometheus is down or stale and placement uses heartbeats only."
+)
+RULES_VERSION = Info("facefleet_rules", "The active rule-set version and its source.")
+RULES_LOAD_ERRORS = Counter("facefleet_rules_load_errors_total", "Rule-set loads rejected as invalid or unreachable.")
+SPOT_PRICE = Gauge(
+    "facefleet_spot_price_usd_per_hour",
+    "Latest spot price per provider, region and instance type.",
+    ["provider", "region", "instance_type"],
+)
+PRICE_FEED_STALE = Gauge("facefleet_price_feed_stale", "1 when a price feed is failing or stale.", ["provider"])
+BUDGET_SPENT = Gauge("facefleet_budget_spent_usd", "Cloud spend month to date by budget account.", ["budget"])
+BUDGET_CAP = Gauge("facefleet_budget_cap_usd", "Monthly cap by budget account.", ["budget"])
+BUDGET_ALERT = Gauge("facefleet_budget_alert", "1 when spend passed the account's alert percentage.", ["budget"])
+CLOUD_INSTANCES = Gauge("facefleet_cloud_instances", "Cloud instances by pool and state.", ["pool", "state"])
+AUDIT_RECORDS = Counter("facefleet_audit_records_total", "Audit records written, by kind.", ["kind"])
+DENIALS = Counter("facefleet_permission_denied_total", "Calls refused for a missing role or certificate.", ["method"])
