@@ -18,4 +18,6 @@ TASKS = Counter("facefleet_agent_tasks_total", "Tasks finished on this agent, by
 REFUSALS = Counter("facefleet_agent_refusals_total", "Tasks refused, by reason code.", ["reason"])
 GPU_UTILIZATION = Gauge("facefleet_agent_gpu_utilization_ratio", "GPU utilisation 0..1 (NVML).", ["gpu"])
 GPU_MEMORY_USED = Gauge("facefleet_agent_gpu_memory_used_bytes", "GPU memory in use (NVML).", ["gpu"])
-PREEMPTION_NOTICES = Counter("facefleet_agent_preemption_notices_total", "Spot interruption notices seen.", ["provider"])
+PREEMPTION_NOTICES = Counter(
+    "facefleet_agent_preemption_notices_total", "Spot interruption notices seen.", ["provider"]
+)

@@ -27,9 +27,9 @@ class TLSConfig(Section):
     """mTLS material. `insecure = true` is for local development only (loud warning)."""
 
     dir: Path = Path("var/certs")
-    ca: Path | None = None      # default: <dir>/ca.pem
-    cert: Path | None = None    # default: <dir>/<component>.pem
-    key: Path | None = None     # default: <dir>/<component>-key.pem
+    ca: Path | None = None  # default: <dir>/ca.pem
+    cert: Path | None = None  # default: <dir>/<component>.pem
+    key: Path | None = None  # default: <dir>/<component>-key.pem
     insecure: bool = False
 
 
@@ -47,7 +47,7 @@ class SchedulerConfig(Section):
     metrics_port: int = 9464
     heartbeat_timeout_s: float = 10.0
     lost_grace_s: float = 20.0
-    prometheus_url: str | None = None   # None: capacity from heartbeats only
+    prometheus_url: str | None = None  # None: capacity from heartbeats only
     project_limits: dict[str, int] = Field(default_factory=dict)  # max concurrent tasks per project
 
 
@@ -66,6 +66,11 @@ class AgentConfig(Section):
     execution_providers: list[str] = Field(default_factory=list)  # empty = best available
     metrics_port: int = 9465
     heartbeat_interval_s: float = 2.0
+    agent_id: str = ""                  # empty: <pool>-<hostname>-<port>
+    advertise_address: str = ""         # address sent in heartbeats; empty: the bound listen address
+    instance_id: str = ""               # cloud instance id, matched against the provisioner's records
+    # Shared by every agent that may resume a task: checkpoints live at file://<root>/<task_id>/.
+    checkpoint_root: Path = Path("var/checkpoints")
 
 
 class ResidencyConfig(Section):

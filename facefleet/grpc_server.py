@@ -69,13 +69,22 @@ def build_server(
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
-    port = (
-        server.add_secure_port(address, credentials)
-        if credentials is not None
-        else server.add_insecure_port(address)
-    )
+    try:
+        port = (
+            server.add_secure_port(address, credentials)
+            if credentials is not None
+            else server.add_insecure_port(address)
+        )
+    except RuntimeError as error:  # grpc reports bind failures as RuntimeError
+        port = 0
+        cause: Exception | None = error
+    else:
+        cause = None
     if port == 0:
-        raise OSError(f"could not bind gRPC server to {address}: is the port in use?")
+        raise OSError(
+            f"could not bind gRPC server to {address}: the port is in use or the address is not local; "
+            "pick another --listen address (port 0 picks a free one)"
+        ) from cause
     server.start()
     handle = ServerHandle(server=server, port=port, health=health_servicer, services=names)
     handle.set_serving(True)

@@ -44,7 +44,7 @@ def abort(
 def reason_of(error: grpc.RpcError) -> str:
     """The `facefleet-reason` a server attached to `error`, or "" when none."""
     trailing = error.trailing_metadata() if isinstance(error, grpc.Call) else None
-    for key, value in trailing or ():
-        if key == REASON_KEY:
-            return str(value)
+    for item in trailing or ():
+        if item[0] == REASON_KEY:
+            return str(item[1])
     return ""
