@@ -43,8 +43,10 @@ def abort(
 
 def reason_of(error: grpc.RpcError) -> str:
     """The `facefleet-reason` a server attached to `error`, or "" when none."""
-    trailing = error.trailing_metadata() if isinstance(error, grpc.Call) else None
-    for item in trailing or ():
+    trailing: tuple[tuple[str, str | bytes], ...] = (
+        tuple(error.trailing_metadata() or ()) if isinstance(error, grpc.Call) else ()
+    )
+    for item in trailing:
         if item[0] == REASON_KEY:
             return str(item[1])
     return ""
