@@ -41,6 +41,21 @@ class PolicyConfig(Section):
     consul_token: str | None = None
 
 
+class PoolConfig(Section):
+    """A pool known from config before any agent heartbeats (cloud pools that scale from zero)."""
+
+    name: str
+    provider: str = "onprem"
+    trust_zone: Literal["private", "cloud"] = "cloud"
+    region: str = ""
+    instance_type: str = ""
+    max_instances: int = Field(default=0, ge=0)
+    provision_s: float = Field(default=0.0, ge=0)
+    sec_per_frame: float = Field(default=0.05, gt=0)
+    price_per_hour: float = Field(default=0.0, ge=0)
+    spot: bool = False
+
+
 class SchedulerConfig(Section):
     listen: str = "127.0.0.1:50051"
     store_url: str = "sqlite:///var/facefleet.db"
@@ -48,6 +63,12 @@ class SchedulerConfig(Section):
     heartbeat_timeout_s: float = 10.0
     lost_grace_s: float = 20.0
     prometheus_url: str | None = None  # None: capacity from heartbeats only
+    # Capacity (scheduler/capacity.py): PromQL per signal, results keyed by the `pool` label;
+    # a signal missing here keeps its default from scheduler.capacity.DEFAULT_PROMETHEUS_QUERIES.
+    prometheus_queries: dict[str, str] = Field(default_factory=dict)
+    prometheus_max_age_s: float = Field(default=30.0, gt=0)  # older data counts as stale
+    prometheus_timeout_s: float = Field(default=1.0, gt=0, le=1)  # short: a slow Prometheus is a stale one
+    pools: list[PoolConfig] = Field(default_factory=list)  # static pools merged with heartbeats
     project_limits: dict[str, int] = Field(default_factory=dict)  # max concurrent tasks per project
 
 
@@ -84,6 +105,55 @@ class AuditConfig(Section):
     signing_key: Path | None = None
 
 
+class CloudPoolConfig(Section):
+    """One burstable cloud pool: where instances launch and how many may exist (issue #6)."""
+
+    name: str
+    provider: Literal["aws", "azure"]
+    region: str
+    instance_type: str                     # EC2 instance type or Azure VM size
+    max_instances: int = Field(default=2, ge=0)
+    slots_per_instance: int = Field(default=1, ge=1)
+    max_price_usd_per_hour: float | None = None  # spot bid cap; None = up to on-demand price
+    idle_teardown_s: float = Field(default=600.0, gt=0)
+    register_timeout_s: float = Field(default=900.0, gt=0)
+    launch_backoff_s: float = Field(default=120.0, ge=0)  # pause launches after a provider refusal
+
+
+class AwsCloudConfig(Section):
+    launch_template: str | None = None     # name or lt- id; when set, the fields below are optional
+    ami_id: str | None = None
+    instance_profile: str | None = None    # IAM instance profile name or ARN
+    subnet_id: str | None = None
+    security_group_ids: list[str] = Field(default_factory=list)
+    key_name: str | None = None
+
+
+class AzureCloudConfig(Section):
+    subscription_id: str | None = None
+    resource_group: str | None = None
+    subnet_id: str | None = None           # full ARM id of the subnet the VMs join
+    image: str = "Canonical:ubuntu-24_04-lts:server:latest"  # publisher:offer:sku:version
+    admin_username: str = "facefleet"
+    ssh_public_key: str | None = None
+    eviction_policy: Literal["Delete", "Deallocate"] = "Delete"
+
+
+class CloudConfig(Section):
+    """Spot bursting. Off by default: no cloud pool exists until one is listed here."""
+
+    enabled: bool = False
+    cluster: str = "facefleet"             # tag value that scopes every instance to this deployment
+    scheduler_address: str = ""            # how cloud agents reach the scheduler (host:port)
+    agent_tls_dir: str = "/etc/facefleet/certs"
+    price_refresh_s: float = Field(default=300.0, gt=0)
+    price_stale_after_s: float = Field(default=900.0, gt=0)
+    azure_price_api: str = "https://prices.azure.com/api/retail/prices"
+    aws: AwsCloudConfig = Field(default_factory=AwsCloudConfig)
+    azure: AzureCloudConfig = Field(default_factory=AzureCloudConfig)
+    pools: list[CloudPoolConfig] = Field(default_factory=list)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FACEFLEET_", env_nested_delimiter="__", extra="forbid")
 
@@ -96,6 +166,7 @@ class Settings(BaseSettings):
     agent: AgentConfig = Field(default_factory=AgentConfig)
     residency: ResidencyConfig = Field(default_factory=ResidencyConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    cloud: CloudConfig = Field(default_factory=CloudConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -23,6 +23,17 @@ QUEUE_WAIT = Histogram(
 )
 REQUEUES = Counter("facefleet_requeues_total", "Tasks sent back to the queue, by reason.", ["reason"])
 TASKS_FINISHED = Counter("facefleet_tasks_finished_total", "Tasks reaching a terminal state.", ["state", "pool"])
+DUPLICATE_COMPLETIONS = Counter(
+    "facefleet_duplicate_completions_total",
+    "Completions reported for a task already finished (recorded once, the repeat ignored).",
+    ["state"],
+)
+SUBMITS = Counter("facefleet_submits_total", "SubmitTask calls by result (created, duplicate, invalid).", ["result"])
+SUBMIT_BATCH_SIZE = Histogram(
+    "facefleet_submit_batch_size",
+    "Submits committed per group-commit transaction.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
 LEADER = Gauge("facefleet_leader", "1 when this scheduler replica holds the leader lock.")
 AGENTS = Gauge("facefleet_agents", "Known agents by pool and state (ready, draining, lost).", ["pool", "state"])
 POOL_FREE_SLOTS = Gauge("facefleet_pool_free_slots", "Free slots per pool as placement sees them.", ["pool"])

@@ -12,6 +12,7 @@ from facefleet.cli import (
     placement_cmds,
     scheduler_cmds,
     security_cmds,
+    swap_cmds,
 )
 
 app = typer.Typer(
@@ -33,6 +34,7 @@ for module in (
     budget_cmds,
     security_cmds,
     contract_cmds,
+    swap_cmds,  # after agent_cmds: replaces its placeholder `swap`
 ):
     module.register(app)
 

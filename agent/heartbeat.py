@@ -1,0 +1,104 @@
+"""The agent's heartbeat: tells the scheduler who it is and what it can take, and obeys the reply.
+
+A daemon thread calls `Scheduler.Heartbeat` every `interval_s`. When the scheduler is unreachable it
+backs off (tenacity, exponential with jitter, capped) and keeps trying; the thread only ends on `stop()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+import grpc
+import structlog
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
+
+from facefleet.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+log = structlog.get_logger()
+
+
+class HeartbeatSource(Protocol):
+    """What the heartbeat needs from the agent runtime."""
+
+    def heartbeat_request(self) -> scheduler_pb2.HeartbeatRequest: ...
+
+    def set_draining(self, draining: bool) -> None: ...
+
+    def cancel(self, task_id: str, reason: str) -> bool: ...
+
+
+class HeartbeatLoop:
+    def __init__(
+        self,
+        source: HeartbeatSource,
+        channel_factory: Callable[[], grpc.Channel],
+        interval_s: float,
+        rpc_timeout_s: float = 5.0,
+        max_backoff_s: float = 30.0,
+    ) -> None:
+        self._source = source
+        self._channel_factory = channel_factory
+        self.interval_s = interval_s
+        self._rpc_timeout_s = rpc_timeout_s
+        self._max_backoff_s = max_backoff_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="agent-heartbeat", daemon=True)
+        self._channel: grpc.Channel | None = None
+        self.sent = 0
+        self.failures = 0
+        self.last_response: scheduler_pb2.HeartbeatResponse | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+        if self._channel is not None:
+            self._channel.close()
+
+    def beat_once(self) -> scheduler_pb2.HeartbeatResponse:
+        """Send one heartbeat and apply the reply; raises grpc.RpcError when the scheduler is down."""
+        if self._channel is None:
+            self._channel = self._channel_factory()
+        stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
+        request = self._source.heartbeat_request()
+        response: scheduler_pb2.HeartbeatResponse = stub.Heartbeat(request, timeout=self._rpc_timeout_s)
+        self.sent += 1
+        self.last_response = response
+        self.apply(response)
+        return response
+
+    def apply(self, response: scheduler_pb2.HeartbeatResponse) -> None:
+        self._source.set_draining(response.drain)
+        for task_id in response.cancel_task_ids:
+            if self._source.cancel(task_id, "cancelled by the scheduler (heartbeat reply)"):
+                log.info("heartbeat_cancel", task_id=task_id)
+        if response.heartbeat_interval_s > 0:
+            self.interval_s = float(response.heartbeat_interval_s)
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        self.failures += 1
+        error = state.outcome.exception() if state.outcome else None
+        detail = error.details() if isinstance(error, grpc.RpcError) and hasattr(error, "details") else error
+        log.warning("heartbeat_failed", attempt=state.attempt_number, error=str(detail), retry=True)
+
+    def _sleep(self, seconds: float) -> None:
+        self._stop.wait(seconds)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            retrying = Retrying(
+                retry=retry_if_exception_type(Exception),
+                wait=wait_exponential_jitter(multiplier=min(0.5, self.interval_s), max=self._max_backoff_s),
+                stop=lambda _state: self._stop.is_set(),
+                sleep=self._sleep,
+                before_sleep=self._log_retry,
+                reraise=False,
+            )
+            with contextlib.suppress(Exception):  # RetryError when stopping mid-backoff: nothing to do
+                retrying(self.beat_once)
+            self._stop.wait(self.interval_s)

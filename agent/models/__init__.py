@@ -1,0 +1,1 @@
+"""Model manifest, verification (sha256 + signature before any session), routing, sessions."""

@@ -1,0 +1,173 @@
+"""Assemble the stage chain: the ONNX engine from verified models, else the classical engine."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from agent.models.manifest import ModelRole, load_manifest
+from agent.models.sessions import create_session
+from agent.models.verify import ModelStatus, VerifiedModel, verify_model
+from agent.pipeline.align import AlignStage
+from agent.pipeline.classical import ClassicalDetectStage, ClassicalSwapStage, HaarFaceDetector, source_face_crop
+from agent.pipeline.detect import DetectStage, FaceDetector
+from agent.pipeline.embed import EmbedStage, FaceRecognizer
+from agent.pipeline.enhance import EnhanceStage, FaceEnhancer
+from agent.pipeline.errors import InputRejected, ModelVerificationFailed
+from agent.pipeline.mask import MaskKind, MaskStage
+from agent.pipeline.paste import PasteStage
+from agent.pipeline.quality import QualityStage
+from agent.pipeline.select import FaceSelector, SelectStage
+from agent.pipeline.stage import Face, FrameState, Stage
+from agent.pipeline.swap import FaceSwapper, SwapStage
+
+ONNX_ENGINE = "onnx"
+CLASSICAL_ENGINE = "classical"
+REQUIRED_ROLES = (ModelRole.DETECTOR, ModelRole.RECOGNIZER, ModelRole.SWAPPER)
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    face_selector: FaceSelector = FaceSelector.LARGEST
+    blend: float = 1.0
+    mask: MaskKind = MaskKind.ELLIPSE
+    enhance: bool = False
+
+
+class StageChain:
+    """The stages for one job, bound to its source face; `process` runs them on one frame."""
+
+    def __init__(self, stages: list[Stage], source_embedding: np.ndarray | None):
+        self.stages = stages
+        self.source_embedding = source_embedding
+
+    def process(self, frame: np.ndarray) -> FrameState:
+        state = FrameState(frame=frame, source_embedding=self.source_embedding)
+        for stage in self.stages:
+            started = time.perf_counter()
+            state = stage.process(state)
+            state.stage_seconds[stage.name] = state.stage_seconds.get(stage.name, 0.0) + (time.perf_counter() - started)
+        return state
+
+
+class Engine(Protocol):
+    name: str
+    note: str
+
+    def prepare(self, source: np.ndarray, options: StageOptions, reference: np.ndarray | None) -> StageChain: ...
+
+
+def _largest(faces: list[Face], what: str) -> Face:
+    if not faces:
+        raise InputRejected(f"no face found in the {what}; use a clear, frontal, well-lit face photo")
+    return max(faces, key=lambda f: f.area)
+
+
+class OnnxEngine:
+    name = ONNX_ENGINE
+    note = "ONNX engine (detector + ArcFace + inswapper-style swapper): the production path"
+
+    def __init__(
+        self, detector: FaceDetector, recognizer: FaceRecognizer, swapper: FaceSwapper, enhancer: FaceEnhancer | None
+    ):
+        self.detector = detector
+        self.recognizer = recognizer
+        self.swapper = swapper
+        self.enhancer = enhancer
+
+    def prepare(self, source: np.ndarray, options: StageOptions, reference: np.ndarray | None) -> StageChain:
+        source_embedding = self.recognizer.embed_face(source, _largest(self.detector.detect(source), "source image"))
+        stages: list[Stage] = [DetectStage(self.detector)]
+        reference_embedding = None
+        if options.face_selector == FaceSelector.REFERENCE:
+            if reference is None:
+                raise InputRejected("face_selector 'reference' needs a reference face image")
+            reference_face = _largest(self.detector.detect(reference), "reference face image")
+            reference_embedding = self.recognizer.embed_face(reference, reference_face)
+            stages.append(EmbedStage(self.recognizer))
+        stages += [
+            SelectStage(options.face_selector, reference_embedding),
+            AlignStage(self.swapper.crop_size),
+            SwapStage(self.swapper, source_embedding),
+        ]
+        if options.enhance:
+            if self.enhancer is None:
+                raise InputRejected(
+                    "enhance was requested but no verified enhancer model is installed; "
+                    "add one to models/manifest.toml or drop --enhance"
+                )
+            stages.append(EnhanceStage(self.enhancer))
+        stages += [MaskStage(options.mask), PasteStage(options.blend), QualityStage(self.recognizer, source_embedding)]
+        return StageChain(stages, source_embedding)
+
+
+class ClassicalEngine:
+    name = CLASSICAL_ENGINE
+
+    def __init__(self, note: str):
+        self.detector = HaarFaceDetector()
+        self.note = note
+
+    def prepare(self, source: np.ndarray, options: StageOptions, reference: np.ndarray | None) -> StageChain:
+        if options.face_selector == FaceSelector.REFERENCE:
+            raise InputRejected(
+                "face_selector 'reference' needs the ONNX engine (a recognizer model); "
+                "use 'largest' or 'all' with the classical engine"
+            )
+        source_face = source_face_crop(source, _largest(self.detector.detect(source), "source image"))
+        stages: list[Stage] = [
+            ClassicalDetectStage(self.detector),
+            SelectStage(options.face_selector),
+            ClassicalSwapStage(source_face, options.blend),
+        ]
+        return StageChain(stages, None)
+
+
+@dataclass
+class LoadedEngine:
+    engine: Engine
+    statuses: list[ModelStatus]
+    verified: dict[ModelRole, VerifiedModel]
+
+
+def load_engine(models_dir: Path, providers: list[str]) -> LoadedEngine:
+    """Verify every manifest entry (any failure is fatal: never run next to a tampered file) and
+    build the ONNX engine when a detector, recognizer and swapper verified, else the classical one."""
+    manifest = load_manifest(models_dir)
+    statuses: list[ModelStatus] = []
+    verified: dict[ModelRole, VerifiedModel] = {}
+    failures: list[str] = []
+    for entry in manifest.model:
+        try:
+            model = verify_model(models_dir, entry)
+        except ModelVerificationFailed as exc:
+            statuses.append(ModelStatus(entry.name, entry.role.value, entry.sha256, False, exc.message))
+            failures.append(exc.message)
+            continue
+        statuses.append(ModelStatus(entry.name, entry.role.value, entry.sha256, True))
+        verified.setdefault(entry.role, model)
+    if failures:
+        error = ModelVerificationFailed("; ".join(failures))
+        error.statuses = statuses  # type: ignore[attr-defined]
+        raise error
+    missing = [role.value for role in REQUIRED_ROLES if role not in verified]
+    if missing:
+        note = (
+            f"classical engine (OpenCV Haar + colour transfer + seamless clone): no verified "
+            f"{', '.join(missing)} model in {models_dir}. The ONNX engine is the production path: "
+            "drop inswapper_128.onnx, det_10g.onnx and w600k_r50.onnx there and list them in manifest.toml."
+        )
+        return LoadedEngine(ClassicalEngine(note), statuses, verified)
+    sessions = {role: create_session(model, providers) for role, model in verified.items()}
+    enhancer = FaceEnhancer(sessions[ModelRole.ENHANCER]) if ModelRole.ENHANCER in sessions else None
+    engine = OnnxEngine(
+        FaceDetector(sessions[ModelRole.DETECTOR]),
+        FaceRecognizer(sessions[ModelRole.RECOGNIZER]),
+        FaceSwapper(sessions[ModelRole.SWAPPER], verified[ModelRole.SWAPPER]),
+        enhancer,
+    )
+    return LoadedEngine(engine, statuses, verified)

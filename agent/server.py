@@ -1,0 +1,815 @@
+"""The agent service: runs swap tasks pushed by the scheduler, one per slot.
+
+`AgentRuntime` owns slots and runs, keyed by task id (the idempotency key): a repeated RunTask for a
+running task re-attaches to the same run's progress, one for a finished task replays the final
+progress, and completion is recorded once. Runs live in their own threads, so a dispatcher that
+disconnects does not stop the work. Refusals before any work starts are gRPC statuses with a
+`facefleet-reason`; anything that fails once work started is a final Progress (FAILED + Error).
+
+Residency, third layer: an agent in the cloud trust zone refuses any private or project-locked task.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
+
+import grpc
+import structlog
+from prometheus_client import start_http_server
+
+from agent import metrics
+from agent.gpu_stats import GpuProbe
+from agent.heartbeat import HeartbeatLoop
+from agent.inputs import InputRejected, InputResolver
+from facefleet.config import AgentConfig
+from facefleet.grpc_server import SERVICE_NAMES, ServerHandle, build_server
+from facefleet.rpc_errors import abort
+from facefleet.v1 import agent_pb2, agent_pb2_grpc, scheduler_pb2, types_pb2
+
+log = structlog.get_logger()
+
+TERMINAL_STATES = frozenset(
+    {
+        types_pb2.TASK_STATE_SUCCEEDED,
+        types_pb2.TASK_STATE_FAILED,
+        types_pb2.TASK_STATE_CANCELLED,
+        types_pb2.TASK_STATE_PREEMPTED,
+    }
+)
+FINISHED_RUNS_KEPT = 4096
+SEC_PER_FRAME_SMOOTHING = 0.3
+
+try:
+    FACEFLEET_VERSION = version("facefleet")
+except PackageNotFoundError:  # running from a source tree without an install
+    FACEFLEET_VERSION = "0+unknown"
+
+
+class Pipeline(Protocol):
+    """The swap pipeline the agent drives (agent.pipeline.runner.SwapPipeline)."""
+
+    @property
+    def engine(self) -> str: ...
+
+    @property
+    def execution_providers(self) -> list[str]: ...
+
+    @property
+    def models(self) -> list[Any]: ...
+
+    def run(self, job: Any, on_progress: Callable[[Any], None], cancelled: threading.Event) -> Any: ...
+
+
+JobFactory = Callable[..., Any]
+
+
+def default_job_factory(**fields: Any) -> Any:
+    from agent.pipeline.runner import SwapJob
+
+    return SwapJob(**fields)
+
+
+@dataclass(frozen=True)
+class AgentIdentity:
+    agent_id: str
+    pool: str
+    trust_zone: str
+    provider: str
+    region: str
+    address: str
+    instance_id: str = ""
+
+
+def residency_refusal(identity: AgentIdentity, request: agent_pb2.RunTaskRequest) -> str | None:
+    """Why this agent must not run the task (residency), or None. Pure."""
+    if identity.trust_zone == "private":
+        return None
+    task = request.task
+    if task.sensitivity == types_pb2.SENSITIVITY_PRIVATE:
+        why = "its sensitivity is private"
+    elif request.project_locked:
+        why = f"project {task.project!r} is under a compliance lock"
+    else:
+        return None
+    return (
+        f"task {task.id} refused by agent {identity.agent_id} (pool {identity.pool}, trust zone "
+        f"{identity.trust_zone!r}): {why}, so it may only run in the private trust zone; "
+        "the scheduler must place it on an on-prem pool"
+    )
+
+
+def reason_from_error(error: BaseException) -> int:
+    """The ErrorReason carried by a pipeline error (int, enum name or a mirroring Enum), INTERNAL when none."""
+    code = getattr(error, "reason_code", None)
+    if isinstance(code, int) and code in types_pb2.ErrorReason.values():
+        return int(code)
+    name = code if isinstance(code, str) else getattr(code, "name", None)
+    if isinstance(name, str):
+        try:
+            return int(types_pb2.ErrorReason.Value(name))
+        except ValueError:
+            pass
+    return int(types_pb2.INTERNAL)
+
+
+def checkpoint_dir_from_uri(uri: str, roots: Sequence[Path]) -> Path | None:
+    """The local directory of a `file://` checkpoint URI inside one of `roots`, else None."""
+    parts = urlsplit(uri)
+    if parts.scheme != "file" or parts.netloc not in ("", "localhost"):
+        return None
+    path = Path(unquote(parts.path)).resolve()
+    for root in roots:
+        if path.is_relative_to(root.resolve()):
+            return path
+    return None
+
+
+@dataclass
+class TaskRun:
+    """One run of one task on this agent; progress is a latest-snapshot plus a sequence number."""
+
+    task_id: str
+    attempt: int
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    changed: threading.Condition = field(default_factory=threading.Condition)
+    latest: types_pb2.Progress = field(default_factory=types_pb2.Progress)
+    sequence: int = 0
+    preempted: bool = False
+    cancel_reason: str = ""
+    started_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def finished(self) -> bool:
+        return self.latest.state in TERMINAL_STATES
+
+    def publish(self, progress: types_pb2.Progress) -> None:
+        with self.changed:
+            self.latest = progress
+            self.sequence += 1
+            self.changed.notify_all()
+
+    def follow(self, is_active: Callable[[], bool], poll_s: float = 0.5) -> Iterator[types_pb2.Progress]:
+        """Yield the current snapshot, then every newer one, until a terminal state or the caller leaves."""
+        seen = -1
+        while True:
+            with self.changed:
+                while self.sequence == seen and is_active():
+                    self.changed.wait(poll_s)
+                if self.sequence == seen:
+                    return
+                seen, snapshot = self.sequence, self.latest
+            if seen > 0:
+                yield snapshot
+            if snapshot.state in TERMINAL_STATES:
+                return
+
+
+class Refusal(Exception):
+    """Admission refused before work starts: becomes a gRPC status with a facefleet-reason."""
+
+    def __init__(self, code: grpc.StatusCode, reason: int, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.field = field
+
+
+class AgentRuntime:
+    """Slots, runs and the agent's view of itself; no gRPC servicer context in here."""
+
+    def __init__(
+        self,
+        identity: AgentIdentity,
+        pipeline: Pipeline | None,
+        resolver: InputResolver,
+        work_dir: Path,
+        checkpoint_root: Path,
+        slots: int,
+        gpu: GpuProbe | None = None,
+        job_factory: JobFactory = default_job_factory,
+        pipeline_error: BaseException | None = None,
+    ) -> None:
+        if slots < 1:
+            raise ValueError(f"slots must be at least 1, got {slots}")
+        self.identity = identity
+        self.pipeline = pipeline
+        self.pipeline_error = pipeline_error
+        self.resolver = resolver
+        self.work_dir = Path(work_dir)
+        self.checkpoint_root = Path(checkpoint_root)
+        self.total_slots = slots
+        self.gpu = gpu or GpuProbe()
+        self.job_factory = job_factory
+        self.draining = False
+        self.preempting = False
+        self.sec_per_frame = 0.0
+        self._lock = threading.Lock()
+        self._running: dict[str, TaskRun] = {}
+        self._finished: OrderedDict[str, TaskRun] = OrderedDict()
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_root.mkdir(parents=True, exist_ok=True)
+        self._update_slot_gauges()
+
+    # --- state shared with the heartbeat -------------------------------------------------------
+
+    @property
+    def free_slots(self) -> int:
+        with self._lock:
+            return self.total_slots - len(self._running)
+
+    def running_task_ids(self) -> list[str]:
+        with self._lock:
+            return sorted(self._running)
+
+    @property
+    def healthy(self) -> bool:
+        return self.pipeline is not None
+
+    def set_draining(self, draining: bool) -> None:
+        if draining != self.draining:
+            log.info("agent_drain" if draining else "agent_undrain", agent_id=self.identity.agent_id)
+        self.draining = draining
+
+    def notice_preemption(self) -> list[str]:
+        """Spot interruption notice: take nothing new, stop the runs as PREEMPTED (checkpoints stay)."""
+        self.preempting = True
+        metrics.PREEMPTION_NOTICES.labels(provider=self.identity.provider).inc()
+        with self._lock:
+            runs = list(self._running.values())
+        for run in runs:
+            run.preempted = True
+            run.cancel_reason = "spot interruption notice: resume from the checkpoint elsewhere"
+            run.cancelled.set()
+        return [run.task_id for run in runs]
+
+    def heartbeat_request(self) -> scheduler_pb2.HeartbeatRequest:
+        gpu_name, _ = self.gpu.describe()
+        return scheduler_pb2.HeartbeatRequest(
+            agent_id=self.identity.agent_id,
+            address=self.identity.address,
+            pool=self.identity.pool,
+            trust_zone=self.identity.trust_zone,
+            provider=self.identity.provider,
+            region=self.identity.region,
+            total_slots=self.total_slots,
+            free_slots=0 if (self.draining or self.preempting) else self.free_slots,
+            healthy=self.healthy,
+            running_task_ids=self.running_task_ids(),
+            execution_providers=self.execution_providers(),
+            gpu=gpu_name,
+            sec_per_frame=self.sec_per_frame,
+            preempting=self.preempting,
+            instance_id=self.identity.instance_id,
+        )
+
+    def execution_providers(self) -> list[str]:
+        return list(self.pipeline.execution_providers) if self.pipeline is not None else []
+
+    def describe(self) -> agent_pb2.AgentDescription:
+        gpu_name, gpu_memory_mb = self.gpu.describe()
+        models = []
+        for model in getattr(self.pipeline, "models", None) or []:
+            models.append(
+                agent_pb2.ModelInfo(
+                    name=str(getattr(model, "name", "")),
+                    role=str(getattr(model, "role", "")),
+                    sha256=str(getattr(model, "sha256", "") or ""),
+                    verified=bool(getattr(model, "verified", False)),
+                    error=str(getattr(model, "error", "") or ""),
+                )
+            )
+        engine = self.pipeline.engine if self.pipeline is not None else f"unavailable: {self.pipeline_error}"
+        return agent_pb2.AgentDescription(
+            agent_id=self.identity.agent_id,
+            pool=self.identity.pool,
+            trust_zone=self.identity.trust_zone,
+            provider=self.identity.provider,
+            region=self.identity.region,
+            execution_providers=self.execution_providers(),
+            models=models,
+            gpu=gpu_name,
+            gpu_memory_mb=gpu_memory_mb,
+            engine=engine,
+            total_slots=self.total_slots,
+            free_slots=self.free_slots,
+            version=FACEFLEET_VERSION,
+        )
+
+    # --- admission -----------------------------------------------------------------------------
+
+    def _validate(self, request: agent_pb2.RunTaskRequest) -> None:
+        task = request.task
+        if not task.id:
+            raise Refusal(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                types_pb2.INVALID_TASK,
+                "task.id is empty; the scheduler assigns an id before dispatch",
+                "task.id",
+            )
+        refusal = residency_refusal(self.identity, request)
+        if refusal is not None:
+            metrics.REFUSALS.labels(reason="RESIDENCY_VIOLATION").inc()
+            log.warning("residency_refusal", task_id=task.id, project=task.project, agent_id=self.identity.agent_id)
+            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, types_pb2.RESIDENCY_VIOLATION, refusal)
+
+    def _precheck_inputs(self, request: agent_pb2.RunTaskRequest) -> None:
+        task = request.task
+        try:
+            self.resolver.precheck_input(task.source_uri, "task.source_uri")
+            self.resolver.precheck_input(task.target_uri, "task.target_uri")
+            if task.options.reference_face_uri:
+                self.resolver.precheck_input(task.options.reference_face_uri, "task.options.reference_face_uri")
+            self.resolver.precheck_output(task.output_uri, "task.output_uri")
+        except InputRejected as error:
+            metrics.REFUSALS.labels(reason="INPUT_REJECTED").inc()
+            raise Refusal(
+                grpc.StatusCode.INVALID_ARGUMENT, types_pb2.INPUT_REJECTED, error.message, error.field
+            ) from error
+
+    def _checkpoint_dir(self, request: agent_pb2.RunTaskRequest) -> Path:
+        if request.checkpoint_uri:
+            chosen = checkpoint_dir_from_uri(request.checkpoint_uri, [self.checkpoint_root])
+            if chosen is None:
+                raise Refusal(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    types_pb2.INPUT_REJECTED,
+                    f"checkpoint_uri {request.checkpoint_uri!r} is not a file:// directory under this agent's "
+                    f"checkpoint root {self.checkpoint_root.resolve()}; configure the same shared "
+                    "checkpoint_root on every agent of the pool",
+                    "checkpoint_uri",
+                )
+            return chosen
+        return (self.checkpoint_root / request.task.id).resolve()
+
+    def start_or_attach(self, request: agent_pb2.RunTaskRequest) -> TaskRun:
+        """The run for this task: an existing one (re-attach / replay) or a new one; raises Refusal."""
+        self._validate(request)
+        task_id = request.task.id
+        with self._lock:
+            existing = self._running.get(task_id) or self._finished.get(task_id)
+            if existing is not None and not self._rerun_allowed(existing, request.attempt):
+                return existing
+        if self.pipeline is None:
+            reason = reason_from_error(self.pipeline_error) if self.pipeline_error else types_pb2.INTERNAL
+            raise Refusal(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                reason,
+                f"agent {self.identity.agent_id} cannot run tasks: {self.pipeline_error}",
+            )
+        if self.draining or self.preempting:
+            metrics.REFUSALS.labels(reason="NO_CAPACITY").inc()
+            state = "preempting (spot interruption)" if self.preempting else "draining"
+            raise Refusal(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                types_pb2.NO_CAPACITY,
+                f"agent {self.identity.agent_id} is {state} and takes no new tasks; requeue elsewhere",
+            )
+        self._precheck_inputs(request)
+        checkpoint_dir = self._checkpoint_dir(request)
+        with self._lock:
+            existing = self._running.get(task_id)  # a concurrent duplicate may have won the race
+            if existing is not None:
+                return existing
+            if len(self._running) >= self.total_slots:
+                metrics.REFUSALS.labels(reason="NO_CAPACITY").inc()
+                raise Refusal(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    types_pb2.NO_CAPACITY,
+                    f"agent {self.identity.agent_id} is full ({self.total_slots} of "
+                    f"{self.total_slots} slots busy); requeue the task",
+                )
+            run = TaskRun(task_id=task_id, attempt=request.attempt)
+            run.publish(
+                self._progress(
+                    run,
+                    request,
+                    checkpoint_dir,
+                    state=types_pb2.TASK_STATE_RUNNING,
+                    stage="accepted",
+                    frames_done=request.resume_from_frame,
+                )
+            )
+            self._running[task_id] = run
+            self._finished.pop(task_id, None)
+        self._update_slot_gauges()
+        thread = threading.Thread(
+            target=self._execute, args=(run, request, checkpoint_dir), name=f"task-{task_id}", daemon=True
+        )
+        thread.start()
+        log.info("task_started", task_id=task_id, attempt=request.attempt, resume_from=request.resume_from_frame)
+        return run
+
+    @staticmethod
+    def _rerun_allowed(existing: TaskRun, attempt: int) -> bool:
+        """Only a later attempt of a run that ended without success runs again; success is final."""
+        return (
+            existing.finished and attempt > existing.attempt and existing.latest.state != types_pb2.TASK_STATE_SUCCEEDED
+        )
+
+    def cancel(self, task_id: str, reason: str) -> bool:
+        with self._lock:
+            run = self._running.get(task_id)
+        if run is None:
+            return False
+        run.cancel_reason = reason or "cancelled"
+        run.cancelled.set()
+        return True
+
+    def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.running_task_ids():
+                return True
+            time.sleep(0.05)
+        return False
+
+    # --- execution -----------------------------------------------------------------------------
+
+    def _progress(
+        self, run: TaskRun, request: agent_pb2.RunTaskRequest, checkpoint_dir: Path, **fields: Any
+    ) -> types_pb2.Progress:
+        progress = types_pb2.Progress(
+            task_id=run.task_id,
+            checkpoint_uri=checkpoint_dir.as_uri() + "/",
+            output_uri=request.task.output_uri,
+            engine=self.pipeline.engine if self.pipeline is not None else "",
+            frames_total=request.task.frames,
+            checkpoint_frame=request.resume_from_frame,
+        )
+        for name, value in fields.items():
+            if name == "error":
+                progress.error.CopyFrom(value)
+            elif name == "quality":
+                progress.quality.CopyFrom(value)
+            else:
+                setattr(progress, name, value)
+        return progress
+
+    def _execute(self, run: TaskRun, request: agent_pb2.RunTaskRequest, checkpoint_dir: Path) -> None:
+        task = request.task
+        pool = self.identity.pool
+        temp_dir = self.work_dir / "tasks" / f"{task.id}-{run.attempt}-{uuid.uuid4().hex[:8]}"
+        last = run.latest
+        try:
+            temp_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            source = self.resolver.fetch_input(task.source_uri, "task.source_uri", temp_dir)
+            target = self.resolver.fetch_input(task.target_uri, "task.target_uri", temp_dir)
+            reference = (
+                self.resolver.fetch_input(task.options.reference_face_uri, "task.options.reference_face_uri", temp_dir)
+                if task.options.reference_face_uri
+                else None
+            )
+            output = self.resolver.output_path(task.output_uri, "task.output_uri", temp_dir)
+            options = task.options
+            job = self.job_factory(
+                task_id=task.id,
+                source_path=source,
+                target_path=target,
+                output_path=output,
+                face_selector=options.face_selector or "largest",
+                reference_face_path=reference,
+                blend=options.blend if options.blend > 0 else 1.0,  # proto3 default 0 means "unset"
+                mask=options.mask or "ellipse",
+                enhance=options.enhance,
+                checkpoint_dir=checkpoint_dir,
+                checkpoint_every_frames=options.checkpoint_every_frames or 48,
+                resume_from_frame=request.resume_from_frame,
+            )
+            frames_seen = [request.resume_from_frame]
+
+            def on_progress(update: Any) -> None:
+                nonlocal last
+                done = int(getattr(update, "frames_done", 0))
+                fps = float(getattr(update, "fps", 0.0) or 0.0)
+                if done > frames_seen[0] and self.pipeline is not None:
+                    metrics.FRAMES.labels(pool=pool, engine=self.pipeline.engine).inc(done - frames_seen[0])
+                    frames_seen[0] = done
+                if fps > 0:
+                    metrics.FPS.labels(pool=pool).set(fps)
+                    self._observe_sec_per_frame(1.0 / fps)
+                last = self._progress(
+                    run,
+                    request,
+                    checkpoint_dir,
+                    state=types_pb2.TASK_STATE_RUNNING,
+                    frames_done=done,
+                    frames_total=int(getattr(update, "frames_total", 0) or task.frames),
+                    fps=fps,
+                    stage=str(getattr(update, "stage", "") or ""),
+                    checkpoint_frame=int(getattr(update, "checkpoint_frame", 0) or 0),
+                    message=str(getattr(update, "message", "") or ""),
+                )
+                run.publish(last)
+
+            assert self.pipeline is not None
+            result = self.pipeline.run(job, on_progress, run.cancelled)
+            self.resolver.publish_output(task.output_uri, "task.output_uri", Path(result.output_path))
+            processed = int(getattr(result, "frames_processed", 0) or getattr(result, "frames", 0) or 1)
+            for stage, seconds in (getattr(result, "stage_seconds", None) or {}).items():
+                metrics.STAGE_SECONDS.labels(stage=stage).observe(float(seconds) / max(1, processed))  # per frame
+            frames = int(getattr(result, "frames", 0) or 0)
+            elapsed = time.monotonic() - run.started_at
+            if frames > 0 and elapsed > 0:
+                self._observe_sec_per_frame(elapsed / max(1, processed))
+            quality = getattr(result, "quality", None)
+            final = self._progress(
+                run,
+                request,
+                checkpoint_dir,
+                state=types_pb2.TASK_STATE_SUCCEEDED,
+                stage="done",
+                frames_done=frames,
+                frames_total=frames,
+                fps=last.fps,
+                checkpoint_frame=int(getattr(result, "checkpoint_frame", frames) or frames),
+                engine=str(getattr(result, "engine", "") or last.engine),
+                quality=types_pb2.Quality(
+                    id_similarity_mean=float(getattr(quality, "id_similarity_mean", 0.0) or 0.0),
+                    id_similarity_min=float(getattr(quality, "id_similarity_min", 0.0) or 0.0),
+                    faces_swapped=int(getattr(quality, "faces_swapped", 0) or 0),
+                ),
+                message=f"swap finished with the {getattr(result, 'engine', '') or last.engine} engine",
+            )
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # nothing left to resume
+        except Exception as error:
+            final = self._failure(run, request, checkpoint_dir, last, error)
+        finally:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        self._finish(run, final)
+
+    def _failure(
+        self,
+        run: TaskRun,
+        request: agent_pb2.RunTaskRequest,
+        checkpoint_dir: Path,
+        last: types_pb2.Progress,
+        error: Exception,
+    ) -> types_pb2.Progress:
+        common = {
+            "frames_done": last.frames_done,
+            "frames_total": last.frames_total,
+            "checkpoint_frame": last.checkpoint_frame,
+            "stage": last.stage,
+        }
+        if run.cancelled.is_set():
+            state = types_pb2.TASK_STATE_PREEMPTED if run.preempted else types_pb2.TASK_STATE_CANCELLED
+            stop_reason = types_pb2.PREEMPTED if run.preempted else types_pb2.CANCELLED
+            message = run.cancel_reason or "cancelled"
+            return self._progress(
+                run,
+                request,
+                checkpoint_dir,
+                state=state,
+                message=message,
+                error=types_pb2.Error(reason=stop_reason, message=message),
+                **common,
+            )
+        reason = reason_from_error(error)
+        message = str(getattr(error, "message", "") or error) or type(error).__name__
+        if reason == types_pb2.INTERNAL:
+            log.error("task_crashed", task_id=run.task_id, error=repr(error), exc_info=error)
+            message = f"internal error in the agent: {type(error).__name__}: {message}"
+        else:
+            log.warning(
+                "task_failed",
+                task_id=run.task_id,
+                reason=types_pb2.ErrorReason.Name(reason),  # type: ignore[arg-type]
+                message=message,
+            )
+        return self._progress(
+            run,
+            request,
+            checkpoint_dir,
+            state=types_pb2.TASK_STATE_FAILED,
+            message=message,
+            error=types_pb2.Error(
+                reason=reason,  # type: ignore[arg-type]
+                message=message,
+                field=str(getattr(error, "field", "") or ""),
+            ),
+            **common,
+        )
+
+    def _finish(self, run: TaskRun, final: types_pb2.Progress) -> None:
+        with self._lock:
+            self._running.pop(run.task_id, None)
+            self._finished[run.task_id] = run
+            while len(self._finished) > FINISHED_RUNS_KEPT:
+                self._finished.popitem(last=False)
+        run.publish(final)  # after the slot is free: a client seeing the end may dispatch again at once
+        outcome = types_pb2.TaskState.Name(final.state).removeprefix("TASK_STATE_").lower()
+        metrics.TASKS.labels(pool=self.identity.pool, outcome=outcome).inc()
+        self._update_slot_gauges()
+        log.info(
+            "task_finished",
+            task_id=run.task_id,
+            outcome=outcome,
+            frames=final.frames_done,
+            error=final.error.message or None,
+        )
+
+    def _observe_sec_per_frame(self, value: float) -> None:
+        if self.sec_per_frame <= 0:
+            self.sec_per_frame = value
+        else:
+            self.sec_per_frame += SEC_PER_FRAME_SMOOTHING * (value - self.sec_per_frame)
+
+    def _update_slot_gauges(self) -> None:
+        free = self.free_slots
+        metrics.SLOTS_FREE.labels(pool=self.identity.pool).set(free)
+        metrics.SLOTS_BUSY.labels(pool=self.identity.pool).set(self.total_slots - free)
+
+
+class AgentServicer(agent_pb2_grpc.AgentServicer):
+    def __init__(self, runtime: AgentRuntime) -> None:
+        self.runtime = runtime
+
+    def RunTask(self, request: agent_pb2.RunTaskRequest, context: grpc.ServicerContext) -> Iterator[types_pb2.Progress]:
+        try:
+            run = self.runtime.start_or_attach(request)
+        except Refusal as refusal:
+            abort(context, refusal.code, refusal.reason, refusal.message, refusal.field)
+        except Exception as error:  # never crash on input: report and keep serving
+            log.error("run_task_admission_crashed", task_id=request.task.id, exc_info=error)
+            abort(
+                context,
+                grpc.StatusCode.INTERNAL,
+                types_pb2.INTERNAL,
+                f"agent failed to admit task {request.task.id}: {type(error).__name__}: {error}",
+            )
+        yield from run.follow(context.is_active)
+
+    def CancelTask(
+        self, request: agent_pb2.AgentCancelRequest, context: grpc.ServicerContext
+    ) -> agent_pb2.AgentCancelResponse:
+        if not request.task_id:
+            abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                types_pb2.INVALID_TASK,
+                "task_id is empty; name the task to cancel",
+                "task_id",
+            )
+        was_running = self.runtime.cancel(request.task_id, request.reason or "cancelled by request")
+        return agent_pb2.AgentCancelResponse(was_running=was_running)
+
+    def Describe(self, request: agent_pb2.DescribeRequest, context: grpc.ServicerContext) -> agent_pb2.AgentDescription:
+        return self.runtime.describe()
+
+
+@dataclass
+class AgentHandle:
+    """A running agent: gRPC server, heartbeat, metrics endpoint, GPU sampler."""
+
+    runtime: AgentRuntime
+    grpc: ServerHandle
+    metrics_port: int
+    heartbeat: HeartbeatLoop | None
+    _metrics_server: Any
+    _stop_sampler: threading.Event
+
+    @property
+    def port(self) -> int:
+        return self.grpc.port
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        self._stop_sampler.set()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        for task_id in self.runtime.running_task_ids():
+            self.runtime.cancel(task_id, "agent shutting down")
+        self.grpc.stop(grace)
+        self.runtime.wait_idle(10.0)
+        self._metrics_server.shutdown()
+        self._metrics_server.server_close()
+
+
+def load_pipeline(config: AgentConfig) -> tuple[Pipeline | None, BaseException | None]:
+    """Load the swap pipeline from the models dir; a failure is kept (Describe/heartbeat report it)."""
+    try:
+        from agent.pipeline.runner import SwapPipeline
+
+        loaded: Pipeline = SwapPipeline.load(config.models_dir, config.execution_providers)
+        return loaded, None
+    except Exception as error:
+        log.error("pipeline_load_failed", models_dir=str(config.models_dir), error=str(error))
+        return None, error
+
+
+def _default_agent_id(config: AgentConfig, port: int) -> str:
+    return config.agent_id or f"{config.pool}-{socket.gethostname()}-{port}"
+
+
+def serve_agent(
+    config: AgentConfig,
+    credentials: grpc.ServerCredentials | None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
+    *,
+    scheduler_channel_factory: Callable[[], grpc.Channel] | None = None,
+    pipeline: Pipeline | None = None,
+    job_factory: JobFactory = default_job_factory,
+    s3_client_factory: Callable[[], Any] | None = None,
+    gpu_sample_interval_s: float = 5.0,
+) -> AgentHandle:
+    """Start an agent: gRPC server on `config.listen`, /metrics on `config.metrics_port` (0 = free port),
+    and heartbeats to the scheduler through `scheduler_channel_factory` (None: no heartbeats).
+    `pipeline=None` loads `SwapPipeline` from `config.models_dir`.
+    """
+    pipeline_error: BaseException | None = None
+    if pipeline is None:
+        pipeline, pipeline_error = load_pipeline(config)
+    resolver = (
+        InputResolver(config.allowed_roots, config.max_input_bytes, s3_client_factory)
+        if s3_client_factory is not None
+        else InputResolver(config.allowed_roots, config.max_input_bytes)
+    )
+    # The identity needs the bound port and the server needs a servicer: bind first, then fill it in.
+    holder = _LateServicer()
+
+    def add(server: grpc.Server) -> None:
+        agent_pb2_grpc.add_AgentServicer_to_server(holder, server)
+
+    server = build_server(config.listen, [(SERVICE_NAMES["Agent"], add)], credentials, interceptors)
+    host = config.listen.rsplit(":", 1)[0] or "127.0.0.1"
+    identity = AgentIdentity(
+        agent_id=_default_agent_id(config, server.port),
+        pool=config.pool,
+        trust_zone=config.trust_zone,
+        provider=config.provider,
+        region=config.region,
+        address=config.advertise_address or f"{host}:{server.port}",
+        instance_id=config.instance_id,
+    )
+    gpu = GpuProbe()
+    runtime = AgentRuntime(
+        identity,
+        pipeline,
+        resolver,
+        config.work_dir,
+        config.checkpoint_root,
+        config.slots,
+        gpu=gpu,
+        job_factory=job_factory,
+        pipeline_error=pipeline_error,
+    )
+    holder.target = AgentServicer(runtime)
+    metrics_server, _thread = start_http_server(config.metrics_port)
+    metrics_port = int(metrics_server.server_port)
+    stop_sampler = threading.Event()
+
+    def sample_gpu() -> None:
+        while not stop_sampler.is_set():
+            gpu.publish()
+            stop_sampler.wait(gpu_sample_interval_s)
+
+    threading.Thread(target=sample_gpu, name="agent-gpu-sampler", daemon=True).start()
+    heartbeat = None
+    if scheduler_channel_factory is not None:
+        heartbeat = HeartbeatLoop(runtime, scheduler_channel_factory, config.heartbeat_interval_s)
+        heartbeat.start()
+    log.info(
+        "agent_serving",
+        agent_id=identity.agent_id,
+        address=identity.address,
+        pool=identity.pool,
+        trust_zone=identity.trust_zone,
+        metrics_port=metrics_port,
+        engine=pipeline.engine if pipeline is not None else None,
+        pipeline_error=str(pipeline_error) if pipeline_error else None,
+    )
+    return AgentHandle(runtime, server, metrics_port, heartbeat, metrics_server, stop_sampler)
+
+
+class _LateServicer(agent_pb2_grpc.AgentServicer):
+    """Forwards to the real servicer once the runtime exists (the runtime needs the bound port)."""
+
+    target: AgentServicer | None = None
+
+    def _servicer(self, context: grpc.ServicerContext) -> AgentServicer:
+        if self.target is None:
+            abort(context, grpc.StatusCode.UNAVAILABLE, types_pb2.INTERNAL, "agent is starting; retry shortly")
+        return self.target
+
+    def RunTask(self, request: agent_pb2.RunTaskRequest, context: grpc.ServicerContext) -> Iterator[types_pb2.Progress]:
+        yield from self._servicer(context).RunTask(request, context)
+
+    def CancelTask(
+        self, request: agent_pb2.AgentCancelRequest, context: grpc.ServicerContext
+    ) -> agent_pb2.AgentCancelResponse:
+        return self._servicer(context).CancelTask(request, context)
+
+    def Describe(self, request: agent_pb2.DescribeRequest, context: grpc.ServicerContext) -> agent_pb2.AgentDescription:
+        return self._servicer(context).Describe(request, context)

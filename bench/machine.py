@@ -1,0 +1,40 @@
+"""What every benchmark prints about where and when it ran."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import statistics
+from typing import Any
+
+
+def machine_facts() -> dict[str, Any]:
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), "")
+    except OSError:
+        pass
+    mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": mem_gib,
+        "python": platform.python_version(),
+    }
+
+
+def percentiles(samples_s: list[float]) -> dict[str, float]:
+    """p50/p99/mean in milliseconds."""
+    if not samples_s:
+        return {"p50_ms": 0.0, "p99_ms": 0.0, "mean_ms": 0.0}
+    ordered = sorted(samples_s)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return {
+        "p50_ms": round(statistics.median(ordered) * 1e3, 4),
+        "p99_ms": round(p99 * 1e3, 4),
+        "mean_ms": round(statistics.fmean(ordered) * 1e3, 4),
+    }

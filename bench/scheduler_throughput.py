@@ -1,0 +1,155 @@
+"""Scheduler throughput: N submit clients against a real `facefleet scheduler run` with M hollow agents.
+
+Hollow agents (as kubemark's hollow nodes) speak the real Agent contract and heartbeat, but
+acknowledge and complete each task instantly, so the figures measure the control plane: intake +
+durable group commit (submit -> ack) and placement + dispatch + completion recording (end to end).
+
+    .venv/bin/python bench/scheduler_throughput.py --clients 16 --agents 4 --tasks 4000
+
+Prints one JSON document (machine, date, settings, results) and a one-line summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import grpc
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from facefleet.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2  # noqa: E402
+from scheduler.store import TaskStore  # noqa: E402
+from tests.scheduler.conftest import write_policy  # noqa: E402
+from tests.scheduler.fake_agents import HollowAgent  # noqa: E402
+from tests.scheduler.scheduler_process import SchedulerProcess  # noqa: E402
+
+
+def run_agents(address: str, count: int, slots: int, stop: multiprocessing.synchronize.Event) -> None:
+    agents = [
+        HollowAgent(address, f"hollow-{i}", "onprem-a" if i % 2 == 0 else "cloud-b",
+                    "private" if i % 2 == 0 else "cloud", slots=slots, heartbeat_s=0.5).start()
+        for i in range(count)
+    ]
+    stop.wait()
+    for agent in agents:
+        agent.kill()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--agents", type=int, default=4)
+    parser.add_argument("--slots", type=int, default=16, help="slots per hollow agent")
+    parser.add_argument("--tasks", type=int, default=4000)
+    parser.add_argument("--store", default="", help="store URL (default: SQLite in a temp dir)")
+    parser.add_argument("--output", type=Path, help="also write the JSON here")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="facefleet-bench-"))
+    store_url = args.store or f"sqlite:///{work}/bench.db"
+    scheduler = SchedulerProcess(store_url, write_policy(work / "policy"), work / "scheduler.log").start()
+    stop = multiprocessing.Event()
+    agents = multiprocessing.Process(target=run_agents, args=(scheduler.address, args.agents, args.slots, stop))
+    agents.start()
+    time.sleep(1.5)  # first heartbeats
+
+    latencies: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    per_client = args.tasks // args.clients
+    sensitivities = (types_pb2.SENSITIVITY_PUBLIC, types_pb2.SENSITIVITY_PRIVATE)
+
+    def client(n: int) -> None:
+        with grpc.insecure_channel(scheduler.address) as channel:
+            stub = scheduler_pb2_grpc.SchedulerStub(channel)
+            mine = []
+            for i in range(per_client):
+                task = types_pb2.Task(
+                    project=f"bench-{n % 4}", sensitivity=sensitivities[i % 2], priority=1 + i % 4,  # type: ignore[arg-type]
+                    frames=1, source_uri="file:///data/face.jpg", target_uri=f"file:///data/t{n}-{i}.jpg",
+                )
+                started = time.perf_counter()
+                try:
+                    stub.SubmitTask(scheduler_pb2.SubmitTaskRequest(task=task), timeout=30)
+                    mine.append(time.perf_counter() - started)
+                except grpc.RpcError as error:
+                    errors.append(str(error.code()))
+            with lock:
+                latencies.extend(mine)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(args.clients)]
+    submit_start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    submit_s = time.perf_counter() - submit_start
+
+    reader = TaskStore(store_url)
+    accepted = len(latencies)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        counts = reader.count_by_state()
+        if sum(counts.get(s, 0) for s in ("succeeded", "failed", "cancelled")) >= accepted:
+            break
+        time.sleep(0.2)
+    end_to_end_s = time.perf_counter() - submit_start
+    counts = reader.count_by_state()
+    reader.close()
+    stop.set()
+    agents.join(timeout=10)
+    scheduler.stop()
+
+    result = {
+        "benchmark": "scheduler_throughput",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
+        "settings": {
+            "clients": args.clients, "agents": args.agents, "slots_per_agent": args.slots, "tasks": args.tasks,
+            "store": "sqlite (WAL, synchronous=FULL, group commit)" if not args.store else args.store.split("://")[0],
+        },
+        "results": {
+            "accepted": accepted,
+            "errors": len(errors),
+            "submit_tasks_per_s": round(accepted / submit_s, 1),
+            "submit_latency_ms": {
+                "p50": round(percentile(latencies, 0.50) * 1000, 2),
+                "p99": round(percentile(latencies, 0.99) * 1000, 2),
+                "mean": round(statistics.fmean(latencies) * 1000, 2),
+            },
+            "end_to_end_tasks_per_s": round(accepted / end_to_end_s, 1),
+            "end_to_end_s": round(end_to_end_s, 2),
+            "final_states": counts,
+        },
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output:
+        args.output.write_text(text + "\n")
+    r = result["results"]
+    print(
+        f"scheduler_throughput: {r['submit_tasks_per_s']} submits/s (p50 {r['submit_latency_ms']['p50']} ms, "
+        f"p99 {r['submit_latency_ms']['p99']} ms), {r['end_to_end_tasks_per_s']} tasks/s submit->succeeded, "
+        f"{args.clients} clients, {args.agents} hollow agents, {accepted} tasks, {len(errors)} errors"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,378 @@
+"""Tamper-evident audit log: append-only JSONL, every record hash-chained to the one before it.
+
+Record: `{"seq", "at", "kind", "actor", ...kind fields..., "prev", "hash"[, "sig"]}`.
+`hash` = sha256 over the canonical JSON (sorted keys, no spaces, UTF-8) of the record without
+`hash` and `sig`, so it covers `prev` and `seq`; `prev` of the first record is 64 zeros.
+`sig` (optional) signs `hash`: "hmac-sha256:<hex>" with a shared secret, or "ed25519:<hex>".
+Appends are serialised across threads (lock) and processes (flock on the file).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from scheduler import metrics
+
+GENESIS = "0" * 64
+PRIVATE_ZONE = "private"
+
+
+class AuditKind(StrEnum):
+    PLACEMENT = "placement"
+    DISPATCH = "dispatch"
+    COMPLETION = "completion"
+    ADMIN = "admin"
+    DENIAL = "denial"
+    RESIDENCY_REFUSAL = "residency_refusal"
+    LOCK = "lock"
+    UNLOCK = "unlock"
+
+
+class AuditLogCorrupt(RuntimeError):
+    """The log's last record cannot be read, so a new record cannot be chained to it."""
+
+
+def canonical_json(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def record_hash(record: dict[str, Any]) -> str:
+    body = {key: value for key, value in record.items() if key not in ("hash", "sig")}
+    return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+class Signer:
+    """Signs and checks record hashes with an HMAC secret or an Ed25519 key (PEM)."""
+
+    def __init__(
+        self,
+        secret: bytes | None = None,
+        private_key: Ed25519PrivateKey | None = None,
+        public_key: Ed25519PublicKey | None = None,
+    ) -> None:
+        self.secret = secret
+        self.private_key = private_key
+        self.public_key = public_key or (private_key.public_key() if private_key else None)
+
+    @classmethod
+    def from_file(cls, path: Path) -> Signer:
+        """Ed25519 private or public key in PEM, or else the file's bytes as an HMAC secret."""
+        if not path.is_file():
+            raise FileNotFoundError(f"audit signing key {path} not found; fix [audit] signing_key or --key")
+        data = path.read_bytes()
+        if b"-----BEGIN" in data:
+            if b"PUBLIC KEY" in data:
+                public = serialization.load_pem_public_key(data)
+                if not isinstance(public, Ed25519PublicKey):
+                    raise ValueError(f"{path}: only Ed25519 public keys are supported for audit signatures")
+                return cls(public_key=public)
+            private = serialization.load_pem_private_key(data, password=None)
+            if not isinstance(private, Ed25519PrivateKey):
+                raise ValueError(f"{path}: only Ed25519 private keys are supported for audit signatures")
+            return cls(private_key=private)
+        if len(data.strip()) < 16:
+            raise ValueError(f"{path}: HMAC secret is shorter than 16 bytes; use a longer random secret")
+        return cls(secret=data.strip())
+
+    def sign(self, digest: str) -> str:
+        if self.secret is not None:
+            return "hmac-sha256:" + hmac.new(self.secret, digest.encode(), hashlib.sha256).hexdigest()
+        if self.private_key is not None:
+            return "ed25519:" + self.private_key.sign(digest.encode()).hex()
+        raise ValueError("this signer holds only a public key; it can verify, not sign")
+
+    def check(self, digest: str, signature: str) -> bool:
+        scheme, _, value = signature.partition(":")
+        if scheme == "hmac-sha256" and self.secret is not None:
+            expected = hmac.new(self.secret, digest.encode(), hashlib.sha256).hexdigest()
+            return hmac.compare_digest(expected, value)
+        if scheme == "ed25519" and self.public_key is not None:
+            try:
+                self.public_key.verify(bytes.fromhex(value), digest.encode())
+            except (InvalidSignature, ValueError):
+                return False
+            return True
+        return False
+
+
+def _read_last_line(handle: Any) -> bytes:
+    """The last complete line of a binary file handle (empty when the file is empty)."""
+    handle.seek(0, os.SEEK_END)
+    end = handle.tell()
+    if end == 0:
+        return b""
+    block, position, tail = 4096, end, b""
+    while position > 0:
+        step = min(block, position)
+        position -= step
+        handle.seek(position)
+        tail = handle.read(step) + tail
+        if tail.count(b"\n") >= 2 or position == 0:
+            break
+    lines = tail.rstrip(b"\n").split(b"\n")
+    if not tail.endswith(b"\n"):
+        raise AuditLogCorrupt("the last audit record is incomplete (no trailing newline)")
+    return lines[-1]
+
+
+class AuditLog:
+    """Append-only, hash-chained audit log at `path`. Safe to share between threads and processes."""
+
+    def __init__(
+        self,
+        path: Path,
+        signing_key: Path | Signer | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.signer = Signer.from_file(signing_key) if isinstance(signing_key, Path) else signing_key
+        self.clock = clock
+        self._lock = threading.Lock()
+
+    def append(self, kind: AuditKind | str, actor: str, **fields: Any) -> dict[str, Any]:
+        """Write one record and return it. Raises AuditLogCorrupt when the tail cannot be chained."""
+        kind = AuditKind(kind)
+        with self._lock, open(self.path, "ab+") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                last = _read_last_line(handle)
+                if last:
+                    try:
+                        previous = json.loads(last)
+                        seq, prev = int(previous["seq"]) + 1, str(previous["hash"])
+                    except (ValueError, KeyError, TypeError) as exc:
+                        raise AuditLogCorrupt(
+                            f"last record of {self.path} is unreadable ({exc}); run `facefleet audit verify "
+                            f"{self.path}` and restore the log from backup before writing more"
+                        ) from exc
+                else:
+                    seq, prev = 1, GENESIS
+                at = dt.datetime.fromtimestamp(self.clock(), dt.UTC).isoformat(timespec="milliseconds")
+                record: dict[str, Any] = {"seq": seq, "at": at, "kind": kind.value, "actor": actor}
+                record.update({key: value for key, value in fields.items() if key not in record})
+                record["prev"] = prev
+                record["hash"] = record_hash(record)
+                if self.signer is not None:
+                    record["sig"] = self.signer.sign(record["hash"])
+                handle.seek(0, os.SEEK_END)
+                handle.write(canonical_json(record) + b"\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            finally:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        metrics.AUDIT_RECORDS.labels(kind.value).inc()
+        return record
+
+    # Typed shortcuts: the call sites in scheduler and admin service use these.
+    def placement(
+        self, task: str, project: str, rule: str, pool: str, trust_zone: str, outcome: str, actor: str = "scheduler"
+    ) -> dict[str, Any]:
+        return self.append(
+            AuditKind.PLACEMENT, actor, task=task, project=project, rule=rule, pool=pool,
+            trust_zone=trust_zone, outcome=outcome,
+        )  # fmt: skip
+
+    def dispatch(
+        self, task: str, project: str, pool: str, trust_zone: str, agent: str, actor: str = "scheduler"
+    ) -> dict[str, Any]:
+        return self.append(
+            AuditKind.DISPATCH, actor, task=task, project=project, pool=pool, trust_zone=trust_zone, agent=agent
+        )
+
+    def completion(
+        self, task: str, project: str, pool: str, trust_zone: str, state: str, actor: str = "scheduler"
+    ) -> dict[str, Any]:
+        return self.append(
+            AuditKind.COMPLETION, actor, task=task, project=project, pool=pool, trust_zone=trust_zone, state=state
+        )
+
+    def admin(self, actor: str, act: str, args: dict[str, Any], outcome: str = "ok") -> dict[str, Any]:
+        return self.append(AuditKind.ADMIN, actor, act=act, args=args, outcome=outcome)
+
+    def denial(self, actor: str, method: str, required_roles: list[str], roles: list[str]) -> dict[str, Any]:
+        return self.append(AuditKind.DENIAL, actor, method=method, required_roles=required_roles, roles=roles)
+
+    def residency_refusal(self, actor: str, project: str, field: str, uri: str, message: str) -> dict[str, Any]:
+        """`uri` must already be redacted (facefleet.security.residency.redact_uri)."""
+        return self.append(AuditKind.RESIDENCY_REFUSAL, actor, project=project, field=field, uri=uri, message=message)
+
+    def lock(self, actor: str, project: str, reason: str, locked: bool) -> dict[str, Any]:
+        return self.append(AuditKind.LOCK if locked else AuditKind.UNLOCK, actor, project=project, reason=reason)
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    ok: bool
+    records: int
+    first_bad: int | None = None  # 1-based line number of the first record that fails
+    problem: str = ""
+    head: str = GENESIS  # hash of the last good record: note it down as an anchor
+
+
+def _bad(count: int, line: int, head: str, problem: str) -> VerifyReport:
+    return VerifyReport(False, count, line, f"line {line}: {problem}", head)
+
+
+def verify(path: Path, signer: Signer | None = None, anchor: str | None = None) -> VerifyReport:
+    """Check seq, chain, hashes (and signatures with `signer`) of every line.
+
+    Detects an edited, deleted, inserted or reordered record and names the first bad line.
+    Truncating the tail leaves a valid shorter chain: pass `anchor` (a head hash noted earlier)
+    to detect that too.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return VerifyReport(False, 0, None, f"audit log {path} does not exist")
+    prev, count, anchor_seen = GENESIS, 0, anchor is None
+    with open(path, "rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if not raw.endswith(b"\n"):
+                return _bad(count, line_no, prev, "incomplete record (no trailing newline): truncated or torn write")
+            try:
+                record = json.loads(raw)
+            except ValueError as exc:
+                return _bad(
+                    count, line_no, prev, f"not valid JSON ({exc.__class__.__name__}): the record was edited or damaged"
+                )
+            if not isinstance(record, dict) or not {"seq", "prev", "hash"} <= record.keys():
+                return _bad(count, line_no, prev, "missing seq/prev/hash: not an audit record")
+            if record["seq"] != line_no:
+                return _bad(
+                    count,
+                    line_no,
+                    prev,
+                    f"seq {record['seq']} where {line_no} was expected: a record before it was deleted, "
+                    "inserted or moved",
+                )
+            if record["prev"] != prev:
+                return _bad(
+                    count, line_no, prev, "prev does not match the hash of the record before it: chain broken here"
+                )
+            if record_hash(record) != record["hash"]:
+                return _bad(count, line_no, prev, "hash does not match the content: this record was edited")
+            if signer is not None and not signer.check(record["hash"], str(record.get("sig", ""))):
+                return _bad(
+                    count,
+                    line_no,
+                    prev,
+                    "signature missing or invalid: the record was rewritten without the signing key",
+                )
+            prev, count = record["hash"], count + 1
+            anchor_seen = anchor_seen or prev == anchor
+    if not anchor_seen:
+        return VerifyReport(
+            False, count, count + 1, f"anchor {anchor} not found: records after line {count} were removed", prev
+        )
+    return VerifyReport(True, count, None, "", prev)
+
+
+def read_records(path: Path) -> Iterator[dict[str, Any]]:
+    """Every parseable record (for queries; use verify() to trust them)."""
+    with open(path, "rb") as handle:
+        for raw in handle:
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                yield record
+
+
+def _record_time(record: dict[str, Any]) -> dt.datetime | None:
+    try:
+        return dt.datetime.fromisoformat(str(record.get("at")))
+    except ValueError:
+        return None
+
+
+def query(
+    path: Path, project: str | None = None, since: dt.datetime | None = None, kind: str | None = None
+) -> list[dict[str, Any]]:
+    """Records matching every given filter (project, not older than `since`, kind), in log order."""
+    if kind is not None:
+        kind = AuditKind(kind).value
+    matches = []
+    for record in read_records(path):
+        if (
+            project is not None
+            and record.get("project") != project
+            and (not isinstance(record.get("args"), dict) or record["args"].get("project") != project)
+        ):
+            continue
+        if kind is not None and record.get("kind") != kind:
+            continue
+        if since is not None:
+            at = _record_time(record)
+            if at is None or at < since:
+                continue
+        matches.append(record)
+    return matches
+
+
+@dataclass
+class TaskResidency:
+    task: str
+    pools: list[str] = field(default_factory=list)
+    zones: list[str] = field(default_factory=list)  # zones it was dispatched to or completed in
+    final_state: str = ""
+
+    @property
+    def private_only(self) -> bool:
+        return all(zone == PRIVATE_ZONE for zone in self.zones)
+
+
+@dataclass
+class ResidencyProof:
+    project: str
+    chain: VerifyReport
+    tasks: list[TaskResidency]
+    locks: list[dict[str, Any]]
+
+    @property
+    def passed(self) -> bool:
+        return self.chain.ok and all(task.private_only for task in self.tasks)
+
+
+def residency_proof(
+    path: Path, project: str, since: dt.datetime | None = None, signer: Signer | None = None
+) -> ResidencyProof:
+    """Every task of `project` and the trust zones it ran in; passes only if the chain verifies
+    and every dispatch and completion was in the private zone. Placements that never ran do not count."""
+    chain = verify(path, signer)
+    tasks: dict[str, TaskResidency] = {}
+    locks = []
+    for record in query(path, project=project, since=since):
+        kind = record.get("kind")
+        if kind in (AuditKind.LOCK, AuditKind.UNLOCK):
+            locks.append(record)
+            continue
+        task_id = record.get("task")
+        if not task_id or kind not in (AuditKind.PLACEMENT, AuditKind.DISPATCH, AuditKind.COMPLETION):
+            continue
+        entry = tasks.setdefault(str(task_id), TaskResidency(task=str(task_id)))
+        if kind in (AuditKind.DISPATCH, AuditKind.COMPLETION):
+            pool, zone = str(record.get("pool", "")), str(record.get("trust_zone", ""))
+            if pool and pool not in entry.pools:
+                entry.pools.append(pool)
+            if zone not in entry.zones:
+                entry.zones.append(zone)
+        if kind == AuditKind.COMPLETION:
+            entry.final_state = str(record.get("state", ""))
+    return ResidencyProof(project=project, chain=chain, tasks=list(tasks.values()), locks=locks)

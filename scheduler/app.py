@@ -1,0 +1,165 @@
+"""Wire the scheduler together: store, group commit, rules, capacity, leader lock, dispatcher,
+gRPC server and the /metrics endpoint. `SchedulerApp(settings).start()` is `facefleet scheduler run`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import structlog
+from prometheus_client import start_http_server
+from sqlalchemy.engine import make_url
+
+from facefleet.config import Settings
+from facefleet.grpc_server import SERVICE_NAMES, ServerHandle, build_server
+from scheduler import metrics
+from scheduler.capacity import AgentRegistry, CapacityView
+from scheduler.dispatcher import AuditHook, Dispatcher, DispatcherSettings, DispatchListener
+from scheduler.group_commit import GroupCommitter
+from scheduler.leader import LeaderLock
+from scheduler.placement_gateway import LivePlacement, RulesSource
+from scheduler.rules_source import FileRuleSource
+from scheduler.service import SchedulerServicer, add_scheduler_service
+from scheduler.store import TaskStore
+
+log = structlog.get_logger()
+
+PRIORITY_NAMES = {1: "low", 2: "normal", 3: "high", 4: "urgent"}
+ServiceRegistration = tuple[str, Callable[[grpc.Server], Any]]
+
+
+def ensure_sqlite_dir(store_url: str) -> None:
+    url = make_url(store_url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)  # type: ignore[arg-type]
+
+
+class SchedulerApp:
+    def __init__(
+        self,
+        settings: Settings,
+        credentials: grpc.ServerCredentials | None = None,
+        interceptors: Sequence[grpc.ServerInterceptor] = (),
+        extra_services: Sequence[ServiceRegistration] = (),
+        rules_source: RulesSource | None = None,
+        listeners: Sequence[DispatchListener] = (),
+        audit: AuditHook | None = None,
+        channel_for: Callable[[str], grpc.Channel] | None = None,
+        dispatcher_settings: DispatcherSettings | None = None,
+    ) -> None:
+        self.settings = settings
+        config = settings.scheduler
+        ensure_sqlite_dir(config.store_url)
+        self.store = TaskStore(config.store_url)
+        self.committer = GroupCommitter(self.store)
+        self.registry = AgentRegistry.from_config(config, heartbeat_interval_s=settings.agent.heartbeat_interval_s)
+        self.capacity = CapacityView.from_config(config, self.registry)
+        self.rules: Any = rules_source or FileRuleSource(settings.policy.dir)
+        self.placement = LivePlacement(self.rules, self.capacity)
+        self.leader = LeaderLock.for_url(config.store_url)
+        self.dispatcher = Dispatcher(
+            self.store,
+            self.placement,
+            self.registry,
+            dispatcher_settings
+            or DispatcherSettings(project_limits=dict(config.project_limits), lost_grace_s=config.lost_grace_s),
+            is_leader=lambda: self.leader.is_leader,
+            channel_for=channel_for,
+            listeners=listeners,
+            audit=audit,
+        )
+        self.servicer = SchedulerServicer(
+            self.store,
+            self.committer,
+            self.placement,
+            self.registry,
+            cancel_hook=self._cancel_on_agent,
+        )
+        self._credentials = credentials
+        self._interceptors = list(interceptors)
+        self._extra_services = list(extra_services)
+        self._server: ServerHandle | None = None
+        self._metrics_server: Any = None
+        self.metrics_port = 0
+        self._stop = threading.Event()
+        self._gauges: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the scheduler is not started; call start() first")
+        return self._server.port
+
+    def start(self) -> SchedulerApp:
+        config = self.settings.scheduler
+        if hasattr(self.rules, "start"):
+            self.rules.start()
+        self.leader.start()
+        self.dispatcher.start()
+        self._server = build_server(
+            config.listen,
+            [
+                (
+                    SERVICE_NAMES["Scheduler"],
+                    lambda server: add_scheduler_service(self.servicer, server),
+                ),
+                *self._extra_services,
+            ],
+            self._credentials,
+            self._interceptors,
+            max_workers=64,
+        )
+        if config.metrics_port >= 0:
+            self._metrics_server, _thread = start_http_server(config.metrics_port, addr=_host_of(config.listen))
+            self.metrics_port = int(self._metrics_server.server_port)
+        self._gauges = threading.Thread(target=self._update_gauges, name="scheduler-gauges", daemon=True)
+        self._gauges.start()
+        log.info(
+            "scheduler started",
+            port=self._server.port,
+            store=make_url(config.store_url).render_as_string(hide_password=True),
+            metrics_port=self.metrics_port,
+            tls=self._credentials is not None,
+        )
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._server is not None:
+            self._server.stop(grace=1.0)
+        self.dispatcher.stop()
+        self.committer.close()
+        self.leader.stop()
+        if hasattr(self.rules, "stop"):
+            self.rules.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        self.store.close()
+
+    def wait(self) -> None:
+        if self._server is not None:
+            self._server.server.wait_for_termination()
+
+    def _cancel_on_agent(self, task_id: str, agent_id: str | None, reason: str) -> None:
+        if agent_id:
+            self.dispatcher.cancel_on_agent(task_id, agent_id, reason)
+
+    def _update_gauges(self) -> None:
+        while not self._stop.wait(1.0):
+            try:
+                depth = self.store.queued_by_priority()
+                for value, name in PRIORITY_NAMES.items():
+                    metrics.QUEUE_DEPTH.labels(priority=name).set(depth.get(value, 0))
+                metrics.LEADER.set(1 if self.leader.is_leader else 0)
+            except Exception as error:  # the store may be briefly unreachable; keep serving
+                log.warning("could not refresh queue gauges", error=str(error))
+
+
+def _host_of(address: str) -> str:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    return host or "0.0.0.0"

@@ -1,0 +1,453 @@
+"""Leader-only dispatch loop: queue -> placement -> agent RunTask -> progress -> completion.
+
+One loop thread picks runnable tasks in queue order (within per-project limits), asks placement,
+records the decision, re-checks residency, reserves a slot on an agent of the chosen pool and
+hands the RunTask stream to a worker thread. Workers record progress and the terminal state
+(recorded once: the store ignores a second completion). Failures go back to the queue with an
+exponential backoff (tenacity's wait strategy computes `not_before`) and resume from the latest
+checkpoint any agent reported. At-least-once: the agent is idempotent on the task id.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+import structlog
+import tenacity
+
+from facefleet.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from scheduler import metrics, queue, task_states
+from scheduler.placement_gateway import PlacementResult, Placer, residency_violation
+from scheduler.store import IllegalTransition, Placement, Step, TaskRecord, TaskStore
+from scheduler.task_states import DISPATCHED, FAILED, PLACED, PREEMPTED, QUEUED, RUNNING, TERMINAL
+
+log = structlog.get_logger()
+
+PRIORITY_LABELS = {value: name.removeprefix("PRIORITY_").lower() for name, value in types_pb2.Priority.items()}
+
+
+class AgentDirectory(Protocol):
+    """What the dispatcher needs from scheduler.capacity.AgentRegistry."""
+
+    def reserve(self, pool: str, task_id: str, now: float) -> Any: ...  # AgentRecord | None
+    def note_finished(self, agent_id: str, task_id: str) -> None: ...
+    def sweep(self, now: float) -> list[Any]: ...
+    def lost_since(self, agent_id: str) -> float | None: ...
+    def get(self, agent_id: str) -> Any: ...
+    def request_cancel(self, agent_id: str, task_id: str) -> None: ...
+
+
+class DispatchListener(Protocol):
+    """Hook for the cloud budget ledger and the audit log."""
+
+    def on_dispatched(self, task: TaskRecord, decision: PlacementResult) -> None: ...
+    def on_finished(self, task: TaskRecord) -> None: ...
+
+
+AuditHook = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class DispatcherSettings:
+    project_limits: Mapping[str, int]
+    aging_s: float = queue.DEFAULT_AGING_S
+    lost_grace_s: float = 20.0
+    max_attempts: int = 10
+    workers: int = 256
+    batch: int = 256
+    idle_sleep_s: float = 0.05
+    queue_recheck_s: float = 0.5  # a `queue` outcome is re-evaluated after this long
+    backoff_initial_s: float = 0.2
+    backoff_max_s: float = 30.0
+    rpc_connect_timeout_s: float = 5.0
+
+
+def backoff_until(attempt: int, now: float, settings: DispatcherSettings) -> float:
+    """When a task that failed its `attempt`-th try may run again (exponential, jittered)."""
+    wait = tenacity.wait_exponential_jitter(
+        multiplier=settings.backoff_initial_s, max=settings.backoff_max_s, jitter=settings.backoff_initial_s
+    )
+    state = tenacity.RetryCallState(retry_object=tenacity.Retrying(), fn=None, args=(), kwargs={})
+    state.attempt_number = max(1, attempt)
+    return now + float(wait(state))
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: TaskStore,
+        placer: Placer,
+        agents: AgentDirectory,
+        settings: DispatcherSettings,
+        is_leader: Callable[[], bool] = lambda: True,
+        channel_for: Callable[[str], grpc.Channel] | None = None,
+        listeners: Sequence[DispatchListener] = (),
+        audit: AuditHook | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.placer = placer
+        self.agents = agents
+        self.settings = settings
+        self.is_leader = is_leader
+        self.listeners = list(listeners)
+        self.audit = audit
+        self.clock = clock
+        self._channel_for = channel_for or _insecure_channel
+        self._channels: dict[str, grpc.Channel] = {}
+        self._channels_lock = threading.Lock()
+        self._calls: dict[str, tuple[Any, str]] = {}  # task id -> (RunTask call, agent id)
+        self._calls_lock = threading.Lock()
+        self._lost_agents: dict[str, float] = {}
+        self._workers = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="dispatch")
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._was_leader = False
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="dispatcher", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        with self._calls_lock:
+            calls = list(self._calls.values())
+        for call, _agent in calls:
+            call.cancel()
+        self._workers.shutdown(wait=True, cancel_futures=True)
+        with self._channels_lock:
+            for channel in self._channels.values():
+                channel.close()
+            self._channels.clear()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                worked = self.step()
+            except Exception:
+                log.exception("dispatcher pass failed; retrying")
+                worked = 0
+            if not worked:
+                self._stop.wait(self.settings.idle_sleep_s)
+
+    def step(self) -> int:
+        """One pass (leader only): reconcile on gaining leadership, handle lost agents, dispatch."""
+        leader = self.is_leader()
+        metrics.LEADER.set(1 if leader else 0)
+        if not leader:
+            self._was_leader = False
+            return 0
+        now = self.clock()
+        if not self._was_leader:
+            self.reconcile(now)
+            self._was_leader = True
+        self.handle_lost_agents(now)
+        return self.dispatch_pass(now)
+
+    # ---- reconciliation and agent loss ----------------------------------------------------------
+
+    def reconcile(self, now: float) -> int:
+        """After a (re)start or a leadership change: tasks left placed/dispatched/running by a previous
+        leader go back to the queue. Safe because agents are idempotent on the task id: a re-dispatch
+        re-attaches to a run that is still going or replays its final progress."""
+        count = 0
+        for record in self.store.in_flight():
+            with self._calls_lock:
+                if record.id in self._calls:
+                    continue
+            if self.store.transition(
+                record.id,
+                QUEUED,
+                "reconciled: in flight when the previous leader stopped",
+                now,
+                expect_from=record.state,
+            ):
+                metrics.REQUEUES.labels(reason="reconcile").inc()
+                count += 1
+        if count:
+            log.info("reconciled in-flight tasks after leader start", requeued=count)
+        return count
+
+    def handle_lost_agents(self, now: float) -> int:
+        for record in self.agents.sweep(now):
+            self._lost_agents.setdefault(record.agent_id, now)
+        requeued = 0
+        for agent_id, lost_at in list(self._lost_agents.items()):
+            if self.agents.lost_since(agent_id) is None:  # it came back within the grace period
+                del self._lost_agents[agent_id]
+                continue
+            if now - lost_at < self.settings.lost_grace_s:
+                continue
+            del self._lost_agents[agent_id]
+            for task in self.store.in_flight(agent_id=agent_id):
+                self._cancel_local_call(task.id)
+                if self._requeue(task, f"agent {agent_id} lost (no heartbeat)", "agent_lost", now, agent_id):
+                    requeued += 1
+        return requeued
+
+    # ---- dispatch ---------------------------------------------------------------------------------
+
+    def dispatch_pass(self, now: float) -> int:
+        runnable = self.store.runnable(now, self.settings.batch, self.settings.aging_s)
+        if not runnable:
+            return 0
+        items = [queue.QueuedItem(r.id, r.project, r.priority, r.submitted_at) for r in runnable]
+        admitted_ids = {
+            item.task_id
+            for item in queue.within_limits(items, self.store.in_flight_by_project(), self.settings.project_limits)
+        }
+        dispatched = 0
+        for record in runnable:
+            if self._stop.is_set() or not self.is_leader():
+                break
+            if record.id in admitted_ids and self._dispatch_one(record, self.clock()):
+                dispatched += 1
+        return dispatched
+
+    def _dispatch_one(self, record: TaskRecord, now: float) -> bool:
+        task = record.task()
+        result = self.placer.decide(task, now)
+        metrics.PLACEMENTS.labels(pool=result.pool or "-", rule=result.rule or "-", outcome=result.outcome).inc()
+        placement = Placement(result.pool, result.rule, result.summary, result.proto.SerializeToString())
+        if result.outcome == "reject":
+            self.store.transition(
+                record.id,
+                FAILED,
+                f"rejected by placement: {result.reason}",
+                now,
+                expect_from=QUEUED,
+                placement=placement,
+            )
+            self._finished(record.id)
+            return False
+        if result.outcome != "dispatch":
+            self.store.record_queue_decision(record.id, placement, now + self.settings.queue_recheck_s, now)
+            return False
+        violation = residency_violation(task, None, result.pool_trust_zone, result.project_locked)
+        if violation:
+            if self.audit is not None:
+                self.audit("residency_refused", {"task_id": record.id, "pool": result.pool, "detail": violation})
+            log.error("residency re-check refused a dispatch", task_id=record.id, pool=result.pool, detail=violation)
+            self.store.transition(
+                record.id, FAILED, f"RESIDENCY_VIOLATION: {violation}", now, expect_from=QUEUED, placement=placement
+            )
+            self._finished(record.id)
+            return False
+        agent = self.agents.reserve(result.pool, record.id, now)
+        if agent is None:  # the pool filled up between snapshot and reservation
+            self.store.record_queue_decision(record.id, placement, now + self.settings.queue_recheck_s, now)
+            return False
+        moved = self.store.transition_chain(
+            record.id,
+            [
+                Step(PLACED, f"placed on {result.pool} by rule {result.rule}: {result.reason}", placement=placement),
+                Step(DISPATCHED, f"sent to agent {agent.agent_id}", agent_id=agent.agent_id, count_attempt=True),
+            ],
+            now,
+            expect_from=QUEUED,
+        )
+        if not moved:  # cancelled or taken meanwhile
+            self.agents.note_finished(agent.agent_id, record.id)
+            return False
+        metrics.QUEUE_WAIT.observe(max(0.0, now - record.submitted_at))
+        for listener in self.listeners:
+            _safe(listener.on_dispatched, record, result)
+        request = agent_pb2.RunTaskRequest(
+            task=task,
+            attempt=record.attempts + 1,
+            resume_from_frame=record.checkpoint_frame,
+            checkpoint_uri=record.checkpoint_uri,
+            project_locked=result.project_locked,
+        )
+        self._workers.submit(self._run_on_agent, record, agent.agent_id, agent.address, request, now)
+        return True
+
+    def _run_on_agent(
+        self, record: TaskRecord, agent_id: str, address: str, request: agent_pb2.RunTaskRequest, placed_at: float
+    ) -> None:
+        task_id = record.id
+        try:
+            stub = agent_pb2_grpc.AgentStub(self._channel(address))
+            call = stub.RunTask(request, wait_for_ready=False)
+            with self._calls_lock:
+                self._calls[task_id] = (call, agent_id)
+            started = False
+            running = False
+            terminal = False
+            for message in call:
+                now = self.clock()
+                if not started:
+                    metrics.DISPATCH_LATENCY.observe(max(0.0, now - placed_at))
+                    started = True
+                if message.state in (types_pb2.TASK_STATE_RUNNING, types_pb2.TASK_STATE_UNSPECIFIED) and not running:
+                    running = self.store.transition(
+                        task_id,
+                        RUNNING,
+                        f"agent {agent_id} started",
+                        now,
+                        expect_from=DISPATCHED,
+                        expect_agent=agent_id,
+                    )
+                terminal = self._on_progress(record, agent_id, message, now)
+                if terminal:
+                    break
+            if not terminal:
+                self._requeue(
+                    self.store.get(task_id),
+                    f"agent {agent_id} closed the stream before finishing",
+                    "stream_ended",
+                    self.clock(),
+                    agent_id,
+                )
+        except grpc.RpcError as error:
+            self._on_rpc_error(task_id, agent_id, error)
+        except Exception:
+            log.exception("dispatch worker failed", task_id=task_id, agent_id=agent_id)
+            self._requeue(self.store.get(task_id), "internal dispatcher error", "internal", self.clock(), agent_id)
+        finally:
+            with self._calls_lock:
+                self._calls.pop(task_id, None)
+            self.agents.note_finished(agent_id, task_id)
+
+    def _on_progress(self, record: TaskRecord, agent_id: str, message: types_pb2.Progress, now: float) -> bool:
+        """Record one progress message; True when it ends the run on this agent."""
+        task_id = record.id
+        state = message.state
+        if state == types_pb2.TASK_STATE_PREEMPTED:
+            self.store.record_progress(task_id, message, now)
+            if self.store.transition(
+                task_id,
+                PREEMPTED,
+                f"agent {agent_id} preempted: {message.message or 'spot interruption'}",
+                now,
+                expect_agent=agent_id,
+            ):
+                self._requeue(self.store.get(task_id), "resume after preemption", "preempted", now, agent_id)
+            return True
+        if state in (types_pb2.TASK_STATE_SUCCEEDED, types_pb2.TASK_STATE_FAILED, types_pb2.TASK_STATE_CANCELLED):
+            to_state = task_states.from_proto(state)
+            reason = message.message or (message.error.message if message.HasField("error") else "") or to_state
+            if self.store.transition(task_id, to_state, reason, now, expect_agent=agent_id, progress_message=message):
+                final = self.store.get(task_id)
+                metrics.TASKS_FINISHED.labels(state=to_state, pool=final.pool or "").inc()
+                for listener in self.listeners:
+                    _safe(listener.on_finished, final)
+            return True
+        self.store.record_progress(task_id, message, now)
+        return False
+
+    def _on_rpc_error(self, task_id: str, agent_id: str, error: grpc.RpcError) -> None:
+        code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
+        detail = error.details() if isinstance(error, grpc.Call) else str(error)
+        now = self.clock()
+        record = self.store.get(task_id)
+        if record.state in TERMINAL:
+            return  # cancelled meanwhile: the call was cancelled on purpose
+        if code in (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.FAILED_PRECONDITION,
+            grpc.StatusCode.PERMISSION_DENIED,
+        ):
+            # The agent refuses the task itself (bad input, residency, model verification): no retry.
+            if self.store.transition(
+                task_id, FAILED, f"agent {agent_id} refused: {code.name}: {detail}", now, expect_agent=agent_id
+            ):
+                self._finished(task_id)
+            return
+        reason = "no_capacity" if code == grpc.StatusCode.RESOURCE_EXHAUSTED else "agent_unavailable"
+        self._requeue(record, f"agent {agent_id}: {code.name}: {detail}", reason, now, agent_id)
+
+    def _requeue(self, record: TaskRecord, why: str, reason: str, now: float, agent_id: str) -> bool:
+        if record.state in TERMINAL or record.state == QUEUED:
+            return False
+        if record.attempts >= self.settings.max_attempts:
+            moved = self.store.transition(
+                record.id,
+                FAILED,
+                f"gave up after {record.attempts} attempts; last: {why}",
+                now,
+                expect_agent=agent_id,
+            )
+            if moved:
+                self._finished(record.id)
+            return moved
+        try:
+            moved = self.store.transition(
+                record.id,
+                QUEUED,
+                why,
+                now,
+                expect_agent=agent_id,
+                not_before=backoff_until(record.attempts, now, self.settings),
+            )
+        except IllegalTransition:
+            return False
+        if moved:
+            metrics.REQUEUES.labels(reason=reason).inc()
+            log.info("task re-queued", task_id=record.id, reason=reason, detail=why, attempts=record.attempts)
+        return moved
+
+    def _finished(self, task_id: str) -> None:
+        final = self.store.get(task_id)
+        metrics.TASKS_FINISHED.labels(state=final.state, pool=final.pool or "").inc()
+        for listener in self.listeners:
+            _safe(listener.on_finished, final)
+
+    # ---- cancel -------------------------------------------------------------------------------
+
+    def cancel_on_agent(self, task_id: str, agent_id: str | None, reason: str) -> bool:
+        """Tell the agent running `task_id` to stop (RPC now, heartbeat as the fallback)."""
+        if not agent_id:
+            return False
+        self.agents.request_cancel(agent_id, task_id)
+        agent = self.agents.get(agent_id)
+        reached = False
+        if agent is not None and agent.address:
+            try:
+                stub = agent_pb2_grpc.AgentStub(self._channel(agent.address))
+                stub.CancelTask(agent_pb2.AgentCancelRequest(task_id=task_id, reason=reason), timeout=2.0)
+                reached = True
+            except grpc.RpcError as error:
+                log.warning(
+                    "cancel did not reach the agent; heartbeat will carry it",
+                    task_id=task_id,
+                    agent_id=agent_id,
+                    error=str(error.code()) if isinstance(error, grpc.Call) else "",
+                )
+        self._cancel_local_call(task_id)
+        return reached
+
+    def _cancel_local_call(self, task_id: str) -> None:
+        with self._calls_lock:
+            entry = self._calls.get(task_id)
+        if entry is not None:
+            entry[0].cancel()
+
+    def _channel(self, address: str) -> grpc.Channel:
+        with self._channels_lock:
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = self._channel_for(address)
+                self._channels[address] = channel
+            return channel
+
+
+def _insecure_channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address)
+
+
+def _safe(hook: Callable[..., None], *args: Any) -> None:
+    try:
+        hook(*args)
+    except Exception:
+        log.exception("dispatch listener failed", hook=getattr(hook, "__qualname__", str(hook)))

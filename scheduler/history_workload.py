@@ -1,0 +1,109 @@
+"""Recorded history -> a `facefleet simulate` workload, so finance can replay last month.
+
+Arrivals come from the task store (every task, on-prem and cloud: a sweep must see the whole
+load); price traces come from the spend ledger (the price each cloud pool actually charged, in
+time order). Times are seconds since `since`. Feed the result to `scheduler.simulate.simulate` or
+write it as YAML for `facefleet simulate --workload ... --sweep max_spot_price_per_hour=...`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from scheduler.ledger import SpendLedger
+
+
+@dataclass(frozen=True)
+class HistoricTask:
+    id: str
+    submitted_at: datetime
+    project: str
+    sensitivity: str  # public | internal | private
+    priority: str  # low | normal | high | urgent
+    frames: int = 1
+    sla_seconds: float = 0.0
+
+
+class TaskPages(Protocol):
+    """What `scheduler.store.TaskStore` offers: tasks in submission order, paged."""
+
+    def list_tasks(
+        self, project: str = "", state: str = "", pool: str = "", limit: int = 100, page_token: str = ""
+    ) -> tuple[list[Any], str]: ...
+
+
+def historic_tasks(store: TaskPages, since: datetime, until: datetime | None = None) -> Iterator[HistoricTask]:
+    """Every task submitted in [since, until) from the task store, decoded from its stored proto."""
+    from facefleet.v1 import types_pb2
+
+    low, high = since.timestamp(), until.timestamp() if until else float("inf")
+    token = ""
+    while True:
+        page, token = store.list_tasks(limit=500, page_token=token)
+        for record in page:
+            if not low <= record.submitted_at < high:
+                continue
+            task = record.task()
+            yield HistoricTask(
+                id=record.id,
+                submitted_at=datetime.fromtimestamp(record.submitted_at, UTC),
+                project=record.project,
+                sensitivity=types_pb2.Sensitivity.Name(task.sensitivity).removeprefix("SENSITIVITY_").lower()
+                if task.sensitivity
+                else "public",
+                priority=types_pb2.Priority.Name(task.priority).removeprefix("PRIORITY_").lower()
+                if task.priority
+                else "normal",
+                frames=max(1, int(task.frames)),
+                sla_seconds=float(task.sla_seconds),
+            )
+        if not token:
+            return
+
+
+def history_workload(
+    ledger: SpendLedger,
+    since: datetime,
+    until: datetime,
+    tasks: Iterable[HistoricTask] = (),
+    known_pools: Collection[str] | None = None,
+) -> dict[str, Any]:
+    """A workload mapping in `scheduler.simulate`'s format (duration_s, tasks, price_traces)."""
+    if until <= since:
+        raise ValueError(f"history window is empty: since {since.isoformat()} is not before until {until.isoformat()}")
+    arrivals = [
+        {
+            "at": round((t.submitted_at - since).total_seconds(), 3),
+            "id": t.id,
+            "project": t.project,
+            "sensitivity": t.sensitivity,
+            "priority": t.priority,
+            "frames": t.frames,
+            "sla_seconds": t.sla_seconds,
+        }
+        for t in tasks
+        if since <= t.submitted_at < until
+    ]
+    arrivals.sort(key=lambda a: (a["at"], a["id"]))
+    traces: dict[str, list[list[float]]] = {}
+    for row in ledger.records(since, until):
+        pool = str(row["pool"])
+        if known_pools is not None and pool not in known_pools:
+            continue
+        started = row["ended_at"] - since
+        at = max(0.0, round(started.total_seconds() - float(row["instance_seconds"]), 3))
+        trace = traces.setdefault(pool, [])
+        trace.append([at, float(row["usd_per_hour"])])
+    for pool, trace in traces.items():
+        trace.sort()
+        deduplicated = [point for i, point in enumerate(trace) if i == 0 or point[1] != trace[i - 1][1]]
+        traces[pool] = deduplicated
+    return {
+        "duration_s": round((until - since).total_seconds(), 3),
+        "seed": 0,
+        "tasks": arrivals,
+        "price_traces": dict(sorted(traces.items())),
+    }

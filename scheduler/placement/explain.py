@@ -1,0 +1,55 @@
+"""Render a decision and its trace for people (rich) and machines (dict)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from scheduler.placement.model import Decision, TaskSpec
+
+OUTCOME_STYLE = {"dispatch": "bold green", "queue": "bold yellow", "reject": "bold red"}
+
+
+def decision_dict(task: TaskSpec, decision: Decision) -> dict[str, Any]:
+    """The JSON object `facefleet explain --json` prints for one task."""
+    return {"task": task.id, **decision.to_dict()}
+
+
+def render_decision(task: TaskSpec, decision: Decision) -> Group:
+    head = Text()
+    head.append(f"task {task.id} ", style="bold")
+    head.append(
+        f"(project {task.project}, {task.sensitivity}, {task.priority}, {task.frames} frame(s)"
+        + (f", sla {task.sla_seconds:g} s" if task.sla_seconds else "")
+        + ")\n"
+    )
+    head.append(decision.outcome.upper(), style=OUTCOME_STYLE[decision.outcome])
+    if decision.pool:
+        head.append(f" -> {decision.pool}")
+    head.append(f"  rule {decision.rule or '-'}  rules {decision.rules_version or '-'}\n")
+    head.append(decision.reason)
+    if decision.estimate:
+        head.append(
+            f"\nestimate: ${decision.estimate.cost_usd:.4f}, {decision.estimate.completion_s:.1f} s"
+            + (f", charged to budget {decision.budget}" if decision.budget else "")
+        )
+    for note in decision.notes:
+        head.append(f"\nnote: {note}", style="dim")
+    table = Table(show_lines=False, expand=False)
+    for column in ("pool", "feasible", "filter", "detail", "score", "cost $", "completion s"):
+        table.add_column(column, overflow="fold")
+    for c in decision.candidates:
+        chosen = c.pool == decision.pool
+        table.add_row(
+            Text(("* " if chosen else "  ") + c.pool, style="bold green" if chosen else ""),
+            Text("yes", style="green") if c.feasible else Text("no", style="red"),
+            c.failed_filter or "",
+            c.detail,
+            "" if c.score is None else f"{c.score:.3f}",
+            "" if c.estimate is None else f"{c.estimate.cost_usd:.4f}",
+            "" if c.estimate is None else f"{c.estimate.completion_s:.1f}",
+        )
+    return Group(head, table)

@@ -1,0 +1,100 @@
+"""The live edge around pure placement: build the World from capacity, rules, budgets and locks,
+call `place()`, and translate the Decision into what the store and the wire need.
+
+`place` stays a pure function; everything with a clock or I/O (capacity snapshot, rule source,
+budget ledger) is read here, once per decision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from facefleet.v1 import types_pb2
+from scheduler.placement import place
+from scheduler.placement.model import Budget, Decision, PoolState, TaskSpec, World
+from scheduler.placement.proto_codec import decision_to_proto, task_spec_from_proto
+
+PRIVATE_ZONE = "private"
+
+
+class CapacitySource(Protocol):
+    def snapshot(self, now: float) -> Any: ...  # CapacitySnapshot: .pools, .notes
+
+
+class RulesSource(Protocol):
+    def current(self) -> Any: ...  # ActiveConfig: .ruleset, .budgets, .locks, .version, .errors
+
+
+PlaceFn = Callable[[TaskSpec, Any, World], Decision]
+
+
+class Placer(Protocol):
+    def decide(self, task: types_pb2.Task, now: float) -> PlacementResult: ...
+
+
+@dataclass(frozen=True)
+class PlacementResult:
+    outcome: str  # dispatch | queue | reject
+    pool: str
+    rule: str
+    reason: str
+    summary: dict[str, Any]
+    proto: types_pb2.PlacementDecision
+    pool_trust_zone: str  # of the chosen pool as capacity saw it; "" when none chosen
+    project_locked: bool
+    decision: Decision
+
+
+class LivePlacement:
+    def __init__(
+        self,
+        rules: RulesSource,
+        capacity: CapacitySource,
+        spent_for: Callable[[str], float] | None = None,
+        place_fn: PlaceFn | None = None,
+    ) -> None:
+        self._place: PlaceFn = place_fn or place
+        self._rules = rules
+        self._capacity = capacity
+        self._spent_for = spent_for
+
+    def locks(self) -> Mapping[str, str]:
+        return dict(self._rules.current().locks or {})
+
+    def world(self, now: float) -> tuple[Any, World]:
+        active = self._rules.current()
+        snapshot = self._capacity.snapshot(now)
+        budgets: dict[str, Budget] = dict(active.budgets or {})
+        if self._spent_for is not None:
+            budgets = {name: replace(b, spent_usd=self._spent_for(name)) for name, b in budgets.items()}
+        notes = tuple(snapshot.notes) + tuple(f"rules: {error}" for error in (active.errors or ()))
+        world = World(pools=tuple(snapshot.pools), budgets=budgets, locks=dict(active.locks or {}), notes=notes)
+        return active, world
+
+    def decide(self, task: types_pb2.Task, now: float) -> PlacementResult:
+        active, world = self.world(now)
+        decision = self._place(task_spec_from_proto(task), active.ruleset, world)
+        zones = {pool.name: pool.trust_zone for pool in world.pools}
+        return PlacementResult(
+            outcome=decision.outcome,
+            pool=decision.pool or "",
+            rule=decision.rule or "",
+            reason=decision.reason,
+            summary=decision.to_dict(),
+            proto=decision_to_proto(decision),
+            pool_trust_zone=zones.get(decision.pool or "", ""),
+            project_locked=task.project in world.locks,
+            decision=decision,
+        )
+
+
+def residency_violation(task: types_pb2.Task, pool: PoolState | None, trust_zone: str, locked: bool) -> str:
+    """The invariant, checked again right before the RPC: "" when fine, else why not."""
+    zone = pool.trust_zone if pool is not None else trust_zone
+    private = task.sensitivity == types_pb2.SENSITIVITY_PRIVATE
+    if (private or locked) and zone != PRIVATE_ZONE:
+        what = "private task" if private else "task of a locked project"
+        return f"{what} {task.id} placed on pool with trust_zone {zone or 'unknown'!r}; only 'private' is allowed"
+    return ""

@@ -1,0 +1,112 @@
+"""The rule-source interface and the last-known-good bookkeeping both sources share."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import structlog
+
+from scheduler.metrics import RULES_LOAD_ERRORS, RULES_VERSION
+from scheduler.placement.model import Budget, RuleSet
+from scheduler.placement.policy import FALLBACK_RULESET
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class ActiveConfig:
+    """What placement uses now. `errors` describe the latest rejected load (empty when it was accepted)."""
+
+    ruleset: RuleSet
+    budgets: dict[str, Budget] = field(default_factory=dict)
+    locks: dict[str, str] = field(default_factory=dict)
+    version: str = ""
+    errors: tuple[str, ...] = ()
+    source: str = ""
+
+    @property
+    def is_fallback(self) -> bool:
+        return self.ruleset is FALLBACK_RULESET
+
+
+class RuleSource(Protocol):
+    def current(self) -> ActiveConfig: ...
+    def reload(self) -> ActiveConfig: ...
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def subscribe(self, callback: Callable[[ActiveConfig], None]) -> None: ...
+    def set_budget(self, name: str, monthly_cap_usd: float, alert_pct: float) -> None: ...
+    def set_lock(self, project: str, reason: str, by: str) -> None: ...
+    def remove_lock(self, project: str) -> None: ...
+
+
+def config_version(ruleset: RuleSet, budgets: Mapping[str, Budget], locks: Mapping[str, str]) -> str:
+    """Rules hash plus a short hash of budgets and locks, so any effective change gets a new version."""
+    import hashlib
+    import json
+
+    extra = json.dumps(
+        {
+            "budgets": {n: [b.monthly_cap_usd, b.alert_pct] for n, b in sorted(budgets.items())},
+            "locks": dict(sorted(locks.items())),
+        },
+        sort_keys=True,
+    )
+    return f"{ruleset.version}-{hashlib.sha256(extra.encode()).hexdigest()[:8]}"
+
+
+class LastKnownGood:
+    """Holds the active config; accepts valid candidates, keeps the previous one on failures.
+
+    Thread-safe. Updates the rules metrics and notifies subscribers when the version changes.
+    """
+
+    def __init__(self, source: str) -> None:
+        self._lock = threading.Lock()
+        self._subscribers: list[Callable[[ActiveConfig], None]] = []
+        self._active = ActiveConfig(
+            ruleset=FALLBACK_RULESET,
+            version=FALLBACK_RULESET.version,
+            errors=("no rule set loaded yet: built-in private-only fallback active",),
+            source=source,
+        )
+        RULES_VERSION.info({"version": self._active.version, "source": source, "fallback": "true"})
+
+    @property
+    def active(self) -> ActiveConfig:
+        return self._active
+
+    def subscribe(self, callback: Callable[[ActiveConfig], None]) -> None:
+        with self._lock:
+            self._subscribers.append(callback)
+
+    def accept(self, ruleset: RuleSet, budgets: dict[str, Budget], locks: dict[str, str], source: str) -> ActiveConfig:
+        version = config_version(ruleset, budgets, locks)
+        with self._lock:
+            changed = version != self._active.version or self._active.errors
+            self._active = ActiveConfig(ruleset, budgets, locks, version, (), source)
+            subscribers = list(self._subscribers)
+            active = self._active
+        if changed:
+            RULES_VERSION.info({"version": version, "source": source, "fallback": "false"})
+            log.info("rules_applied", version=version, source=source, rules=len(ruleset.rules))
+            for callback in subscribers:
+                try:
+                    callback(active)
+                except Exception:  # a subscriber bug must not stop the watcher
+                    log.exception("rules_subscriber_failed", version=version)
+        return active
+
+    def reject(self, errors: list[str], source: str) -> ActiveConfig:
+        RULES_LOAD_ERRORS.inc()
+        with self._lock:
+            prior = self._active
+            self._active = ActiveConfig(
+                prior.ruleset, prior.budgets, prior.locks, prior.version, tuple(errors), prior.source
+            )
+            active = self._active
+        log.warning("rules_rejected", source=source, errors=errors, keeping=prior.version)
+        return active

@@ -1,0 +1,382 @@
+"""The Scheduler gRPC service: intake, reads, watch, cancel, explain, heartbeat.
+
+Any replica serves all of it (reads and submits go to the shared store); only the leader's
+dispatcher acts on tasks. Bad input never crashes a handler: every refusal is a gRPC status with a
+`facefleet-reason` (and `facefleet-field`) trailer and a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import grpc
+import structlog
+from google.protobuf.message import DecodeError
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from facefleet.rpc_errors import TaskInputError, abort
+from facefleet.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
+from scheduler import metrics, task_states
+from scheduler.group_commit import GroupCommitter, StoreUnavailable
+from scheduler.intake import validate_submit, validate_task
+from scheduler.placement_gateway import Placer
+from scheduler.store import IllegalTransition, TaskRecord, TaskStore, UnknownTask
+from scheduler.task_states import CANCELLED, TERMINAL
+
+log = structlog.get_logger()
+
+MAX_LIST_LIMIT = 1000
+DEFAULT_LIST_LIMIT = 100
+WATCH_POLL_S = 0.05
+MAX_TASK_ID_CHARS = 64
+
+
+class HeartbeatSink(Protocol):
+    """scheduler.capacity.AgentRegistry."""
+
+    def record_heartbeat(self, req: scheduler_pb2.HeartbeatRequest, now: float) -> scheduler_pb2.HeartbeatResponse: ...
+    def request_cancel(self, agent_id: str, task_id: str) -> None: ...
+
+
+CancelHook = Callable[[str, str | None, str], Any]  # (task id, agent id, reason)
+
+
+def timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def task_status(store: TaskStore, record: TaskRecord, with_history: bool = True) -> scheduler_pb2.TaskStatus:
+    status = scheduler_pb2.TaskStatus(
+        task=record.task(),
+        state=task_states.to_proto(record.state),  # type: ignore[arg-type]
+        pool=record.pool or "",
+        rule=record.rule or "",
+        agent_id=record.agent_id or "",
+        attempts=record.attempts,
+        submitted_at=timestamp(record.submitted_at),
+    )
+    decision = record.placement_decision()
+    if decision is not None:
+        status.placement.CopyFrom(decision)
+    if with_history:
+        latest = store.latest_progress(record.id)
+        if latest is not None:
+            status.last_progress.CopyFrom(latest.progress)
+        for transition in store.transitions_of(record.id):
+            status.transitions.add(
+                from_state=task_states.to_proto(transition.from_state) if transition.from_state else 0,
+                to_state=task_states.to_proto(transition.to_state),
+                reason=transition.reason,
+                at=timestamp(transition.at),
+                pool=transition.pool,
+                agent_id=transition.agent_id,
+            )
+    return status
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(
+        self,
+        store: TaskStore,
+        committer: GroupCommitter,
+        placer: Placer | None,
+        heartbeats: HeartbeatSink | None,
+        cancel_hook: CancelHook | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.committer = committer
+        self.placer = placer
+        self.heartbeats = heartbeats
+        self.cancel_hook = cancel_hook
+        self.clock = clock
+
+    # ---- intake ----------------------------------------------------------------------------------
+
+    def SubmitTask(
+        self, request: scheduler_pb2.SubmitTaskRequest, context: grpc.ServicerContext
+    ) -> scheduler_pb2.SubmitTaskResponse:
+        return self.submit(request, context, wire_size=None)
+
+    def submit(
+        self, request: scheduler_pb2.SubmitTaskRequest, context: grpc.ServicerContext, wire_size: int | None
+    ) -> scheduler_pb2.SubmitTaskResponse:
+        try:
+            clean = validate_submit(request, wire_size)
+        except TaskInputError as error:
+            metrics.SUBMITS.labels(result="invalid").inc()
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, types_pb2.INVALID_TASK, str(error), error.field)
+        try:
+            result = self.committer.submit(clean)
+        except (StoreUnavailable, TimeoutError) as error:
+            abort(context, grpc.StatusCode.UNAVAILABLE, types_pb2.INTERNAL, f"{error}; the task was not accepted")
+        metrics.SUBMITS.labels(result="created" if result.created else "duplicate").inc()
+        return scheduler_pb2.SubmitTaskResponse(
+            task_id=result.task_id,
+            created=result.created,
+            state=task_states.to_proto(result.state),  # type: ignore[arg-type]
+        )
+
+    # ---- reads -----------------------------------------------------------------------------------
+
+    def _record(self, task_id: str, context: grpc.ServicerContext) -> TaskRecord:
+        if not task_id or len(task_id) > MAX_TASK_ID_CHARS:
+            abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                types_pb2.INVALID_TASK,
+                "task_id is empty or too long; pass the id SubmitTask returned",
+                "task_id",
+            )
+        try:
+            return self.store.get(task_id)
+        except UnknownTask as error:
+            abort(context, grpc.StatusCode.NOT_FOUND, types_pb2.UNKNOWN_TASK, str(error), "task_id")
+
+    def GetTask(self, request: scheduler_pb2.GetTaskRequest, context: grpc.ServicerContext) -> scheduler_pb2.TaskStatus:
+        return task_status(self.store, self._record(request.task_id, context))
+
+    def ListTasks(
+        self, request: scheduler_pb2.ListTasksRequest, context: grpc.ServicerContext
+    ) -> scheduler_pb2.ListTasksResponse:
+        state = ""
+        if request.state:
+            try:
+                state = task_states.from_proto(request.state)
+            except ValueError as error:
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT, types_pb2.INVALID_TASK, str(error), "state")
+        if request.limit > MAX_LIST_LIMIT:
+            abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                types_pb2.INVALID_TASK,
+                f"limit {request.limit} is above {MAX_LIST_LIMIT}; page with next_page_token",
+                "limit",
+            )
+        try:
+            records, token = self.store.list_tasks(
+                project=request.project,
+                state=state,
+                pool=request.pool,
+                limit=request.limit or DEFAULT_LIST_LIMIT,
+                page_token=request.page_token,
+            )
+        except ValueError as error:
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, types_pb2.INVALID_TASK, str(error), "page_token")
+        return scheduler_pb2.ListTasksResponse(
+            tasks=[task_status(self.store, record, with_history=False) for record in records],
+            next_page_token=token,
+        )
+
+    def WatchTask(
+        self, request: scheduler_pb2.WatchTaskRequest, context: grpc.ServicerContext
+    ) -> Iterator[scheduler_pb2.TaskEvent]:
+        """Every transition (from the first) and each new progress, until the task is terminal."""
+        record = self._record(request.task_id, context)
+        last_seq = 0
+        progress_version = 0
+        while context.is_active():
+            finished = False
+            for transition in self.store.transitions_of(record.id, after_seq=last_seq):
+                last_seq = transition.seq
+                yield scheduler_pb2.TaskEvent(
+                    task_id=record.id,
+                    state=task_states.to_proto(transition.to_state),  # type: ignore[arg-type]
+                    reason=transition.reason,
+                    at=timestamp(transition.at),
+                    pool=transition.pool,
+                )
+                finished = transition.to_state in TERMINAL
+            latest = self.store.latest_progress(record.id)
+            if latest is not None and latest.version != progress_version and not finished:
+                progress_version = latest.version
+                yield scheduler_pb2.TaskEvent(
+                    task_id=record.id,
+                    state=latest.progress.state or types_pb2.TASK_STATE_RUNNING,
+                    reason=latest.progress.stage,
+                    at=timestamp(latest.at),
+                    progress=latest.progress,
+                )
+            if finished:
+                return
+            time.sleep(WATCH_POLL_S)
+
+    # ---- cancel ----------------------------------------------------------------------------------
+
+    def CancelTask(
+        self, request: scheduler_pb2.CancelTaskRequest, context: grpc.ServicerContext
+    ) -> scheduler_pb2.CancelTaskResponse:
+        record = self._record(request.task_id, context)
+        reason = f"cancelled: {request.reason[:200]}" if request.reason else "cancelled by request"
+        if record.state in TERMINAL:
+            return scheduler_pb2.CancelTaskResponse(state=task_states.to_proto(record.state))  # type: ignore[arg-type]
+        try:
+            self.store.transition(record.id, CANCELLED, reason, self.clock())
+        except IllegalTransition as error:  # pragma: no cover - every live state may be cancelled
+            abort(context, grpc.StatusCode.FAILED_PRECONDITION, types_pb2.INTERNAL, str(error))
+        final = self.store.get(record.id)
+        if final.state == CANCELLED and record.agent_id and record.state in task_states.IN_FLIGHT:
+            if self.cancel_hook is not None:
+                self.cancel_hook(record.id, record.agent_id, reason)
+            elif self.heartbeats is not None:
+                self.heartbeats.request_cancel(record.agent_id, record.id)
+        return scheduler_pb2.CancelTaskResponse(state=task_states.to_proto(final.state))  # type: ignore[arg-type]
+
+    # ---- explain ---------------------------------------------------------------------------------
+
+    def Explain(
+        self, request: scheduler_pb2.ExplainRequest, context: grpc.ServicerContext
+    ) -> types_pb2.PlacementDecision:
+        subject = request.WhichOneof("subject")
+        if subject == "task_id":
+            record = self._record(request.task_id, context)
+            decision = record.placement_decision()
+            if decision is None:
+                abort(
+                    context,
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    types_pb2.UNKNOWN_TASK,
+                    f"task {record.id} has not been through placement yet (state {record.state}); "
+                    "ask again once it is placed, or explain the task body for a dry run",
+                    "task_id",
+                )
+            return decision
+        if subject == "task":
+            if self.placer is None:
+                abort(context, grpc.StatusCode.UNAVAILABLE, types_pb2.INTERNAL, "placement is not configured here")
+            try:
+                task = validate_task(request.task)
+            except TaskInputError as error:
+                abort(context, grpc.StatusCode.INVALID_ARGUMENT, types_pb2.INVALID_TASK, str(error), error.field)
+            task.id = task.id or "dry-run"
+            return self.placer.decide(task, self.clock()).proto
+        abort(
+            context,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            types_pb2.INVALID_TASK,
+            "set either task_id (recorded decision) or task (dry run)",
+            "subject",
+        )
+
+    # ---- heartbeat -------------------------------------------------------------------------------
+
+    def Heartbeat(
+        self, request: scheduler_pb2.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> scheduler_pb2.HeartbeatResponse:
+        if self.heartbeats is None:
+            abort(context, grpc.StatusCode.UNAVAILABLE, types_pb2.INTERNAL, "this scheduler takes no heartbeats")
+        try:
+            response = self.heartbeats.record_heartbeat(request, self.clock())
+        except ValueError as error:
+            abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                types_pb2.INVALID_TASK,
+                str(error),
+                getattr(error, "field", ""),
+            )
+        # Anything the agent still runs that the store says is finished (cancelled elsewhere, or
+        # completed on another agent) should stop: the heartbeat is the fallback path for cancels.
+        finished = self.store.terminal_among(list(request.running_task_ids))
+        extra = [task_id for task_id in finished if task_id not in response.cancel_task_ids]
+        response.cancel_task_ids.extend(extra)
+        return response
+
+
+# ---- registration with tolerant decoding ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A request as it came off the wire: parsed, or why it could not be."""
+
+    message: Any
+    size: int
+    error: str = ""
+
+
+def _tolerant(message_class: Any) -> Callable[[bytes], Decoded]:
+    def decode(raw: bytes) -> Decoded:
+        try:
+            return Decoded(message_class.FromString(raw), len(raw))
+        except DecodeError as error:
+            return Decoded(None, len(raw), str(error) or "corrupt wire format")
+
+    return decode
+
+
+def _refuse_corrupt(decoded: Decoded, method: str, context: grpc.ServicerContext) -> None:
+    if decoded.error:
+        abort(
+            context,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            types_pb2.INVALID_TASK,
+            f"{method}: the request bytes are not a valid protobuf message ({decoded.error}); "
+            "send a message built from the facefleet.v1 contract",
+            "request",
+        )
+
+
+def add_scheduler_service(servicer: SchedulerServicer, server: grpc.Server) -> None:
+    """Like the generated add_SchedulerServicer_to_server, but corrupt request bytes get
+    INVALID_ARGUMENT with a message (not gRPC's bare INTERNAL) and SubmitTask sees the wire size."""
+    methods = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].methods_by_name
+    request_classes = {
+        "SubmitTask": scheduler_pb2.SubmitTaskRequest,
+        "GetTask": scheduler_pb2.GetTaskRequest,
+        "ListTasks": scheduler_pb2.ListTasksRequest,
+        "WatchTask": scheduler_pb2.WatchTaskRequest,
+        "CancelTask": scheduler_pb2.CancelTaskRequest,
+        "Explain": scheduler_pb2.ExplainRequest,
+        "Heartbeat": scheduler_pb2.HeartbeatRequest,
+    }
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for name, request_class in request_classes.items():
+        response_class: Any = {
+            "SubmitTask": scheduler_pb2.SubmitTaskResponse,
+            "GetTask": scheduler_pb2.TaskStatus,
+            "ListTasks": scheduler_pb2.ListTasksResponse,
+            "WatchTask": scheduler_pb2.TaskEvent,
+            "CancelTask": scheduler_pb2.CancelTaskResponse,
+            "Explain": types_pb2.PlacementDecision,
+            "Heartbeat": scheduler_pb2.HeartbeatResponse,
+        }[name]
+        assert methods[name].output_type.full_name == response_class.DESCRIPTOR.full_name
+        decode = _tolerant(request_class)
+        if name == "WatchTask":
+            handlers[name] = grpc.unary_stream_rpc_method_handler(
+                _stream_handler(servicer, name),
+                request_deserializer=decode,
+                response_serializer=response_class.SerializeToString,
+            )
+        else:
+            handlers[name] = grpc.unary_unary_rpc_method_handler(
+                _unary_handler(servicer, name),
+                request_deserializer=decode,
+                response_serializer=response_class.SerializeToString,
+            )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("facefleet.v1.Scheduler", handlers),))
+    server.add_registered_method_handlers("facefleet.v1.Scheduler", handlers)  # type: ignore[attr-defined]
+
+
+def _unary_handler(servicer: SchedulerServicer, name: str) -> Callable[[Decoded, grpc.ServicerContext], Any]:
+    def handle(decoded: Decoded, context: grpc.ServicerContext) -> Any:
+        _refuse_corrupt(decoded, name, context)
+        if name == "SubmitTask":
+            return servicer.submit(decoded.message, context, wire_size=decoded.size)
+        return getattr(servicer, name)(decoded.message, context)
+
+    return handle
+
+
+def _stream_handler(servicer: SchedulerServicer, name: str) -> Callable[[Decoded, grpc.ServicerContext], Iterator[Any]]:
+    def handle(decoded: Decoded, context: grpc.ServicerContext) -> Iterator[Any]:
+        _refuse_corrupt(decoded, name, context)
+        yield from getattr(servicer, name)(decoded.message, context)
+
+    return handle

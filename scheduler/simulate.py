@@ -1,0 +1,306 @@
+"""Discrete-event simulation of placement over a workload, with an injected clock (Armada-style).
+
+The simulator drives the real `place()` with world snapshots it builds from its own state (free
+slots, in-flight work, provisioned instances, spend, spot price traces), so what it reports is what
+the live scheduler would do under the same rules. Deterministic for a given workload seed.
+
+Workload YAML:
+    duration_s: 3600          # arrivals stop here; the run continues until the queue drains
+    seed: 7
+    streams:                  # Poisson arrivals
+      - {project: promo-x, sensitivity: public, priority: urgent, per_hour: 40,
+         frames: [200, 3000], sla_seconds: 900}
+    tasks:                    # and/or explicit arrivals
+      - {at: 10, project: med, sensitivity: private, priority: high, frames: 100}
+    price_traces: {aws-use1-g5: [[0, 0.42], [1200, 1.10]]}
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+import random
+from collections import Counter, defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from scheduler.placement.engine import place
+from scheduler.placement.model import PRIORITIES, PRIVATE_ZONE, Budget, PoolState, RuleSet, TaskSpec, World
+from scheduler.placement.policy import RuleIndex
+
+SWEEPABLE = ("max_spot_price_per_hour", "monthly_cap_usd", "onprem_queue_wait_s_gt")
+DRAIN_FACTOR = 20  # stop draining after duration x this, reporting what is left as unfinished
+
+
+class SimClock:
+    """The simulator's only notion of time; advanced by the event loop, never by the wall clock."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self.now = start
+
+    def advance_to(self, t: float) -> None:
+        if t < self.now:
+            raise ValueError(f"clock cannot go back from {self.now} to {t}")
+        self.now = t
+
+
+@dataclass
+class Arrival:
+    at: float
+    task: TaskSpec
+
+
+@dataclass
+class SimReport:
+    tasks: int = 0
+    dispatched: int = 0
+    rejected: int = 0
+    unfinished: int = 0
+    per_pool: dict[str, int] = field(default_factory=dict)
+    cloud_cost_usd: float = 0.0
+    spend_by_budget: dict[str, float] = field(default_factory=dict)
+    sla_misses: int = 0
+    residency_violations: int = 0
+    completion_mean_s: float = 0.0
+    completion_p95_s: float = 0.0
+    end_time_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tasks": self.tasks,
+            "dispatched": self.dispatched,
+            "rejected": self.rejected,
+            "unfinished": self.unfinished,
+            "per_pool": dict(sorted(self.per_pool.items())),
+            "cloud_cost_usd": round(self.cloud_cost_usd, 4),
+            "spend_by_budget": {k: round(v, 4) for k, v in sorted(self.spend_by_budget.items())},
+            "sla_misses": self.sla_misses,
+            "residency_violations": self.residency_violations,
+            "completion_mean_s": round(self.completion_mean_s, 2),
+            "completion_p95_s": round(self.completion_p95_s, 2),
+            "end_time_s": round(self.end_time_s, 2),
+        }
+
+
+class WorkloadError(ValueError):
+    """The workload document is malformed; the message names the field."""
+
+
+def generate_arrivals(workload: Mapping[str, Any]) -> list[Arrival]:
+    if not isinstance(workload, Mapping):
+        raise WorkloadError("workload: expected a mapping with duration_s and streams and/or tasks")
+    rng = random.Random(workload.get("seed", 0))
+    duration = float(workload.get("duration_s", 3600))
+    arrivals: list[Arrival] = []
+    counter = itertools.count(1)
+    for i, stream in enumerate(workload.get("streams") or []):
+        where = f"workload.streams[{i}]"
+        try:
+            per_hour = float(stream["per_hour"])
+            low, high = (stream.get("frames") or [1, 1])[:2]
+            template = {k: stream[k] for k in ("project", "sensitivity", "priority", "sla_seconds") if k in stream}
+            TaskSpec.from_dict(template, where=where)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WorkloadError(
+                f"{where}: {exc} (need project, sensitivity, priority, per_hour, frames: [min, max])"
+            ) from None
+        t = 0.0
+        while per_hour > 0:
+            t += rng.expovariate(per_hour / 3600.0)
+            if t >= duration:
+                break
+            frames = rng.randint(int(low), int(high))
+            task = TaskSpec.from_dict({**template, "id": f"t{next(counter)}", "frames": frames}, where=where)
+            arrivals.append(Arrival(t, task))
+    for i, raw in enumerate(workload.get("tasks") or []):
+        where = f"workload.tasks[{i}]"
+        if not isinstance(raw, Mapping) or "at" not in raw:
+            raise WorkloadError(f"{where}: expected a mapping with at and the task fields")
+        data = {k: v for k, v in raw.items() if k != "at"}
+        data.setdefault("id", f"t{next(counter)}")
+        arrivals.append(Arrival(float(raw["at"]), TaskSpec.from_dict(data, where=where)))
+    arrivals.sort(key=lambda a: a.at)
+    return arrivals
+
+
+@dataclass
+class _PoolSim:
+    base: PoolState
+    price: float
+    running_ends: list[float] = field(default_factory=list)  # heap of finish times on base slots
+    provisioned: int = 0
+
+    def free_slots(self) -> int:
+        return self.base.free_slots - len(self.running_ends)
+
+
+def simulate(
+    ruleset: RuleSet,
+    world: World,
+    workload: Mapping[str, Any],
+    clock: SimClock | None = None,
+) -> SimReport:
+    clock = clock or SimClock()
+    arrivals = generate_arrivals(workload)
+    pools = {p.name: _PoolSim(p, p.price_per_hour) for p in world.pools}
+    spent: dict[str, float] = {n: b.spent_usd for n, b in world.budgets.items()}
+    events: list[tuple[float, int, str, Any]] = []
+    seq = itertools.count()
+    for a in arrivals:
+        heapq.heappush(events, (a.at, next(seq), "arrive", a))
+    for name, trace in (workload.get("price_traces") or {}).items():
+        if name not in pools:
+            raise WorkloadError(f"workload.price_traces: no pool named {name!r} in the world")
+        for at, price in trace:
+            heapq.heappush(events, (float(at), next(seq), "price", (name, float(price))))
+    report = SimReport(tasks=len(arrivals))
+    queue: list[Arrival] = []
+    completions: list[float] = []
+    per_pool: Counter[str] = Counter()
+    spend_by_budget: defaultdict[str, float] = defaultdict(float)
+    rank = {p: i for i, p in enumerate(PRIORITIES)}
+    horizon = float(workload.get("duration_s", 3600)) * DRAIN_FACTOR
+
+    def snapshot() -> World:
+        now = clock.now
+        snaps = []
+        for sim in pools.values():
+            free = sim.free_slots()
+            wait = 0.0 if free > 0 or not sim.running_ends else max(0.0, sim.running_ends[0] - now)
+            snaps.append(
+                replace(
+                    sim.base,
+                    free_slots=max(0, free),
+                    queue_wait_s=wait,
+                    price_per_hour=sim.price,
+                    can_provision=max(0, sim.base.can_provision - sim.provisioned),
+                )
+            )
+        budgets = {n: replace(b, spent_usd=spent[n]) for n, b in world.budgets.items()}
+        return World(tuple(snaps), budgets, world.locks, world.notes)
+
+    def schedule() -> None:
+        if not queue:
+            return
+        queue.sort(key=lambda a: (-rank[a.task.priority], a.at))
+        current = snapshot()
+        still: list[Arrival] = []
+        for arrival in queue:
+            decision = place(arrival.task, ruleset, current)
+            if decision.outcome == "queue":
+                still.append(arrival)
+                continue
+            if decision.outcome == "reject":
+                report.rejected += 1
+                continue
+            assert decision.pool is not None and decision.estimate is not None
+            sim = pools[decision.pool]
+            task = arrival.task
+            if sim.base.trust_zone != PRIVATE_ZONE and (task.sensitivity == "private" or task.project in world.locks):
+                report.residency_violations += 1
+            run = task.frames * sim.base.sec_per_frame
+            if sim.free_slots() > 0:
+                end = clock.now + run
+                heapq.heappush(sim.running_ends, end)
+                heapq.heappush(events, (end, next(seq), "finish", (decision.pool, arrival, False)))
+                billed = run
+            else:
+                sim.provisioned += 1
+                end = clock.now + sim.base.provision_s + run
+                heapq.heappush(events, (end, next(seq), "finish", (decision.pool, arrival, True)))
+                billed = sim.base.provision_s + run
+            cost = sim.price * billed / 3600.0
+            if decision.budget and cost > 0:
+                spent[decision.budget] = spent.get(decision.budget, 0.0) + cost
+                spend_by_budget[decision.budget] += cost
+            if sim.base.trust_zone != PRIVATE_ZONE:
+                report.cloud_cost_usd += cost
+            per_pool[decision.pool] += 1
+            report.dispatched += 1
+            current = snapshot()
+        queue[:] = still
+
+    while events:
+        t, _, kind, payload = heapq.heappop(events)
+        if t > horizon:
+            break
+        clock.advance_to(t)
+        if kind == "arrive":
+            queue.append(payload)
+        elif kind == "price":
+            name, price = payload
+            pools[name].price = price
+        elif kind == "finish":
+            name, arrival, provisioned = payload
+            sim = pools[name]
+            if provisioned:
+                sim.provisioned -= 1
+            else:
+                heapq.heappop(sim.running_ends)
+            took = clock.now - arrival.at
+            completions.append(took)
+            if arrival.task.sla_seconds and took > arrival.task.sla_seconds:
+                report.sla_misses += 1
+        if events and events[0][0] == t:
+            continue  # process every event at this instant before placing
+        schedule()
+    report.unfinished = len(queue) + (report.dispatched - len(completions))
+    report.per_pool = dict(per_pool)
+    report.spend_by_budget = dict(spend_by_budget)
+    report.end_time_s = clock.now
+    if completions:
+        completions.sort()
+        report.completion_mean_s = sum(completions) / len(completions)
+        report.completion_p95_s = completions[min(len(completions) - 1, math.ceil(0.95 * len(completions)) - 1)]
+    return report
+
+
+def parse_sweep(spec: str) -> tuple[str, list[float]]:
+    """`max_spot_price_per_hour=0.5:2.0:0.25` -> (name, [0.5, 0.75, ..., 2.0])."""
+    try:
+        name, values = spec.split("=", 1)
+        start, stop, step = (float(v) for v in values.split(":"))
+    except ValueError:
+        raise WorkloadError(
+            f"--sweep {spec!r}: expected NAME=START:STOP:STEP, e.g. max_spot_price_per_hour=0.5:2.0:0.25"
+        ) from None
+    base = name.split(".", 1)[0]
+    if base not in SWEEPABLE:
+        raise WorkloadError(
+            f"--sweep {name!r}: choose one of {list(SWEEPABLE)} (monthly_cap_usd.<budget> for one budget)"
+        )
+    if step <= 0 or stop < start:
+        raise WorkloadError(f"--sweep {spec!r}: need STEP > 0 and STOP >= START")
+    count = math.floor((stop - start) / step + 1e-9) + 1
+    return name, [round(start + i * step, 10) for i in range(count)]
+
+
+def with_override(ruleset: RuleSet, world: World, name: str, value: float) -> tuple[RuleSet, World]:
+    """The rule set / world with one sweep parameter set to `value`."""
+    base, _, target = name.partition(".")
+    if base == "monthly_cap_usd":
+        budgets: dict[str, Budget] = {
+            n: replace(b, monthly_cap_usd=value) if not target or n == target else b for n, b in world.budgets.items()
+        }
+        if target and target not in budgets:
+            raise WorkloadError(f"--sweep: no budget named {target!r}; known: {sorted(budgets)}")
+        return ruleset, replace(world, budgets=budgets)
+    rules = []
+    for rule in ruleset.rules:
+        if base == "max_spot_price_per_hour" and rule.max_spot_price_per_hour is not None:
+            rule = replace(rule, max_spot_price_per_hour=value)
+        elif (
+            base == "onprem_queue_wait_s_gt" and rule.burst_when and rule.burst_when.onprem_queue_wait_s_gt is not None
+        ):
+            rule = replace(rule, burst_when=replace(rule.burst_when, onprem_queue_wait_s_gt=value))
+        rules.append(rule)
+    new_rules = tuple(rules)
+    return RuleSet(new_rules, f"{ruleset.version}+{name}={value:g}", ruleset.source, RuleIndex(new_rules)), world
+
+
+def sweep(
+    ruleset: RuleSet, world: World, workload: Mapping[str, Any], name: str, values: list[float]
+) -> list[tuple[float, SimReport]]:
+    return [(v, simulate(*with_override(ruleset, world, name, v), workload)) for v in values]

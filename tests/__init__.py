@@ -1,0 +1,1 @@
+"""facefleet test suite (a package so tests.fixtures imports from anywhere)."""

@@ -1,0 +1,261 @@
+"""Agent test fixtures: a fake swap pipeline, a fake scheduler receiving heartbeats, real gRPC servers."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+
+from agent.server import AgentHandle, serve_agent
+from facefleet.config import AgentConfig
+from facefleet.v1 import agent_pb2, agent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
+
+
+@dataclass
+class FakeJob:
+    """Same fields as agent.pipeline.runner.SwapJob."""
+
+    task_id: str
+    source_path: Path
+    target_path: Path
+    output_path: Path
+    checkpoint_dir: Path
+    face_selector: str = "largest"
+    reference_face_path: Path | None = None
+    blend: float = 1.0
+    mask: str = "ellipse"
+    enhance: bool = False
+    checkpoint_every_frames: int = 48
+    resume_from_frame: int = 0
+
+
+@dataclass
+class FakeUpdate:
+    frames_done: int
+    frames_total: int
+    fps: float
+    stage: str
+    checkpoint_frame: int
+    message: str = ""
+
+
+@dataclass
+class FakeQuality:
+    id_similarity_mean: float
+    id_similarity_min: float
+    faces_swapped: int
+
+
+@dataclass
+class FakeResult:
+    output_path: Path
+    frames: int
+    engine: str
+    quality: FakeQuality
+    checkpoint_frame: int
+    stage_seconds: dict[str, float]
+
+
+@dataclass
+class FakeModel:
+    name: str
+    role: str
+    sha256: str
+    verified: bool
+    error: str = ""
+
+
+class FakePipelineError(Exception):
+    def __init__(self, message: str, reason_code: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason_code = reason_code
+
+
+@dataclass
+class FakePipeline:
+    """Processes `frames` fake frames per job; `gate` (when cleared) holds every run before its first frame."""
+
+    frames: int = 6
+    frame_seconds: float = 0.01
+    engine: str = "classical"
+    execution_providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+    models: list[Any] = field(
+        default_factory=lambda: [
+            FakeModel("scrfd", "detector", "ab" * 32, True),
+            FakeModel("swap", "swapper", "", False, "missing"),
+        ]
+    )
+    gate: threading.Event = field(default_factory=threading.Event)
+    started: threading.Event = field(default_factory=threading.Event)
+    calls: list[str] = field(default_factory=list)
+    fail_with: Exception | None = None
+    jobs: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.gate.set()
+
+    def run(self, job: Any, on_progress: Callable[[Any], None], cancelled: threading.Event) -> FakeResult:
+        self.calls.append(job.task_id)
+        self.jobs.append(job)
+        assert Path(job.source_path).is_file() and Path(job.target_path).is_file()
+        self.started.set()
+        while not self.gate.wait(0.02):
+            if cancelled.is_set():
+                raise FakePipelineError("cancelled", "CANCELLED")
+        if self.fail_with is not None:
+            raise self.fail_with
+        (Path(job.checkpoint_dir) / "segment-0.mp4").write_bytes(b"partial")
+        for done in range(job.resume_from_frame + 1, self.frames + 1):
+            if cancelled.is_set():
+                raise FakePipelineError("cancelled", "CANCELLED")
+            time.sleep(self.frame_seconds)
+            on_progress(FakeUpdate(done, self.frames, 1.0 / self.frame_seconds, "swap", done - done % 2))
+        shutil.copyfile(job.target_path, job.output_path)
+        return FakeResult(
+            Path(job.output_path), self.frames, self.engine, FakeQuality(0.8, 0.7, 1), self.frames, {"swap": 0.01}
+        )
+
+
+class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
+    """Receives heartbeats; replies with what the test sets."""
+
+    def __init__(self) -> None:
+        self.heartbeats: list[scheduler_pb2.HeartbeatRequest] = []
+        self.drain = False
+        self.cancel_task_ids: list[str] = []
+        self.received = threading.Condition()
+
+    def Heartbeat(self, request: scheduler_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> Any:
+        with self.received:
+            self.heartbeats.append(request)
+            self.received.notify_all()
+        cancel, self.cancel_task_ids = self.cancel_task_ids, []
+        return scheduler_pb2.HeartbeatResponse(drain=self.drain, cancel_task_ids=cancel)
+
+    def wait_for(self, predicate: Callable[[list[scheduler_pb2.HeartbeatRequest]], bool], timeout: float = 10) -> bool:
+        deadline = time.monotonic() + timeout
+        with self.received:
+            while not predicate(self.heartbeats):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self.received.wait(remaining)
+        return True
+
+
+def write_image(path: Path, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))
+    return path
+
+
+@dataclass
+class AgentEnv:
+    handle: AgentHandle
+    stub: agent_pb2_grpc.AgentStub
+    pipeline: Any
+    data: Path
+    work_dir: Path
+    checkpoint_root: Path
+
+    def task(self, task_id: str, **overrides: Any) -> types_pb2.Task:
+        source = write_image(self.data / f"{task_id}-source.png", 1)
+        target = write_image(self.data / f"{task_id}-target.png", 2)
+        fields: dict[str, Any] = {
+            "id": task_id,
+            "project": "demo",
+            "sensitivity": types_pb2.SENSITIVITY_PUBLIC,
+            "frames": 1,
+            "source_uri": source.as_uri(),
+            "target_uri": target.as_uri(),
+            "output_uri": (self.data / "out" / f"{task_id}.png").as_uri(),
+        }
+        fields.update(overrides)
+        return types_pb2.Task(**fields)
+
+    def run(self, task: types_pb2.Task, **request: Any) -> list[types_pb2.Progress]:
+        return list(self.stub.RunTask(agent_pb2.RunTaskRequest(task=task, **request), timeout=30))
+
+
+@pytest.fixture
+def fake_scheduler() -> Iterator[tuple[FakeScheduler, int]]:
+    from facefleet.grpc_server import SERVICE_NAMES, build_server
+
+    servicer = FakeScheduler()
+    handle = build_server(
+        "127.0.0.1:0",
+        [(SERVICE_NAMES["Scheduler"], lambda s: scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, s))],
+        None,
+    )
+    yield servicer, handle.port
+    handle.stop(0)
+
+
+@pytest.fixture
+def make_agent(tmp_path: Path) -> Iterator[Callable[..., AgentEnv]]:
+    handles: list[AgentHandle] = []
+    channels: list[grpc.Channel] = []
+
+    def make(
+        pipeline: Any = None,
+        scheduler_port: int | None = None,
+        job_factory: Any = FakeJob,
+        name: str = "agent",
+        **config: Any,
+    ) -> AgentEnv:
+        data = tmp_path / "data"
+        data.mkdir(exist_ok=True)
+        settings: dict[str, Any] = {
+            "listen": "127.0.0.1:0",
+            "pool": "onprem-test",
+            "trust_zone": "private",
+            "slots": 1,
+            "work_dir": tmp_path / name / "work",
+            "checkpoint_root": tmp_path / "checkpoints",
+            "allowed_roots": [data],
+            "metrics_port": 0,
+            "heartbeat_interval_s": 0.2,
+            "models_dir": tmp_path / "models",
+        }
+        settings.update(config)
+        agent_config = AgentConfig(**settings)
+        pipeline = pipeline if pipeline is not None else FakePipeline()
+        channel_factory = (
+            (lambda: grpc.insecure_channel(f"127.0.0.1:{scheduler_port}")) if scheduler_port is not None else None
+        )
+        handle = serve_agent(
+            agent_config,
+            None,
+            scheduler_channel_factory=channel_factory,
+            pipeline=pipeline,
+            job_factory=job_factory,
+            gpu_sample_interval_s=0.5,
+        )
+        handles.append(handle)
+        channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
+        channels.append(channel)
+        return AgentEnv(
+            handle,
+            agent_pb2_grpc.AgentStub(channel),
+            pipeline,
+            data,
+            agent_config.work_dir,
+            agent_config.checkpoint_root,
+        )
+
+    yield make
+    for channel in channels:
+        channel.close()
+    for handle in handles:
+        handle.stop(0)

@@ -1,0 +1,1 @@
+"""Tests for live capacity, Prometheus signals and the leader lock."""

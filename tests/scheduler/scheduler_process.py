@@ -1,0 +1,80 @@
+"""Run `facefleet scheduler run` as a real subprocess (for crash, HA and benchmark runs)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.fixtures.ports import free_port
+
+FACEFLEET = str(Path(sys.executable).with_name("facefleet"))
+
+
+class SchedulerProcess:
+    def __init__(self, store_url: str, policy_dir: Path, log_path: Path, port: int | None = None,
+                 extra_env: dict[str, str] | None = None) -> None:
+        self.store_url = store_url
+        self.policy_dir = policy_dir
+        self.log_path = log_path
+        self.port = port or free_port()
+        self.extra_env = extra_env or {}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> SchedulerProcess:
+        env = {
+            **os.environ,
+            "FACEFLEET_LOG_LEVEL": "warning",
+            "FACEFLEET_SCHEDULER__HEARTBEAT_TIMEOUT_S": "2",
+            "FACEFLEET_SCHEDULER__LOST_GRACE_S": "1",
+            **self.extra_env,
+        }
+        env.pop("FACEFLEET_CONFIG", None)
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [FACEFLEET, "scheduler", "run", "--listen", self.address, "--store", self.store_url,
+             "--policy", str(self.policy_dir), "--metrics-port", "0", "--insecure"],
+            stdout=log, stderr=log, env=env, cwd=self.log_path.parent,
+        )
+        self.wait_serving(timeout)
+        return self
+
+    def wait_serving(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                assert self.process is not None
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"scheduler exited with {self.process.returncode}; see {self.log_path}")
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    time.sleep(0.1)
+        raise TimeoutError(f"scheduler on {self.address} not serving after {timeout}s; see {self.log_path}")
+
+    def kill9(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

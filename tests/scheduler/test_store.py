@@ -1,0 +1,198 @@
+"""TaskStore against SQLite and a real PostgreSQL: state machine, completion once, idempotency, group commit."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import sqlalchemy as sa
+
+from facefleet.v1 import types_pb2
+from scheduler import metrics
+from scheduler.group_commit import GroupCommitter
+from scheduler.store import IllegalTransition, NewTask, Step, TaskStore, UnknownTask, transitions
+from scheduler.task_states import ALL_STATES, ALLOWED_FROM, is_legal
+
+
+def make_task(project: str = "demo", priority: int = types_pb2.PRIORITY_NORMAL) -> types_pb2.Task:
+    return types_pb2.Task(
+        project=project,
+        sensitivity=types_pb2.SENSITIVITY_PUBLIC,
+        priority=priority,  # type: ignore[arg-type]
+        frames=1,
+        source_uri="file:///data/a.jpg",
+        target_uri="file:///data/b.jpg",
+    )
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path) -> TaskStore:  # type: ignore[no-untyped-def]
+    url = f"sqlite:///{tmp_path}/tasks.db" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    task_store = TaskStore(url)
+    yield task_store
+    task_store.close()
+
+
+def submit(store: TaskStore, key: str = "", **kwargs: object) -> str:
+    return store.insert_batch([NewTask(make_task(**kwargs), key)], time.time())[0].task_id  # type: ignore[arg-type]
+
+
+def test_sqlite_runs_wal_with_full_sync(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    task_store = TaskStore(f"sqlite:///{tmp_path}/t.db")
+    with task_store._writer.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+    task_store.close()
+
+
+def test_lifecycle_records_every_transition(store: TaskStore) -> None:
+    task_id = submit(store)
+    now = time.time()
+    assert store.transition_chain(
+        task_id,
+        [Step("placed", "placed", pool="onprem-a"), Step("dispatched", "sent", agent_id="a1", count_attempt=True)],
+        now,
+    )
+    assert store.transition(task_id, "running", "started", now, expect_from="dispatched", expect_agent="a1")
+    assert store.transition(task_id, "succeeded", "done", now, expect_agent="a1")
+    record = store.get(task_id)
+    assert (record.state, record.pool, record.agent_id, record.attempts) == ("succeeded", "onprem-a", "a1", 1)
+    assert record.finished_at is not None
+    assert [(t.from_state, t.to_state) for t in store.transitions_of(task_id)] == [
+        ("", "queued"),
+        ("queued", "placed"),
+        ("placed", "dispatched"),
+        ("dispatched", "running"),
+        ("running", "succeeded"),
+    ]
+
+
+def test_illegal_transitions_are_refused(store: TaskStore) -> None:
+    task_id = submit(store)
+    with pytest.raises(IllegalTransition, match="queued -> running"):
+        store.transition(task_id, "running", "skip ahead", time.time())
+    with pytest.raises(IllegalTransition):
+        store.transition(task_id, "succeeded", "never ran", time.time())
+    assert store.get(task_id).state == "queued"
+    with pytest.raises(UnknownTask):
+        store.transition("nope", "placed", "x", time.time())
+
+
+def test_completion_is_recorded_once(store: TaskStore) -> None:
+    task_id = submit(store)
+    now = time.time()
+    store.transition_chain(task_id, [Step("placed", "p"), Step("dispatched", "d", agent_id="a1")], now)
+    before = metrics.DUPLICATE_COMPLETIONS.labels(state="succeeded")._value.get()
+    results = []
+    barrier = threading.Barrier(8)
+
+    def complete() -> None:
+        barrier.wait()
+        results.append(store.transition(task_id, "succeeded", "done", time.time()))
+
+    threads = [threading.Thread(target=complete) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results.count(True) == 1
+    terminal = [t for t in store.transitions_of(task_id) if t.to_state == "succeeded"]
+    assert len(terminal) == 1
+    assert metrics.DUPLICATE_COMPLETIONS.labels(state="succeeded")._value.get() == before + 7
+    assert store.transition(task_id, "failed", "late failure report", time.time()) is False
+    assert store.get(task_id).state == "succeeded"
+
+
+def test_stale_worker_cannot_move_a_task_it_no_longer_owns(store: TaskStore) -> None:
+    task_id = submit(store)
+    now = time.time()
+    store.transition_chain(task_id, [Step("placed", "p"), Step("dispatched", "d", agent_id="a1")], now)
+    store.transition(task_id, "queued", "agent lost", now, expect_agent="a1")
+    store.transition_chain(task_id, [Step("placed", "p"), Step("dispatched", "d", agent_id="a2")], now)
+    assert store.transition(task_id, "succeeded", "old agent reports", now, expect_agent="a1") is False
+    assert store.get(task_id).state == "dispatched"
+
+
+def test_idempotency_key_returns_the_same_task(store: TaskStore) -> None:
+    first = store.insert_batch([NewTask(make_task(), "key-1"), NewTask(make_task(), "key-1")], time.time())
+    assert first[0].created and not first[1].created
+    assert first[0].task_id == first[1].task_id
+    again = store.insert_batch([NewTask(make_task(), "key-1")], time.time())[0]
+    assert (again.task_id, again.created) == (first[0].task_id, False)
+    assert len(store.list_tasks()[0]) == 1
+
+
+def test_checkpoint_only_moves_forward(store: TaskStore) -> None:
+    task_id = submit(store)
+    now = time.time()
+    store.record_progress(
+        task_id, types_pb2.Progress(task_id=task_id, checkpoint_frame=40, checkpoint_uri="file:///c/40"), now
+    )
+    store.record_progress(
+        task_id, types_pb2.Progress(task_id=task_id, checkpoint_frame=10, checkpoint_uri="file:///c/10"), now
+    )
+    record = store.get(task_id)
+    assert (record.checkpoint_frame, record.checkpoint_uri) == (40, "file:///c/40")
+    latest = store.latest_progress(task_id)
+    assert latest is not None and latest.version == 2 and latest.progress.checkpoint_frame == 10
+
+
+def test_list_filters_and_pagination(store: TaskStore) -> None:
+    ids = [submit(store, project="alpha") for _ in range(5)] + [submit(store, project="beta") for _ in range(2)]
+    page, token = store.list_tasks(project="alpha", limit=2)
+    seen = [r.id for r in page]
+    while token:
+        page, token = store.list_tasks(project="alpha", limit=2, page_token=token)
+        seen += [r.id for r in page]
+    assert sorted(seen) == sorted(ids[:5])
+    assert len(store.list_tasks(state="queued", limit=100)[0]) == 7
+    with pytest.raises(ValueError, match="page_token"):
+        store.list_tasks(page_token="garbage!")
+
+
+def test_runnable_respects_backoff_and_priority(store: TaskStore) -> None:
+    low = submit(store, priority=types_pb2.PRIORITY_LOW)
+    urgent = submit(store, priority=types_pb2.PRIORITY_URGENT)
+    backed_off = submit(store, priority=types_pb2.PRIORITY_URGENT)
+    now = time.time()
+    store.transition_chain(backed_off, [Step("placed", "p"), Step("dispatched", "d", agent_id="a")], now)
+    store.transition(backed_off, "queued", "retry", now, not_before=now + 60)
+    assert [r.id for r in store.runnable(now, 10, aging_s=60)] == [urgent, low]
+    assert next(r.id for r in store.runnable(now + 61, 10, aging_s=60)) in (urgent, backed_off)
+
+
+def test_group_commit_many_concurrent_submits_each_durable(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    url = f"sqlite:///{tmp_path}/gc.db"
+    task_store = TaskStore(url)
+    committer = GroupCommitter(task_store)
+    ids: list[str] = []
+    lock = threading.Lock()
+
+    def client(n: int) -> None:
+        for i in range(50):
+            result = committer.submit(NewTask(make_task(), f"c{n}-{i}" if i % 2 else ""))
+            with lock:
+                ids.append(result.task_id)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    committer.close()
+    task_store.close()
+    reopened = TaskStore(url)  # a fresh engine sees every id that was handed out
+    with reopened._reader.connect() as conn:
+        stored = {row[0] for row in conn.execute(sa.text("select id from tasks"))}
+        assert conn.execute(sa.select(sa.func.count()).select_from(transitions)).scalar() == 800
+    assert len(ids) == 800 and set(ids) == stored
+    reopened.close()
+
+
+def test_state_machine_table_is_closed() -> None:
+    for to_state, sources in ALLOWED_FROM.items():
+        assert to_state in ALL_STATES and sources <= set(ALL_STATES)
+    for terminal in ("succeeded", "failed", "cancelled"):
+        assert not any(is_legal(terminal, target) for target in ALL_STATES)
+    assert is_legal("preempted", "queued") and not is_legal("queued", "running")
