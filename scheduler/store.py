@@ -15,10 +15,10 @@ from __future__ import annotations
 import base64
 import json
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import sqlalchemy as sa
 import structlog
@@ -84,6 +84,14 @@ progress = sa.Table(
     sa.Column("progress_proto", sa.LargeBinary, nullable=False),
     sa.Column("at", sa.Float, nullable=False),
 )
+
+
+T = TypeVar("T")
+
+
+class Writer(Protocol):
+    def run(self, op: Callable[[Connection], T]) -> T: ...
+    def on_writer_thread(self) -> bool: ...
 
 
 class IllegalTransition(Exception):
@@ -212,6 +220,17 @@ class Step:
         return values
 
 
+@dataclass(frozen=True)
+class Change:
+    """Transitions for one task, applied only if it is still where the caller thinks it is."""
+
+    task_id: str
+    steps: tuple[Step, ...]
+    expect_from: str | None = None
+    expect_agent: str | None = None
+    progress: types_pb2.Progress | None = None
+
+
 def new_task_id() -> str:
     return uuid.uuid4().hex
 
@@ -246,6 +265,7 @@ class TaskStore:
             self._writer = sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
             self._reader = self._writer
         metadata.create_all(self._writer)
+        self._writer_thread: Writer | None = None
 
     @staticmethod
     def _sqlite_engine(url: str, immediate: bool) -> Engine:
@@ -275,6 +295,18 @@ class TaskStore:
     def _write(self) -> Iterator[Connection]:
         with self._writer.begin() as conn:
             yield conn
+
+    def attach_writer(self, writer: Writer | None) -> None:
+        """Route every write through `writer` (scheduler.group_commit): one writer thread, batched
+        commits, no lock contention between threads. None = each call commits on its own."""
+        self._writer_thread = writer
+
+    def _execute_write(self, op: Callable[[Connection], T]) -> T:
+        writer = self._writer_thread
+        if writer is not None and not writer.on_writer_thread():
+            return writer.run(op)
+        with self._write() as conn:
+            return op(conn)
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
@@ -504,61 +536,86 @@ class TaskStore:
         progress_message: types_pb2.Progress | None = None,
     ) -> bool:
         """Apply several transitions atomically (e.g. queued -> placed -> dispatched), one commit."""
-        with self._write() as conn:
-            row = conn.execute(
-                sa.select(tasks.c.state, tasks.c.pool, tasks.c.agent_id).where(tasks.c.id == task_id).with_for_update()
-            ).first()
-            if row is None:
-                raise UnknownTask(task_id)
-            current = row.state
-            final = steps[-1].to_state
-            if current in TERMINAL:
-                if final in TERMINAL:
-                    metrics.DUPLICATE_COMPLETIONS.labels(state=final).inc()
-                    log.info(
-                        "completion ignored: task already finished",
-                        task_id=task_id,
-                        state=current,
-                        attempted=final,
-                        reason=steps[-1].reason,
-                    )
-                return False
-            if expect_from is not None and current != expect_from:
-                return False
-            if expect_agent is not None and row.agent_id != expect_agent:
-                return False
-            values: dict[str, Any] = {"updated_at": now}
-            current_pool, current_agent = row.pool, row.agent_id
-            for step in steps:
-                if not task_states.is_legal(current, step.to_state):
-                    raise IllegalTransition(task_id, current, step.to_state)
-                values.update(step.values())
-                if step.count_attempt:
-                    values["attempts"] = tasks.c.attempts + 1
-                if step.to_state in TERMINAL:
-                    values["finished_at"] = now
-                current_pool = values.get("pool", current_pool)
-                current_agent = values.get("agent_id", current_agent)
-                conn.execute(
-                    transitions.insert().values(
-                        task_id=task_id,
-                        from_state=current,
-                        to_state=step.to_state,
-                        reason=step.reason,
-                        at=now,
-                        pool=current_pool or "",
-                        agent_id=current_agent or "",
-                    )
+        change = Change(task_id, tuple(steps), expect_from, expect_agent, progress_message)
+        return self._execute_write(lambda conn: self._apply(conn, change, now))
+
+    def apply_changes(self, changes: Sequence[Change], now: float) -> list[bool | Exception]:
+        """Many independent changes in one commit; each gets its own result (or its exception)."""
+
+        def run(conn: Connection) -> list[bool | Exception]:
+            results: list[bool | Exception] = []
+            for change in changes:
+                try:
+                    results.append(self._apply(conn, change, now))
+                except (IllegalTransition, UnknownTask) as error:  # raised before anything is written
+                    results.append(error)
+            return results
+
+        return self._execute_write(run)
+
+    def _apply(self, conn: Connection, change: Change, now: float) -> bool:
+        task_id, steps = change.task_id, change.steps
+        row = conn.execute(
+            sa.select(tasks.c.state, tasks.c.pool, tasks.c.agent_id).where(tasks.c.id == task_id).with_for_update()
+        ).first()
+        if row is None:
+            raise UnknownTask(task_id)
+        current = row.state
+        final = steps[-1].to_state
+        if current in TERMINAL:
+            if final in TERMINAL:
+                metrics.DUPLICATE_COMPLETIONS.labels(state=final).inc()
+                log.info(
+                    "completion ignored: task already finished",
+                    task_id=task_id,
+                    state=current,
+                    attempted=final,
+                    reason=steps[-1].reason,
                 )
-                current = step.to_state
-            conn.execute(tasks.update().where(tasks.c.id == task_id).values(**values))
-            if progress_message is not None:
-                self._write_progress(conn, task_id, progress_message, now)
-            return True
+            return False
+        if change.expect_from is not None and current != change.expect_from:
+            return False
+        if change.expect_agent is not None and row.agent_id != change.expect_agent:
+            return False
+        # Check the whole chain before writing anything: a refused change leaves no trace.
+        state = current
+        for step in steps:
+            if not task_states.is_legal(state, step.to_state):
+                raise IllegalTransition(task_id, state, step.to_state)
+            state = step.to_state
+        values: dict[str, Any] = {"updated_at": now}
+        current_pool, current_agent = row.pool, row.agent_id
+        rows = []
+        for step in steps:
+            values.update(step.values())
+            if step.count_attempt:
+                values["attempts"] = tasks.c.attempts + 1
+            if step.to_state in TERMINAL:
+                values["finished_at"] = now
+            current_pool = values.get("pool", current_pool)
+            current_agent = values.get("agent_id", current_agent)
+            rows.append(
+                {
+                    "task_id": task_id,
+                    "from_state": current,
+                    "to_state": step.to_state,
+                    "reason": step.reason,
+                    "at": now,
+                    "pool": current_pool or "",
+                    "agent_id": current_agent or "",
+                }
+            )
+            current = step.to_state
+        conn.execute(transitions.insert(), rows)
+        conn.execute(tasks.update().where(tasks.c.id == task_id).values(**values))
+        if change.progress is not None:
+            self._write_progress(conn, task_id, change.progress, now)
+        return True
 
     def record_queue_decision(self, task_id: str, placement: Placement, not_before: float, now: float) -> None:
         """A `queue` outcome: the task stays queued; keep the decision for Explain and back off."""
-        with self._write() as conn:
+
+        def run(conn: Connection) -> None:
             conn.execute(
                 tasks.update()
                 .where(tasks.c.id == task_id, tasks.c.state == QUEUED)
@@ -571,10 +628,11 @@ class TaskStore:
                 )
             )
 
+        self._execute_write(run)
+
     def record_progress(self, task_id: str, message: types_pb2.Progress, now: float) -> None:
         """Keep the latest progress per task and the highest checkpoint any agent reported."""
-        with self._write() as conn:
-            self._write_progress(conn, task_id, message, now)
+        self._execute_write(lambda conn: self._write_progress(conn, task_id, message, now))
 
     @staticmethod
     def _write_progress(conn: Connection, task_id: str, message: types_pb2.Progress, now: float) -> None:

@@ -8,9 +8,11 @@ import uuid
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from facefleet.cli.output import JSON_OPTION, console, fail, print_json
+from facefleet.structured_logs import configure_logging
 
 
 def register(app: typer.Typer) -> None:
@@ -47,7 +49,7 @@ def register(app: typer.Typer) -> None:
             mask=mask,
             enhance=enhance,
         )
-        started = time.perf_counter()
+        configure_logging("warning", "console")  # logs to stderr; stdout stays clean for --json
 
         def show(update: ProgressUpdate) -> None:
             if not as_json and update.stage in ("checkpoint", "done"):
@@ -57,9 +59,10 @@ def register(app: typer.Typer) -> None:
 
         try:
             pipeline = SwapPipeline.load(models, providers=provider or None)
+            started = time.perf_counter()
             result = pipeline.run(job, show, threading.Event())
         except PipelineError as exc:
-            fail(f"{exc.reason_code}: {exc.message}")
+            fail(escape(f"{exc.reason_code}: {exc.message}"))
         elapsed = time.perf_counter() - started
         fps = result.frames_processed / elapsed if elapsed > 0 else 0.0
         report = {

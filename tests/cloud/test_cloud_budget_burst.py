@@ -44,8 +44,8 @@ def test_burst_sends_exactly_the_affordable_tasks_to_cloud(tmp_path: Path) -> No
     marketing = caps["marketing"]
     ledger = SpendLedger(sa.create_engine(f"sqlite:///{tmp_path / 'store.db'}"))
     account = BudgetAccount(marketing.name, marketing.monthly_cap_usd, marketing.alert_pct)
-    # Earlier this month: spend that leaves $3.00 of the cap.
-    earlier_usd = marketing.monthly_cap_usd - 3.0
+    # Earlier this month: spend that leaves $1.00 of the cap.
+    earlier_usd = marketing.monthly_cap_usd - 1.0
     ledger.record(Usage("old", "promo-x", "promo-urgent-burst", "aws-use1-g5", "marketing", "aws", "i-0",
                         3600.0, earlier_usd, NOW), account)  # fmt: skip
 
@@ -82,7 +82,7 @@ def test_burst_sends_exactly_the_affordable_tasks_to_cloud(tmp_path: Path) -> No
 
     per_task = estimates[0]
     assert all(abs(e - per_task) < 1e-9 for e in estimates)
-    affordable = int(3.0 // per_task)
+    affordable = int(1.0 // per_task)
     assert 0 < affordable < 40  # the burst really is larger than the remaining budget
     assert len(to_cloud) == affordable
     assert len(queued_onprem) == 40 - affordable
