@@ -1,9 +1,11 @@
-"""Group commit for SubmitTask: many concurrent submits share one durable transaction.
+"""Group commit: one writer thread turns many concurrent writes into few durable transactions.
 
-Each caller enqueues its task and blocks; one writer thread takes everything pending (up to
-`max_batch`), inserts it in a single transaction, commits (one fsync), and only then releases
-each caller with its id. So an id is never returned before it is durable, and the fsync cost is
-shared by the whole batch instead of paid per task.
+Callers (SubmitTask handlers, dispatch workers) enqueue their write and block. The writer takes
+everything pending (up to `max_batch`), runs it in a single transaction, commits (one fsync), and
+only then releases each caller with its result. So an id is never returned before it is durable,
+the fsync cost is shared by the batch, and threads never fight over SQLite's write lock (whose
+busy handler sleeps for milliseconds at a time). Each operation runs under its own SAVEPOINT, so
+one failing operation cannot spoil the others in its batch.
 """
 
 from __future__ import annotations
@@ -11,15 +13,21 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import structlog
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import IntegrityError
 
 from scheduler import metrics
 from scheduler.store import NewTask, SubmitResult, TaskStore
 
 log = structlog.get_logger()
+
+T = TypeVar("T")
 
 
 class StoreUnavailable(RuntimeError):
@@ -28,31 +36,48 @@ class StoreUnavailable(RuntimeError):
 
 @dataclass
 class _Pending:
-    item: NewTask
-    future: Future[SubmitResult] = field(default_factory=Future)
+    insert: NewTask | None = None
+    op: Callable[[Connection], Any] | None = None
+    future: Future[Any] = field(default_factory=Future)
 
 
 class GroupCommitter:
-    def __init__(self, store: TaskStore, max_batch: int = 512) -> None:
+    def __init__(self, store: TaskStore, max_batch: int = 512, attach: bool = True) -> None:
         self._store = store
         self._max_batch = max_batch
         self._pending: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
         self._thread.start()
+        if attach:
+            store.attach_writer(self)
 
     def submit(self, item: NewTask, timeout: float = 30.0) -> SubmitResult:
         """Block until `item` is committed; returns its id (or the existing one for a repeated key)."""
-        if self._closed:
-            raise StoreUnavailable("the scheduler is shutting down; retry against another replica")
-        pending = _Pending(item)
-        self._pending.put(pending)
-        return pending.future.result(timeout=timeout)
+        result: SubmitResult = self._enqueue(_Pending(insert=item), timeout)
+        return result
+
+    def run(self, op: Callable[[Connection], T], timeout: float = 60.0) -> T:
+        """Run `op(conn)` inside the next batch's transaction; return its result once committed."""
+        result: T = self._enqueue(_Pending(op=op), timeout)
+        return result
+
+    def on_writer_thread(self) -> bool:
+        return threading.get_ident() == self._thread.ident
 
     def close(self) -> None:
+        if self._closed:
+            return
         self._closed = True
+        self._store.attach_writer(None)
         self._pending.put(None)
         self._thread.join(timeout=10)
+
+    def _enqueue(self, pending: _Pending, timeout: float) -> Any:
+        if self._closed:
+            raise StoreUnavailable("the scheduler is shutting down; retry against another replica")
+        self._pending.put(pending)
+        return pending.future.result(timeout=timeout)
 
     def _run(self) -> None:
         while True:
@@ -75,14 +100,50 @@ class GroupCommitter:
                 return
 
     def _commit(self, batch: list[_Pending]) -> None:
+        inserts = [p for p in batch if p.insert is not None]
+        ops = [p for p in batch if p.op is not None]
+        now = time.time()
         try:
-            results = self._store.insert_batch([pending.item for pending in batch], time.time())
-        except Exception as exc:
-            log.error("group commit failed", size=len(batch), error=str(exc))
-            failure = StoreUnavailable(f"could not store the task durably ({type(exc).__name__}); retry")
+            outcomes = self._transaction(inserts, ops, now)
+        except IntegrityError:
+            # An idempotency key raced with another replica: redo everything one by one.
+            outcomes = {}
+            for pending in batch:
+                try:
+                    outcomes.update(self._transaction(*(([pending], []) if pending.insert else ([], [pending])), now))
+                except Exception as error:
+                    outcomes[id(pending)] = (False, error)
+        except Exception as error:
+            log.error("group commit failed", size=len(batch), error=str(error))
+            failure = StoreUnavailable(f"could not write to the task store ({type(error).__name__}); retry")
             for pending in batch:
                 pending.future.set_exception(failure)
             return
-        metrics.SUBMIT_BATCH_SIZE.observe(len(batch))
-        for pending, result in zip(batch, results, strict=True):
-            pending.future.set_result(result)
+        if inserts:
+            metrics.SUBMIT_BATCH_SIZE.observe(len(inserts))
+        for pending in batch:
+            ok, value = outcomes[id(pending)]
+            if ok:
+                pending.future.set_result(value)
+            else:
+                pending.future.set_exception(value)
+
+    def _transaction(
+        self, inserts: list[_Pending], ops: list[_Pending], now: float
+    ) -> dict[int, tuple[bool, Any]]:
+        outcomes: dict[int, tuple[bool, Any]] = {}
+        with self._store._write() as conn:
+            if inserts:
+                results = self._store._insert_batch(conn, [p.insert for p in inserts if p.insert], now)
+                for pending, result in zip(inserts, results, strict=True):
+                    outcomes[id(pending)] = (True, result)
+            for pending in ops:
+                assert pending.op is not None
+                try:
+                    with conn.begin_nested():
+                        outcomes[id(pending)] = (True, pending.op(conn))
+                except IntegrityError:
+                    raise
+                except Exception as error:
+                    outcomes[id(pending)] = (False, error)
+        return outcomes
