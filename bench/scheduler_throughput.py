@@ -38,8 +38,14 @@ from tests.scheduler.scheduler_process import SchedulerProcess  # noqa: E402
 
 def run_agents(address: str, count: int, slots: int, stop: multiprocessing.synchronize.Event) -> None:
     agents = [
-        HollowAgent(address, f"hollow-{i}", "onprem-a" if i % 2 == 0 else "cloud-b",
-                    "private" if i % 2 == 0 else "cloud", slots=slots, heartbeat_s=0.5).start()
+        HollowAgent(
+            address,
+            f"hollow-{i}",
+            "onprem-a" if i % 2 == 0 else "cloud-b",
+            "private" if i % 2 == 0 else "cloud",
+            slots=slots,
+            heartbeat_s=0.5,
+        ).start()
         for i in range(count)
     ]
     stop.wait()
@@ -82,8 +88,12 @@ def main() -> None:
             mine = []
             for i in range(per_client):
                 task = types_pb2.Task(
-                    project=f"bench-{n % 4}", sensitivity=sensitivities[i % 2], priority=1 + i % 4,  # type: ignore[arg-type]
-                    frames=1, source_uri="file:///data/face.jpg", target_uri=f"file:///data/t{n}-{i}.jpg",
+                    project=f"bench-{n % 4}",
+                    sensitivity=sensitivities[i % 2],
+                    priority=1 + i % 4,  # type: ignore[arg-type]
+                    frames=1,
+                    source_uri="file:///data/face.jpg",
+                    target_uri=f"file:///data/t{n}-{i}.jpg",
                 )
                 started = time.perf_counter()
                 try:
@@ -122,7 +132,10 @@ def main() -> None:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
         "settings": {
-            "clients": args.clients, "agents": args.agents, "slots_per_agent": args.slots, "tasks": args.tasks,
+            "clients": args.clients,
+            "agents": args.agents,
+            "slots_per_agent": args.slots,
+            "tasks": args.tasks,
             "store": "sqlite (WAL, synchronous=FULL, group commit)" if not args.store else args.store.split("://")[0],
         },
         "results": {

@@ -24,7 +24,7 @@ import tenacity
 from facefleet.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from scheduler import metrics, queue, task_states
 from scheduler.placement_gateway import PlacementResult, Placer, residency_violation
-from scheduler.store import IllegalTransition, Placement, Step, TaskRecord, TaskStore
+from scheduler.store import Change, IllegalTransition, Placement, Step, TaskRecord, TaskStore
 from scheduler.task_states import DISPATCHED, FAILED, PLACED, PREEMPTED, QUEUED, RUNNING, TERMINAL
 
 log = structlog.get_logger()
@@ -62,7 +62,7 @@ class DispatcherSettings:
     workers: int = 256
     batch: int = 256
     idle_sleep_s: float = 0.05
-    queue_recheck_s: float = 0.5  # a `queue` outcome is re-evaluated after this long
+    max_misses_per_pass: int = 64  # tasks in a row that could not be placed before a pass ends
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 30.0
     rpc_connect_timeout_s: float = 5.0
@@ -76,6 +76,16 @@ def backoff_until(attempt: int, now: float, settings: DispatcherSettings) -> flo
     state = tenacity.RetryCallState(retry_object=tenacity.Retrying(), fn=None, args=(), kwargs={})
     state.attempt_number = max(1, attempt)
     return now + float(wait(state))
+
+
+@dataclass(frozen=True)
+class _Launch:
+    record: TaskRecord
+    result: PlacementResult
+    agent_id: str
+    address: str
+    request: agent_pb2.RunTaskRequest
+    change: Change
 
 
 class Dispatcher:
@@ -198,6 +208,9 @@ class Dispatcher:
     # ---- dispatch ---------------------------------------------------------------------------------
 
     def dispatch_pass(self, now: float) -> int:
+        """Place runnable tasks in queue order; commit every decision of the pass in one transaction,
+        then start the RPCs. Stops early after `max_misses_per_pass` tasks in a row could not go
+        anywhere (the cluster is full: the rest of the queue waits for the next pass)."""
         runnable = self.store.runnable(now, self.settings.batch, self.settings.aging_s)
         if not runnable:
             return 0
@@ -206,62 +219,84 @@ class Dispatcher:
             item.task_id
             for item in queue.within_limits(items, self.store.in_flight_by_project(), self.settings.project_limits)
         }
-        dispatched = 0
+        snapshot = self.placer.world(now)
+        full_pools: set[str] = set()
+        changes: list[Change] = []
+        queued: list[tuple[str, Placement]] = []
+        launches: list[_Launch] = []
+        misses = 0
         for record in runnable:
-            if self._stop.is_set() or not self.is_leader():
+            if misses >= self.settings.max_misses_per_pass or self._stop.is_set():
                 break
-            if record.id in admitted_ids and self._dispatch_one(record, self.clock()):
-                dispatched += 1
-        return dispatched
+            if record.id not in admitted_ids:
+                continue
+            planned = self._plan(record, now, snapshot, full_pools)
+            if isinstance(planned, _Launch):
+                launches.append(planned)
+                changes.append(planned.change)
+                misses = 0
+                continue
+            misses += 1
+            if isinstance(planned, Change):
+                changes.append(planned)
+            elif planned is not None:
+                queued.append((record.id, planned))
+        if queued:
+            self.store.record_queue_decisions(queued, now)
+        if not changes:
+            return 0
+        if not self.is_leader():  # lost the lock while placing: commit nothing, release reservations
+            for launch in launches:
+                self.agents.note_finished(launch.agent_id, launch.record.id)
+            return 0
+        results = dict(zip([c.task_id for c in changes], self.store.apply_changes(changes, now), strict=True))
+        started = 0
+        for launch in launches:
+            if results.get(launch.record.id) is not True:  # cancelled or taken meanwhile
+                self.agents.note_finished(launch.agent_id, launch.record.id)
+                continue
+            metrics.QUEUE_WAIT.observe(max(0.0, now - launch.record.submitted_at))
+            for listener in self.listeners:
+                _safe(listener.on_dispatched, launch.record, launch.result)
+            self._workers.submit(
+                self._run_on_agent, launch.record, launch.agent_id, launch.address, launch.request, now
+            )
+            started += 1
+        for change in changes:
+            if change.steps[-1].to_state == FAILED and results.get(change.task_id) is True:
+                self._finished(change.task_id)
+        return started
 
-    def _dispatch_one(self, record: TaskRecord, now: float) -> bool:
+    def _plan(
+        self, record: TaskRecord, now: float, snapshot: Any, full_pools: set[str]
+    ) -> _Launch | Change | Placement | None:
+        """What to do with one queued task: launch it, fail it (Change), keep it queued (Placement to
+        record when the decision is new) or nothing."""
         task = record.task()
-        result = self.placer.decide(task, now)
+        result = self.placer.decide(task, now, snapshot)
         metrics.PLACEMENTS.labels(pool=result.pool or "-", rule=result.rule or "-", outcome=result.outcome).inc()
         placement = Placement(result.pool, result.rule, result.summary, result.proto.SerializeToString())
         if result.outcome == "reject":
-            self.store.transition(
-                record.id,
-                FAILED,
-                f"rejected by placement: {result.reason}",
-                now,
-                expect_from=QUEUED,
-                placement=placement,
+            return Change(
+                record.id, (Step(FAILED, f"rejected by placement: {result.reason}", placement=placement),), QUEUED
             )
-            self._finished(record.id)
-            return False
-        if result.outcome != "dispatch":
-            self.store.record_queue_decision(record.id, placement, now + self.settings.queue_recheck_s, now)
-            return False
-        violation = residency_violation(task, None, result.pool_trust_zone, result.project_locked)
+        violation = ""
+        if result.outcome == "dispatch":
+            violation = residency_violation(task, None, result.pool_trust_zone, result.project_locked)
         if violation:
             if self.audit is not None:
                 self.audit("residency_refused", {"task_id": record.id, "pool": result.pool, "detail": violation})
             log.error("residency re-check refused a dispatch", task_id=record.id, pool=result.pool, detail=violation)
-            self.store.transition(
-                record.id, FAILED, f"RESIDENCY_VIOLATION: {violation}", now, expect_from=QUEUED, placement=placement
-            )
-            self._finished(record.id)
-            return False
-        agent = self.agents.reserve(result.pool, record.id, now)
-        if agent is None:  # the pool filled up between snapshot and reservation
-            self.store.record_queue_decision(record.id, placement, now + self.settings.queue_recheck_s, now)
-            return False
-        moved = self.store.transition_chain(
-            record.id,
-            [
-                Step(PLACED, f"placed on {result.pool} by rule {result.rule}: {result.reason}", placement=placement),
-                Step(DISPATCHED, f"sent to agent {agent.agent_id}", agent_id=agent.agent_id, count_attempt=True),
-            ],
-            now,
-            expect_from=QUEUED,
-        )
-        if not moved:  # cancelled or taken meanwhile
-            self.agents.note_finished(agent.agent_id, record.id)
-            return False
-        metrics.QUEUE_WAIT.observe(max(0.0, now - record.submitted_at))
-        for listener in self.listeners:
-            _safe(listener.on_dispatched, record, result)
+            return Change(record.id, (Step(FAILED, f"RESIDENCY_VIOLATION: {violation}", placement=placement),), QUEUED)
+        agent = None
+        if result.outcome == "dispatch" and result.pool not in full_pools:
+            agent = self.agents.reserve(result.pool, record.id, now)
+            if agent is None:
+                full_pools.add(result.pool)
+        if agent is None:
+            previous = record.placement or {}
+            new_decision = (previous.get("outcome"), previous.get("reason")) != (result.outcome, result.reason)
+            return placement if new_decision else None
         request = agent_pb2.RunTaskRequest(
             task=task,
             attempt=record.attempts + 1,
@@ -269,8 +304,15 @@ class Dispatcher:
             checkpoint_uri=record.checkpoint_uri,
             project_locked=result.project_locked,
         )
-        self._workers.submit(self._run_on_agent, record, agent.agent_id, agent.address, request, now)
-        return True
+        change = Change(
+            record.id,
+            (
+                Step(PLACED, f"placed on {result.pool} by rule {result.rule}: {result.reason}", placement=placement),
+                Step(DISPATCHED, f"sent to agent {agent.agent_id}", agent_id=agent.agent_id, count_attempt=True),
+            ),
+            QUEUED,
+        )
+        return _Launch(record, result, agent.agent_id, agent.address, request, change)
 
     def _run_on_agent(
         self, record: TaskRecord, agent_id: str, address: str, request: agent_pb2.RunTaskRequest, placed_at: float

@@ -128,9 +128,7 @@ class GroupCommitter:
             else:
                 pending.future.set_exception(value)
 
-    def _transaction(
-        self, inserts: list[_Pending], ops: list[_Pending], now: float
-    ) -> dict[int, tuple[bool, Any]]:
+    def _transaction(self, inserts: list[_Pending], ops: list[_Pending], now: float) -> dict[int, tuple[bool, Any]]:
         outcomes: dict[int, tuple[bool, Any]] = {}
         with self._store._write() as conn:
             if inserts:

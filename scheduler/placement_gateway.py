@@ -31,7 +31,10 @@ PlaceFn = Callable[[TaskSpec, Any, World], Decision]
 
 
 class Placer(Protocol):
-    def decide(self, task: types_pb2.Task, now: float) -> PlacementResult: ...
+    def world(self, now: float) -> tuple[Any, World]: ...
+    def decide(
+        self, task: types_pb2.Task, now: float, snapshot: tuple[Any, World] | None = None
+    ) -> PlacementResult: ...
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,9 @@ class LivePlacement:
         world = World(pools=tuple(snapshot.pools), budgets=budgets, locks=dict(active.locks or {}), notes=notes)
         return active, world
 
-    def decide(self, task: types_pb2.Task, now: float) -> PlacementResult:
-        active, world = self.world(now)
+    def decide(self, task: types_pb2.Task, now: float, snapshot: tuple[Any, World] | None = None) -> PlacementResult:
+        """Place `task` against `snapshot` (from `world(now)`, shared by a dispatch pass) or a fresh one."""
+        active, world = snapshot or self.world(now)
         decision = self._place(task_spec_from_proto(task), active.ruleset, world)
         zones = {pool.name: pool.trust_zone for pool in world.pools}
         return PlacementResult(

@@ -612,21 +612,21 @@ class TaskStore:
             self._write_progress(conn, task_id, change.progress, now)
         return True
 
-    def record_queue_decision(self, task_id: str, placement: Placement, not_before: float, now: float) -> None:
-        """A `queue` outcome: the task stays queued; keep the decision for Explain and back off."""
+    def record_queue_decisions(self, decisions: Sequence[tuple[str, Placement]], now: float) -> None:
+        """`queue` outcomes: the tasks stay queued; keep each decision for Explain."""
 
         def run(conn: Connection) -> None:
-            conn.execute(
-                tasks.update()
-                .where(tasks.c.id == task_id, tasks.c.state == QUEUED)
-                .values(
-                    placement=placement.summary,
-                    placement_proto=placement.decision,
-                    rule=placement.rule,
-                    not_before=not_before,
-                    updated_at=now,
+            for task_id, placement in decisions:
+                conn.execute(
+                    tasks.update()
+                    .where(tasks.c.id == task_id, tasks.c.state == QUEUED)
+                    .values(
+                        placement=placement.summary,
+                        placement_proto=placement.decision,
+                        rule=placement.rule,
+                        updated_at=now,
+                    )
                 )
-            )
 
         self._execute_write(run)
 

@@ -5,12 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+import structlog
 from typer.testing import CliRunner
 
 from agent.models.tiny import TinyModelSet
 from facefleet.cli import app
 
 from .conftest import Scene
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> object:
+    """The CLI points structlog at CliRunner's stderr, which closes after the call."""
+    yield
+    structlog.reset_defaults()
 
 
 def test_swap_cli_reports_engine_frames_and_similarity(

@@ -18,8 +18,14 @@ FACEFLEET = str(Path(sys.executable).with_name("facefleet"))
 
 
 class SchedulerProcess:
-    def __init__(self, store_url: str, policy_dir: Path, log_path: Path, port: int | None = None,
-                 extra_env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        store_url: str,
+        policy_dir: Path,
+        log_path: Path,
+        port: int | None = None,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
         self.store_url = store_url
         self.policy_dir = policy_dir
         self.log_path = log_path
@@ -42,9 +48,24 @@ class SchedulerProcess:
         env.pop("FACEFLEET_CONFIG", None)
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [FACEFLEET, "scheduler", "run", "--listen", self.address, "--store", self.store_url,
-             "--policy", str(self.policy_dir), "--metrics-port", "0", "--insecure"],
-            stdout=log, stderr=log, env=env, cwd=self.log_path.parent,
+            [
+                FACEFLEET,
+                "scheduler",
+                "run",
+                "--listen",
+                self.address,
+                "--store",
+                self.store_url,
+                "--policy",
+                str(self.policy_dir),
+                "--metrics-port",
+                "0",
+                "--insecure",
+            ],
+            stdout=log,
+            stderr=log,
+            env=env,
+            cwd=self.log_path.parent,
         )
         self.wait_serving(timeout)
         return self
