@@ -84,7 +84,7 @@ def test_burst_sends_exactly_the_affordable_tasks_to_cloud(tmp_path: Path) -> No
     assert all(abs(e - per_task) < 1e-9 for e in estimates)
     affordable = int(1.0 // per_task)
     assert 0 < affordable < 40  # the burst really is larger than the remaining budget
-    assert len(to_cloud) == affordable
+    assert len(to_cloud) == affordable, (affordable, per_task)
     assert len(queued_onprem) == 40 - affordable
     assert ledger.spent("marketing", month_of(NOW)) + ledger.reserved("marketing", month_of(NOW)) <= 1000.0
 
