@@ -70,10 +70,24 @@ class RedisServer:
         self.dir = Path(tempfile.mkdtemp(prefix="ff-redis-"))
         self.port = free_port()
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.dir),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self.url = f"redis://127.0.0.1:{self.port}/0"
         client = redis_lib.Redis.from_url(self.url)
         for _ in range(100):
@@ -96,10 +110,29 @@ def run_celery(tasks: int, workers_per_group: int, payload_bytes: int, private_s
     root = Path(__file__).resolve().parent.parent
     workers = [
         subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "bench.celery_side", "worker", "-Q", queue,
-             "-c", str(workers_per_group), "-P", "prefork", "--loglevel", "WARNING", "-n", f"{queue}@%h"],
-            cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "bench.celery_side",
+                "worker",
+                "-Q",
+                queue,
+                "-c",
+                str(workers_per_group),
+                "-P",
+                "prefork",
+                "--loglevel",
+                "WARNING",
+                "-n",
+                f"{queue}@%h",
+            ],
+            cwd=root,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         for queue in ("onprem", "cloud")
     ]
     try:

@@ -24,8 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.machine import machine_facts, percentiles  # noqa: E402
-from facefleet.grpc_server import build_server  # noqa: E402
+from bench.machine import machine_facts, percentiles
+from facefleet.grpc_server import build_server
 
 
 def grpc_round_trip(seconds: float) -> dict[str, Any]:

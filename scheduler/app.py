@@ -66,7 +66,11 @@ class SchedulerApp:
             self.placement,
             self.registry,
             dispatcher_settings
-            or DispatcherSettings(project_limits=dict(config.project_limits), lost_grace_s=config.lost_grace_s),
+            or DispatcherSettings(
+                project_limits=dict(config.project_limits),
+                lost_grace_s=config.lost_grace_s,
+                warmup_s=config.heartbeat_timeout_s,
+            ),
             is_leader=lambda: self.leader.is_leader,
             channel_for=channel_for,
             listeners=listeners,

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import grpc
@@ -62,7 +62,10 @@ class DispatcherSettings:
     workers: int = 256
     batch: int = 256
     idle_sleep_s: float = 0.05
-    max_misses_per_pass: int = 64  # tasks in a row that could not be placed before a pass ends
+    max_misses_per_pass: int = 16
+    # After gaining leadership, capacity knows only agents that have heartbeated since: a `reject`
+    # ("no known pool may run this") is not final until every live agent has had time to report.
+    warmup_s: float = 10.0  # tasks in a row that could not be placed before a pass ends
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 30.0
     rpc_connect_timeout_s: float = 5.0
@@ -117,8 +120,10 @@ class Dispatcher:
         self._lost_agents: dict[str, float] = {}
         self._workers = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="dispatch")
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set when a slot frees up: run the next pass now
         self._thread: threading.Thread | None = None
         self._was_leader = False
+        self._leader_since = 0.0
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -128,6 +133,7 @@ class Dispatcher:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
         with self._calls_lock:
@@ -148,7 +154,8 @@ class Dispatcher:
                 log.exception("dispatcher pass failed; retrying")
                 worked = 0
             if not worked:
-                self._stop.wait(self.settings.idle_sleep_s)
+                self._wake.wait(self.settings.idle_sleep_s)
+                self._wake.clear()
 
     def step(self) -> int:
         """One pass (leader only): reconcile on gaining leadership, handle lost agents, dispatch."""
@@ -161,6 +168,7 @@ class Dispatcher:
         if not self._was_leader:
             self.reconcile(now)
             self._was_leader = True
+            self._leader_since = now
         self.handle_lost_agents(now)
         return self.dispatch_pass(now)
 
@@ -211,7 +219,12 @@ class Dispatcher:
         """Place runnable tasks in queue order; commit every decision of the pass in one transaction,
         then start the RPCs. Stops early after `max_misses_per_pass` tasks in a row could not go
         anywhere (the cluster is full: the rest of the queue waits for the next pass)."""
-        runnable = self.store.runnable(now, self.settings.batch, self.settings.aging_s)
+        snapshot = self.placer.world(now)
+        free = sum(pool.free_slots + pool.can_provision for pool in snapshot[1].pools)
+        if free <= 0:
+            return 0  # nothing can start anywhere: skip placing the whole queue again
+        limit = min(self.settings.batch, free + self.settings.max_misses_per_pass)
+        runnable = self.store.runnable(now, limit, self.settings.aging_s)
         if not runnable:
             return 0
         items = [queue.QueuedItem(r.id, r.project, r.priority, r.submitted_at) for r in runnable]
@@ -219,7 +232,6 @@ class Dispatcher:
             item.task_id
             for item in queue.within_limits(items, self.store.in_flight_by_project(), self.settings.project_limits)
         }
-        snapshot = self.placer.world(now)
         full_pools: set[str] = set()
         changes: list[Change] = []
         queued: list[tuple[str, Placement]] = []
@@ -259,7 +271,12 @@ class Dispatcher:
             for listener in self.listeners:
                 _safe(listener.on_dispatched, launch.record, launch.result)
             self._workers.submit(
-                self._run_on_agent, launch.record, launch.agent_id, launch.address, launch.request, now
+                self._run_on_agent,
+                replace(launch.record, pool=launch.result.pool, agent_id=launch.agent_id),
+                launch.agent_id,
+                launch.address,
+                launch.request,
+                now,
             )
             started += 1
         for change in changes:
@@ -276,6 +293,8 @@ class Dispatcher:
         result = self.placer.decide(task, now, snapshot)
         metrics.PLACEMENTS.labels(pool=result.pool or "-", rule=result.rule or "-", outcome=result.outcome).inc()
         placement = Placement(result.pool, result.rule, result.summary, result.proto.SerializeToString())
+        if result.outcome == "reject" and now - self._leader_since < self.settings.warmup_s:
+            return None  # maybe only "unknown yet": agents are still re-registering with this leader
         if result.outcome == "reject":
             return Change(
                 record.id, (Step(FAILED, f"rejected by placement: {result.reason}", placement=placement),), QUEUED
@@ -360,6 +379,7 @@ class Dispatcher:
             with self._calls_lock:
                 self._calls.pop(task_id, None)
             self.agents.note_finished(agent_id, task_id)
+            self._wake.set()
 
     def _on_progress(self, record: TaskRecord, agent_id: str, message: types_pb2.Progress, now: float) -> bool:
         """Record one progress message; True when it ends the run on this agent."""
@@ -380,10 +400,11 @@ class Dispatcher:
             to_state = task_states.from_proto(state)
             reason = message.message or (message.error.message if message.HasField("error") else "") or to_state
             if self.store.transition(task_id, to_state, reason, now, expect_agent=agent_id, progress_message=message):
-                final = self.store.get(task_id)
-                metrics.TASKS_FINISHED.labels(state=to_state, pool=final.pool or "").inc()
-                for listener in self.listeners:
-                    _safe(listener.on_finished, final)
+                metrics.TASKS_FINISHED.labels(state=to_state, pool=record.pool or "").inc()
+                if self.listeners:
+                    final = self.store.get(task_id)
+                    for listener in self.listeners:
+                        _safe(listener.on_finished, final)
             return True
         self.store.record_progress(task_id, message, now)
         return False

@@ -4,8 +4,8 @@ Callers (SubmitTask handlers, dispatch workers) enqueue their write and block. T
 everything pending (up to `max_batch`), runs it in a single transaction, commits (one fsync), and
 only then releases each caller with its result. So an id is never returned before it is durable,
 the fsync cost is shared by the batch, and threads never fight over SQLite's write lock (whose
-busy handler sleeps for milliseconds at a time). Each operation runs under its own SAVEPOINT, so
-one failing operation cannot spoil the others in its batch.
+busy handler sleeps for milliseconds at a time). Each operation runs under its own SAVEPOINT (unless
+it is known to fail before writing), so one failing operation cannot spoil the others in its batch.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import structlog
@@ -34,11 +32,36 @@ class StoreUnavailable(RuntimeError):
     """The batch could not be committed; callers answer UNAVAILABLE and the client retries."""
 
 
-@dataclass
 class _Pending:
-    insert: NewTask | None = None
-    op: Callable[[Connection], Any] | None = None
-    future: Future[Any] = field(default_factory=Future)
+    """One queued write and its caller's wake-up (a bare lock: cheaper than a Future's Condition)."""
+
+    __slots__ = ("done", "error", "insert", "isolated", "op", "value")
+
+    def __init__(
+        self, insert: NewTask | None = None, op: Callable[[Connection], Any] | None = None, isolated: bool = True
+    ) -> None:
+        self.insert = insert
+        self.op = op
+        self.isolated = isolated
+        self.value: Any = None
+        self.error: BaseException | None = None
+        self.done = threading.Lock()
+        self.done.acquire()
+
+    def set_result(self, value: Any) -> None:
+        self.value = value
+        self.done.release()
+
+    def set_exception(self, error: BaseException) -> None:
+        self.error = error
+        self.done.release()
+
+    def result(self, timeout: float) -> Any:
+        if not self.done.acquire(timeout=timeout):
+            raise TimeoutError(f"the task store did not commit within {timeout}s; retry")
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 class GroupCommitter:
@@ -57,9 +80,11 @@ class GroupCommitter:
         result: SubmitResult = self._enqueue(_Pending(insert=item), timeout)
         return result
 
-    def run(self, op: Callable[[Connection], T], timeout: float = 60.0) -> T:
-        """Run `op(conn)` inside the next batch's transaction; return its result once committed."""
-        result: T = self._enqueue(_Pending(op=op), timeout)
+    def run(self, op: Callable[[Connection], T], isolated: bool = True, timeout: float = 60.0) -> T:
+        """Run `op(conn)` inside the next batch's transaction; return its result once committed.
+
+        `isolated=False` skips the SAVEPOINT: only for operations that raise before they write."""
+        result: T = self._enqueue(_Pending(op=op, isolated=isolated), timeout)
         return result
 
     def on_writer_thread(self) -> bool:
@@ -77,7 +102,7 @@ class GroupCommitter:
         if self._closed:
             raise StoreUnavailable("the scheduler is shutting down; retry against another replica")
         self._pending.put(pending)
-        return pending.future.result(timeout=timeout)
+        return pending.result(timeout)
 
     def _run(self) -> None:
         while True:
@@ -117,16 +142,16 @@ class GroupCommitter:
             log.error("group commit failed", size=len(batch), error=str(error))
             failure = StoreUnavailable(f"could not write to the task store ({type(error).__name__}); retry")
             for pending in batch:
-                pending.future.set_exception(failure)
+                pending.set_exception(failure)
             return
         if inserts:
             metrics.SUBMIT_BATCH_SIZE.observe(len(inserts))
         for pending in batch:
             ok, value = outcomes[id(pending)]
             if ok:
-                pending.future.set_result(value)
+                pending.set_result(value)
             else:
-                pending.future.set_exception(value)
+                pending.set_exception(value)
 
     def _transaction(self, inserts: list[_Pending], ops: list[_Pending], now: float) -> dict[int, tuple[bool, Any]]:
         outcomes: dict[int, tuple[bool, Any]] = {}
@@ -138,7 +163,10 @@ class GroupCommitter:
             for pending in ops:
                 assert pending.op is not None
                 try:
-                    with conn.begin_nested():
+                    if pending.isolated:
+                        with conn.begin_nested():
+                            outcomes[id(pending)] = (True, pending.op(conn))
+                    else:
                         outcomes[id(pending)] = (True, pending.op(conn))
                 except IntegrityError:
                     raise

@@ -47,8 +47,10 @@ def task_from_mapping(data: Any, where: str) -> Any:
 
 def _channel(scheduler: str | None, insecure: bool, config: Path | None, identity: str) -> Any:
     from facefleet.security.tls import TLSMaterialError, secure_channel
+    from facefleet.structured_logs import configure_logging
 
     settings = _settings(config)
+    configure_logging("warning", "console")  # logs to stderr: stdout stays clean for --json
     address = scheduler or settings.scheduler.listen
     try:
         return secure_channel(address, settings.tls, identity, insecure=insecure or None)

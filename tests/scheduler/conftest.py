@@ -57,7 +57,9 @@ def make_settings(tmp_path: Path, store_url: str | None = None, **scheduler: Any
     )
 
 
-FAST_DISPATCH = DispatcherSettings(project_limits={}, lost_grace_s=0.5, backoff_initial_s=0.05, backoff_max_s=0.5)
+FAST_DISPATCH = DispatcherSettings(
+    project_limits={}, lost_grace_s=0.5, backoff_initial_s=0.05, backoff_max_s=0.5, warmup_s=0.5
+)
 
 
 @pytest.fixture

@@ -111,17 +111,20 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
         )
 
     def _heartbeat_loop(self) -> None:
-        channel = grpc.insecure_channel(self.scheduler_address)
-        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        # Several addresses (comma-separated) = every scheduler replica hears the heartbeat.
+        channels = [grpc.insecure_channel(address) for address in self.scheduler_address.split(",")]
+        stubs = [scheduler_pb2_grpc.SchedulerStub(channel) for channel in channels]
         while not self._stop.is_set():
-            try:
-                reply = stub.Heartbeat(self.heartbeat_request(), timeout=2)
-                for task_id in reply.cancel_task_ids:
-                    self._cancel(task_id)
-            except grpc.RpcError:
-                pass  # scheduler down or restarting: keep trying
+            for stub in stubs:
+                try:
+                    reply = stub.Heartbeat(self.heartbeat_request(), timeout=2)
+                    for task_id in reply.cancel_task_ids:
+                        self._cancel(task_id)
+                except grpc.RpcError:
+                    pass  # scheduler down or restarting: keep trying
             self._stop.wait(self.heartbeat_s)
-        channel.close()
+        for channel in channels:
+            channel.close()
 
     # ---- Agent service -------------------------------------------------------------------------
 

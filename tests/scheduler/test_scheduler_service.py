@@ -201,3 +201,14 @@ def test_bad_requests_get_clear_statuses_and_the_server_keeps_serving(start_sche
         ).state
         == types_pb2.TASK_STATE_QUEUED
     )
+
+
+def test_unplaceable_task_fails_with_the_reason_after_warmup(start_scheduler, start_agent, client) -> None:  # type: ignore[no-untyped-def]
+    app = start_scheduler()
+    start_agent(app.port, "onprem-1", "onprem-a", "private")
+    stub = client(app.port)
+    wait_for(lambda: len(app.registry.agents()) == 1, 5, what="agent heartbeat")
+    reply = stub.SubmitTask(scheduler_pb2.SubmitTaskRequest(task=task(types_pb2.SENSITIVITY_PUBLIC)))
+    events = watch_until_terminal(stub, reply.task_id)  # public work may only use cloud-*: none exists
+    assert events[-1].state == types_pb2.TASK_STATE_FAILED
+    assert "rejected by placement" in events[-1].reason and "public-cloud" in events[-1].reason

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from facefleet.v1 import types_pb2
 from scheduler import metrics
 from scheduler.group_commit import GroupCommitter
-from scheduler.store import IllegalTransition, NewTask, Step, TaskStore, UnknownTask, transitions
+from scheduler.store import IllegalTransition, NewTask, Placement, Step, TaskStore, UnknownTask, transitions
 from scheduler.task_states import ALL_STATES, ALLOWED_FROM, is_legal
 
 
@@ -66,6 +66,17 @@ def test_lifecycle_records_every_transition(store: TaskStore) -> None:
         ("dispatched", "running"),
         ("running", "succeeded"),
     ]
+
+
+def test_placement_is_kept_for_explain(store: TaskStore) -> None:
+    task_id = submit(store)
+    decision = types_pb2.PlacementDecision(pool="onprem-a", rule="r1", reason="fits")
+    placement = Placement("onprem-a", "r1", {"outcome": "dispatch", "reason": "fits"}, decision.SerializeToString())
+    assert store.transition(task_id, "placed", "placed", time.time(), placement=placement)
+    record = store.get(task_id)
+    assert record.placement == {"outcome": "dispatch", "reason": "fits"}
+    assert record.placement_decision() == decision
+    assert (record.pool, record.rule) == ("onprem-a", "r1")
 
 
 def test_illegal_transitions_are_refused(store: TaskStore) -> None:

@@ -1,0 +1,408 @@
+"""`facefleet up`: the whole system on one machine, on the embedded defaults.
+
+It lays out a working directory (local CA, a copy of the default policies, sample inputs made
+from a public-domain NASA portrait), starts a scheduler and two agents as real processes — an
+on-prem pool (trust zone private) and a local pool marked as cloud — locks a project as
+compliance would, submits a small workload over mTLS, follows it live and prints what went where
+and why. Everything it starts it stops again, unless `--keep-running`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import grpc
+import numpy as np
+
+from facefleet.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
+
+ASSETS = Path(__file__).resolve().parent / "demo_assets"
+REPO_POLICIES = Path(__file__).resolve().parent.parent / "policies" / "default"
+TERMINAL = {types_pb2.TASK_STATE_SUCCEEDED, types_pb2.TASK_STATE_FAILED, types_pb2.TASK_STATE_CANCELLED}
+ONPREM_POOL, CLOUD_POOL, CLOUD_PRICE = "onprem-local", "cloud-local", 0.35
+LOCKED_PROJECT = "film-x"
+
+
+class DemoError(RuntimeError):
+    """Something the user can act on went wrong while bringing the demo up."""
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    name: str
+    project: str
+    sensitivity: str
+    priority: str
+    target: str
+
+    def to_proto(self, layout: DemoLayout) -> types_pb2.Task:
+        return types_pb2.Task(
+            project=self.project,
+            sensitivity=types_pb2.Sensitivity.Value(f"SENSITIVITY_{self.sensitivity.upper()}"),
+            priority=types_pb2.Priority.Value(f"PRIORITY_{self.priority.upper()}"),
+            sla_seconds=600,
+            frames=1,
+            source_uri=(layout.inputs / "source-face.jpg").resolve().as_uri(),
+            target_uri=(layout.inputs / self.target).resolve().as_uri(),
+            output_uri=(layout.outputs / f"{self.name}.jpg").resolve().as_uri(),
+            options=types_pb2.PipelineOptions(face_selector="largest", mask="ellipse", blend=1.0),
+            labels={"demo": self.name},
+        )
+
+
+# The sample workload: a private task, a locked-project task, and a burst of public urgent work
+# bigger than the one on-prem slot, so the promo rule bursts part of it to the cloud-zone pool.
+WORKLOAD = (
+    DemoTask("hr-private-1", "hr-onboarding", "private", "normal", "target-1.jpg"),
+    DemoTask("film-x-locked", LOCKED_PROJECT, "public", "urgent", "target-2.jpg"),
+    *(DemoTask(f"promo-burst-{i}", "promo-spring", "public", "urgent", f"target-{i % 4 + 1}.jpg") for i in range(1, 5)),
+    DemoTask("hr-private-2", "hr-onboarding", "private", "high", "target-3.jpg"),
+)
+
+
+@dataclass
+class DemoLayout:
+    root: Path
+
+    @property
+    def certs(self) -> Path:
+        return self.root / "certs"
+
+    @property
+    def policies(self) -> Path:
+        return self.root / "policies"
+
+    @property
+    def inputs(self) -> Path:
+        return self.root / "inputs"
+
+    @property
+    def outputs(self) -> Path:
+        return self.root / "outputs"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "facefleet.toml"
+
+    @property
+    def audit(self) -> Path:
+        return self.root / "audit.jsonl"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+
+@dataclass
+class RunningStack:
+    layout: DemoLayout
+    scheduler_address: str
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for name, process in self.processes.items():
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5)
+                print(f"warning: {name} did not stop on SIGTERM and was killed", file=sys.stderr)
+
+    def check_alive(self) -> None:
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                log = self.layout.logs / f"{name}.log"
+                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                raise DemoError(f"{name} exited with code {process.returncode}; last log lines:\n{tail}")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def prepare(root: Path, fresh: bool = True) -> DemoLayout:
+    """Create the working directory: certificates, policies, inputs, models, config."""
+    from facefleet.security.certs import init_demo_pki
+
+    layout = DemoLayout(root.resolve())
+    if fresh and layout.root.exists():
+        shutil.rmtree(layout.root)
+    for directory in (layout.root, layout.inputs, layout.outputs, layout.models, layout.logs):
+        directory.mkdir(parents=True, exist_ok=True)
+    init_demo_pki(layout.certs, force=True)
+    shutil.copytree(REPO_POLICIES, layout.policies, dirs_exist_ok=True, ignore=shutil.ignore_patterns("tests"))
+    # Compliance locks the demo project live (audited); start with no locks on file.
+    (layout.policies / "locks.yaml").write_text("locks: []\n")
+    (layout.models / "manifest.toml").write_text(
+        "# No verified ONNX models here: agents run the classical (no-weights) engine.\n"
+        "# See models/manifest.toml in the repository for the production ONNX entries.\n"
+    )
+    make_sample_inputs(layout.inputs)
+    layout.config.write_text(render_config(layout, scheduler_port=free_port()))
+    return layout
+
+
+def make_sample_inputs(directory: Path) -> None:
+    """A source face and four targets, all derived from the public-domain astronaut portrait."""
+    portrait = cv2.imread(str(ASSETS / "astronaut.jpg"))
+    if portrait is None:
+        raise DemoError(f"demo asset {ASSETS / 'astronaut.jpg'} is missing or unreadable; reinstall facefleet")
+    # The "other person": mirrored, warmer and brighter, so the swap is visible.
+    source = cv2.flip(portrait, 1).astype(np.float32)
+    source[..., 2] = np.clip(source[..., 2] * 1.18 + 12, 0, 255)
+    source[..., 0] = np.clip(source[..., 0] * 0.85, 0, 255)
+    cv2.imwrite(str(directory / "source-face.jpg"), source.astype(np.uint8))
+    variants = {
+        "target-1.jpg": portrait,
+        "target-2.jpg": cv2.convertScaleAbs(portrait, alpha=0.9, beta=-10),
+        "target-3.jpg": cv2.GaussianBlur(portrait, (3, 3), 0),
+        "target-4.jpg": cv2.convertScaleAbs(portrait, alpha=1.1, beta=5),
+    }
+    for name, image in variants.items():
+        cv2.imwrite(str(directory / name), image)
+
+
+def render_config(layout: DemoLayout, scheduler_port: int) -> str:
+    root = layout.root
+    return f"""# facefleet demo configuration (written by `facefleet up`)
+log_format = "json"
+
+[tls]
+dir = "{layout.certs}"
+
+[policy]
+source = "file"
+dir = "{layout.policies}"
+
+[scheduler]
+listen = "127.0.0.1:{scheduler_port}"
+store_url = "sqlite:///{root / 'facefleet.db'}"
+metrics_port = 0
+heartbeat_timeout_s = 6.0
+lost_grace_s = 6.0
+
+[[scheduler.pools]]
+name = "{ONPREM_POOL}"
+provider = "onprem"
+trust_zone = "private"
+region = "dc1"
+sec_per_frame = 0.5
+
+[[scheduler.pools]]
+name = "{CLOUD_POOL}"
+provider = "local"
+trust_zone = "cloud"
+region = "local"
+instance_type = "demo.gpu"
+spot = true
+price_per_hour = {CLOUD_PRICE}
+sec_per_frame = 0.5
+
+[agent]
+heartbeat_interval_s = 1.0
+checkpoint_root = "{root / 'checkpoints'}"
+allowed_roots = ["{layout.inputs}", "{layout.outputs}"]
+
+[residency]
+private_storage_prefixes = ["{layout.root.as_uri()}/"]
+
+[audit]
+path = "{layout.audit}"
+"""
+
+
+def _spawn(layout: DemoLayout, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    log = (layout.logs / f"{name}.log").open("wb")
+    env = {**os.environ, "FACEFLEET_CONFIG": str(layout.config), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "facefleet", *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=layout.root,
+        start_new_session=True,  # Ctrl-C reaches only the demo, which then stops these cleanly
+    )
+
+
+def start_stack(layout: DemoLayout) -> RunningStack:
+    from facefleet.config import load_settings
+
+    settings = load_settings(layout.config)
+    address = settings.scheduler.listen
+    stack = RunningStack(layout, address)
+    stack.processes["scheduler"] = _spawn(layout, "scheduler", ["scheduler", "run", "--config", str(layout.config)])
+    wait_for_health(stack, address, "scheduler", timeout_s=60)
+    for name, pool, zone, provider, slots in (
+        ("agent-onprem", ONPREM_POOL, "private", "onprem", 1),
+        ("agent-cloud", CLOUD_POOL, "cloud", "local", 2),
+    ):
+        stack.processes[name] = _spawn(
+            layout,
+            name,
+            [
+                "agent", "run", "--config", str(layout.config), "--pool", pool, "--trust-zone", zone,
+                "--provider", provider, "--scheduler", address, "--models", str(layout.models),
+                "--listen", f"127.0.0.1:{free_port()}", "--slots", str(slots), "--metrics-port", "0",
+                "--tls-dir", str(layout.certs), "--work-dir", str(layout.root / "work" / name),
+                "--allowed-root", str(layout.inputs), "--allowed-root", str(layout.outputs),
+            ],
+        )  # fmt: skip
+    return stack
+
+
+@contextmanager
+def client_channel(layout: DemoLayout, address: str, identity: str) -> Iterator[grpc.Channel]:
+    from facefleet.config import load_settings
+    from facefleet.security.tls import secure_channel
+
+    settings = load_settings(layout.config)
+    channel = secure_channel(address, settings.tls, identity, insecure=False)
+    try:
+        yield channel
+    finally:
+        channel.close()
+
+
+def wait_for_health(stack: RunningStack, address: str, name: str, timeout_s: float) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    last_error = ""
+    while time.monotonic() < deadline:
+        stack.check_alive()
+        try:
+            with client_channel(stack.layout, address, "operator") as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.RpcError as error:
+            last_error = str(error.details() if isinstance(error, grpc.Call) else error)
+        time.sleep(0.3)
+    raise DemoError(f"{name} at {address} did not become healthy within {timeout_s:.0f} s: {last_error}")
+
+
+def wait_for_pools(stack: RunningStack, timeout_s: float = 60) -> None:
+    """Until a dry-run placement sees capacity in both pools (both agents have heartbeated)."""
+    probe = types_pb2.Task(
+        project="demo-probe",
+        sensitivity=types_pb2.SENSITIVITY_PUBLIC,
+        priority=types_pb2.PRIORITY_URGENT,
+        frames=1,
+        source_uri="file:///probe.jpg",
+        target_uri="file:///probe.jpg",
+    )
+    deadline = time.monotonic() + timeout_s
+    live: set[str] = set()
+    with client_channel(stack.layout, stack.scheduler_address, "operator") as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        while time.monotonic() < deadline:
+            stack.check_alive()
+            decision = stub.Explain(scheduler_pb2.ExplainRequest(task=probe), timeout=5)
+            # Filters run in order; a pool dropped after `capacity` has live agents with free slots.
+            live = {c.pool for c in decision.candidates if c.feasible or c.failed_filter not in ("health", "capacity")}
+            if {ONPREM_POOL, CLOUD_POOL} <= live:
+                return
+            time.sleep(0.5)
+    raise DemoError(f"agents did not register with the scheduler within {timeout_s:.0f} s (pools live: {live})")
+
+
+def lock_project(stack: RunningStack, project: str, reason: str) -> None:
+    with client_channel(stack.layout, stack.scheduler_address, "compliance") as channel:
+        admin_pb2_grpc.AdminStub(channel).LockProject(
+            admin_pb2.LockProjectRequest(project=project, reason=reason), timeout=10
+        )
+
+
+def submit_workload(stack: RunningStack) -> dict[str, str]:
+    """Submit every demo task (idempotent keys, so a retry never duplicates); name → task id."""
+    ids: dict[str, str] = {}
+    with client_channel(stack.layout, stack.scheduler_address, "submitter") as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        for task in WORKLOAD:
+            reply = stub.SubmitTask(
+                scheduler_pb2.SubmitTaskRequest(task=task.to_proto(stack.layout), idempotency_key=f"demo-{task.name}"),
+                timeout=10,
+            )
+            ids[task.name] = reply.task_id
+    return ids
+
+
+def follow(
+    stack: RunningStack,
+    ids: dict[str, str],
+    render: Callable[[dict[str, scheduler_pb2.TaskStatus]], None],
+    timeout_s: float = 180,
+) -> dict[str, scheduler_pb2.TaskStatus]:
+    statuses: dict[str, scheduler_pb2.TaskStatus] = {}
+    deadline = time.monotonic() + timeout_s
+    with client_channel(stack.layout, stack.scheduler_address, "operator") as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        while True:
+            stack.check_alive()
+            for name, task_id in ids.items():
+                statuses[name] = stub.GetTask(scheduler_pb2.GetTaskRequest(task_id=task_id), timeout=10)
+            render(statuses)
+            if all(s.state in TERMINAL for s in statuses.values()):
+                return statuses
+            if time.monotonic() > deadline:
+                raise DemoError(f"the workload did not finish within {timeout_s:.0f} s; see logs in {stack.layout.logs}")
+            time.sleep(0.5)
+
+
+def summary_rows(layout: DemoLayout, statuses: dict[str, scheduler_pb2.TaskStatus]) -> list[dict[str, Any]]:
+    rows = []
+    for task in WORKLOAD:
+        status = statuses[task.name]
+        quality = status.last_progress.quality
+        output = layout.outputs / f"{task.name}.jpg"
+        rows.append(
+            {
+                "task": task.name,
+                "id": status.task.id,
+                "project": task.project,
+                "sensitivity": task.sensitivity,
+                "state": types_pb2.TaskState.Name(status.state).removeprefix("TASK_STATE_").lower(),
+                "pool": status.pool,
+                "rule": status.rule,
+                "why": status.placement.reason,
+                "output": str(output) if output.exists() else "",
+                "id_similarity": round(quality.id_similarity_mean, 3) if quality.faces_swapped else None,
+                "engine": status.last_progress.engine,
+            }
+        )
+    return rows
+
+
+def check_demo_promises(rows: list[dict[str, Any]]) -> list[str]:
+    """What the demo must show; each broken promise is returned as a sentence."""
+    problems = []
+    for row in rows:
+        if row["state"] != "succeeded":
+            problems.append(f"{row['task']} ended {row['state']}")
+        private = row["sensitivity"] == "private" or row["project"] == LOCKED_PROJECT
+        if private and row["pool"] != ONPREM_POOL:
+            problems.append(f"RESIDENCY: {row['task']} ran on {row['pool']}")
+    if not any(r["pool"] == CLOUD_POOL for r in rows):
+        problems.append("no public task burst to the cloud-zone pool")
+    return problems

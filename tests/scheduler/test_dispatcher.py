@@ -1,0 +1,120 @@
+"""Dispatcher rules that placement alone cannot prove: the residency re-check before the RPC and
+per-project limits. A deliberately wrong placer stands in for a placement bug."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from facefleet.v1 import scheduler_pb2, types_pb2
+from scheduler.capacity import AgentRegistry
+from scheduler.dispatcher import Dispatcher, DispatcherSettings
+from scheduler.placement.model import Decision, PoolState, World
+from scheduler.placement_gateway import PlacementResult
+from scheduler.store import NewTask, TaskStore
+
+
+class FixedPlacer:
+    """Always answers `dispatch` to one pool, whatever the task (a buggy placement)."""
+
+    def __init__(self, pool: str, trust_zone: str) -> None:
+        self.pool = pool
+        self.trust_zone = trust_zone
+
+    def world(self, now: float) -> tuple[Any, World]:
+        pool = PoolState(name=self.pool, provider="aws", trust_zone=self.trust_zone, free_slots=8)
+        return None, World(pools=(pool,), budgets={}, locks={})
+
+    def decide(self, task: types_pb2.Task, now: float, snapshot: Any = None) -> PlacementResult:
+        decision = Decision("dispatch", self.pool, "buggy", "always here", (), None)
+        return PlacementResult(
+            outcome="dispatch",
+            pool=self.pool,
+            rule="buggy",
+            reason="always here",
+            summary=decision.to_dict(),
+            proto=types_pb2.PlacementDecision(pool=self.pool, rule="buggy"),
+            pool_trust_zone=self.trust_zone,
+            project_locked=task.project == "locked-proj",
+            decision=decision,
+        )
+
+
+def register(registry: AgentRegistry, agent_id: str, pool: str, zone: str, slots: int = 8) -> None:
+    registry.record_heartbeat(
+        scheduler_pb2.HeartbeatRequest(
+            agent_id=agent_id,
+            address="127.0.0.1:9",
+            pool=pool,
+            trust_zone=zone,
+            provider="aws",
+            total_slots=slots,
+            free_slots=slots,
+            healthy=True,
+        ),
+        time.time(),
+    )
+
+
+def submit(store: TaskStore, project: str, sensitivity: int) -> str:
+    task = types_pb2.Task(
+        project=project,
+        sensitivity=sensitivity,
+        priority=types_pb2.PRIORITY_NORMAL,
+        frames=1,  # type: ignore[arg-type]
+        source_uri="file:///a.jpg",
+        target_uri="file:///b.jpg",
+    )
+    return store.insert_batch([NewTask(task, "")], time.time())[0].task_id
+
+
+def test_residency_recheck_refuses_private_and_locked_work_on_a_cloud_pool(tmp_path: Path) -> None:
+    store = TaskStore(f"sqlite:///{tmp_path}/d.db")
+    registry = AgentRegistry(heartbeat_timeout_s=30)
+    register(registry, "cloud-1", "cloud-b", "cloud")
+    audits: list[tuple[str, dict[str, Any]]] = []
+    dispatcher = Dispatcher(
+        store,
+        FixedPlacer("cloud-b", "cloud"),
+        registry,
+        DispatcherSettings(project_limits={}, warmup_s=0),
+        audit=lambda kind, details: audits.append((kind, details)),
+    )
+    private = submit(store, "films", types_pb2.SENSITIVITY_PRIVATE)
+    locked = submit(store, "locked-proj", types_pb2.SENSITIVITY_PUBLIC)
+    public = submit(store, "promo", types_pb2.SENSITIVITY_PUBLIC)
+    try:
+        assert dispatcher.step() == 1  # only the public task is sent
+        for task_id in (private, locked):
+            record = store.get(task_id)
+            assert record.state == "failed" and record.agent_id is None
+            assert record.last_reason.startswith("RESIDENCY_VIOLATION")
+        assert {details["task_id"] for kind, details in audits if kind == "residency_refused"} == {private, locked}
+        assert store.get(public).state in ("dispatched", "queued")  # sent (the fake address then fails)
+    finally:
+        dispatcher.stop()
+        store.close()
+
+
+def test_project_limit_caps_tasks_in_flight(tmp_path: Path) -> None:
+    store = TaskStore(f"sqlite:///{tmp_path}/d.db")
+    registry = AgentRegistry(heartbeat_timeout_s=30)
+    register(registry, "onprem-1", "onprem-a", "private", slots=10)
+    dispatcher = Dispatcher(
+        store,
+        FixedPlacer("onprem-a", "private"),
+        registry,
+        DispatcherSettings(project_limits={"busy": 2, "*": 5}, warmup_s=0, backoff_initial_s=60),
+    )
+    busy = [submit(store, "busy", types_pb2.SENSITIVITY_PRIVATE) for _ in range(4)]
+    other = [submit(store, "other", types_pb2.SENSITIVITY_PRIVATE) for _ in range(2)]
+    try:
+        dispatcher.dispatch_pass(time.time())
+        # (the fake agent address then fails and re-queues them: look at what was dispatched)
+        dispatched = {t for t in busy + other if any(x.to_state == "dispatched" for x in store.transitions_of(t))}
+        assert len(dispatched & set(busy)) == 2
+        assert set(other) <= dispatched
+    finally:
+        dispatcher.stop()
+        store.close()
