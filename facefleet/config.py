@@ -9,6 +9,7 @@ Each section belongs to one concern; add fields to your own section only.
 from __future__ import annotations
 
 import os
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +18,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 CONFIG_ENV = "FACEFLEET_CONFIG"
 DEFAULT_CONFIG_FILE = Path("facefleet.toml")
+_CONFIG_PATH: ContextVar[Path | None] = ContextVar("facefleet_config_path", default=None)
 
 
 class Section(BaseModel):
@@ -177,14 +179,16 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        path = Path(os.environ.get(CONFIG_ENV, DEFAULT_CONFIG_FILE))
+        path = _CONFIG_PATH.get() or Path(os.environ.get(CONFIG_ENV, DEFAULT_CONFIG_FILE))
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=path))
 
 
 def load_settings(path: Path | None = None, **overrides: object) -> Settings:
     """Load settings from `path` (or $FACEFLEET_CONFIG, or ./facefleet.toml when present)."""
-    if path is not None:
-        if not path.exists():
-            raise FileNotFoundError(f"config file {path} does not exist; create it or drop --config")
-        os.environ[CONFIG_ENV] = str(path)
-    return Settings(**overrides)  # type: ignore[arg-type]
+    if path is not None and not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist; create it or drop --config")
+    token = _CONFIG_PATH.set(path)
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    finally:
+        _CONFIG_PATH.reset(token)

@@ -50,8 +50,8 @@ class DemoTask:
     def to_proto(self, layout: DemoLayout) -> types_pb2.Task:
         return types_pb2.Task(
             project=self.project,
-            sensitivity=types_pb2.Sensitivity.Value(f"SENSITIVITY_{self.sensitivity.upper()}"),
-            priority=types_pb2.Priority.Value(f"PRIORITY_{self.priority.upper()}"),
+            sensitivity=f"SENSITIVITY_{self.sensitivity.upper()}",
+            priority=f"PRIORITY_{self.priority.upper()}",
             sla_seconds=600,
             frames=1,
             source_uri=(layout.inputs / "source-face.jpg").resolve().as_uri(),
@@ -197,7 +197,7 @@ dir = "{layout.policies}"
 
 [scheduler]
 listen = "127.0.0.1:{scheduler_port}"
-store_url = "sqlite:///{root / 'facefleet.db'}"
+store_url = "sqlite:///{root / "facefleet.db"}"
 metrics_port = 0
 heartbeat_timeout_s = 6.0
 lost_grace_s = 6.0
@@ -221,7 +221,7 @@ sec_per_frame = 0.5
 
 [agent]
 heartbeat_interval_s = 1.0
-checkpoint_root = "{root / 'checkpoints'}"
+checkpoint_root = "{root / "checkpoints"}"
 allowed_roots = ["{layout.inputs}", "{layout.outputs}"]
 
 [residency]
@@ -366,7 +366,9 @@ def follow(
             if all(s.state in TERMINAL for s in statuses.values()):
                 return statuses
             if time.monotonic() > deadline:
-                raise DemoError(f"the workload did not finish within {timeout_s:.0f} s; see logs in {stack.layout.logs}")
+                raise DemoError(
+                    f"the workload did not finish within {timeout_s:.0f} s; see logs in {stack.layout.logs}"
+                )
             time.sleep(0.5)
 
 

@@ -4,8 +4,31 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import structlog
+
+
+class StderrLogger:
+    """Writes each rendered event to whatever `sys.stderr` is at that moment.
+
+    Resolving the stream per call (rather than binding it at configuration time) keeps logging
+    working when the stream is swapped, as test runners and daemonising wrappers do.
+    """
+
+    def msg(self, message: str) -> None:
+        stream = sys.stderr
+        try:
+            stream.write(message + "\n")
+            stream.flush()
+        except (ValueError, OSError):  # closed or broken stream: logging must never take a server down
+            pass
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
+
+
+def _stderr_logger_factory(*_args: Any) -> StderrLogger:
+    return StderrLogger()
 
 
 def configure_logging(level: str = "info", fmt: str = "json") -> None:
@@ -21,6 +44,6 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger_factory,
         cache_logger_on_first_use=False,
     )

@@ -29,6 +29,7 @@ def register(app: typer.Typer) -> None:
         everywhere). Exits 0 when every promise held: private and locked work on-prem, public
         urgent work burst to the cloud-zone pool, every task succeeded.
         """
+        import grpc
         from rich.live import Live
 
         from facefleet import demo
@@ -52,9 +53,7 @@ def register(app: typer.Typer) -> None:
             console.print(f"compliance locked project [bold]{demo.LOCKED_PROJECT}[/] on-prem (audited)")
             ids = demo.submit_workload(stack)
             with Live(console=console, refresh_per_second=4, transient=json_output) as live:
-                statuses = demo.follow(
-                    stack, ids, lambda s: live.update(_progress_table(demo, s)), timeout_s=timeout
-                )
+                statuses = demo.follow(stack, ids, lambda s: live.update(_progress_table(demo, s)), timeout_s=timeout)
             rows = demo.summary_rows(layout, statuses)
             problems = demo.check_demo_promises(rows)
             audit_summary = _audit_summary(layout)
@@ -78,6 +77,9 @@ def register(app: typer.Typer) -> None:
                 fail("the demo did not keep its promises: " + "; ".join(problems), hint=f"logs: {layout.logs}")
         except demo.DemoError as error:
             fail(str(error), hint=f"process logs are in {layout.logs}")
+        except grpc.RpcError as error:
+            details = error.details() if isinstance(error, grpc.Call) else str(error)
+            fail(f"the scheduler refused a demo call: {details}", hint=f"process logs are in {layout.logs}")
         finally:
             if stack is not None:
                 with console.status("stopping scheduler and agents..."):

@@ -41,6 +41,40 @@ def _load_world(path: Path, budgets: dict[str, Budget], locks: dict[str, str]) -
         fail(str(exc), "see docs/policy.md#world-snapshots for the format")
 
 
+def _explain_recorded(
+    task_id: str, scheduler: str | None, insecure: bool, identity: str, config: Path | None, as_json: bool
+) -> None:
+    """Fetch the stored decision of a submitted task from the scheduler and render it."""
+    import grpc
+
+    from facefleet.config import load_settings
+    from facefleet.security.tls import TLSMaterialError, secure_channel
+    from facefleet.v1 import scheduler_pb2, scheduler_pb2_grpc
+    from scheduler.placement.proto_codec import decision_from_proto, task_spec_from_proto
+
+    try:
+        settings = load_settings(config)
+        channel = secure_channel(
+            scheduler or settings.scheduler.listen, settings.tls, identity, insecure=insecure or None
+        )
+    except (TLSMaterialError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc), "pass --config of the running stack, or --insecure against a development scheduler")
+    with channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        try:
+            status = stub.GetTask(scheduler_pb2.GetTaskRequest(task_id=task_id), timeout=10)
+            recorded = stub.Explain(scheduler_pb2.ExplainRequest(task_id=task_id), timeout=10)
+        except grpc.RpcError as exc:
+            details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            fail(f"scheduler refused: {details}", "list task ids with `facefleet tasks`")
+    task = task_spec_from_proto(status.task)
+    decision = decision_from_proto(recorded)
+    if as_json:
+        print_json(decision_dict(task, decision))
+    else:
+        console.print(render_decision(task, decision))
+
+
 def _load_tasks(path: Path) -> list[TaskSpec]:
     try:
         data = yaml.safe_load(path.read_text())
@@ -59,12 +93,31 @@ def _load_tasks(path: Path) -> list[TaskSpec]:
 def register(app: typer.Typer) -> None:
     @app.command("explain")
     def explain_cmd(
-        task_file: Path = typer.Argument(..., help="YAML with one task or a list of tasks."),
+        task_file: Path | None = typer.Argument(None, help="YAML with one task or a list of tasks."),
         policy: Path | None = POLICY_OPTION,
-        world: Path = WORLD_OPTION,
+        world: Path | None = typer.Option(None, "--world", help="World snapshot YAML (pools, budgets, locks)."),
+        task_id: str | None = typer.Option(
+            None, "--task-id", help="Explain a submitted task's recorded placement (asks the scheduler)."
+        ),
+        scheduler: str | None = typer.Option(None, "--scheduler", help="Scheduler host:port for --task-id."),
+        insecure: bool = typer.Option(False, "--insecure", help="Plaintext gRPC to the scheduler (development)."),
+        identity: str = typer.Option("operator", "--as", help="Client certificate name in the TLS dir."),
+        config: Path | None = typer.Option(None, "--config", help="facefleet.toml to read."),
         as_json: bool = JSON_OPTION,
     ) -> None:
-        """Show where a task would go and why: the matched rule, every pool, the filter that dropped it."""
+        """Show where a task would go (TASK.yaml offline) or went (--task-id, live) and why.
+
+        The matched rule, every candidate pool, the filter that dropped it with the compared
+        values, and the scores.
+        """
+        if task_id:
+            _explain_recorded(task_id, scheduler, insecure, identity, config, as_json)
+            return
+        if task_file is None or world is None:
+            fail(
+                "give TASK.yaml with --world (offline), or --task-id ID (a submitted task)",
+                "e.g. facefleet explain task.yaml --policy policies/default --world policies/default/world.yaml",
+            )
         ruleset, budgets, locks = _load_policy(policy)
         snapshot = _load_world(world, budgets, locks)
         tasks = _load_tasks(task_file)
