@@ -102,3 +102,51 @@ class HeartbeatLoop:
             with contextlib.suppress(Exception):  # RetryError when stopping mid-backoff: nothing to do
                 retrying(self.beat_once)
             self._stop.wait(self.interval_s)
+
+
+class DrainVotes:
+    """Heartbeats to several scheduler replicas (each keeps its own live registry): the agent drains
+    while any replica's last reply said so. `voter(i)` is the HeartbeatSource for loop number i."""
+
+    def __init__(self, source: HeartbeatSource, replicas: int) -> None:
+        self._source = source
+        self._votes = [False] * replicas
+        self._lock = threading.Lock()
+
+    def voter(self, index: int) -> HeartbeatSource:
+        return _DrainVoter(self, index)
+
+    def vote(self, index: int, draining: bool) -> None:
+        with self._lock:
+            self._votes[index] = draining
+            combined = any(self._votes)
+        self._source.set_draining(combined)
+
+    @property
+    def source(self) -> HeartbeatSource:
+        return self._source
+
+
+class _DrainVoter:
+    def __init__(self, votes: DrainVotes, index: int) -> None:
+        self._votes = votes
+        self._index = index
+
+    def heartbeat_request(self) -> scheduler_pb2.HeartbeatRequest:
+        return self._votes.source.heartbeat_request()
+
+    def set_draining(self, draining: bool) -> None:
+        self._votes.vote(self._index, draining)
+
+    def cancel(self, task_id: str, reason: str) -> bool:
+        return self._votes.source.cancel(task_id, reason)
+
+
+def heartbeat_loops(
+    source: HeartbeatSource, channel_factories: list[Callable[[], grpc.Channel]], interval_s: float
+) -> list[HeartbeatLoop]:
+    """One loop per scheduler replica; a single replica needs no vote."""
+    if len(channel_factories) == 1:
+        return [HeartbeatLoop(source, channel_factories[0], interval_s)]
+    votes = DrainVotes(source, len(channel_factories))
+    return [HeartbeatLoop(votes.voter(i), factory, interval_s) for i, factory in enumerate(channel_factories)]

@@ -30,7 +30,7 @@ from prometheus_client import start_http_server
 
 from agent import metrics
 from agent.gpu_stats import GpuProbe
-from agent.heartbeat import HeartbeatLoop
+from agent.heartbeat import HeartbeatLoop, heartbeat_loops
 from agent.inputs import InputRejected, InputResolver
 from facefleet.config import AgentConfig
 from facefleet.grpc_server import SERVICE_NAMES, ServerHandle, build_server
@@ -677,9 +677,11 @@ class AgentHandle:
     runtime: AgentRuntime
     grpc: ServerHandle
     metrics_port: int
-    heartbeat: HeartbeatLoop | None
+    heartbeat: HeartbeatLoop | None  # to the first scheduler; `heartbeats` has one per replica
     _metrics_server: Any
     _stop_sampler: threading.Event
+    heartbeats: list[HeartbeatLoop] = field(default_factory=list)
+    interruption: Any = None  # scheduler.cloud.interruption.InterruptionMonitor on cloud agents
 
     @property
     def port(self) -> int:
@@ -687,8 +689,10 @@ class AgentHandle:
 
     def stop(self, grace: float | None = 1.0) -> None:
         self._stop_sampler.set()
-        if self.heartbeat is not None:
-            self.heartbeat.stop()
+        if self.interruption is not None:
+            self.interruption.stop()
+        for loop in self.heartbeats or ([self.heartbeat] if self.heartbeat is not None else []):
+            loop.stop()
         for task_id in self.runtime.running_task_ids():
             self.runtime.cancel(task_id, "agent shutting down")
         self.grpc.stop(grace)
@@ -719,14 +723,19 @@ def serve_agent(
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     *,
     scheduler_channel_factory: Callable[[], grpc.Channel] | None = None,
+    scheduler_channel_factories: Sequence[Callable[[], grpc.Channel]] = (),
+    interruption_watcher: Any = None,
+    interruption_poll_s: float = 1.0,
     pipeline: Pipeline | None = None,
     job_factory: JobFactory = default_job_factory,
     s3_client_factory: Callable[[], Any] | None = None,
     gpu_sample_interval_s: float = 5.0,
 ) -> AgentHandle:
     """Start an agent: gRPC server on `config.listen`, /metrics on `config.metrics_port` (0 = free port),
-    and heartbeats to the scheduler through `scheduler_channel_factory` (None: no heartbeats).
-    `pipeline=None` loads `SwapPipeline` from `config.models_dir`.
+    and heartbeats to the scheduler through `scheduler_channel_factory` (None: no heartbeats), or to
+    every replica in `scheduler_channel_factories`. `pipeline=None` loads `SwapPipeline` from
+    `config.models_dir`. `interruption_watcher` (scheduler.cloud.interruption, cloud agents) is polled
+    every `interruption_poll_s`; a spot notice preempts the runs (see `preempt_on_notice`).
     """
     pipeline_error: BaseException | None = None
     if pipeline is None:
@@ -776,10 +785,22 @@ def serve_agent(
             stop_sampler.wait(gpu_sample_interval_s)
 
     threading.Thread(target=sample_gpu, name="agent-gpu-sampler", daemon=True).start()
-    heartbeat = None
-    if scheduler_channel_factory is not None:
-        heartbeat = HeartbeatLoop(runtime, scheduler_channel_factory, config.heartbeat_interval_s)
-        heartbeat.start()
+    factories = [scheduler_channel_factory] if scheduler_channel_factory is not None else []
+    factories += list(scheduler_channel_factories)
+    loops = heartbeat_loops(runtime, factories, config.heartbeat_interval_s) if factories else []
+    for loop in loops:
+        loop.start()
+    heartbeat = loops[0] if loops else None
+    monitor = None
+    if interruption_watcher is not None:
+        from scheduler.cloud.interruption import InterruptionMonitor
+
+        monitor = InterruptionMonitor(
+            interruption_watcher,
+            lambda notice: preempt_on_notice(runtime, interruption_watcher, notice),
+            interruption_poll_s,
+        )
+        monitor.start()
     log.info(
         "agent_serving",
         agent_id=identity.agent_id,
@@ -790,7 +811,21 @@ def serve_agent(
         engine=pipeline.engine if pipeline is not None else None,
         pipeline_error=str(pipeline_error) if pipeline_error else None,
     )
-    return AgentHandle(runtime, server, metrics_port, heartbeat, metrics_server, stop_sampler)
+    return AgentHandle(runtime, server, metrics_port, heartbeat, metrics_server, stop_sampler, loops, monitor)
+
+
+def preempt_on_notice(runtime: AgentRuntime, watcher: Any, notice: Any, drain_timeout_s: float = 25.0) -> None:
+    """A spot interruption notice: heartbeats say `preempting`, runs stop as PREEMPTED with their
+    checkpoints (the scheduler resumes them elsewhere); then approve an Azure event so it may proceed."""
+    stopped = runtime.notice_preemption()
+    log.warning("preempting", agent_id=runtime.identity.agent_id, tasks=stopped, provider=notice.provider)
+    runtime.wait_idle(drain_timeout_s)
+    event_id = getattr(notice, "event_id", None)
+    if event_id and hasattr(watcher, "acknowledge"):
+        try:
+            watcher.acknowledge(event_id)
+        except Exception as error:  # the provider proceeds at NotBefore anyway
+            log.warning("could not acknowledge the scheduled event", event_id=event_id, error=str(error))
 
 
 class _LateServicer(agent_pb2_grpc.AgentServicer):

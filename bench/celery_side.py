@@ -157,7 +157,7 @@ def run_celery(tasks: int, workers_per_group: int, payload_bytes: int, private_s
         finished = time.time()
         latencies = []
         for raw in client.lrange(STARTS_KEY, 0, -1):
-            _, submitted_at, start = raw.decode().split()
+            _, submitted_at, start = (raw.decode() if isinstance(raw, bytes) else raw).split()
             latencies.append(float(start) - float(submitted_at))
         return {
             "tasks": tasks,

@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
@@ -18,13 +18,16 @@ from facefleet.config import Settings
 from facefleet.grpc_server import SERVICE_NAMES, ServerHandle, build_server
 from scheduler import metrics
 from scheduler.capacity import AgentRegistry, CapacityView
-from scheduler.dispatcher import AuditHook, Dispatcher, DispatcherSettings, DispatchListener
+from scheduler.dispatcher import AdmissionGate, AuditHook, Dispatcher, DispatcherSettings, DispatchListener
 from scheduler.group_commit import GroupCommitter
 from scheduler.leader import LeaderLock
 from scheduler.placement_gateway import LivePlacement, RulesSource
 from scheduler.rules_source import FileRuleSource
-from scheduler.service import SchedulerServicer, add_scheduler_service
+from scheduler.service import IntakeCheck, SchedulerServicer, add_scheduler_service
 from scheduler.store import TaskStore
+
+if TYPE_CHECKING:
+    from scheduler.cloud.wiring import CloudParts
 
 log = structlog.get_logger()
 
@@ -50,6 +53,9 @@ class SchedulerApp:
         audit: AuditHook | None = None,
         channel_for: Callable[[str], grpc.Channel] | None = None,
         dispatcher_settings: DispatcherSettings | None = None,
+        admission: AdmissionGate | None = None,
+        intake_check: IntakeCheck | None = None,
+        cloud: CloudParts | None = None,
     ) -> None:
         self.settings = settings
         config = settings.scheduler
@@ -59,7 +65,17 @@ class SchedulerApp:
         self.registry = AgentRegistry.from_config(config, heartbeat_interval_s=settings.agent.heartbeat_interval_s)
         self.capacity = CapacityView.from_config(config, self.registry)
         self.rules: Any = rules_source or FileRuleSource(settings.policy.dir)
-        self.placement = LivePlacement(self.rules, self.capacity)
+        # Ledger gate, price feeds, provisioner (scheduler.cloud.wiring.build_cloud). Placement and
+        # heartbeats read `self.cloud` on each call, so parts attached after construction work too.
+        self.cloud = cloud
+        self._budgets: tuple[str, Any] | None = None
+        self.placement = LivePlacement(
+            self.rules,
+            self.capacity,
+            spent_for=self._budget_spent,
+            pool_overlay=self._cloud_pools,
+            on_budgets=self._budgets_loaded,
+        )
         self.leader = LeaderLock.for_url(config.store_url)
         self.dispatcher = Dispatcher(
             self.store,
@@ -73,15 +89,18 @@ class SchedulerApp:
             ),
             is_leader=lambda: self.leader.is_leader,
             channel_for=channel_for,
-            listeners=listeners,
+            listeners=[*listeners, *(cloud.listeners if cloud else ())],
             audit=audit,
+            gate=cloud.gate if cloud else None,
+            admission=admission,
         )
         self.servicer = SchedulerServicer(
             self.store,
             self.committer,
             self.placement,
-            self.registry,
+            _CloudHeartbeats(self),
             cancel_hook=self._cancel_on_agent,
+            intake_check=intake_check,
         )
         self._credentials = credentials
         self._interceptors = list(interceptors)
@@ -103,6 +122,10 @@ class SchedulerApp:
         if hasattr(self.rules, "start"):
             self.rules.start()
         self.leader.start()
+        if self.cloud is not None:
+            if self._budgets is not None:
+                self.cloud.observe_budgets(*self._budgets)
+            self.cloud.start()
         self.dispatcher.start()
         self._server = build_server(
             config.listen,
@@ -136,6 +159,8 @@ class SchedulerApp:
         if self._server is not None:
             self._server.stop(grace=1.0)
         self.dispatcher.stop()
+        if self.cloud is not None:
+            self.cloud.stop()
         self.committer.close()
         self.leader.stop()
         if hasattr(self.rules, "stop"):
@@ -148,6 +173,18 @@ class SchedulerApp:
     def wait(self) -> None:
         if self._server is not None:
             self._server.server.wait_for_termination()
+
+    def _budget_spent(self, budget: str) -> float:
+        return self.cloud.budget_spent(budget) if self.cloud is not None else 0.0
+
+    def _cloud_pools(self, pools: tuple[Any, ...], now: float) -> tuple[Any, ...]:
+        overlay = self.cloud.pool_overlay if self.cloud is not None else None
+        return overlay(pools, now) if overlay is not None else pools
+
+    def _budgets_loaded(self, version: str, budgets: Any) -> None:
+        self._budgets = (version, budgets)  # replayed to cloud parts attached later, in start()
+        if self.cloud is not None:
+            self.cloud.observe_budgets(version, budgets)
 
     def _cancel_on_agent(self, task_id: str, agent_id: str | None, reason: str) -> None:
         if agent_id:
@@ -162,6 +199,21 @@ class SchedulerApp:
                 metrics.LEADER.set(1 if self.leader.is_leader else 0)
             except Exception as error:  # the store may be briefly unreachable; keep serving
                 log.warning("could not refresh queue gauges", error=str(error))
+
+
+class _CloudHeartbeats:
+    """The registry as heartbeat sink, plus the cloud side (instance registration) when attached."""
+
+    def __init__(self, app: SchedulerApp) -> None:
+        self._app = app
+
+    def record_heartbeat(self, req: Any, now: float) -> Any:
+        cloud = self._app.cloud
+        sink = cloud.heartbeat_sink(self._app.registry) if cloud is not None else self._app.registry
+        return sink.record_heartbeat(req, now)
+
+    def request_cancel(self, agent_id: str, task_id: str) -> None:
+        self._app.registry.request_cancel(agent_id, task_id)
 
 
 def _host_of(address: str) -> str:

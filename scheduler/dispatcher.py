@@ -10,6 +10,7 @@ checkpoint any agent reported. At-least-once: the agent is idempotent on the tas
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -50,7 +51,25 @@ class DispatchListener(Protocol):
     def on_finished(self, task: TaskRecord) -> None: ...
 
 
+class DispatchGate(Protocol):
+    """The last word before a launch (cloud budget reservation) and the provisioning trigger."""
+
+    def admit(self, task: TaskRecord, decision: PlacementResult, now: float) -> str: ...  # "" = go, else why not
+    def withdraw(self, task_id: str) -> None: ...  # an admitted launch that did not happen after all
+    def no_agent(self, task: TaskRecord, decision: PlacementResult, now: float) -> None: ...  # pool chosen, no agent
+
+
 AuditHook = Callable[[str, dict[str, Any]], None]
+
+
+class AdmissionGate(Protocol):
+    """Live residency check right before the RPC (scheduler.lock_enforcement.LockGate).
+
+    `admitting()` is held from the check until the agent answered (or the call failed), so a lock
+    change waits for admissions decided on the old locks and then sees them as in flight."""
+
+    def admitting(self) -> Any: ...  # context manager
+    def project_locked(self, project: str) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -103,6 +122,8 @@ class Dispatcher:
         listeners: Sequence[DispatchListener] = (),
         audit: AuditHook | None = None,
         clock: Callable[[], float] = time.time,
+        gate: DispatchGate | None = None,
+        admission: AdmissionGate | None = None,
     ) -> None:
         self.store = store
         self.placer = placer
@@ -112,6 +133,8 @@ class Dispatcher:
         self.listeners = list(listeners)
         self.audit = audit
         self.clock = clock
+        self.gate = gate
+        self.admission = admission
         self._channel_for = channel_for or _insecure_channel
         self._channels: dict[str, grpc.Channel] = {}
         self._channels_lock = threading.Lock()
@@ -260,19 +283,24 @@ class Dispatcher:
         if not self.is_leader():  # lost the lock while placing: commit nothing, release reservations
             for launch in launches:
                 self.agents.note_finished(launch.agent_id, launch.record.id)
+                if self.gate is not None:
+                    self.gate.withdraw(launch.record.id)
             return 0
         results = dict(zip([c.task_id for c in changes], self.store.apply_changes(changes, now), strict=True))
         started = 0
         for launch in launches:
             if results.get(launch.record.id) is not True:  # cancelled or taken meanwhile
                 self.agents.note_finished(launch.agent_id, launch.record.id)
+                if self.gate is not None:
+                    self.gate.withdraw(launch.record.id)
                 continue
             metrics.QUEUE_WAIT.observe(max(0.0, now - launch.record.submitted_at))
+            sent = replace(launch.record, pool=launch.result.pool, agent_id=launch.agent_id)
             for listener in self.listeners:
-                _safe(listener.on_dispatched, launch.record, launch.result)
+                _safe(listener.on_dispatched, sent, launch.result)
             self._workers.submit(
                 self._run_on_agent,
-                replace(launch.record, pool=launch.result.pool, agent_id=launch.agent_id),
+                sent,
                 launch.agent_id,
                 launch.address,
                 launch.request,
@@ -296,6 +324,7 @@ class Dispatcher:
         if result.outcome == "reject" and now - self._leader_since < self.settings.warmup_s:
             return None  # maybe only "unknown yet": agents are still re-registering with this leader
         if result.outcome == "reject":
+            self._audit_placement(record, result)
             return Change(
                 record.id, (Step(FAILED, f"rejected by placement: {result.reason}", placement=placement),), QUEUED
             )
@@ -304,7 +333,10 @@ class Dispatcher:
             violation = residency_violation(task, None, result.pool_trust_zone, result.project_locked)
         if violation:
             if self.audit is not None:
-                self.audit("residency_refused", {"task_id": record.id, "pool": result.pool, "detail": violation})
+                self.audit(
+                    "residency_refused",
+                    {"task_id": record.id, "project": record.project, "pool": result.pool, "detail": violation},
+                )
             log.error("residency re-check refused a dispatch", task_id=record.id, pool=result.pool, detail=violation)
             return Change(record.id, (Step(FAILED, f"RESIDENCY_VIOLATION: {violation}", placement=placement),), QUEUED)
         agent = None
@@ -312,9 +344,18 @@ class Dispatcher:
             agent = self.agents.reserve(result.pool, record.id, now)
             if agent is None:
                 full_pools.add(result.pool)
+        if agent is not None and self.gate is not None:
+            refusal = self.gate.admit(record, result, now)
+            if refusal:  # e.g. the budget reservation did not fit: stay queued, free the slot
+                self.agents.note_finished(agent.agent_id, record.id)
+                return _kept_queued(placement, refusal, record)
+        if agent is None and result.outcome == "dispatch" and self.gate is not None:
+            self.gate.no_agent(record, result, now)
         if agent is None:
             previous = record.placement or {}
             new_decision = (previous.get("outcome"), previous.get("reason")) != (result.outcome, result.reason)
+            if new_decision:
+                self._audit_placement(record, result)
             return placement if new_decision else None
         request = agent_pb2.RunTaskRequest(
             task=task,
@@ -333,11 +374,45 @@ class Dispatcher:
         )
         return _Launch(record, result, agent.agent_id, agent.address, request, change)
 
+    def _audit_placement(self, record: TaskRecord, result: PlacementResult) -> None:
+        if self.audit is not None:
+            _safe(
+                self.audit,
+                "placement",
+                {
+                    "task_id": record.id,
+                    "project": record.project,
+                    "rule": result.rule,
+                    "pool": result.pool,
+                    "trust_zone": result.pool_trust_zone,
+                    "outcome": result.outcome,
+                },
+            )
+
+    def _lock_race_refusal(self, record: TaskRecord, agent_id: str, request: agent_pb2.RunTaskRequest) -> str:
+        """Re-read the project locks now (the pass used a snapshot): "" when the RPC may go."""
+        assert self.admission is not None
+        request.project_locked = request.project_locked or self.admission.project_locked(record.project)
+        zone = getattr(self.agents.get(agent_id), "trust_zone", "") or "unknown"
+        return residency_violation(request.task, None, zone, request.project_locked)
+
     def _run_on_agent(
         self, record: TaskRecord, agent_id: str, address: str, request: agent_pb2.RunTaskRequest, placed_at: float
     ) -> None:
         task_id = record.id
+        admitting = self.admission.admitting() if self.admission is not None else contextlib.nullcontext()
+        admitting.__enter__()
+        held = True
         try:
+            if self.admission is not None and (violation := self._lock_race_refusal(record, agent_id, request)):
+                if self.audit is not None:
+                    _safe(
+                        self.audit,
+                        "residency_refused",
+                        {"task_id": task_id, "project": record.project, "pool": record.pool, "detail": violation},
+                    )
+                self._requeue(self.store.get(task_id), f"re-placing: {violation}", "residency", self.clock(), agent_id)
+                return
             stub = agent_pb2_grpc.AgentStub(self._channel(address))
             call = stub.RunTask(request, wait_for_ready=False)
             with self._calls_lock:
@@ -346,6 +421,9 @@ class Dispatcher:
             running = False
             terminal = False
             for message in call:
+                if held:  # the agent has admitted the task: a lock change from now on sees it in flight
+                    held = False
+                    admitting.__exit__(None, None, None)
                 now = self.clock()
                 if not started:
                     metrics.DISPATCH_LATENCY.observe(max(0.0, now - placed_at))
@@ -376,6 +454,8 @@ class Dispatcher:
             log.exception("dispatch worker failed", task_id=task_id, agent_id=agent_id)
             self._requeue(self.store.get(task_id), "internal dispatcher error", "internal", self.clock(), agent_id)
         finally:
+            if held:
+                admitting.__exit__(None, None, None)
             with self._calls_lock:
                 self._calls.pop(task_id, None)
             self.agents.note_finished(agent_id, task_id)
@@ -458,6 +538,10 @@ class Dispatcher:
         if moved:
             metrics.REQUEUES.labels(reason=reason).inc()
             log.info("task re-queued", task_id=record.id, reason=reason, detail=why, attempts=record.attempts)
+            for listener in self.listeners:
+                hook = getattr(listener, "on_requeued", None)  # optional: the ledger settles the attempt
+                if hook is not None:
+                    _safe(hook, record, reason)
         return moved
 
     def _finished(self, task_id: str) -> None:
@@ -503,6 +587,19 @@ class Dispatcher:
                 channel = self._channel_for(address)
                 self._channels[address] = channel
             return channel
+
+
+def _kept_queued(placement: Placement, why: str, record: TaskRecord) -> Placement | None:
+    """The placement as recorded when the gate refused the launch (None when already recorded)."""
+    summary = {**placement.summary, "outcome": "queue", "reason": why}
+    previous = record.placement or {}
+    if (previous.get("outcome"), previous.get("reason")) == ("queue", why):
+        return None
+    decision = types_pb2.PlacementDecision()
+    decision.ParseFromString(placement.decision)
+    decision.outcome = types_pb2.PlacementDecision.QUEUE
+    decision.reason = why
+    return replace(placement, summary=summary, decision=decision.SerializeToString())
 
 
 def _insecure_channel(address: str) -> grpc.Channel:

@@ -2,7 +2,11 @@
 call `place()`, and translate the Decision into what the store and the wire need.
 
 `place` stays a pure function; everything with a clock or I/O (capacity snapshot, rule source,
-budget ledger) is read here, once per decision.
+budget ledger, cloud prices and provisioning headroom) is read here, once per snapshot:
+
+- `pool_overlay(pools, now)` rewrites/adds cloud pools (price feed, `can_provision`);
+- `spent_for(budget)` is the ledger's committed spend this month (spent + open reservations);
+- `on_budgets(version, budgets)` hears every rule-set version once (the ledger records the caps).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ class RulesSource(Protocol):
 
 
 PlaceFn = Callable[[TaskSpec, Any, World], Decision]
+PoolOverlay = Callable[[tuple[PoolState, ...], float], tuple[PoolState, ...]]
+BudgetsObserver = Callable[[str, Mapping[str, Budget]], None]
 
 
 class Placer(Protocol):
@@ -48,6 +54,7 @@ class PlacementResult:
     pool_trust_zone: str  # of the chosen pool as capacity saw it; "" when none chosen
     project_locked: bool
     decision: Decision
+    pool_state: PoolState | None = None  # the chosen pool as placement saw it (price, provider)
 
 
 class LivePlacement:
@@ -57,11 +64,16 @@ class LivePlacement:
         capacity: CapacitySource,
         spent_for: Callable[[str], float] | None = None,
         place_fn: PlaceFn | None = None,
+        pool_overlay: PoolOverlay | None = None,
+        on_budgets: BudgetsObserver | None = None,
     ) -> None:
         self._place: PlaceFn = place_fn or place
         self._rules = rules
         self._capacity = capacity
         self._spent_for = spent_for
+        self._pool_overlay = pool_overlay
+        self._on_budgets = on_budgets
+        self._budgets_seen: str | None = None
 
     def locks(self) -> Mapping[str, str]:
         return dict(self._rules.current().locks or {})
@@ -70,17 +82,24 @@ class LivePlacement:
         active = self._rules.current()
         snapshot = self._capacity.snapshot(now)
         budgets: dict[str, Budget] = dict(active.budgets or {})
+        version = str(getattr(active, "version", "") or "")
+        if self._on_budgets is not None and version != self._budgets_seen:
+            self._on_budgets(version, budgets)
+            self._budgets_seen = version
         if self._spent_for is not None:
             budgets = {name: replace(b, spent_usd=self._spent_for(name)) for name, b in budgets.items()}
         notes = tuple(snapshot.notes) + tuple(f"rules: {error}" for error in (active.errors or ()))
-        world = World(pools=tuple(snapshot.pools), budgets=budgets, locks=dict(active.locks or {}), notes=notes)
+        pools = tuple(snapshot.pools)
+        if self._pool_overlay is not None:
+            pools = self._pool_overlay(pools, now)
+        world = World(pools=pools, budgets=budgets, locks=dict(active.locks or {}), notes=notes)
         return active, world
 
     def decide(self, task: types_pb2.Task, now: float, snapshot: tuple[Any, World] | None = None) -> PlacementResult:
         """Place `task` against `snapshot` (from `world(now)`, shared by a dispatch pass) or a fresh one."""
         active, world = snapshot or self.world(now)
         decision = self._place(task_spec_from_proto(task), active.ruleset, world)
-        zones = {pool.name: pool.trust_zone for pool in world.pools}
+        chosen = next((pool for pool in world.pools if pool.name == decision.pool), None) if decision.pool else None
         return PlacementResult(
             outcome=decision.outcome,
             pool=decision.pool or "",
@@ -88,9 +107,10 @@ class LivePlacement:
             reason=decision.reason,
             summary=decision.to_dict(),
             proto=decision_to_proto(decision),
-            pool_trust_zone=zones.get(decision.pool or "", ""),
+            pool_trust_zone=chosen.trust_zone if chosen is not None else "",
             project_locked=task.project in world.locks,
             decision=decision,
+            pool_state=chosen,
         )
 
 

@@ -42,6 +42,8 @@ class HeartbeatSink(Protocol):
 
 
 CancelHook = Callable[[str, str | None, str], Any]  # (task id, agent id, reason)
+# Policy checks on a valid task before it is stored (residency allow-list); raises TaskInputError.
+IntakeCheck = Callable[[types_pb2.Task], None]
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -88,12 +90,14 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         heartbeats: HeartbeatSink | None,
         cancel_hook: CancelHook | None = None,
         clock: Callable[[], float] = time.time,
+        intake_check: IntakeCheck | None = None,
     ) -> None:
         self.store = store
         self.committer = committer
         self.placer = placer
         self.heartbeats = heartbeats
         self.cancel_hook = cancel_hook
+        self.intake_check = intake_check
         self.clock = clock
 
     # ---- intake ----------------------------------------------------------------------------------
@@ -108,9 +112,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     ) -> scheduler_pb2.SubmitTaskResponse:
         try:
             clean = validate_submit(request, wire_size)
+            if self.intake_check is not None:
+                self.intake_check(clean.task)
         except TaskInputError as error:
             metrics.SUBMITS.labels(result="invalid").inc()
-            abort(context, grpc.StatusCode.INVALID_ARGUMENT, types_pb2.INVALID_TASK, str(error), error.field)
+            reason = getattr(error, "reason", types_pb2.INVALID_TASK)
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, reason, str(error), error.field)
         try:
             result = self.committer.submit(clean)
         except (StoreUnavailable, TimeoutError) as error:

@@ -274,6 +274,11 @@ class TaskStore:
         self._insert_statements: tuple[str, str] | None = None
         self._apply_statements: dict[str, str] | None = None
 
+    @property
+    def engine(self) -> Engine:
+        """The write engine: other stores of the scheduler (budget ledger) share its database."""
+        return self._writer
+
     @staticmethod
     def _sqlite_engine(url: str, immediate: bool) -> Engine:
         engine = sa.create_engine(
@@ -671,6 +676,14 @@ class TaskStore:
     def record_progress(self, task_id: str, message: types_pb2.Progress, now: float) -> None:
         """Keep the latest progress per task and the highest checkpoint any agent reported."""
         self._execute_write(lambda conn: self._write_progress(conn, task_id, message, now))
+
+    def discard_checkpoint(self, task_id: str) -> None:
+        """Forget the task's checkpoint: its next run starts from frame 0 (compliance re-run on-prem)."""
+        self._execute_write(
+            lambda conn: conn.execute(
+                tasks.update().where(tasks.c.id == task_id).values(checkpoint_frame=0, checkpoint_uri="")
+            )
+        )
 
     @staticmethod
     def _write_progress(conn: Connection, task_id: str, message: types_pb2.Progress, now: float) -> None:

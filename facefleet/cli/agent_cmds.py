@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,22 @@ def _settings(config: Path | None) -> Any:
         fail(f"cannot load the configuration: {error}", hint="fix the file named above or drop --config")
 
 
+def _interruption_watcher(provider: str, metadata_url: str, instance_id: str) -> Any:
+    """The spot notice watcher for a cloud agent; None on-prem."""
+    from scheduler.cloud.interruption import (
+        METADATA_BASE_URL,
+        AwsInterruptionWatcher,
+        AzureScheduledEventsWatcher,
+    )
+
+    base = metadata_url or METADATA_BASE_URL
+    if provider == "aws":
+        return AwsInterruptionWatcher(base)
+    if provider == "azure":
+        return AzureScheduledEventsWatcher(base, vm_name=instance_id or None)
+    return None
+
+
 def register(app: typer.Typer) -> None:
     agent = typer.Typer(help="The agent: runs swap tasks pushed by the scheduler on one GPU node.")
     app.add_typer(agent, name="agent")
@@ -30,7 +47,11 @@ def register(app: typer.Typer) -> None:
     def run_cmd(
         pool: str = typer.Option(..., "--pool", help="Pool this agent belongs to, e.g. onprem-a."),
         trust_zone: str = typer.Option(..., "--trust-zone", help="private (on-prem) or cloud."),
-        scheduler: str = typer.Option(..., "--scheduler", help="Scheduler gRPC address host:port."),
+        scheduler: str = typer.Option(
+            "",
+            "--scheduler",
+            help="Scheduler gRPC host:port; comma-separated: heartbeat to every replica. Default: agent.scheduler.",
+        ),
         models: Path = typer.Option(..., "--models", help="Models directory with manifest.toml."),
         listen: str = typer.Option("127.0.0.1:50061", "--listen", help="gRPC listen address (port 0 = free)."),
         slots: int = typer.Option(1, "--slots", min=1, help="Tasks run at the same time."),
@@ -46,9 +67,16 @@ def register(app: typer.Typer) -> None:
         ),
         insecure: bool = typer.Option(False, "--insecure", help="Plaintext gRPC: local development only."),
         tls_dir: Path | None = typer.Option(None, "--tls-dir", help="mTLS material: ca.pem, agent.pem, agent-key.pem."),
+        instance_id: str = typer.Option("", "--instance-id", help="Cloud instance id (the boot script sets it)."),
+        metadata_url: str = typer.Option(
+            "", "--metadata-url", help="Instance metadata base URL for spot notices (default 169.254.169.254)."
+        ),
         config: Path | None = typer.Option(None, "--config", help="facefleet.toml"),
     ) -> None:
-        """Run an agent: serve RunTask/CancelTask/Describe, heartbeat to the scheduler, export /metrics."""
+        """Run an agent: serve RunTask/CancelTask/Describe, heartbeat to the scheduler, export /metrics.
+
+        With --provider aws|azure the agent watches the spot interruption notice (IMDSv2
+        spot/instance-action, Azure Scheduled Events Preempt) and preempts its runs when one comes."""
         if trust_zone not in ("private", "cloud"):
             fail(f"--trust-zone must be private or cloud, got {trust_zone!r}")
         if provider not in ("onprem", "aws", "azure", "local"):
@@ -64,6 +92,13 @@ def register(app: typer.Typer) -> None:
 
         settings = _settings(config)
         configure_logging(settings.log_level, settings.log_format)
+        scheduler = scheduler or settings.agent.scheduler
+        schedulers = [address.strip() for address in scheduler.split(",") if address.strip()]
+        if not schedulers:
+            fail(
+                "no scheduler address",
+                hint="pass --scheduler host:port (comma-separate replicas) or set agent.scheduler",
+            )
         updates: dict[str, Any] = {
             "pool": pool,
             "trust_zone": trust_zone,
@@ -75,6 +110,8 @@ def register(app: typer.Typer) -> None:
             "region": region,
             "metrics_port": metrics_port,
         }
+        if instance_id:
+            updates["instance_id"] = instance_id
         if allowed_root:
             updates["allowed_roots"] = allowed_root
         if work_dir is not None:
@@ -88,10 +125,11 @@ def register(app: typer.Typer) -> None:
         try:
             credentials = server_credentials_unless_insecure(tls, "agent")
 
-            def scheduler_channel() -> grpc.Channel:
-                return secure_channel(scheduler, tls, "agent")
+            def channel_to(address: str) -> Callable[[], grpc.Channel]:
+                return lambda: secure_channel(address, tls, "agent")
 
-            scheduler_channel().close()  # fail now, not in the heartbeat thread, when material is missing
+            factories = [channel_to(address) for address in schedulers]
+            factories[0]().close()  # fail now, not in the heartbeat thread, when material is missing
         except TLSMaterialError as error:
             fail(str(error), hint="or pass --insecure for local development")
         try:
@@ -99,7 +137,8 @@ def register(app: typer.Typer) -> None:
                 agent_config,
                 credentials,
                 [RoleGate(None, insecure=tls.insecure)],
-                scheduler_channel_factory=scheduler_channel,
+                scheduler_channel_factories=factories,
+                interruption_watcher=_interruption_watcher(provider, metadata_url, agent_config.instance_id),
             )
         except OSError as error:
             fail(f"cannot start the agent: {error}", hint="pick a free --listen / --metrics-port")

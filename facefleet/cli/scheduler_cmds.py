@@ -109,9 +109,9 @@ def register(app: typer.Typer) -> None:
         insecure: bool = INSECURE_OPTION,
     ) -> None:
         """Run the scheduler: intake, durable queue, placement, dispatch (leader), /metrics."""
-        from facefleet.security.tls import TLSMaterialError, server_credentials_unless_insecure
+        from facefleet.security.tls import TLSMaterialError
         from facefleet.structured_logs import configure_logging
-        from scheduler.app import SchedulerApp
+        from scheduler.assembly import build_scheduler
 
         settings = _settings(config)
         scheduler_updates = {
@@ -128,11 +128,11 @@ def register(app: typer.Typer) -> None:
         )
         configure_logging(settings.log_level, settings.log_format)
         try:
-            credentials = server_credentials_unless_insecure(settings.tls, "scheduler")
+            scheduler = build_scheduler(settings).start()
         except TLSMaterialError as error:
             fail(str(error), hint="create certificates with `facefleet certs init` or pass --insecure")
-        try:
-            scheduler = SchedulerApp(settings, credentials=credentials).start()
+        except (FileNotFoundError, ValueError) as error:
+            fail(str(error), hint="fix [audit] signing_key (or remove it) in the config")
         except OSError as error:
             fail(f"could not start the scheduler: {error}", hint="is another process using the port or the store?")
         stopped = threading.Event()

@@ -85,6 +85,7 @@ class FileRuleSource:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._write_lock = threading.Lock()
+        self._reload_lock = threading.RLock()
 
     def _fingerprint(self) -> tuple[tuple[str, int, int], ...]:
         stamp = []
@@ -102,15 +103,18 @@ class FileRuleSource:
         return self._state.active
 
     def reload(self) -> ActiveConfig:
-        self._loaded = True
-        self._stamp = self._fingerprint()
-        try:
-            ruleset, budgets, locks = read_policy_dir(self.directory)
-        except PolicyError as exc:
-            return self._state.reject([str(e) for e in exc.errors], str(self.directory))
-        except OSError as exc:
-            return self._state.reject([f"{self.directory}: cannot read policy files: {exc}"], str(self.directory))
-        return self._state.accept(ruleset, budgets, locks, str(self.directory))
+        # Serialised: a watcher reload that read the old files must not be accepted after a write's
+        # reload accepted the new ones (that would briefly undo a lock the Admin RPC already confirmed).
+        with self._reload_lock:
+            self._loaded = True
+            self._stamp = self._fingerprint()
+            try:
+                ruleset, budgets, locks = read_policy_dir(self.directory)
+            except PolicyError as exc:
+                return self._state.reject([str(e) for e in exc.errors], str(self.directory))
+            except OSError as exc:
+                return self._state.reject([f"{self.directory}: cannot read policy files: {exc}"], str(self.directory))
+            return self._state.accept(ruleset, budgets, locks, str(self.directory))
 
     def subscribe(self, callback: Callable[[ActiveConfig], None]) -> None:
         self._state.subscribe(callback)

@@ -1,0 +1,229 @@
+"""facefleet vs Celery + Redis on the same routing workload, same machine, same run.
+
+The workload: N tasks, half private and half public; private work must start on on-prem workers,
+public work on cloud workers. Each side gets the same number of execution slots per group.
+
+(a) facefleet: a real `facefleet scheduler run` subprocess (SQLite WAL, synchronous=FULL, group
+    commit; every task validated, stored durably before its id is returned, placed by the real
+    policy engine with its decision trace recorded, dispatched over gRPC) and two hollow agents
+    (one private pool, one cloud pool; `--slots` slots each) that record when each RunTask
+    arrives and finish at once. With `--payload-kib K` every task carries K KiB of input: the
+    client writes it to a file and submits its URI (the facefleet way: large data goes in URIs),
+    the agent reads the file before it reports the task started.
+(b) Celery + Redis (`bench/celery_side.py`): Redis with appendfsync always, acks_late, prefetch 1,
+    two prefork worker groups with `--slots` processes each; the payload travels in the message.
+
+Reported per side: throughput (tasks/s, first submit -> last start), submit->start p50/p99 and the
+facefleet/Celery throughput ratio. Prints JSON (machine, settings of both sides) + one summary line.
+
+    .venv/bin/python bench/compare_celery.py --tasks 2000 --slots 4 --payload-kib 0,64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import multiprocessing.connection
+import sqlite3
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.machine import machine_facts, percentiles
+from facefleet.v1 import agent_pb2, scheduler_pb2, types_pb2
+from scheduler.store import TaskStore
+from tests.scheduler.conftest import write_policy
+from tests.scheduler.fake_agents import HollowAgent
+from tests.scheduler.scheduler_process import SchedulerProcess
+
+# private -> on-prem pool (trust zone private), public -> cloud pool: the rule set the tests use.
+GROUPS = (("onprem-a", "private"), ("cloud-b", "cloud"))
+ROUTING_SQL = "SELECT sensitivity, pool, count(*) FROM tasks GROUP BY sensitivity, pool"
+
+
+class TimedHollowAgent(HollowAgent):
+    """A hollow agent that notes when each task first arrives and reads its input (if a file)."""
+
+    def __init__(self, *args: Any, starts: dict[str, float], lock: threading.Lock, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.starts = starts
+        self.starts_lock = lock
+
+    def RunTask(self, request: agent_pb2.RunTaskRequest, context: grpc.ServicerContext) -> Iterator[types_pb2.Progress]:
+        task_id = request.task.id
+        if request.task.target_uri.startswith("file://") and "/payload/" in request.task.target_uri:
+            Path(request.task.target_uri.removeprefix("file://")).read_bytes()
+        with self.starts_lock:
+            self.starts.setdefault(task_id, time.time())
+        yield from super().RunTask(request, context)
+
+
+def run_agents(address: str, slots: int, pipe: multiprocessing.connection.Connection) -> None:
+    """Child process: two timed hollow agents; sends their start times when told to stop."""
+    starts: dict[str, float] = {}
+    lock = threading.Lock()
+    agents = [
+        TimedHollowAgent(
+            address, f"hollow-{pool}", pool, zone, slots=slots, heartbeat_s=0.2, starts=starts, lock=lock
+        ).start()
+        for pool, zone in GROUPS
+    ]
+    while not pipe.poll(0.05):
+        with lock:
+            count = len(starts)
+        pipe.send(("count", count))
+    pipe.recv()
+    for agent in agents:
+        agent.kill()
+    with lock:
+        pipe.send(("starts", dict(starts)))
+
+
+def run_facefleet(tasks: int, slots: int, payload_bytes: int, clients: int) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="ff-compare-"))
+    store_url = f"sqlite:///{work}/bench.db"
+    scheduler = SchedulerProcess(store_url, write_policy(work / "policy"), work / "scheduler.log").start()
+    parent, child = multiprocessing.Pipe()
+    agents = multiprocessing.Process(target=run_agents, args=(scheduler.address, slots, child), daemon=True)
+    agents.start()
+    requests: list[bytes] = []
+    (work / "payload").mkdir()
+    for i in range(tasks):
+        target = f"file:///data/t{i}.jpg"
+        if payload_bytes:
+            path = work / "payload" / f"t{i}.bin"
+            path.write_bytes(b"p" * payload_bytes)
+            target = f"file://{path}"
+        task = types_pb2.Task(
+            project="bench",
+            sensitivity=types_pb2.SENSITIVITY_PRIVATE if i % 2 == 0 else types_pb2.SENSITIVITY_PUBLIC,
+            priority=types_pb2.PRIORITY_NORMAL,
+            frames=1,
+            source_uri="file:///data/face.jpg",
+            target_uri=target,
+        )
+        requests.append(scheduler_pb2.SubmitTaskRequest(task=task).SerializeToString())
+    time.sleep(1.0)  # first heartbeats: both pools known before the clock starts
+    submitted: dict[str, float] = {}
+    errors: list[str] = []
+
+    async def drive() -> None:
+        async with grpc.aio.insecure_channel(scheduler.address) as channel:
+            submit = channel.unary_unary(
+                "/facefleet.v1.Scheduler/SubmitTask",
+                request_serializer=None,
+                response_deserializer=scheduler_pb2.SubmitTaskResponse.FromString,
+            )
+            pending = iter(requests)
+
+            async def client() -> None:
+                for raw in pending:
+                    at = time.time()
+                    try:
+                        reply = await submit(raw, timeout=60)
+                    except grpc.RpcError as error:
+                        errors.append(str(error.code()))
+                        continue
+                    submitted[reply.task_id] = at
+
+            await asyncio.gather(*(client() for _ in range(clients)))
+
+    started = time.time()
+    asyncio.run(drive())
+    submit_done = time.time()
+    deadline = started + 600
+    count = 0
+    while count < len(submitted) and time.time() < deadline:
+        kind, count = parent.recv()
+    parent.send("stop")
+    while True:
+        kind, value = parent.recv()
+        if kind == "starts":
+            starts: dict[str, float] = value
+            break
+    agents.join(timeout=10)
+    reader = TaskStore(store_url)
+    final_states = reader.count_by_state()
+    reader.close()
+    scheduler.stop()
+    with sqlite3.connect(work / "bench.db") as db:
+        routed = {f"{sensitivity}->{pool}": count for sensitivity, pool, count in db.execute(ROUTING_SQL)}
+    latencies = [starts[task_id] - at for task_id, at in submitted.items() if task_id in starts]
+    finished = max(starts.values()) if starts else time.time()
+    return {
+        "tasks": tasks,
+        "accepted": len(submitted),
+        "started": len(latencies),
+        "errors": len(errors),
+        "throughput_tasks_per_s": round(len(latencies) / (finished - started), 1),
+        "submit_rate_tasks_per_s": round(len(submitted) / (submit_done - started), 1),
+        "submit_to_start": percentiles(latencies),
+        "final_states": final_states,
+        "routing": routed,  # sensitivity -> pool it ran on: private must only show onprem-a
+        "settings": {
+            "store": "sqlite WAL, synchronous=FULL, group commit (id returned only after fsync)",
+            "placement": "real policy engine, decision trace stored per task",
+            "agents": {pool: slots for pool, _zone in GROUPS},
+            "clients": clients,
+            "payload": f"{payload_bytes} bytes in a file, passed by URI, read by the agent"
+            if payload_bytes
+            else "none",
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=2000)
+    parser.add_argument("--slots", type=int, default=4, help="facefleet slots per agent = Celery processes per group")
+    parser.add_argument("--payload-kib", default="0,64", help="comma-separated payload sizes (KiB), one run each")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent facefleet submit clients")
+    parser.add_argument("--output", type=Path, help="also write the JSON here")
+    args = parser.parse_args()
+
+    from bench.celery_side import run_celery  # needs celery + redis-server; imported late for --help
+
+    runs = []
+    for kib in (int(size) for size in args.payload_kib.split(",")):
+        ours = run_facefleet(args.tasks, args.slots, kib * 1024, args.clients)
+        theirs = run_celery(args.tasks, args.slots, kib * 1024, private_share=0.5)
+        ratio = ours["throughput_tasks_per_s"] / max(theirs["throughput_tasks_per_s"], 1e-9)
+        runs.append({"payload_kib": kib, "facefleet": ours, "celery": theirs, "ratio": round(ratio, 2)})
+    report = {
+        "benchmark": "compare_celery",
+        "machine": machine_facts(),
+        "settings": {"tasks": args.tasks, "slots_per_group": args.slots, "private_share": 0.5},
+        "runs": runs,
+        "target": "facefleet/Celery throughput >= 1.0",
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        args.output.write_text(text + "\n")
+    tail = f" ({args.tasks} tasks, {args.slots} slots per group)"
+    print("compare_celery: " + "; ".join(summary_line(run) for run in runs) + tail)
+
+
+def summary_line(run: dict[str, Any]) -> str:
+    ours, theirs = run["facefleet"], run["celery"]
+    return (
+        f"{run['payload_kib']} KiB: facefleet {ours['throughput_tasks_per_s']} tasks/s "
+        f"(p50 {ours['submit_to_start']['p50_ms']} ms, p99 {ours['submit_to_start']['p99_ms']} ms) "
+        f"vs celery {theirs['throughput_tasks_per_s']} tasks/s "
+        f"(p50 {theirs['submit_to_start']['p50_ms']} ms, p99 {theirs['submit_to_start']['p99_ms']} ms) "
+        f"= {run['ratio']}x"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""The one place a production scheduler is assembled from settings (`facefleet scheduler run`).
+
+Security and compliance wiring: mTLS server credentials (plaintext only with `tls.insecure`,
+loudly), the RoleGate interceptor, the hash-chained AuditLog fed by the dispatcher (placements,
+dispatches, completions, residency refusals, lock enforcement) and by intake, the Admin service,
+scheduler→agent client credentials, the storage allow-list at SubmitTask, and compliance-lock
+enforcement (live re-check before each RPC, re-placement of tasks already headed for the cloud).
+Cloud bursting joins in when `scheduler/cloud/wiring.py` provides `build_cloud(settings, engine)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import structlog
+
+from facefleet.config import Settings
+from facefleet.grpc_server import SERVICE_NAMES
+from facefleet.security.audit import AuditLog
+from facefleet.security.residency import ResidencyViolation, check_storage
+from facefleet.security.roles import RoleGate, current_identity
+from facefleet.security.tls import secure_channel, server_credentials_unless_insecure
+from facefleet.v1 import types_pb2
+from facefleet.v1.admin_pb2_grpc import add_AdminServicer_to_server as add_admin
+from scheduler.admin_service import AdminServicer
+from scheduler.app import SchedulerApp
+from scheduler.audit_trail import AuditTrail
+from scheduler.dispatcher import DispatcherSettings
+from scheduler.lock_enforcement import EnforcingRuleSource, LockEnforcer, LockGate
+from scheduler.placement_gateway import RulesSource
+from scheduler.rules_source import ConsulRuleSource, FileRuleSource
+
+log = structlog.get_logger()
+
+CLOUD_WIRING_MODULE = "scheduler.cloud.wiring"
+
+
+def rules_source_from(settings: Settings) -> Any:
+    policy = settings.policy
+    if policy.source == "consul":
+        return ConsulRuleSource(policy.consul_addr, policy.consul_prefix, policy.consul_token)
+    return FileRuleSource(policy.dir)
+
+
+def agent_channel_factory(settings: Settings) -> Callable[[str], grpc.Channel]:
+    """scheduler→agent channels: mTLS as identity "scheduler" (plaintext only when tls.insecure)."""
+    tls = settings.tls
+
+    def channel_for(address: str) -> grpc.Channel:
+        return secure_channel(address, tls, "scheduler")
+
+    return channel_for
+
+
+def _load_cloud_wiring() -> Callable[..., Any] | None:
+    try:
+        module = importlib.import_module(CLOUD_WIRING_MODULE)
+    except ModuleNotFoundError as error:
+        if error.name != CLOUD_WIRING_MODULE:
+            raise
+        return None
+    build: Callable[..., Any] | None = getattr(module, "build_cloud", None)
+    return build
+
+
+class AssembledScheduler(SchedulerApp):
+    """A SchedulerApp plus the parts that start and stop with it (lock enforcement, cloud)."""
+
+    audit_log: AuditLog
+    audit_trail: AuditTrail
+    lock_gate: LockGate
+    lock_enforcer: LockEnforcer
+    admin: AdminServicer
+    cloud: Any = None
+
+    def start(self) -> AssembledScheduler:
+        if self.cloud is not None and hasattr(self.cloud, "start"):
+            self.cloud.start()
+        super().start()
+        self.rules.subscribe(self.lock_enforcer.on_rules)
+        self.lock_enforcer.enforce_now()  # tasks left on cloud pools by a previous run
+        return self
+
+    def stop(self) -> None:
+        super().stop()
+        if self.cloud is not None and hasattr(self.cloud, "stop"):
+            self.cloud.stop()
+
+
+def build_scheduler(
+    settings: Settings,
+    *,
+    channel_for: Callable[[str], grpc.Channel] | None = None,
+    rules_source: RulesSource | None = None,
+    dispatcher_settings: DispatcherSettings | None = None,
+    spent_usd: Callable[[str], float] | None = None,
+) -> AssembledScheduler:
+    """Assemble (not start) the production scheduler. Raises TLSMaterialError when certificates are
+    missing (and `tls.insecure` is off), FileNotFoundError/ValueError for a bad audit signing key."""
+    credentials = server_credentials_unless_insecure(settings.tls, "scheduler")
+    audit = AuditLog(settings.audit.path, settings.audit.signing_key)
+    rules: Any = rules_source or rules_source_from(settings)
+    gate = LockGate(rules)
+    trail = AuditTrail(audit)
+    allowed_prefixes = list(settings.residency.private_storage_prefixes)
+    holder: dict[str, SchedulerApp] = {}
+
+    def intake_check(task: types_pb2.Task) -> None:
+        try:
+            check_storage(task, gate.project_locked(task.project), allowed_prefixes)
+        except ResidencyViolation as error:
+            trail.intake_refusal(current_identity().subject, task, error)
+            raise
+
+    def drain(agent_id: str) -> bool:
+        return holder["app"].registry.drain(agent_id)
+
+    def spent(name: str) -> float:
+        return spent_usd(name) if spent_usd is not None else 0.0
+
+    admin = AdminServicer(rules, audit, drain=drain, spent_usd=spent)  # rule source wrapped below
+    app = AssembledScheduler(
+        settings,
+        credentials=credentials,
+        interceptors=[RoleGate(audit, insecure=settings.tls.insecure)],
+        extra_services=[(SERVICE_NAMES["Admin"], lambda server: add_admin(admin, server))],
+        rules_source=rules,
+        listeners=[trail],
+        audit=trail,
+        channel_for=channel_for or agent_channel_factory(settings),
+        dispatcher_settings=dispatcher_settings,
+        admission=gate,
+        intake_check=intake_check,
+    )
+    holder["app"] = app
+    trail.agents = app.registry
+    app.audit_log, app.audit_trail, app.lock_gate, app.admin = audit, trail, gate, admin
+    app.lock_enforcer = LockEnforcer(
+        app.store,
+        rules,
+        gate,
+        app.dispatcher,
+        app.registry,
+        pool_zones=lambda: {pool.name: pool.trust_zone for pool in app.capacity.snapshot(trail.audit.clock()).pools},
+        audit=trail,
+    )
+    admin.rules = EnforcingRuleSource(rules, app.lock_enforcer)
+    build_cloud = _load_cloud_wiring()
+    if build_cloud is not None:
+        app.cloud = build_cloud(settings, app.store.engine)
+        app.dispatcher.listeners.extend(getattr(app.cloud, "listeners", ()))
+        cloud_gate = getattr(app.cloud, "gate", None)
+        if cloud_gate is not None and app.dispatcher.gate is None:
+            app.dispatcher.gate = cloud_gate
+        ledger_spent = getattr(app.cloud, "budget_spent", None)
+        if spent_usd is None and callable(ledger_spent):
+            admin.spent_usd = ledger_spent
+    log.info(
+        "scheduler assembled",
+        tls=credentials is not None,
+        audit=str(settings.audit.path),
+        audit_signed=settings.audit.signing_key is not None,
+        rules=type(rules).__name__,
+        cloud=app.cloud is not None,
+    )
+    return app

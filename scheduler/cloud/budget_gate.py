@@ -1,0 +1,211 @@
+"""The spend ledger in the live dispatch path (invariant 3).
+
+- Placement sees each budget as `cap` (rules store) with `spent_usd = spent + reserved` this month
+  (`committed`), so its budget filter already drops what cannot fit.
+- Right before a launch on a paid pool the dispatcher calls `admit`: the ledger reserves the
+  placement's estimate atomically; a refused reservation keeps the task queued (on-prem may take
+  it). At most one estimate can pass the cap, and only by running longer than estimated.
+- The attempt ends in exactly one of: `on_finished` (settle: instance-seconds x the price placement
+  used, attributed to task/project/rule/pool/budget), `on_requeued` (settle the partial run:
+  preemption, lost agent), `withdraw` (the launch never happened: release).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import structlog
+
+from scheduler.ledger import Reservation, SpendLedger, Usage, month_of
+from scheduler.placement.model import Budget
+from scheduler.placement_gateway import PlacementResult
+from scheduler.store import TaskRecord
+from scheduler.task_states import CANCELLED, FAILED, SUCCEEDED
+
+log = structlog.get_logger()
+
+OUTCOMES = {SUCCEEDED: "completed", FAILED: "failed", CANCELLED: "cancelled"}
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One launch of a task on a paid pool, from reservation to settlement."""
+
+    reservation: Reservation
+    project: str
+    rule: str
+    pool: str
+    provider: str
+    usd_per_hour: float
+    admitted_at: float
+    agent_id: str = ""
+
+
+def utc(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+class BudgetGate:
+    """Thread-safe. `instance_of(agent_id)` names the cloud instance an agent runs on (heartbeats)."""
+
+    def __init__(
+        self,
+        ledger: SpendLedger,
+        clock: Callable[[], float] = time.time,
+        instance_of: Callable[[str], str] = lambda _agent_id: "",
+        committed_ttl_s: float = 0.25,
+    ) -> None:
+        self.ledger = ledger
+        self._clock = clock
+        self._instance_of = instance_of
+        self._ttl = committed_ttl_s
+        self._lock = threading.Lock()
+        self._accounts: dict[str, Budget] = {}
+        self._attempts: dict[str, Attempt] = {}
+        self._committed: dict[str, tuple[float, float]] = {}  # budget -> (read at, usd)
+        self._adopted = False
+
+    # ---- what placement reads ----------------------------------------------------------------------
+    def observe_budgets(self, version: str, budgets: Mapping[str, Budget]) -> None:
+        """A rules load: remember the caps and record them in the ledger (finance CLI reads them)."""
+        with self._lock:
+            self._accounts = dict(budgets)
+        try:
+            self.ledger.upsert_accounts(budgets.values(), utc(self._clock()))
+        except Exception as error:  # the database may blip; caps are re-recorded on the next version
+            log.warning("budget accounts not recorded", rules_version=version, error=str(error))
+
+    def committed(self, budget: str) -> float:
+        """Spent + reserved this month (cached for `committed_ttl_s`; `admit` re-checks atomically)."""
+        now = self._clock()
+        with self._lock:
+            cached = self._committed.get(budget)
+            if cached is not None and now - cached[0] < self._ttl:
+                return cached[1]
+        month = month_of(utc(now))
+        usd = self.ledger.spent(budget, month) + self.ledger.reserved(budget, month)
+        with self._lock:
+            self._committed[budget] = (now, usd)
+        return usd
+
+    # ---- the dispatch gate -------------------------------------------------------------------------
+    def admit(self, task: TaskRecord, decision: PlacementResult, now: float) -> str:
+        estimate = decision.decision.estimate
+        pool = decision.pool_state
+        if estimate is None or estimate.cost_usd <= 0 or pool is None or pool.price_per_hour <= 0:
+            return ""  # a free pool (on-prem): nothing to reserve
+        self._release_orphans_once()
+        name = decision.decision.budget
+        with self._lock:
+            account = self._accounts.get(name or "")
+            previous = self._attempts.pop(task.id, None)
+        if previous is not None:  # left open by a path that told us nothing: give it back
+            self.ledger.release(previous.reservation)
+        if name is None or account is None:
+            return (
+                f"rule {decision.rule} sends task to paid pool {decision.pool} but budget account "
+                f"{name or '(none)'} is not in the rules store; add it to budgets"
+            )
+        reservation = self.ledger.reserve(account, task.id, estimate.cost_usd, utc(now))
+        self._forget_committed(account.name)
+        if reservation is None:
+            log.info(
+                "budget reservation refused",
+                task_id=task.id,
+                budget=account.name,
+                estimate_usd=round(estimate.cost_usd, 6),
+                cap_usd=account.monthly_cap_usd,
+                pool=decision.pool,
+            )
+            return (
+                f"budget {account.name}: estimate ${estimate.cost_usd:.4f} does not fit under the cap "
+                f"${account.monthly_cap_usd:.2f} (spent + reserved this month); waiting for other capacity"
+            )
+        with self._lock:
+            self._attempts[task.id] = Attempt(
+                reservation, task.project, decision.rule, decision.pool, pool.provider, pool.price_per_hour, now
+            )
+        return ""
+
+    def withdraw(self, task_id: str) -> None:
+        with self._lock:
+            attempt = self._attempts.pop(task_id, None)
+        if attempt is not None:
+            self.ledger.release(attempt.reservation)
+            self._forget_committed(attempt.reservation.budget)
+
+    def no_agent(self, task: TaskRecord, decision: PlacementResult, now: float) -> None:
+        """Provisioning is not the ledger's business (see CloudBurst)."""
+
+    # ---- dispatch listener -------------------------------------------------------------------------
+    def on_dispatched(self, task: TaskRecord, decision: PlacementResult) -> None:
+        with self._lock:
+            attempt = self._attempts.get(task.id)
+            if attempt is not None and task.agent_id:
+                self._attempts[task.id] = Attempt(**{**attempt.__dict__, "agent_id": task.agent_id})
+
+    def on_finished(self, task: TaskRecord) -> None:
+        self._settle(task.id, OUTCOMES.get(task.state, task.state), task.finished_at or self._clock())
+
+    def on_requeued(self, task: TaskRecord, reason: str) -> None:
+        self._settle(task.id, "preempted" if reason == "preempted" else f"requeued:{reason}", self._clock())
+
+    def _settle(self, task_id: str, outcome: str, ended: float) -> None:
+        with self._lock:
+            attempt = self._attempts.pop(task_id, None)
+            account = self._accounts.get(attempt.reservation.budget) if attempt is not None else None
+        if attempt is None:
+            return
+        usage = Usage(
+            task_id=task_id,
+            project=attempt.project,
+            rule=attempt.rule,
+            pool=attempt.pool,
+            budget=attempt.reservation.budget,
+            provider=attempt.provider,
+            instance_id=self._instance_of(attempt.agent_id) if attempt.agent_id else "",
+            instance_seconds=max(0.0, ended - attempt.admitted_at),
+            usd_per_hour=attempt.usd_per_hour,
+            ended_at=utc(ended),
+            outcome=outcome,
+        )
+        usd = self.ledger.settle(attempt.reservation, usage, account)
+        self._forget_committed(attempt.reservation.budget)
+        log.info(
+            "cloud spend settled",
+            task_id=task_id,
+            budget=usage.budget,
+            pool=usage.pool,
+            usd=round(usd, 6),
+            estimate_usd=round(attempt.reservation.estimate_usd, 6),
+            instance_seconds=round(usage.instance_seconds, 3),
+            outcome=outcome,
+        )
+
+    def open_attempts(self) -> dict[str, Attempt]:
+        with self._lock:
+            return dict(self._attempts)
+
+    # ---- internals ---------------------------------------------------------------------------------
+    def _forget_committed(self, budget: str) -> None:
+        with self._lock:
+            self._committed.pop(budget, None)
+
+    def _release_orphans_once(self) -> None:
+        """First admit in this process (it just became leader): reservations of a previous leader
+        belong to tasks that reconcile re-queued, so they would otherwise be counted twice."""
+        if self._adopted:
+            return
+        self._adopted = True
+        with self._lock:
+            mine = {a.reservation.id for a in self._attempts.values()}
+        orphans = [r for r in self.ledger.open_reservations() if r.id not in mine]
+        for reservation in orphans:
+            self.ledger.release(reservation)
+        if orphans:
+            log.info("released reservations of a previous leader", count=len(orphans))
+            self._committed.clear()
