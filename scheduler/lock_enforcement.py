@@ -198,13 +198,13 @@ class LockEnforcer:
             QUEUED,
             f"stopped to re-run on-prem from the start: {reason}",
             now,
-            expect_from=record.state,
-            expect_agent=record.agent_id,
+            expect_agent=record.agent_id,  # not expect_from: it may have gone dispatched -> running meanwhile
             agent_id="",  # the old agent's late answers no longer match this task
             not_before=now,
         )
         if not moved:
-            return  # it finished or moved meanwhile
+            log.info("lock_stop_skipped", task_id=record.id, reason="finished or moved to another agent meanwhile")
+            return
         self.store.discard_checkpoint(record.id)
         reached = self.canceller.cancel_on_agent(record.id, record.agent_id, f"compliance: {reason}")
         log.warning(
