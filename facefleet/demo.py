@@ -387,13 +387,23 @@ def summary_rows(layout: DemoLayout, statuses: dict[str, scheduler_pb2.TaskStatu
                 "state": types_pb2.TaskState.Name(status.state).removeprefix("TASK_STATE_").lower(),
                 "pool": status.pool,
                 "rule": status.rule,
-                "why": status.placement.reason,
+                "why": why(status.placement),
                 "output": str(output) if output.exists() else "",
-                "id_similarity": round(quality.id_similarity_mean, 3) if quality.faces_swapped else None,
+                # The classical engine has no recognizer, so it cannot measure identity similarity.
+                "id_similarity": round(quality.id_similarity_mean, 3)
+                if quality.faces_swapped and status.last_progress.engine != "classical"
+                else None,
                 "engine": status.last_progress.engine,
             }
         )
     return rows
+
+
+def why(decision: types_pb2.PlacementDecision) -> str:
+    """One line: the chosen pool, then each pool that was dropped and the filter that dropped it."""
+    dropped = [f"{c.pool} dropped by {c.failed_filter} ({c.detail})" for c in decision.candidates if not c.feasible]
+    chosen = f"{decision.pool} chosen" if decision.pool else decision.reason
+    return "; ".join([chosen, *dropped])
 
 
 def check_demo_promises(rows: list[dict[str, Any]]) -> list[str]:

@@ -74,20 +74,12 @@ class AssembledScheduler(SchedulerApp):
     lock_gate: LockGate
     lock_enforcer: LockEnforcer
     admin: AdminServicer
-    cloud: Any = None
 
     def start(self) -> AssembledScheduler:
-        if self.cloud is not None and hasattr(self.cloud, "start"):
-            self.cloud.start()
-        super().start()
+        super().start()  # starts the cloud parts too
         self.rules.subscribe(self.lock_enforcer.on_rules)
         self.lock_enforcer.enforce_now()  # tasks left on cloud pools by a previous run
         return self
-
-    def stop(self) -> None:
-        super().stop()
-        if self.cloud is not None and hasattr(self.cloud, "stop"):
-            self.cloud.stop()
 
 
 def build_scheduler(
@@ -121,6 +113,16 @@ def build_scheduler(
     def spent(name: str) -> float:
         return spent_usd(name) if spent_usd is not None else 0.0
 
+    cloud = None
+    build_cloud = _load_cloud_wiring()
+    if build_cloud is not None:
+        from scheduler.app import ensure_sqlite_dir
+        from scheduler.cloud.wiring import ledger_engine
+
+        ensure_sqlite_dir(settings.scheduler.store_url)
+        cloud = build_cloud(settings, ledger_engine(settings.scheduler.store_url))
+        if spent_usd is None:
+            spent_usd = cloud.budget_spent
     admin = AdminServicer(rules, audit, drain=drain, spent_usd=spent)  # rule source wrapped below
     app = AssembledScheduler(
         settings,
@@ -134,6 +136,7 @@ def build_scheduler(
         dispatcher_settings=dispatcher_settings,
         admission=gate,
         intake_check=intake_check,
+        cloud=cloud,
     )
     holder["app"] = app
     trail.agents = app.registry
@@ -148,16 +151,6 @@ def build_scheduler(
         audit=trail,
     )
     admin.rules = EnforcingRuleSource(rules, app.lock_enforcer)
-    build_cloud = _load_cloud_wiring()
-    if build_cloud is not None:
-        app.cloud = build_cloud(settings, app.store.engine)
-        app.dispatcher.listeners.extend(getattr(app.cloud, "listeners", ()))
-        cloud_gate = getattr(app.cloud, "gate", None)
-        if cloud_gate is not None and app.dispatcher.gate is None:
-            app.dispatcher.gate = cloud_gate
-        ledger_spent = getattr(app.cloud, "budget_spent", None)
-        if spent_usd is None and callable(ledger_spent):
-            admin.spent_usd = ledger_spent
     log.info(
         "scheduler assembled",
         tls=credentials is not None,

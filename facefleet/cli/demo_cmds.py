@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from facefleet.cli.output import JSON_OPTION, console, fail, print_json
+from facefleet.cli.output import JSON_OPTION, console, err_console, fail, print_json
 
 
 def register(app: typer.Typer) -> None:
@@ -35,24 +35,25 @@ def register(app: typer.Typer) -> None:
         from facefleet import demo
 
         started = time.monotonic()
-        with console.status("preparing certificates, policies and sample inputs..."):
+        out = err_console if json_output else console  # --json keeps stdout for the JSON alone
+        with out.status("preparing certificates, policies and sample inputs..."):
             try:
                 layout = demo.prepare(directory)
             except (demo.DemoError, OSError) as error:
                 fail(str(error), hint=f"check that {directory} is writable")
         stack = None
         try:
-            with console.status("starting scheduler and agents..."):
+            with out.status("starting scheduler and agents..."):
                 stack = demo.start_stack(layout)
                 demo.wait_for_pools(stack)
-            console.print(
+            out.print(
                 f"[green]up[/]: scheduler {stack.scheduler_address} (mTLS), agents in pools "
                 f"[bold]{demo.ONPREM_POOL}[/] (private) and [bold]{demo.CLOUD_POOL}[/] (cloud zone)"
             )
             demo.lock_project(stack, demo.LOCKED_PROJECT, "talent contract forbids third-party processing")
-            console.print(f"compliance locked project [bold]{demo.LOCKED_PROJECT}[/] on-prem (audited)")
+            out.print(f"compliance locked project [bold]{demo.LOCKED_PROJECT}[/] on-prem (audited)")
             ids = demo.submit_workload(stack)
-            with Live(console=console, refresh_per_second=4, transient=json_output) as live:
+            with Live(console=out, refresh_per_second=4, transient=json_output) as live:
                 statuses = demo.follow(stack, ids, lambda s: live.update(_progress_table(demo, s)), timeout_s=timeout)
             rows = demo.summary_rows(layout, statuses)
             problems = demo.check_demo_promises(rows)
@@ -67,7 +68,7 @@ def register(app: typer.Typer) -> None:
                 console.print(_summary_table(rows))
                 _print_next_steps(layout, stack, rows, audit_summary, time.monotonic() - started)
             if keep_running:
-                console.print("[bold]--keep-running[/]: the stack stays up; Ctrl-C stops it.")
+                out.print("[bold]--keep-running[/]: the stack stays up; Ctrl-C stops it.")
                 stop = threading.Event()
                 signal.signal(signal.SIGINT, lambda *_: stop.set())
                 signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -82,7 +83,7 @@ def register(app: typer.Typer) -> None:
             fail(f"the scheduler refused a demo call: {details}", hint=f"process logs are in {layout.logs}")
         finally:
             if stack is not None:
-                with console.status("stopping scheduler and agents..."):
+                with out.status("stopping scheduler and agents..."):
                     stack.stop()
 
 
