@@ -81,6 +81,10 @@ class AssembledScheduler(SchedulerApp):
         self.lock_enforcer.enforce_now()  # tasks left on cloud pools by a previous run
         return self
 
+    def stop(self) -> None:
+        super().stop()
+        self.audit_trail.close()  # after the dispatcher: its last records are written first
+
 
 def build_scheduler(
     settings: Settings,

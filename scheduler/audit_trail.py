@@ -4,6 +4,11 @@
 (placement decisions, residency refusals, lock enforcement). It never records a full URI: intake
 refusals carry `redact_uri(...)` only. An audit write that fails is logged loudly and never stops
 dispatch (the task state in the store stays the source of truth).
+
+Writes go through one `AuditBatchWriter` (one fsync per batch). Records the dispatcher thread makes
+during a pass (placements, dispatches) are only queued; the dispatcher calls `flush()` once per pass
+before it sends the RunTask calls, so they are still durable before any task reaches an agent.
+Every other record (completions, refusals, lock actions) waits until it is written.
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ from typing import Any, Protocol
 
 import structlog
 
-from facefleet.security.audit import AuditLog
+from facefleet.security.audit import AuditKind, AuditLog
 from facefleet.security.residency import ResidencyViolation, redact_uri
 from facefleet.v1 import types_pb2
+from scheduler.audit_batch import AuditBatchWriter
 from scheduler.placement_gateway import PlacementResult
 from scheduler.store import TaskRecord
 
@@ -42,6 +48,7 @@ class AuditTrail:
     def __init__(self, audit: AuditLog, agents: AgentZones | None = None) -> None:
         self.audit = audit
         self.agents = agents
+        self.writer = AuditBatchWriter(audit)
         self._zones: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -54,8 +61,25 @@ class AuditTrail:
             self._zones.move_to_end(task.id)
             while len(self._zones) > ZONES_REMEMBERED:
                 self._zones.popitem(last=False)
-        self._write(self.audit.placement, task.id, task.project, decision.rule, decision.pool, zone, "dispatch")
-        self._write(self.audit.dispatch, task.id, task.project, decision.pool, zone, task.agent_id or "")
+        placement = {"task": task.id, "project": task.project, "rule": decision.rule, "pool": decision.pool}
+        self._queue(AuditKind.PLACEMENT, {**placement, "trust_zone": zone, "outcome": "dispatch"})
+        self._queue(
+            AuditKind.DISPATCH,
+            {
+                "task": task.id,
+                "project": task.project,
+                "pool": decision.pool,
+                "trust_zone": zone,
+                "agent": task.agent_id or "",
+            },
+        )
+
+    def flush(self) -> None:
+        """Wait until every record queued so far is durable (the dispatcher calls it once per pass)."""
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
     def on_finished(self, task: TaskRecord) -> None:
         """A completion is recorded only for a task that reached an agent: one that never ran has no zone."""
@@ -64,48 +88,58 @@ class AuditTrail:
         with self._lock:
             zone = self._zones.pop(task.id, "")
         zone = zone or self._agent_zone(task.agent_id)
-        self._write(self.audit.completion, task.id, task.project, task.pool or "", zone, task.state)
+        self._record(
+            AuditKind.COMPLETION,
+            {
+                "task": task.id,
+                "project": task.project,
+                "pool": task.pool or "",
+                "trust_zone": zone,
+                "state": task.state,
+            },
+        )
 
     # ---- dispatcher audit hook ------------------------------------------------------------------
 
     def __call__(self, event: str, fields: dict[str, Any]) -> None:
-        if event == "placement":
-            self._write(
-                self.audit.placement,
-                fields.get("task_id", ""),
-                fields.get("project", ""),
-                fields.get("rule", ""),
-                fields.get("pool", ""),
-                fields.get("trust_zone", ""),
-                fields.get("outcome", ""),
+        if event == "placement":  # made on the dispatcher thread during a pass: flushed with the pass
+            self._queue(
+                AuditKind.PLACEMENT,
+                {
+                    "task": fields.get("task_id", ""),
+                    "project": fields.get("project", ""),
+                    "rule": fields.get("rule", ""),
+                    "pool": fields.get("pool", ""),
+                    "trust_zone": fields.get("trust_zone", ""),
+                    "outcome": fields.get("outcome", ""),
+                },
             )
         elif event == "residency_refused":
-            self._write(
-                self.audit.append,
-                "residency_refusal",
-                ACTOR,
-                task=fields.get("task_id", ""),
-                project=fields.get("project", ""),
-                field="pool",
-                pool=fields.get("pool", ""),
-                message=fields.get("detail", ""),
+            self._record(
+                AuditKind.RESIDENCY_REFUSAL,
+                {
+                    "task": fields.get("task_id", ""),
+                    "project": fields.get("project", ""),
+                    "field": "pool",
+                    "pool": fields.get("pool", ""),
+                    "message": fields.get("detail", ""),
+                },
             )
         elif event == "lock_action":
-            self._write(self.audit.admin, ACTOR, "lock_enforcement", dict(fields), "ok")
+            self._record(AuditKind.ADMIN, {"act": "lock_enforcement", "args": dict(fields), "outcome": "ok"})
         else:
-            self._write(self.audit.admin, ACTOR, event, dict(fields), "ok")
+            self._record(AuditKind.ADMIN, {"act": event, "args": dict(fields), "outcome": "ok"})
 
     # ---- intake ---------------------------------------------------------------------------------
 
     def intake_refusal(self, actor: str, task: types_pb2.Task, error: ResidencyViolation) -> None:
-        self._write(
-            self.audit.residency_refusal,
-            actor,
-            task.project,
-            error.field,
-            redact_uri(uri_of_field(task, error.field)),
-            error.message,
-        )
+        fields = {
+            "project": task.project,
+            "field": error.field,
+            "uri": redact_uri(uri_of_field(task, error.field)),
+            "message": error.message,
+        }
+        self._record(AuditKind.RESIDENCY_REFUSAL, fields, actor)
 
     # ---- plumbing -------------------------------------------------------------------------------
 
@@ -114,9 +148,14 @@ class AuditTrail:
             return ""
         return str(getattr(self.agents.get(agent_id), "trust_zone", "") or "")
 
-    @staticmethod
-    def _write(method: Any, *args: Any, **kwargs: Any) -> None:
+    def _queue(self, kind: AuditKind, fields: dict[str, Any], actor: str = ACTOR) -> None:
         try:
-            method(*args, **kwargs)
+            self.writer.enqueue(kind, actor, fields)
         except Exception:
-            log.exception("audit_write_failed", record=getattr(method, "__name__", str(method)))
+            log.exception("audit_write_failed", record=kind.value)
+
+    def _record(self, kind: AuditKind, fields: dict[str, Any], actor: str = ACTOR) -> None:
+        try:
+            self.writer.write(kind, actor, fields)
+        except Exception:
+            log.exception("audit_write_failed", record=kind.value)

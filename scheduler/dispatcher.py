@@ -144,6 +144,9 @@ class Dispatcher:
         self._workers = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="dispatch")
         self._stop = threading.Event()
         self._wake = threading.Event()  # set when a slot frees up: run the next pass now
+        # Tasks of pipelined passes whose commit has not finished: id -> project ("" = not launched).
+        self._uncommitted: dict[str, str] = {}
+        self._uncommitted_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._was_leader = False
         self._leader_since = 0.0
@@ -172,7 +175,7 @@ class Dispatcher:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                worked = self.step()
+                worked = self.step(pipelined=True)
             except Exception:
                 log.exception("dispatcher pass failed; retrying")
                 worked = 0
@@ -180,7 +183,7 @@ class Dispatcher:
                 self._wake.wait(self.settings.idle_sleep_s)
                 self._wake.clear()
 
-    def step(self) -> int:
+    def step(self, pipelined: bool = False) -> int:
         """One pass (leader only): reconcile on gaining leadership, handle lost agents, dispatch."""
         leader = self.is_leader()
         metrics.LEADER.set(1 if leader else 0)
@@ -193,7 +196,7 @@ class Dispatcher:
             self._was_leader = True
             self._leader_since = now
         self.handle_lost_agents(now)
-        return self.dispatch_pass(now)
+        return self.dispatch_pass(now, pipelined)
 
     # ---- reconciliation and agent loss ----------------------------------------------------------
 
@@ -238,23 +241,30 @@ class Dispatcher:
 
     # ---- dispatch ---------------------------------------------------------------------------------
 
-    def dispatch_pass(self, now: float) -> int:
+    def dispatch_pass(self, now: float, pipelined: bool = False) -> int:
         """Place runnable tasks in queue order; commit every decision of the pass in one transaction,
         then start the RPCs. Stops early after `max_misses_per_pass` tasks in a row could not go
-        anywhere (the cluster is full: the rest of the queue waits for the next pass)."""
+        anywhere (the cluster is full: the rest of the queue waits for the next pass).
+
+        `pipelined` (the loop's mode): the commit and the RPCs run on a worker while this thread
+        places the next pass; tasks of passes not yet committed are left out of later passes (and
+        counted against their project limits) until their commit is done."""
         snapshot = self.placer.world(now)
         free = sum(pool.free_slots + pool.can_provision for pool in snapshot[1].pools)
         if free <= 0:
             return 0  # nothing can start anywhere: skip placing the whole queue again
-        limit = min(self.settings.batch, free + self.settings.max_misses_per_pass)
-        runnable = self.store.runnable(now, limit, self.settings.aging_s)
+        with self._uncommitted_lock:
+            uncommitted = dict(self._uncommitted)
+        limit = min(self.settings.batch, free + self.settings.max_misses_per_pass) + len(uncommitted)
+        runnable = [r for r in self.store.runnable(now, limit, self.settings.aging_s) if r.id not in uncommitted]
         if not runnable:
             return 0
+        in_flight = self.store.in_flight_by_project()
+        for project in uncommitted.values():
+            if project:  # launches of uncommitted passes are in flight already
+                in_flight[project] = in_flight.get(project, 0) + 1
         items = [queue.QueuedItem(r.id, r.project, r.priority, r.submitted_at) for r in runnable]
-        admitted_ids = {
-            item.task_id
-            for item in queue.within_limits(items, self.store.in_flight_by_project(), self.settings.project_limits)
-        }
+        admitted_ids = {item.task_id for item in queue.within_limits(items, in_flight, self.settings.project_limits)}
         full_pools: set[str] = set()
         changes: list[Change] = []
         queued: list[tuple[str, Placement]] = []
@@ -276,41 +286,95 @@ class Dispatcher:
                 changes.append(planned)
             elif planned is not None:
                 queued.append((record.id, planned))
-        if queued:
-            self.store.record_queue_decisions(queued, now)
-        if not changes:
+        if not changes and not queued:
+            self._flush_audit()
             return 0
-        if not self.is_leader():  # lost the lock while placing: commit nothing, release reservations
+        if not pipelined:
+            return self._commit_and_launch(changes, launches, queued, now)
+        launching = {launch.record.id for launch in launches}
+        with self._uncommitted_lock:
+            for change in changes:
+                self._uncommitted[change.task_id] = ""
             for launch in launches:
-                self.agents.note_finished(launch.agent_id, launch.record.id)
-                if self.gate is not None:
-                    self.gate.withdraw(launch.record.id)
+                self._uncommitted[launch.record.id] = launch.record.project
+            for task_id, _placement in queued:
+                self._uncommitted[task_id] = ""
+        if queued:  # its own job: lands in the same writer batch as the launches' commit
+            self._workers.submit(self._record_queued, queued, now)
+        if changes:
+            self._workers.submit(self._commit_and_launch, changes, launches, [], now, True)
+        return len(launching)
+
+    def _record_queued(self, queued: list[tuple[str, Placement]], now: float) -> None:
+        try:
+            self.store.record_queue_decisions(queued, now)
+        except Exception:
+            log.exception("recording queue decisions failed; the next pass decides again", tasks=len(queued))
+        finally:
+            self._forget_uncommitted([task_id for task_id, _placement in queued])
+
+    def _forget_uncommitted(self, task_ids: Sequence[str]) -> None:
+        with self._uncommitted_lock:
+            for task_id in task_ids:
+                self._uncommitted.pop(task_id, None)
+        self._wake.set()
+
+    def _commit_and_launch(
+        self,
+        changes: list[Change],
+        launches: list[_Launch],
+        queued: list[tuple[str, Placement]],
+        now: float,
+        background: bool = False,
+    ) -> int:
+        """Commit a pass's decisions, then send its RunTask calls (placement durable before the RPC)."""
+        results: dict[str, bool | Exception] = {}
+        try:
+            if queued:
+                self.store.record_queue_decisions(queued, now)
+            if not changes:
+                self._flush_audit()
+                return 0
+            if not self.is_leader():  # lost the lock while placing: commit nothing, release reservations
+                return 0
+            results = dict(zip([c.task_id for c in changes], self.store.apply_changes(changes, now), strict=True))
+        except Exception:
+            if not background:
+                raise
+            log.exception("committing a dispatch pass failed; its tasks stay queued", tasks=len(changes))
             return 0
-        results = dict(zip([c.task_id for c in changes], self.store.apply_changes(changes, now), strict=True))
-        started = 0
+        finally:
+            for launch in launches:
+                if results.get(launch.record.id) is not True:  # not committed, cancelled or taken meanwhile
+                    self.agents.note_finished(launch.agent_id, launch.record.id)
+                    if self.gate is not None:
+                        self.gate.withdraw(launch.record.id)
+            if background:
+                self._forget_uncommitted([change.task_id for change in changes])
+        sending: list[tuple[TaskRecord, _Launch]] = []
         for launch in launches:
-            if results.get(launch.record.id) is not True:  # cancelled or taken meanwhile
-                self.agents.note_finished(launch.agent_id, launch.record.id)
-                if self.gate is not None:
-                    self.gate.withdraw(launch.record.id)
+            if results.get(launch.record.id) is not True:
                 continue
             metrics.QUEUE_WAIT.observe(max(0.0, now - launch.record.submitted_at))
             sent = replace(launch.record, pool=launch.result.pool, agent_id=launch.agent_id)
             for listener in self.listeners:
                 _safe(listener.on_dispatched, sent, launch.result)
-            self._workers.submit(
-                self._run_on_agent,
-                sent,
-                launch.agent_id,
-                launch.address,
-                launch.request,
-                now,
-            )
-            started += 1
+            sending.append((sent, launch))
+        self._flush_audit()  # the pass's placement/dispatch records are durable before any RunTask
+        for sent, launch in sending:
+            self._workers.submit(self._run_on_agent, sent, launch.agent_id, launch.address, launch.request, now)
         for change in changes:
             if change.steps[-1].to_state == FAILED and results.get(change.task_id) is True:
                 self._finished(change.task_id)
-        return started
+        return len(sending)
+
+    def _flush_audit(self) -> None:
+        """Listeners and the audit hook may queue records during a pass (`flush()`): wait for them once."""
+        hooks = {id(hook): hook for hook in (*self.listeners, self.audit) if hook is not None}
+        for hook in hooks.values():
+            flush = getattr(hook, "flush", None)
+            if flush is not None:
+                _safe(flush)
 
     def _plan(
         self, record: TaskRecord, now: float, snapshot: Any, full_pools: set[str]
@@ -480,6 +544,9 @@ class Dispatcher:
             to_state = task_states.from_proto(state)
             reason = message.message or (message.error.message if message.HasField("error") else "") or to_state
             if self.store.transition(task_id, to_state, reason, now, expect_agent=agent_id, progress_message=message):
+                # Free the slot and start the next pass before the listeners (audit fsync, ledger) run.
+                self.agents.note_finished(agent_id, task_id)
+                self._wake.set()
                 metrics.TASKS_FINISHED.labels(state=to_state, pool=record.pool or "").inc()
                 if self.listeners:
                     final = self.store.get(task_id)

@@ -60,6 +60,8 @@ tasks = sa.Table(
     sa.Index("ix_tasks_project_state", "project", "state"),
     sa.Index("ix_tasks_agent_state", "agent_id", "state"),
     sa.Index("ix_tasks_submitted", "submitted_at", "id"),
+    # ListTasks by state walks this in (submitted_at, id) order: a range scan, no sort.
+    sa.Index("ix_tasks_state_submitted", "state", "submitted_at", "id"),
 )
 
 transitions = sa.Table(
@@ -270,6 +272,8 @@ class TaskStore:
             self._writer = sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
             self._reader = self._writer
         metadata.create_all(self._writer)
+        for index in tasks.indexes:  # create_all skips indexes added to a table that already exists
+            index.create(self._writer, checkfirst=True)
         self._writer_thread: Writer | None = None
         self._insert_statements: tuple[str, str] | None = None
         self._apply_statements: dict[str, str] | None = None

@@ -17,7 +17,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -148,7 +148,15 @@ class AuditLog:
 
     def append(self, kind: AuditKind | str, actor: str, **fields: Any) -> dict[str, Any]:
         """Write one record and return it. Raises AuditLogCorrupt when the tail cannot be chained."""
-        kind = AuditKind(kind)
+        return self.append_many([(kind, actor, fields)])[0]
+
+    def append_many(self, entries: Sequence[tuple[AuditKind | str, str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+        """Write `(kind, actor, fields)` entries in order, chained, under one lock and one fsync.
+
+        All or nothing as far as the chain goes: the records are written with one write() call."""
+        if not entries:
+            return []
+        kinds = [AuditKind(kind) for kind, _actor, _fields in entries]
         with self._lock, open(self.path, "ab+") as handle:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             try:
@@ -165,20 +173,25 @@ class AuditLog:
                 else:
                     seq, prev = 1, GENESIS
                 at = dt.datetime.fromtimestamp(self.clock(), dt.UTC).isoformat(timespec="milliseconds")
-                record: dict[str, Any] = {"seq": seq, "at": at, "kind": kind.value, "actor": actor}
-                record.update({key: value for key, value in fields.items() if key not in record})
-                record["prev"] = prev
-                record["hash"] = record_hash(record)
-                if self.signer is not None:
-                    record["sig"] = self.signer.sign(record["hash"])
+                records: list[dict[str, Any]] = []
+                for kind, (_kind, actor, fields) in zip(kinds, entries, strict=True):
+                    record: dict[str, Any] = {"seq": seq, "at": at, "kind": kind.value, "actor": actor}
+                    record.update({key: value for key, value in fields.items() if key not in record})
+                    record["prev"] = prev
+                    record["hash"] = record_hash(record)
+                    if self.signer is not None:
+                        record["sig"] = self.signer.sign(record["hash"])
+                    records.append(record)
+                    seq, prev = seq + 1, record["hash"]
                 handle.seek(0, os.SEEK_END)
-                handle.write(canonical_json(record) + b"\n")
+                handle.write(b"".join(canonical_json(record) + b"\n" for record in records))
                 handle.flush()
                 os.fsync(handle.fileno())
             finally:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-        metrics.AUDIT_RECORDS.labels(kind.value).inc()
-        return record
+        for kind in kinds:
+            metrics.AUDIT_RECORDS.labels(kind.value).inc()
+        return records
 
     # Typed shortcuts: the call sites in scheduler and admin service use these.
     def placement(

@@ -1,0 +1,94 @@
+"""Group commit for the audit log: one writer thread, one flock + fsync per batch of records.
+
+Callers enqueue `(kind, actor, fields)` entries; the writer takes everything pending and appends it
+with `AuditLog.append_many` (records chained in enqueue order, one fsync). `wait(ticket)` blocks
+until the entry with that ticket (and so every entry enqueued before it) is durable, which lets the
+dispatcher enqueue a whole pass of records and wait once before it sends the RunTask calls.
+
+A failed write is logged loudly and its waiters are released: an audit failure never stops
+dispatch (the task store stays the source of truth), exactly as with synchronous appends.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+
+from facefleet.security.audit import AuditKind, AuditLog
+
+log = structlog.get_logger()
+
+Entry = tuple[AuditKind | str, str, Mapping[str, Any]]
+
+
+class AuditBatchWriter:
+    def __init__(self, audit: AuditLog, max_batch: int = 1024) -> None:
+        self.audit = audit
+        self._max_batch = max_batch
+        self._pending: list[Entry] = []
+        self._enqueued = 0  # tickets handed out (ticket n = the n-th entry ever enqueued)
+        self._written = 0  # entries whose write has finished (durable, or failed and logged)
+        self._failed = 0
+        self._closed = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._thread.start()
+
+    @property
+    def failed(self) -> int:
+        """Entries that could not be written (each was logged)."""
+        return self._failed
+
+    def enqueue(self, kind: AuditKind | str, actor: str, fields: Mapping[str, Any]) -> int:
+        """Queue one record; returns its ticket for `wait`. Raises ValueError for an unknown kind."""
+        entry: Entry = (AuditKind(kind), actor, dict(fields))
+        with self._changed:
+            if self._closed:
+                raise RuntimeError("the audit writer is closed; the scheduler is shutting down")
+            self._pending.append(entry)
+            self._enqueued += 1
+            self._changed.notify_all()
+            return self._enqueued
+
+    def write(self, kind: AuditKind | str, actor: str, fields: Mapping[str, Any], timeout: float = 30.0) -> None:
+        """Queue one record and wait until it is written."""
+        self.wait(self.enqueue(kind, actor, fields), timeout)
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until every record enqueued so far is written."""
+        with self._changed:
+            ticket = self._enqueued
+        self.wait(ticket, timeout)
+
+    def wait(self, ticket: int, timeout: float = 30.0) -> None:
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._written >= ticket, timeout):
+                log.error("audit write still pending after timeout", ticket=ticket, timeout_s=timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        with self._changed:
+            if self._closed:
+                return
+            self._closed = True
+            self._changed.notify_all()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: self._pending or self._closed)
+                if not self._pending:
+                    return  # closed and drained
+                batch = self._pending[: self._max_batch]
+                del self._pending[: self._max_batch]
+            try:
+                self.audit.append_many(batch)
+            except Exception:
+                self._failed += len(batch)
+                log.exception("audit_write_failed", records=len(batch), kinds=sorted({str(e[0]) for e in batch}))
+            with self._changed:
+                self._written += len(batch)
+                self._changed.notify_all()

@@ -1,0 +1,114 @@
+"""Batched audit appends: one fsync per batch, records in enqueue order, the hash chain intact."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from facefleet.security.audit import AuditKind, AuditLog, Signer, verify
+from scheduler.audit_batch import AuditBatchWriter
+from scheduler.audit_trail import AuditTrail
+from scheduler.store import TaskRecord
+
+
+def records(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_append_many_chains_records_in_order_with_one_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    signer = Signer(secret=b"0123456789abcdef-secret")
+    log = AuditLog(tmp_path / "a.jsonl", signing_key=signer)
+    log.append(AuditKind.ADMIN, "alice", act="first", args={}, outcome="ok")
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        fsyncs.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    written = log.append_many([(AuditKind.PLACEMENT, "scheduler", {"task": f"t{i}"}) for i in range(5)])
+    assert len(fsyncs) == 1
+    assert [r["seq"] for r in written] == [2, 3, 4, 5, 6]
+    assert [r["task"] for r in records(log.path)[1:]] == [f"t{i}" for i in range(5)]
+    report = verify(log.path, signer)
+    assert report.ok and report.records == 6, report.problem
+    assert log.append_many([]) == []
+
+
+def test_writer_keeps_each_threads_order_and_the_chain_under_concurrency(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "a.jsonl")
+    writer = AuditBatchWriter(log)
+
+    def produce(worker: int) -> None:
+        for i in range(50):
+            if i % 10 == 9:
+                writer.write(AuditKind.COMPLETION, "scheduler", {"task": f"w{worker}-{i}"})
+            else:
+                writer.enqueue(AuditKind.DISPATCH, "scheduler", {"task": f"w{worker}-{i}"})
+
+    threads = [threading.Thread(target=produce, args=(worker,)) for worker in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    writer.flush()
+    written = records(log.path)
+    assert len(written) == 200
+    for worker in range(4):
+        mine = [int(r["task"].split("-")[1]) for r in written if r["task"].startswith(f"w{worker}-")]
+        assert mine == list(range(50))
+    assert verify(log.path).ok
+    writer.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        writer.enqueue(AuditKind.ADMIN, "scheduler", {})
+
+
+def test_a_failed_write_is_logged_and_never_blocks_its_callers(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "a.jsonl")
+    log.path.write_text('{"seq": 1, "hash": "x"\n')  # the tail cannot be chained to
+    writer = AuditBatchWriter(log)
+    writer.write(AuditKind.ADMIN, "scheduler", {"act": "x"}, timeout=5)  # returns: failure is logged
+    assert writer.failed == 1
+    with pytest.raises(ValueError):
+        writer.enqueue("no-such-kind", "scheduler", {})
+    writer.close()
+
+
+def test_trail_queues_dispatch_records_until_flush_and_writes_completions_at_once(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "a.jsonl")
+    trail = AuditTrail(log)
+    blocker = threading.Lock()
+    blocker.acquire()
+    real_append_many = log.append_many
+
+    def held_append_many(entries: Any) -> Any:
+        with blocker:
+            return real_append_many(entries)
+
+    log.append_many = held_append_many  # type: ignore[method-assign]
+    record = TaskRecord(
+        id="t1", idempotency_key=None, project="p", sensitivity="private", priority=2, state="succeeded",
+        pool="onprem-a", rule="r1", agent_id="a1", attempts=1, checkpoint_frame=0, checkpoint_uri="",
+        placement=None, placement_proto=None, task_proto=b"", submitted_at=0.0, updated_at=0.0,
+        not_before=0.0, finished_at=None, last_reason="",
+    )  # fmt: skip
+
+    class Decision:
+        pool_trust_zone, rule, pool = "private", "r1", "onprem-a"
+
+    trail.on_dispatched(record, Decision())  # type: ignore[arg-type]  # queued: returns while the write is held
+    assert not log.path.exists() or not log.path.read_text()
+    blocker.release()
+    trail.flush()
+    assert [r["kind"] for r in records(log.path)] == ["placement", "dispatch"]
+    trail.on_finished(record)  # waits for its own write
+    assert [r["kind"] for r in records(log.path)][-1] == "completion"
+    assert records(log.path)[-1]["trust_zone"] == "private"
+    assert verify(log.path).ok
+    trail.close()

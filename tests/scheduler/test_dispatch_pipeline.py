@@ -1,0 +1,159 @@
+"""The dispatcher's fast path: pipelined passes (commit and RPCs off the loop thread), the slot freed
+at completion, and the audit flush before any RunTask leaves."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from facefleet.v1 import scheduler_pb2, types_pb2
+from scheduler.capacity import AgentRegistry
+from scheduler.dispatcher import Dispatcher, DispatcherSettings
+from scheduler.store import Change, TaskStore
+from tests.scheduler.fake_agents import HollowAgent, wait_for
+from tests.scheduler.test_dispatcher import FixedPlacer, register, submit
+
+
+class HeldStore(TaskStore):
+    """apply_changes waits until `release` is set: a commit that is slow to become durable."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.release = threading.Event()
+        self.commits_started = 0
+
+    def apply_changes(self, changes: Sequence[Change], now: float) -> list[bool | Exception]:
+        self.commits_started += 1
+        assert self.release.wait(10), "test never released the held commit"
+        return super().apply_changes(changes, now)
+
+
+def dispatched_count(store: TaskStore, task_id: str) -> int:
+    return sum(1 for step in store.transitions_of(task_id) if step.to_state == "dispatched")
+
+
+def test_pipelined_pass_leaves_uncommitted_tasks_out_and_counts_them_against_limits(tmp_path: Path) -> None:
+    store = HeldStore(f"sqlite:///{tmp_path}/d.db")
+    registry = AgentRegistry(heartbeat_timeout_s=30)
+    register(registry, "onprem-1", "onprem-a", "private", slots=10)
+    dispatcher = Dispatcher(
+        store,
+        FixedPlacer("onprem-a", "private"),
+        registry,
+        DispatcherSettings(project_limits={"busy": 2}, warmup_s=0, backoff_initial_s=60),
+    )
+    busy = [submit(store, "busy", types_pb2.SENSITIVITY_PRIVATE) for _ in range(4)]
+    try:
+        assert dispatcher.dispatch_pass(time.time(), pipelined=True) == 2  # returns before the commit
+        wait_for(lambda: store.commits_started == 1, 5, what="the pass's commit to start on a worker")
+        assert all(store.get(task_id).state == "queued" for task_id in busy)  # not committed yet
+        # The next pass must neither re-place the two uncommitted launches nor exceed the limit.
+        assert dispatcher.dispatch_pass(time.time(), pipelined=True) == 0
+        store.release.set()
+        wait_for(lambda: sum(dispatched_count(store, t) for t in busy) == 2, 5, what="the held commit to land")
+        assert all(dispatched_count(store, task_id) <= 1 for task_id in busy)
+        assert store.commits_started == 1
+    finally:
+        store.release.set()
+        dispatcher.stop()
+        store.close()
+
+
+def test_a_pass_that_cannot_commit_releases_its_slot_reservations(tmp_path: Path) -> None:
+    store = TaskStore(f"sqlite:///{tmp_path}/d.db")
+    registry = AgentRegistry(heartbeat_timeout_s=30)
+    register(registry, "onprem-1", "onprem-a", "private", slots=2)
+
+    def failing_commit(changes: Sequence[Change], now: float) -> list[bool | Exception]:
+        raise RuntimeError("disk full")
+
+    store.apply_changes = failing_commit  # type: ignore[method-assign]
+    dispatcher = Dispatcher(
+        store, FixedPlacer("onprem-a", "private"), registry, DispatcherSettings(project_limits={}, warmup_s=0)
+    )
+    task_id = submit(store, "p", types_pb2.SENSITIVITY_PRIVATE)
+    try:
+        assert dispatcher.dispatch_pass(time.time(), pipelined=True) == 1
+        agent = registry.get("onprem-1")
+        wait_for(lambda: not registry.get("onprem-1").in_flight, 5, what="the reservation to be released")  # type: ignore[union-attr]
+        assert agent is not None and store.get(task_id).state == "queued"
+        assert registry.get("onprem-1").effective_free_slots == 2  # type: ignore[union-attr]
+    finally:
+        dispatcher.stop()
+        store.close()
+
+
+class Recorder:
+    """Listener + audit hook that notes the order of events, and whether the slot was free at completion."""
+
+    def __init__(self, registry: AgentRegistry, agent_id: str) -> None:
+        self.registry = registry
+        self.agent_id = agent_id
+        self.events: list[str] = []
+        self.free_at_finish: list[int] = []
+
+    def on_dispatched(self, task: Any, decision: Any) -> None:
+        self.events.append("dispatched")
+
+    def flush(self) -> None:
+        self.events.append("flush")
+
+    def on_finished(self, task: Any) -> None:
+        record = self.registry.get(self.agent_id)
+        assert record is not None
+        self.free_at_finish.append(record.free_slots - len(record.in_flight))
+        self.events.append("finished")
+
+    def __call__(self, event: str, fields: dict[str, Any]) -> None:
+        self.events.append(event)
+
+
+def test_audit_is_flushed_before_the_rpc_and_the_slot_is_free_before_listeners_run(tmp_path: Path) -> None:
+    store = TaskStore(f"sqlite:///{tmp_path}/d.db")
+    registry = AgentRegistry(heartbeat_timeout_s=30)
+    agent = HollowAgent("127.0.0.1:9", "onprem-1", "onprem-a", "private", slots=1, heartbeat_s=60).start()
+    registry.record_heartbeat(
+        scheduler_pb2.HeartbeatRequest(
+            agent_id="onprem-1",
+            address=agent.address,
+            pool="onprem-a",
+            trust_zone="private",
+            provider="onprem",
+            total_slots=1,
+            free_slots=1,
+            healthy=True,
+        ),
+        time.time(),
+    )
+    recorder = Recorder(registry, "onprem-1")
+
+    def channel_for(address: str) -> grpc.Channel:
+        recorder.events.append("rpc")
+        return grpc.insecure_channel(address)
+
+    dispatcher = Dispatcher(
+        store,
+        FixedPlacer("onprem-a", "private"),
+        registry,
+        DispatcherSettings(project_limits={}, warmup_s=0),
+        listeners=[recorder],
+        audit=recorder,
+        channel_for=channel_for,
+    )
+    task_id = submit(store, "p", types_pb2.SENSITIVITY_PRIVATE)
+    try:
+        assert dispatcher.dispatch_pass(time.time(), pipelined=True) == 1
+        wait_for(lambda: store.get(task_id).state == "succeeded", 10, what="the hollow agent to finish the task")
+        wait_for(lambda: "finished" in recorder.events, 5, what="the completion listener")
+        # flushed once (listener and audit hook are the same object), before the channel was opened
+        assert recorder.events[:3] == ["dispatched", "flush", "rpc"]
+        assert recorder.free_at_finish == [1]  # the slot was already free when the listeners ran
+    finally:
+        dispatcher.stop()
+        agent.kill()
+        store.close()
