@@ -159,8 +159,21 @@ def prepare(root: Path, fresh: bool = True) -> DemoLayout:
         "# See models/manifest.toml in the repository for the production ONNX entries.\n"
     )
     make_sample_inputs(layout.inputs)
+    write_task_file(layout.root / "tasks.yaml")
     layout.config.write_text(render_config(layout, scheduler_port=free_port()))
     return layout
+
+
+def write_task_file(path: Path) -> None:
+    """The workload in the offline task format, for `facefleet explain tasks.yaml --world ...`."""
+    import yaml
+
+    tasks = [
+        {"id": t.name, "project": t.project, "sensitivity": t.sensitivity, "priority": t.priority,
+         "sla_seconds": 600, "frames": 1}
+        for t in WORKLOAD
+    ]  # fmt: skip
+    path.write_text(yaml.safe_dump(tasks, sort_keys=False))
 
 
 def make_sample_inputs(directory: Path) -> None:
@@ -265,6 +278,8 @@ def start_stack(layout: DemoLayout) -> RunningStack:
                 "--provider", provider, "--scheduler", address, "--models", str(layout.models),
                 "--listen", f"127.0.0.1:{free_port()}", "--slots", str(slots), "--metrics-port", "0",
                 "--tls-dir", str(layout.certs), "--work-dir", str(layout.root / "work" / name),
+                "--c2pa-cert", str(layout.certs / "c2pa-signer.pem"),
+                "--c2pa-key", str(layout.certs / "c2pa-signer-key.pem"),
                 "--allowed-root", str(layout.inputs), "--allowed-root", str(layout.outputs),
             ],
         )  # fmt: skip

@@ -110,7 +110,7 @@ def place(task: TaskSpec, rules: RuleSet, world: World) -> Decision:
             rule=rule.id,
             reason=(
                 f"rule {rule.id} (prefer {rule.prefer}): {pool.name} scored {scores[best]:.3f} of "
-                f"{len(feasible_pools)} feasible pool(s); est. ${est.cost_usd:.4f}, {est.completion_s:.1f} s"
+                f"{len(feasible_pools)} feasible pool(s); est. ${est.cost_usd:.6f}, {est.completion_s:.1f} s"
             ),
             candidates=tuple(candidates),
             estimate=est,

@@ -33,14 +33,18 @@ def render_decision(task: TaskSpec, decision: Decision) -> Group:
     head.append(decision.reason)
     if decision.estimate:
         head.append(
-            f"\nestimate: ${decision.estimate.cost_usd:.4f}, {decision.estimate.completion_s:.1f} s"
+            f"\nestimate: ${decision.estimate.cost_usd:.6f}, {decision.estimate.completion_s:.1f} s"
             + (f", charged to budget {decision.budget}" if decision.budget else "")
         )
     for note in decision.notes:
         head.append(f"\nnote: {note}", style="dim")
     table = Table(show_lines=False, expand=False)
-    for column in ("pool", "feasible", "filter", "detail", "score", "cost $", "completion s"):
-        table.add_column(column, overflow="fold")
+    # Names and numbers stay whole; only the free-text detail wraps on a narrow terminal.
+    for column in ("pool", "ok", "filter"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("detail", overflow="fold", min_width=20)
+    for column in ("score", "cost $", "time s"):
+        table.add_column(column, no_wrap=True, justify="right")
     for c in decision.candidates:
         chosen = c.pool == decision.pool
         table.add_row(
@@ -49,7 +53,7 @@ def render_decision(task: TaskSpec, decision: Decision) -> Group:
             c.failed_filter or "",
             c.detail,
             "" if c.score is None else f"{c.score:.3f}",
-            "" if c.estimate is None else f"{c.estimate.cost_usd:.4f}",
+            "" if c.estimate is None else f"{c.estimate.cost_usd:.6f}",
             "" if c.estimate is None else f"{c.estimate.completion_s:.1f}",
         )
     return Group(head, table)

@@ -126,13 +126,13 @@ def budget(ctx: FilterContext, _pool: PoolState, est: Estimate | None) -> str | 
         return None
     name = ctx.rule.budget
     if name is None:
-        return f"estimated cost ${est.cost_usd:.4f} but rule {ctx.rule.id} names no budget account"
+        return f"estimated cost ${est.cost_usd:.6f} but rule {ctx.rule.id} names no budget account"
     account = ctx.budget
     if account is None:
         return f"budget account {name} is not defined (add it to budgets)"
     remaining = account.remaining_usd
     if est.cost_usd > remaining:
-        return f"estimate ${est.cost_usd:.4f} > remaining ${remaining:.4f} of budget {name}"
+        return f"estimate ${est.cost_usd:.6f} > remaining ${remaining:.4f} of budget {name}"
     return None
 
 
