@@ -704,9 +704,11 @@ class AgentHandle:
 def load_pipeline(config: AgentConfig) -> tuple[Pipeline | None, BaseException | None]:
     """Load the swap pipeline from the models dir; a failure is kept (Describe/heartbeat report it)."""
     try:
+        from agent.pipeline.provenance import C2paSigningKey
         from agent.pipeline.runner import SwapPipeline
 
-        loaded: Pipeline = SwapPipeline.load(config.models_dir, config.execution_providers)
+        signer = C2paSigningKey.from_config(config.c2pa_cert, config.c2pa_key)
+        loaded: Pipeline = SwapPipeline.load(config.models_dir, config.execution_providers, provenance_signer=signer)
         return loaded, None
     except Exception as error:
         log.error("pipeline_load_failed", models_dir=str(config.models_dir), error=str(error))

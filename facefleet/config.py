@@ -94,6 +94,9 @@ class AgentConfig(Section):
     instance_id: str = ""               # cloud instance id, matched against the provisioner's records
     # Shared by every agent that may resume a task: checkpoints live at file://<root>/<task_id>/.
     checkpoint_root: Path = Path("var/checkpoints")
+    # C2PA provenance signing (cert chain PEM + EC P-256 key); both unset: labelled but unsigned outputs.
+    c2pa_cert: Path | None = None
+    c2pa_key: Path | None = None
 
 
 class ResidencyConfig(Section):

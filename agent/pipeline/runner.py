@@ -39,7 +39,16 @@ from agent.pipeline.media import (
     read_frames,
     read_image,
 )
-from agent.pipeline.provenance import ProvenanceRecord, write_labelled_image, write_sidecar
+from agent.pipeline.provenance import (
+    C2paSigningKey,
+    ProvenanceRecord,
+    ProvenanceSigningFailed,
+    c2pa_mime_type,
+    c2pa_sidecar_fields,
+    sign_c2pa,
+    write_labelled_image,
+    write_sidecar,
+)
 from agent.pipeline.quality import QualityReport, summarize
 from agent.pipeline.select import FaceSelector
 from agent.pipeline.stage import FrameState
@@ -119,8 +128,17 @@ class _StageTotals:
 
 
 class SwapPipeline:
-    def __init__(self, loaded: LoadedEngine, providers: list[str], models_dir: Path, workers: int, limits: MediaLimits):
+    def __init__(
+        self,
+        loaded: LoadedEngine,
+        providers: list[str],
+        models_dir: Path,
+        workers: int,
+        limits: MediaLimits,
+        provenance_signer: C2paSigningKey | None = None,
+    ):
         self._loaded = loaded
+        self.provenance_signer = provenance_signer
         self.execution_providers = providers
         self.models_dir = models_dir
         self.workers = workers
@@ -133,16 +151,20 @@ class SwapPipeline:
         providers: list[str] | None = None,
         workers: int | None = None,
         limits: MediaLimits | None = None,
+        provenance_signer: C2paSigningKey | None = None,
     ) -> SwapPipeline:
+        """`provenance_signer`: sign every output with a C2PA manifest (None: label + sidecar only)."""
         resolved = resolve_providers(providers)
         loaded = load_engine(models_dir, resolved)
-        pipeline = cls(loaded, resolved, models_dir, workers or min(4, os.cpu_count() or 1), limits or MediaLimits())
+        workers = workers or min(4, os.cpu_count() or 1)
+        pipeline = cls(loaded, resolved, models_dir, workers, limits or MediaLimits(), provenance_signer)
         log.info(
             "swap_pipeline_loaded",
             engine=pipeline.engine,
             providers=resolved,
             models=[(m.name, m.verified) for m in pipeline.models],
             note=pipeline.engine_note,
+            c2pa_signing=str(provenance_signer.cert_path) if provenance_signer else None,
         )
         return pipeline
 
@@ -162,10 +184,24 @@ class SwapPipeline:
         models = [{"name": m.name, "role": m.role, "sha256": m.sha256} for m in self.models if m.verified]
         return ProvenanceRecord(task_id=job.task_id, engine=self.engine, models=models)
 
+    def _sign(self, job: SwapJob, record: ProvenanceRecord) -> dict[str, object]:
+        """C2PA-sign the finished output when a key is configured; the sidecar fields either way."""
+        if self.provenance_signer is None:
+            return c2pa_sidecar_fields(None)
+        try:
+            label = sign_c2pa(job.output_path, record, job.target_path, self.provenance_signer)
+        except ProvenanceSigningFailed:
+            job.output_path.unlink(missing_ok=True)  # a configured key means no unsigned output is left behind
+            raise
+        return c2pa_sidecar_fields(label)
+
     def run(
         self, job: SwapJob, on_progress: Callable[[ProgressUpdate], None], cancelled: threading.Event
     ) -> SwapResult:
         options = _options(job)
+        if self.provenance_signer is not None:  # refuse before any work what could not be signed
+            c2pa_mime_type(job.output_path)
+            c2pa_mime_type(job.target_path)
         source = read_image(job.source_path, "source image", self.limits)
         reference = (
             read_image(job.reference_face_path, "reference face image", self.limits)
@@ -196,8 +232,9 @@ class SwapPipeline:
         totals.add(state)
         record = self._record(job)
         write_labelled_image(state.frame, job.output_path, record)
+        signed = self._sign(job, record)
         sidecar = write_sidecar(
-            job.output_path, record, job.source_path, job.target_path, {"engine_note": self.engine_note}
+            job.output_path, record, job.source_path, job.target_path, {"engine_note": self.engine_note, **signed}
         )
         elapsed = time.perf_counter() - started
         on_progress(
@@ -292,12 +329,13 @@ class SwapPipeline:
             )
             mux_segments(store.segments(), job.target_path, staging, record.label(), work_dir)
             shutil.move(str(staging), job.output_path)
+            signed = self._sign(job, record)
             sidecar = write_sidecar(
                 job.output_path,
                 record,
                 job.source_path,
                 job.target_path,
-                {"engine_note": self.engine_note, "frames": store.state.next_frame},
+                {"engine_note": self.engine_note, "frames": store.state.next_frame, **signed},
             )
             state = store.state
             mean = state.similarity_sum / state.similarity_count if state.similarity_count else None

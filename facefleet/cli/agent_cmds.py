@@ -71,6 +71,10 @@ def register(app: typer.Typer) -> None:
         metadata_url: str = typer.Option(
             "", "--metadata-url", help="Instance metadata base URL for spot notices (default 169.254.169.254)."
         ),
+        c2pa_cert: Path | None = typer.Option(
+            None, "--c2pa-cert", help="C2PA signer cert chain PEM: outputs get a signed manifest (with --c2pa-key)."
+        ),
+        c2pa_key: Path | None = typer.Option(None, "--c2pa-key", help="C2PA signer EC P-256 private key PEM."),
         config: Path | None = typer.Option(None, "--config", help="facefleet.toml"),
     ) -> None:
         """Run an agent: serve RunTask/CancelTask/Describe, heartbeat to the scheduler, export /metrics.
@@ -118,7 +122,15 @@ def register(app: typer.Typer) -> None:
             updates["work_dir"] = work_dir
         if checkpoint_root is not None:
             updates["checkpoint_root"] = checkpoint_root
+        if c2pa_cert is not None or c2pa_key is not None:
+            updates["c2pa_cert"], updates["c2pa_key"] = c2pa_cert, c2pa_key
         agent_config = settings.agent.model_copy(update=updates)
+        from agent.pipeline.provenance import C2paSigningKey, ProvenanceSigningFailed
+
+        try:  # fail at start, not on the first task, when the signing material is unusable
+            C2paSigningKey.from_config(agent_config.c2pa_cert, agent_config.c2pa_key)
+        except ProvenanceSigningFailed as error:
+            fail(error.message, hint="`facefleet certs init` writes c2pa-signer.pem and c2pa-signer-key.pem")
         tls = settings.tls.model_copy(
             update={"insecure": insecure or settings.tls.insecure, **({"dir": tls_dir} if tls_dir is not None else {})}
         )

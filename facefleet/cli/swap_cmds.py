@@ -31,10 +31,15 @@ def register(app: typer.Typer) -> None:
         enhance: bool = typer.Option(False, "--enhance", help="Run the enhancer model when installed."),
         provider: list[str] = typer.Option([], "--provider", help="tensorrt | cuda | cpu (repeatable; default: best)."),
         checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir", help="Video checkpoints (resumable)."),
+        c2pa_cert: Path | None = typer.Option(
+            None, "--c2pa-cert", help="C2PA signer cert chain PEM: sign the output's manifest (with --c2pa-key)."
+        ),
+        c2pa_key: Path | None = typer.Option(None, "--c2pa-key", help="C2PA signer EC P-256 private key PEM."),
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Swap a face into an image or video on this machine and report engine, frames, fps and ID similarity."""
         from agent.pipeline.errors import PipelineError
+        from agent.pipeline.provenance import C2paSigningKey
         from agent.pipeline.runner import ProgressUpdate, SwapJob, SwapPipeline
 
         job = SwapJob(
@@ -58,7 +63,8 @@ def register(app: typer.Typer) -> None:
                 )
 
         try:
-            pipeline = SwapPipeline.load(models, providers=provider or None)
+            signer = C2paSigningKey.from_config(c2pa_cert, c2pa_key)
+            pipeline = SwapPipeline.load(models, providers=provider or None, provenance_signer=signer)
             started = time.perf_counter()
             result = pipeline.run(job, show, threading.Event())
         except PipelineError as exc:
