@@ -275,7 +275,15 @@ class Dispatcher:
                 break
             if record.id not in admitted_ids:
                 continue
+            was_full = len(full_pools)
             planned = self._plan(record, now, snapshot, full_pools)
+            # Local slot accounting: later tasks of this pass see the slot taken (or the pool full),
+            # so placement does not keep choosing a pool that has no agent slot left.
+            if isinstance(planned, _Launch):
+                snapshot = _with_free_slots(snapshot, planned.result.pool, lambda free: max(0, free - 1))
+            elif len(full_pools) != was_full:
+                for pool_name in full_pools:
+                    snapshot = _with_free_slots(snapshot, pool_name, lambda free: 0)
             if isinstance(planned, _Launch):
                 launches.append(planned)
                 changes.append(planned.change)
@@ -548,8 +556,16 @@ class Dispatcher:
                 self.agents.note_finished(agent_id, task_id)
                 self._wake.set()
                 metrics.TASKS_FINISHED.labels(state=to_state, pool=record.pool or "").inc()
-                if self.listeners:
-                    final = self.store.get(task_id)
+                if self.listeners:  # the record as committed, without reading it back
+                    final = replace(
+                        record,
+                        state=to_state,
+                        agent_id=agent_id,
+                        attempts=record.attempts + 1,
+                        last_reason=reason,
+                        updated_at=now,
+                        finished_at=now,
+                    )
                     for listener in self.listeners:
                         _safe(listener.on_finished, final)
             return True
@@ -654,6 +670,15 @@ class Dispatcher:
                 channel = self._channel_for(address)
                 self._channels[address] = channel
             return channel
+
+
+def _with_free_slots(snapshot: Any, pool_name: str, free: Callable[[int], int]) -> Any:
+    """The pass's (rules, World) with `pool_name`'s free slots replaced by `free(current)`."""
+    active, world = snapshot
+    pools = tuple(
+        replace(pool, free_slots=free(pool.free_slots)) if pool.name == pool_name else pool for pool in world.pools
+    )
+    return active, replace(world, pools=pools)
 
 
 def _kept_queued(placement: Placement, why: str, record: TaskRecord) -> Placement | None:

@@ -662,18 +662,25 @@ class TaskStore:
     def record_queue_decisions(self, decisions: Sequence[tuple[str, Placement]], now: float) -> None:
         """`queue` outcomes: the tasks stay queued; keep each decision for Explain."""
 
+        statement = (
+            tasks.update()
+            .where(tasks.c.id == sa.bindparam("b_id"), tasks.c.state == QUEUED)
+            .values(
+                placement=sa.bindparam("b_placement", type_=tasks.c.placement.type),
+                placement_proto=sa.bindparam("b_proto", type_=tasks.c.placement_proto.type),
+                rule=sa.bindparam("b_rule"),
+                updated_at=sa.bindparam("b_at"),
+            )
+        )
+
         def run(conn: Connection) -> None:
-            for task_id, placement in decisions:
-                conn.execute(
-                    tasks.update()
-                    .where(tasks.c.id == task_id, tasks.c.state == QUEUED)
-                    .values(
-                        placement=placement.summary,
-                        placement_proto=placement.decision,
-                        rule=placement.rule,
-                        updated_at=now,
-                    )
-                )
+            if not decisions:
+                return
+            rows = [
+                {"b_id": task_id, "b_placement": p.summary, "b_proto": p.decision, "b_rule": p.rule, "b_at": now}
+                for task_id, p in decisions
+            ]
+            conn.execute(statement, rows)  # one executemany for the whole pass
 
         self._execute_write(run)
 

@@ -57,7 +57,8 @@ class FaceDetector:
             self._anchor_cache[key] = np.repeat(centers, self.anchors_per_cell, axis=0)
         return self._anchor_cache[key]
 
-    def detect(self, image: np.ndarray) -> list[Face]:
+    def blob(self, image: np.ndarray) -> tuple[np.ndarray, float]:
+        """The model input for `image` (letterboxed into the input size) and the scale applied."""
         in_w, in_h = self.input_size
         img_h, img_w = image.shape[:2]
         scale = min(in_w / img_w, in_h / img_h)
@@ -65,6 +66,11 @@ class FaceDetector:
         canvas = np.zeros((in_h, in_w, 3), dtype=np.uint8)
         canvas[:new_h, :new_w] = cv2.resize(image, (new_w, new_h)) if scale != 1.0 else image
         blob = cv2.dnn.blobFromImage(canvas, 1.0 / 128.0, (in_w, in_h), (127.5, 127.5, 127.5), swapRB=True)
+        return blob, scale
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        in_w, in_h = self.input_size
+        blob, scale = self.blob(image)
         outs = self.session.run(None, {self.input_name: blob})
         if self.batched:
             outs = [o[0] for o in outs]

@@ -16,11 +16,13 @@ class FaceRecognizer:
         self.input_name = session.get_inputs()[0].name
         self.input_size = int(session.get_inputs()[0].shape[2])
 
-    def embed_crop(self, aligned_bgr: np.ndarray) -> np.ndarray:
-        blob = cv2.dnn.blobFromImage(
+    def blob(self, aligned_bgr: np.ndarray) -> np.ndarray:
+        return cv2.dnn.blobFromImage(
             aligned_bgr, 1.0 / 127.5, (self.input_size, self.input_size), (127.5, 127.5, 127.5), swapRB=True
         )
-        vector = self.session.run(None, {self.input_name: blob})[0].reshape(-1)
+
+    def embed_crop(self, aligned_bgr: np.ndarray) -> np.ndarray:
+        vector = self.session.run(None, {self.input_name: self.blob(aligned_bgr)})[0].reshape(-1)
         return normalize(vector)
 
     def embed_face(self, image: np.ndarray, face: Face) -> np.ndarray:

@@ -6,13 +6,17 @@ the only video artefacts written before the final mux.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import queue
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import IO
 
 import cv2
 import numpy as np
@@ -39,6 +43,7 @@ class VideoInfo:
     frame_rate: str  # exact rational as ffmpeg prints it, e.g. "24/1" or "30000/1001"
     frames: int
     has_audio: bool
+    audio_codec: str = ""  # ffprobe codec_name of the first audio stream, "" without audio
 
     @property
     def fps(self) -> float:
@@ -113,21 +118,12 @@ def _run(cmd: list[str], what: str) -> subprocess.CompletedProcess[bytes]:
     return result
 
 
-def probe_video(path: Path, limits: MediaLimits | None = None) -> VideoInfo:
-    """Stream layout and exact frame count; a truncated or non-video file is `InputRejected`."""
-    limits = limits or MediaLimits()
-    _check_file(path, "target video", limits)
-    cmd = [
-        _binary("ffprobe"),
-        "-v",
-        "error",
-        "-count_packets",
-        "-show_entries",
-        "stream=codec_type,width,height,r_frame_rate,nb_read_packets",
-        "-of",
-        "json",
-        str(path),
-    ]
+def _ffprobe_streams(path: Path, count_packets: bool) -> list[dict[str, object]]:
+    entries = "stream=codec_type,codec_name,width,height,r_frame_rate,nb_frames" + (
+        ",nb_read_packets" if count_packets else ""
+    )
+    cmd = [_binary("ffprobe"), "-v", "error", *(["-count_packets"] if count_packets else [])]
+    cmd += ["-show_entries", entries, "-of", "json", str(path)]
     result = subprocess.run(cmd, capture_output=True, check=False)
     errors = result.stderr.decode(errors="replace").strip()
     if result.returncode != 0 or errors:
@@ -135,24 +131,42 @@ def probe_video(path: Path, limits: MediaLimits | None = None) -> VideoInfo:
             f"target video {path} is corrupt or truncated ({errors[-STDERR_TAIL:] or 'ffprobe failed'}); "
             "re-upload the complete file"
         )
-    streams = json.loads(result.stdout or b"{}").get("streams", [])
+    streams: list[dict[str, object]] = json.loads(result.stdout or b"{}").get("streams", [])
+    return streams
+
+
+def probe_video(path: Path, limits: MediaLimits | None = None) -> VideoInfo:
+    """Stream layout and frame count; a truncated or non-video file is `InputRejected`.
+
+    The count comes from the container header (mp4/mov `nb_frames`) when it has one; only containers
+    without it (mkv, webm, avi) are scanned packet by packet. Truncation the header cannot show is
+    caught when decoding ends early with errors (`read_frames`)."""
+    limits = limits or MediaLimits()
+    _check_file(path, "target video", limits)
+    streams = _ffprobe_streams(path, count_packets=False)
     video = next((s for s in streams if s.get("codec_type") == "video"), None)
     if video is None:
         raise InputRejected(f"target video {path} has no video stream")
-    frames = int(video.get("nb_read_packets") or 0)
+    frames = int(str(video.get("nb_frames") or 0)) if str(video.get("nb_frames", "")).isdigit() else 0
+    if frames <= 0:
+        scanned = _ffprobe_streams(path, count_packets=True)
+        counted = next((s for s in scanned if s.get("codec_type") == "video"), {})
+        frames = int(str(counted.get("nb_read_packets") or 0))
     if frames <= 0:
         raise InputRejected(f"target video {path} has no decodable frames")
     if frames > limits.max_frames:
         raise InputRejected(f"target video {path} has {frames} frames, over the {limits.max_frames} limit")
-    width, height = int(video["width"]), int(video["height"])
+    width, height = int(str(video["width"])), int(str(video["height"]))
     if width * height > limits.max_pixels:
         raise InputRejected(f"target video {path} is {width}x{height}, over the {limits.max_pixels}-pixel limit")
+    audio = next((s for s in streams if s.get("codec_type") == "audio"), None)
     return VideoInfo(
         width=width,
         height=height,
         frame_rate=str(video.get("r_frame_rate", "25/1")),
         frames=frames,
-        has_audio=any(s.get("codec_type") == "audio" for s in streams),
+        has_audio=audio is not None,
+        audio_codec=str(audio.get("codec_name", "")) if audio is not None else "",
     )
 
 
@@ -178,18 +192,23 @@ def read_frames(path: Path, info: VideoInfo, start_frame: int = 0) -> Iterator[n
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert process.stdout is not None and process.stderr is not None
     index = 0
+    skip = bytearray(frame_bytes)
     try:
         while True:
-            raw = process.stdout.read(frame_bytes)
-            if len(raw) < frame_bytes:
+            # Read straight into the frame's own buffer: no intermediate bytes object, no copy.
+            buffer = bytearray(frame_bytes) if index >= start_frame else skip
+            if not _read_exactly(process.stdout, buffer):
                 break
             if index >= start_frame:
-                yield np.frombuffer(raw, np.uint8).reshape(info.height, info.width, 3).copy()
+                yield np.frombuffer(buffer, np.uint8).reshape(info.height, info.width, 3)
             index += 1
         code = process.wait()
-        if code != 0:
-            tail = process.stderr.read().decode(errors="replace").strip()[-STDERR_TAIL:]
-            raise InputRejected(f"target video {path} failed to decode at frame {index}: {tail}")
+        tail = process.stderr.read().decode(errors="replace").strip()[-STDERR_TAIL:]
+        if code != 0 or (tail and index < info.frames):
+            raise InputRejected(
+                f"target video {path} is corrupt or truncated: decoding failed at frame {index} of "
+                f"{info.frames} ({tail or f'ffmpeg exit {code}'}); re-upload the complete file"
+            )
     finally:
         if process.poll() is None:
             process.kill()
@@ -198,10 +217,22 @@ def read_frames(path: Path, info: VideoInfo, start_frame: int = 0) -> Iterator[n
         process.stderr.close()
 
 
+def _read_exactly(stream: IO[bytes], buffer: bytearray) -> bool:
+    """Fill `buffer` from `stream`; False at end of stream (a partial last frame is dropped)."""
+    view = memoryview(buffer)
+    filled = 0
+    while filled < len(buffer):
+        got = stream.readinto(view[filled:])  # type: ignore[attr-defined]
+        if not got:
+            return False
+        filled += got
+    return True
+
+
 class SegmentEncoder:
     """Encodes frames fed one by one into an H.264 segment (libx264, yuv420p)."""
 
-    def __init__(self, path: Path, info: VideoInfo, crf: int = 18, preset: str = "veryfast"):
+    def __init__(self, path: Path, info: VideoInfo, crf: int = 18, preset: str = "veryfast", queue_depth: int = 8):
         self.path = path
         cmd = [
             _binary("ffmpeg"),
@@ -233,32 +264,68 @@ class SegmentEncoder:
             str(path),
         ]
         self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+        # A writer thread feeds x264 so the caller never blocks on the pipe while frames are ready.
+        self._frames: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=queue_depth)
+        self._write_error: BaseException | None = None
+        self._writer = threading.Thread(target=self._feed, name=f"encode-{path.name}", daemon=True)
+        self._writer.start()
+
+    def _feed(self) -> None:
+        assert self.process.stdin is not None
+        while (frame := self._frames.get()) is not None:
+            if self._write_error is not None:
+                continue  # drain so a blocked `write` returns; the error is raised on close
+            try:
+                self.process.stdin.write(np.ascontiguousarray(frame).data)
+            except (BrokenPipeError, OSError, ValueError) as exc:
+                self._write_error = exc
 
     def write(self, frame: np.ndarray) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(np.ascontiguousarray(frame).tobytes())
+        if self._write_error is not None:
+            raise InputRejected(
+                f"encoding segment {self.path} failed: ffmpeg stopped reading ({self._write_error})",
+                reason_code="INTERNAL",
+            )
+        self._frames.put(frame)
 
     def close(self) -> None:
         assert self.process.stdin is not None and self.process.stderr is not None
-        self.process.stdin.close()
+        self._frames.put(None)
+        self._writer.join()
+        with contextlib.suppress(BrokenPipeError):
+            self.process.stdin.close()
         code = self.process.wait()
         errors = self.process.stderr.read().decode(errors="replace")
         self.process.stderr.close()
-        if code != 0:
-            raise InputRejected(f"encoding segment {self.path} failed: {errors[-STDERR_TAIL:]}", reason_code="INTERNAL")
+        if code != 0 or self._write_error is not None:
+            raise InputRejected(
+                f"encoding segment {self.path} failed: {errors[-STDERR_TAIL:] or self._write_error}",
+                reason_code="INTERNAL",
+            )
 
     def abort(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait()
+        self._write_error = self._write_error or BrokenPipeError("aborted")
+        while self._writer.is_alive():  # unblock the writer: it drains until it sees the end marker
+            try:
+                self._frames.put(None, timeout=0.1)
+            except queue.Full:
+                continue
+            self._writer.join(timeout=5)
         for stream in (self.process.stdin, self.process.stderr):
             if stream is not None:
-                stream.close()
+                with contextlib.suppress(BrokenPipeError):
+                    stream.close()
         self.path.unlink(missing_ok=True)
 
 
-def mux_segments(segments: list[Path], original: Path, output: Path, comment: str, work_dir: Path) -> None:
-    """Concatenate encoded segments (stream copy) and carry the original audio, if any, as AAC."""
+def mux_segments(
+    segments: list[Path], original: Path, output: Path, comment: str, work_dir: Path, audio_codec: str = ""
+) -> None:
+    """Concatenate encoded segments (stream copy) and carry the original audio, if any, as AAC
+    (copied untouched when it already is AAC, re-encoded otherwise)."""
     if output.suffix.lower() not in VIDEO_OUTPUT_SUFFIXES:
         raise InputRejected(f"output {output}: a video output must end in {sorted(VIDEO_OUTPUT_SUFFIXES)}")
     listing = work_dir / "segments.txt"
@@ -283,7 +350,7 @@ def mux_segments(segments: list[Path], original: Path, output: Path, comment: st
         "-c:v",
         "copy",
         "-c:a",
-        "aac",
+        "copy" if audio_codec == "aac" else "aac",
         "-metadata",
         f"comment={comment}",
         "-movflags",

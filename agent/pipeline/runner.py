@@ -39,6 +39,7 @@ from agent.pipeline.media import (
     read_frames,
     read_image,
 )
+from agent.pipeline.prefetch import Prefetched
 from agent.pipeline.provenance import (
     C2paSigningKey,
     ProvenanceRecord,
@@ -263,21 +264,22 @@ class SwapPipeline:
         on_progress: Callable[[ProgressUpdate], None],
         cancelled: threading.Event,
     ) -> SwapResult:
-        info = probe_video(job.target_path, self.limits)
-        chain = self._loaded.engine.prepare(source, options, reference)
-        fingerprint = job_fingerprint(
-            job.source_path,
-            job.target_path,
-            self.engine,
-            {
-                "selector": options.face_selector,
-                "blend": options.blend,
-                "mask": options.mask,
-                "enhance": options.enhance,
-                "interval": job.checkpoint_every_frames,
-                "reference": str(job.reference_face_path or ""),
-            },
-        )
+        fingerprint_options: dict[str, object] = {
+            "selector": options.face_selector,
+            "blend": options.blend,
+            "mask": options.mask,
+            "enhance": options.enhance,
+            "interval": job.checkpoint_every_frames,
+            "reference": str(job.reference_face_path or ""),
+        }
+        # Hashing the inputs (I/O bound) overlaps the probe and the source-face inference.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fingerprint") as hasher:
+            fingerprint_future = hasher.submit(
+                job_fingerprint, job.source_path, job.target_path, self.engine, fingerprint_options
+            )
+            info = probe_video(job.target_path, self.limits)
+            chain = self._loaded.engine.prepare(source, options, reference)
+            fingerprint = fingerprint_future.result()
         store = CheckpointStore(job.checkpoint_dir, fingerprint)
         start = store.state.next_frame
         if job.resume_from_frame > start:
@@ -292,8 +294,9 @@ class SwapPipeline:
         totals = _StageTotals()
         started = time.perf_counter()
         processed = 0
+        # Decode on its own thread, a couple of batches ahead of the worker pool.
+        frames = Prefetched(read_frames(job.target_path, info, start), depth=self.workers * 4, name="decode")
         try:
-            frames = read_frames(job.target_path, info, start)
             with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="swap-frame") as pool:
                 while store.state.next_frame < info.frames:
                     segment_start = store.state.next_frame
@@ -327,7 +330,7 @@ class SwapPipeline:
                     "joining segments and original audio",
                 )
             )
-            mux_segments(store.segments(), job.target_path, staging, record.label(), work_dir)
+            mux_segments(store.segments(), job.target_path, staging, record.label(), work_dir, info.audio_codec)
             shutil.move(str(staging), job.output_path)
             signed = self._sign(job, record)
             sidecar = write_sidecar(
@@ -359,6 +362,7 @@ class SwapPipeline:
                 sidecar_path=sidecar,
             )
         finally:
+            frames.close()
             shutil.rmtree(work_dir, ignore_errors=True)
 
     @staticmethod

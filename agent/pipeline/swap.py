@@ -25,11 +25,13 @@ class FaceSwapper:
     def latent(self, source_embedding: np.ndarray) -> np.ndarray:
         return normalize(normalize(source_embedding).reshape(1, -1) @ self.emap).reshape(1, -1)
 
-    def swap_crop(self, crop_bgr: np.ndarray, latent: np.ndarray) -> np.ndarray:
-        blob = cv2.dnn.blobFromImage(
+    def blob(self, crop_bgr: np.ndarray) -> np.ndarray:
+        return cv2.dnn.blobFromImage(
             crop_bgr, 1.0 / 255.0, (self.crop_size, self.crop_size), (0.0, 0.0, 0.0), swapRB=True
         )
-        pred = self.session.run(None, {self.target_name: blob, self.source_name: latent})[0]
+
+    def swap_crop(self, crop_bgr: np.ndarray, latent: np.ndarray) -> np.ndarray:
+        pred = self.session.run(None, {self.target_name: self.blob(crop_bgr), self.source_name: latent})[0]
         rgb = np.clip(pred[0].transpose(1, 2, 0) * 255.0, 0, 255).astype(np.uint8)
         return np.ascontiguousarray(rgb[:, :, ::-1])
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ import grpc
 from facefleet.v1 import scheduler_pb2, types_pb2
 from scheduler.capacity import AgentRegistry
 from scheduler.dispatcher import Dispatcher, DispatcherSettings
+from scheduler.placement.model import Decision, PoolState, World
+from scheduler.placement_gateway import PlacementResult
 from scheduler.store import Change, TaskStore
 from tests.scheduler.fake_agents import HollowAgent, wait_for
 from tests.scheduler.test_dispatcher import FixedPlacer, register, submit
@@ -156,4 +159,53 @@ def test_audit_is_flushed_before_the_rpc_and_the_slot_is_free_before_listeners_r
     finally:
         dispatcher.stop()
         agent.kill()
+        store.close()
+
+
+class FirstFreePlacer(FixedPlacer):
+    """Picks the first pool (by name) that the world shows with a free slot; queues otherwise."""
+
+    def __init__(self, pools: dict[str, int]) -> None:
+        super().__init__("", "private")
+        self.pools = pools
+
+    def world(self, now: float) -> tuple[Any, World]:
+        pools = tuple(
+            PoolState(name=name, provider="onprem", trust_zone="private", free_slots=free)
+            for name, free in sorted(self.pools.items())
+        )
+        return None, World(pools=pools, budgets={}, locks={})
+
+    def decide(self, task: types_pb2.Task, now: float, snapshot: Any = None) -> PlacementResult:
+        _active, world = snapshot or self.world(now)
+        pool = next((p.name for p in world.pools if p.free_slots > 0), "")
+        self.pool = pool
+        result = super().decide(task, now, snapshot)
+        if pool:
+            return result
+        decision = Decision("queue", None, "first-free", "every pool full", (), None)
+        return replace(
+            result, outcome="queue", pool="", reason="every pool full", decision=decision, summary=decision.to_dict()
+        )
+
+
+def test_a_pass_accounts_for_the_slots_it_takes_so_later_tasks_go_to_other_pools(tmp_path: Path) -> None:
+    store = TaskStore(f"sqlite:///{tmp_path}/d.db")
+    registry = AgentRegistry(heartbeat_timeout_s=30)
+    register(registry, "a-1", "pool-a", "private", slots=1)
+    register(registry, "b-1", "pool-b", "private", slots=2)
+    dispatcher = Dispatcher(
+        store,
+        FirstFreePlacer({"pool-a": 1, "pool-b": 2}),
+        registry,
+        DispatcherSettings(project_limits={}, warmup_s=0, backoff_initial_s=60),
+    )
+    ids = [submit(store, "p", types_pb2.SENSITIVITY_PRIVATE) for _ in range(4)]
+    try:
+        assert dispatcher.dispatch_pass(time.time()) == 3  # one pass: a gets 1, b gets 2, the 4th waits
+        pools = [step.pool for t in ids for step in store.transitions_of(t) if step.to_state == "dispatched"]
+        assert sorted(pools) == ["pool-a", "pool-b", "pool-b"]
+        assert (store.get(ids[3]).placement or {}).get("outcome") == "queue"
+    finally:
+        dispatcher.stop()
         store.close()
