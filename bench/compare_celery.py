@@ -93,8 +93,11 @@ def run_facefleet(tasks: int, slots: int, payload_bytes: int, clients: int) -> d
     work = Path(tempfile.mkdtemp(prefix="ff-compare-"))
     store_url = f"sqlite:///{work}/bench.db"
     scheduler = SchedulerProcess(store_url, write_policy(work / "policy"), work / "scheduler.log").start()
-    parent, child = multiprocessing.Pipe()
-    agents = multiprocessing.Process(target=run_agents, args=(scheduler.address, slots, child), daemon=True)
+    # spawn, not fork: this process already uses grpc (waiting for the scheduler), and a forked
+    # child can deadlock in grpc.server().
+    spawn = multiprocessing.get_context("spawn")
+    parent, child = spawn.Pipe()
+    agents = spawn.Process(target=run_agents, args=(scheduler.address, slots, child), daemon=True)
     agents.start()
     requests: list[bytes] = []
     (work / "payload").mkdir()

@@ -60,8 +60,9 @@ tasks = sa.Table(
     sa.Index("ix_tasks_project_state", "project", "state"),
     sa.Index("ix_tasks_agent_state", "agent_id", "state"),
     sa.Index("ix_tasks_submitted", "submitted_at", "id"),
-    # ListTasks by state walks this in (submitted_at, id) order: a range scan, no sort.
+    # ListTasks by state or by project walks these in (submitted_at, id) order: a range scan, no sort.
     sa.Index("ix_tasks_state_submitted", "state", "submitted_at", "id"),
+    sa.Index("ix_tasks_project_submitted", "project", "submitted_at", "id"),
 )
 
 transitions = sa.Table(
