@@ -134,9 +134,10 @@ class LoadedEngine:
     verified: dict[ModelRole, VerifiedModel]
 
 
-def load_engine(models_dir: Path, providers: list[str]) -> LoadedEngine:
+def load_engine(models_dir: Path, providers: list[str], intra_op_threads: int = 0) -> LoadedEngine:
     """Verify every manifest entry (any failure is fatal: never run next to a tampered file) and
-    build the ONNX engine when a detector, recognizer and swapper verified, else the classical one."""
+    build the ONNX engine when a detector, recognizer and swapper verified, else the classical one.
+    `intra_op_threads` caps each session's CPU threads (0: onnxruntime's default, all cores)."""
     manifest = load_manifest(models_dir)
     statuses: list[ModelStatus] = []
     verified: dict[ModelRole, VerifiedModel] = {}
@@ -162,7 +163,7 @@ def load_engine(models_dir: Path, providers: list[str]) -> LoadedEngine:
             "drop inswapper_128.onnx, det_10g.onnx and w600k_r50.onnx there and list them in manifest.toml."
         )
         return LoadedEngine(ClassicalEngine(note), statuses, verified)
-    sessions = {role: create_session(model, providers) for role, model in verified.items()}
+    sessions = {role: create_session(model, providers, intra_op_threads) for role, model in verified.items()}
     enhancer = FaceEnhancer(sessions[ModelRole.ENHANCER]) if ModelRole.ENHANCER in sessions else None
     engine = OnnxEngine(
         FaceDetector(sessions[ModelRole.DETECTOR]),

@@ -156,8 +156,11 @@ class SwapPipeline:
     ) -> SwapPipeline:
         """`provenance_signer`: sign every output with a C2PA manifest (None: label + sidecar only)."""
         resolved = resolve_providers(providers)
-        loaded = load_engine(models_dir, resolved)
-        workers = workers or min(4, os.cpu_count() or 1)
+        cores = os.cpu_count() or 1
+        workers = workers or min(4, cores)
+        # Frame workers run sessions concurrently: split the cores between them instead of letting
+        # every session spin up one thread per core (oversubscription on small machines).
+        loaded = load_engine(models_dir, resolved, intra_op_threads=max(1, cores // workers))
         pipeline = cls(loaded, resolved, models_dir, workers, limits or MediaLimits(), provenance_signer)
         log.info(
             "swap_pipeline_loaded",
