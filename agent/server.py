@@ -37,6 +37,8 @@ from facefleet.grpc_server import SERVICE_NAMES, ServerHandle, build_server
 from facefleet.rpc_errors import abort
 from facefleet.v1 import agent_pb2, agent_pb2_grpc, scheduler_pb2, types_pb2
 
+# How long a CancelTask that arrived before its RunTask keeps that RunTask from starting.
+CANCEL_BEFORE_START_WINDOW_S = 30.0
 log = structlog.get_logger()
 
 TERMINAL_STATES = frozenset(
@@ -218,6 +220,9 @@ class AgentRuntime:
         self._lock = threading.Lock()
         self._running: dict[str, TaskRun] = {}
         self._finished: OrderedDict[str, TaskRun] = OrderedDict()
+        # CancelTask that arrived before its RunTask (the two race on separate connections):
+        # task id -> when. A RunTask for it shortly after is refused instead of started.
+        self._cancelled_unstarted: dict[str, float] = {}
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_root.mkdir(parents=True, exist_ok=True)
         self._update_slot_gauges()
@@ -382,6 +387,15 @@ class AgentRuntime:
             existing = self._running.get(task_id)  # a concurrent duplicate may have won the race
             if existing is not None:
                 return existing
+            cancelled_at = self._cancelled_unstarted.pop(task_id, None)
+            if cancelled_at is not None and time.monotonic() - cancelled_at < CANCEL_BEFORE_START_WINDOW_S:
+                metrics.REFUSALS.labels(reason="CANCELLED").inc()
+                raise Refusal(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    types_pb2.CANCELLED,
+                    f"task {task_id} was cancelled on agent {self.identity.agent_id} before it started; "
+                    "not starting it (the scheduler re-queues it)",
+                )
             if len(self._running) >= self.total_slots:
                 metrics.REFUSALS.labels(reason="NO_CAPACITY").inc()
                 raise Refusal(
@@ -421,6 +435,12 @@ class AgentRuntime:
     def cancel(self, task_id: str, reason: str) -> bool:
         with self._lock:
             run = self._running.get(task_id)
+            if run is None and task_id not in self._finished:  # never seen here: its RunTask may be in flight
+                now = time.monotonic()
+                self._cancelled_unstarted = {
+                    tid: at for tid, at in self._cancelled_unstarted.items() if now - at < CANCEL_BEFORE_START_WINDOW_S
+                }
+                self._cancelled_unstarted[task_id] = now
         if run is None:
             return False
         run.cancel_reason = reason or "cancelled"

@@ -278,3 +278,19 @@ def test_health_service_reports_serving(make_agent) -> None:  # type: ignore[no-
     with grpc.insecure_channel(f"127.0.0.1:{env.handle.port}") as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="facefleet.v1.Agent"))
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_cancel_that_overtakes_its_run_task_keeps_the_task_from_starting(make_agent) -> None:  # type: ignore[no-untyped-def]
+    """CancelTask and RunTask travel on separate calls; when the cancel arrives first the task must
+    not start afterwards (a lock's stop-and-rerun would otherwise leave it running in the cloud)."""
+    pipeline = FakePipeline()
+    env = make_agent(pipeline=pipeline, slots=2)
+    reply = env.stub.CancelTask(agent_pb2.AgentCancelRequest(task_id="t-late", reason="project locked"))
+    assert reply.was_running is False
+    error = rpc_error(env.stub.RunTask(agent_pb2.RunTaskRequest(task=env.task("t-late"))))
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # the scheduler re-queues it
+    assert reason_of(error) == "CANCELLED"
+    assert "before it started" in str(error.details())
+    assert "t-late" not in {job.task_id for job in getattr(pipeline, "jobs", [])}
+    # Other tasks are unaffected, and the agent keeps serving.
+    assert env.run(env.task("t-other"))[-1].state == SUCCEEDED
