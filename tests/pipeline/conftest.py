@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from agent.models.tiny import TinyModelSet, draw_synthetic_face, write_tiny_models
+from tests.fixtures.components import require_component
 
 FFMPEG = shutil.which("ffmpeg")
 VIDEO_SIZE = (160, 120)
@@ -134,6 +135,5 @@ def make_test_video(directory: Path, frames: int = VIDEO_FRAMES) -> GeneratedVid
 
 @pytest.fixture()
 def test_video(tmp_path: Path) -> GeneratedVideo:
-    if FFMPEG is None:
-        pytest.skip("ffmpeg binary not installed (apt-get install ffmpeg)")
+    require_component(FFMPEG is not None, "ffmpeg binary", "apt-get install ffmpeg")
     return make_test_video(tmp_path)
