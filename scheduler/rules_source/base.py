@@ -110,3 +110,48 @@ class LastKnownGood:
             active = self._active
         log.warning("rules_rejected", source=source, errors=errors, keeping=prior.version)
         return active
+
+
+class WatchedSource:
+    """What both sources share: last-known-good state, subscriptions, and one watch thread.
+
+    Subclasses set `_state`, implement `reload()` and `_watch()` (which loops until `_stop` is
+    set), and name their thread with `watch_thread_name`.
+    """
+
+    watch_thread_name = "rules-watch"
+    stop_join_timeout_s = 5.0
+    _state: LastKnownGood
+
+    def __init__(self) -> None:
+        self._loaded = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def reload(self) -> ActiveConfig:
+        raise NotImplementedError
+
+    def _watch(self) -> None:
+        raise NotImplementedError
+
+    def current(self) -> ActiveConfig:
+        if not self._loaded:
+            return self.reload()
+        return self._state.active
+
+    def subscribe(self, callback: Callable[[ActiveConfig], None]) -> None:
+        self._state.subscribe(callback)
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self.current()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._watch, name=self.watch_thread_name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout=self.stop_join_timeout_s)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
-from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -23,7 +21,7 @@ import yaml
 
 from scheduler.placement.model import Budget
 from scheduler.placement.policy import PolicyError, PolicyIssue, budget_from_mapping, load_ruleset
-from scheduler.rules_source.base import ActiveConfig, LastKnownGood
+from scheduler.rules_source.base import ActiveConfig, LastKnownGood, WatchedSource
 
 log = structlog.get_logger()
 
@@ -32,7 +30,10 @@ class ConsulUnavailable(RuntimeError):
     """Consul could not be reached or answered with an error."""
 
 
-class ConsulRuleSource:
+class ConsulRuleSource(WatchedSource):
+    watch_thread_name = "rules-consul-watch"
+    stop_join_timeout_s = 1.0  # a blocking query in flight ends by itself within `wait`
+
     def __init__(
         self,
         addr: str = "http://127.0.0.1:8500",
@@ -41,6 +42,7 @@ class ConsulRuleSource:
         wait: str = "5s",
         request_timeout_s: float = 3.0,
     ) -> None:
+        super().__init__()
         self.addr = addr.rstrip("/")
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
         self.wait = wait
@@ -50,11 +52,8 @@ class ConsulRuleSource:
             self._session.headers["X-Consul-Token"] = token
         self._label = f"consul {self.addr}/{self.prefix}"
         self._state = LastKnownGood(self._label)
-        self._loaded = False
         self._index = 0
         self._outage = False  # last fetch failed: re-apply on the next answer even if unchanged
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
     # -- HTTP ---------------------------------------------------------------------------------
 
@@ -148,11 +147,6 @@ class ConsulRuleSource:
 
     # -- RuleSource ---------------------------------------------------------------------------
 
-    def current(self) -> ActiveConfig:
-        if not self._loaded:
-            return self.reload()
-        return self._state.active
-
     def reload(self) -> ActiveConfig:
         self._loaded = True
         try:
@@ -164,22 +158,8 @@ class ConsulRuleSource:
         self._index = index
         return self._apply(entries)
 
-    def subscribe(self, callback: Callable[[ActiveConfig], None]) -> None:
-        self._state.subscribe(callback)
-
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self.current()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._watch, name="rules-consul-watch", daemon=True)
-        self._thread.start()
-
     def stop(self) -> None:
-        self._stop.set()
-        thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.join(timeout=1.0)  # a blocking query in flight ends by itself within `wait`
+        super().stop()
         self._session.close()
 
     def _watch(self) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import yaml
 
 from scheduler.placement.model import Budget, RuleSet
 from scheduler.placement.policy import PolicyError, PolicyIssue, load_budgets, load_locks, load_ruleset
-from scheduler.rules_source.base import ActiveConfig, LastKnownGood
+from scheduler.rules_source.base import ActiveConfig, LastKnownGood, WatchedSource
 
 log = structlog.get_logger()
 
@@ -75,15 +74,15 @@ def _write_yaml_atomically(path: Path, data: Any) -> None:
         raise
 
 
-class FileRuleSource:
+class FileRuleSource(WatchedSource):
+    watch_thread_name = "rules-file-watch"
+
     def __init__(self, directory: Path | str | None = None, poll_interval_s: float = 0.25) -> None:
+        super().__init__()
         self.directory = Path(directory) if directory is not None else default_policy_dir()
         self.poll_interval_s = poll_interval_s
         self._state = LastKnownGood(str(self.directory))
-        self._loaded = False
         self._stamp: tuple[tuple[str, int, int], ...] | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._write_lock = threading.Lock()
         self._reload_lock = threading.RLock()
 
@@ -96,11 +95,6 @@ class FileRuleSource:
             except FileNotFoundError:
                 stamp.append((name, -1, -1))
         return tuple(stamp)
-
-    def current(self) -> ActiveConfig:
-        if not self._loaded:
-            return self.reload()
-        return self._state.active
 
     def reload(self) -> ActiveConfig:
         # Serialised: a watcher reload that read the old files must not be accepted after a write's
@@ -115,23 +109,6 @@ class FileRuleSource:
             except OSError as exc:
                 return self._state.reject([f"{self.directory}: cannot read policy files: {exc}"], str(self.directory))
             return self._state.accept(ruleset, budgets, locks, str(self.directory))
-
-    def subscribe(self, callback: Callable[[ActiveConfig], None]) -> None:
-        self._state.subscribe(callback)
-
-    def start(self) -> None:
-        if self._thread is not None:
-            return
-        self.current()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._watch, name="rules-file-watch", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_interval_s):
