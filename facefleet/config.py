@@ -89,9 +89,9 @@ class AgentConfig(Section):
     execution_providers: list[str] = Field(default_factory=list)  # empty = best available
     metrics_port: int = 9465
     heartbeat_interval_s: float = 2.0
-    agent_id: str = ""                  # empty: <pool>-<hostname>-<port>
-    advertise_address: str = ""         # address sent in heartbeats; empty: the bound listen address
-    instance_id: str = ""               # cloud instance id, matched against the provisioner's records
+    agent_id: str = ""  # empty: <pool>-<hostname>-<port>
+    advertise_address: str = ""  # address sent in heartbeats; empty: the bound listen address
+    instance_id: str = ""  # cloud instance id, matched against the provisioner's records
     # Shared by every agent that may resume a task: checkpoints live at file://<root>/<task_id>/.
     checkpoint_root: Path = Path("var/checkpoints")
     # C2PA provenance signing (cert chain PEM + EC P-256 key); both unset: labelled but unsigned outputs.
@@ -116,7 +116,7 @@ class CloudPoolConfig(Section):
     name: str
     provider: Literal["aws", "azure"]
     region: str
-    instance_type: str                     # EC2 instance type or Azure VM size
+    instance_type: str  # EC2 instance type or Azure VM size
     max_instances: int = Field(default=2, ge=0)
     slots_per_instance: int = Field(default=1, ge=1)
     max_price_usd_per_hour: float | None = None  # spot bid cap; None = up to on-demand price
@@ -126,9 +126,9 @@ class CloudPoolConfig(Section):
 
 
 class AwsCloudConfig(Section):
-    launch_template: str | None = None     # name or lt- id; when set, the fields below are optional
+    launch_template: str | None = None  # name or lt- id; when set, the fields below are optional
     ami_id: str | None = None
-    instance_profile: str | None = None    # IAM instance profile name or ARN
+    instance_profile: str | None = None  # IAM instance profile name or ARN
     subnet_id: str | None = None
     security_group_ids: list[str] = Field(default_factory=list)
     key_name: str | None = None
@@ -137,7 +137,7 @@ class AwsCloudConfig(Section):
 class AzureCloudConfig(Section):
     subscription_id: str | None = None
     resource_group: str | None = None
-    subnet_id: str | None = None           # full ARM id of the subnet the VMs join
+    subnet_id: str | None = None  # full ARM id of the subnet the VMs join
     image: str = "Canonical:ubuntu-24_04-lts:server:latest"  # publisher:offer:sku:version
     admin_username: str = "facefleet"
     ssh_public_key: str | None = None
@@ -148,8 +148,8 @@ class CloudConfig(Section):
     """Spot bursting. Off by default: no cloud pool exists until one is listed here."""
 
     enabled: bool = False
-    cluster: str = "facefleet"             # tag value that scopes every instance to this deployment
-    scheduler_address: str = ""            # how cloud agents reach the scheduler (host:port)
+    cluster: str = "facefleet"  # tag value that scopes every instance to this deployment
+    scheduler_address: str = ""  # how cloud agents reach the scheduler (host:port)
     agent_tls_dir: str = "/etc/facefleet/certs"
     price_refresh_s: float = Field(default=300.0, gt=0)
     price_stale_after_s: float = Field(default=900.0, gt=0)

@@ -33,7 +33,13 @@ class AuditBatchWriter:
         self._written = 0  # entries whose write has finished (durable, or failed and logged)
         self._failed = 0
         self._closed = False
-        self._changed = threading.Condition()
+        # One lock, two conditions: the writer sleeps on `_has_work` and is woken only when the
+        # queue goes from empty to non-empty; waiters sleep on `_changed`. (One condition with
+        # notify_all on every enqueue woke every waiter and the writer per record: a convoy of
+        # thread switches on the dispatch path.)
+        self._mutex = threading.Lock()
+        self._changed = threading.Condition(self._mutex)
+        self._has_work = threading.Condition(self._mutex)
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
 
@@ -50,7 +56,8 @@ class AuditBatchWriter:
                 raise RuntimeError("the audit writer is closed; the scheduler is shutting down")
             self._pending.append(entry)
             self._enqueued += 1
-            self._changed.notify_all()
+            if len(self._pending) == 1:
+                self._has_work.notify()
             return self._enqueued
 
     def write(self, kind: AuditKind | str, actor: str, fields: Mapping[str, Any], timeout: float = 30.0) -> None:
@@ -73,13 +80,13 @@ class AuditBatchWriter:
             if self._closed:
                 return
             self._closed = True
-            self._changed.notify_all()
+            self._has_work.notify()
         self._thread.join(timeout)
 
     def _run(self) -> None:
         while True:
-            with self._changed:
-                self._changed.wait_for(lambda: self._pending or self._closed)
+            with self._has_work:
+                self._has_work.wait_for(lambda: self._pending or self._closed)
                 if not self._pending:
                     return  # closed and drained
                 batch = self._pending[: self._max_batch]

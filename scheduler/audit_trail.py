@@ -6,9 +6,10 @@ refusals carry `redact_uri(...)` only. An audit write that fails is logged loudl
 dispatch (the task state in the store stays the source of truth).
 
 Writes go through one `AuditBatchWriter` (one fsync per batch). Records the dispatcher thread makes
-during a pass (placements, dispatches) are only queued; the dispatcher calls `flush()` once per pass
-before it sends the RunTask calls, so they are still durable before any task reaches an agent.
-Every other record (completions, refusals, lock actions) waits until it is written.
+during a pass (placements, dispatches) and completions are only queued; the dispatcher calls
+`flush()` once per pass before it sends the RunTask calls, so placements and dispatches are still
+durable before any task reaches an agent. Every other record (refusals, lock actions) waits until
+it is written.
 """
 
 from __future__ import annotations
@@ -82,13 +83,17 @@ class AuditTrail:
         self.writer.close()
 
     def on_finished(self, task: TaskRecord) -> None:
-        """A completion is recorded only for a task that reached an agent: one that never ran has no zone."""
+        """A completion is recorded only for a task that reached an agent: one that never ran has no zone.
+
+        Queued, not waited for: the store already holds the completion durably, and the record is
+        written with the writer's next batch (at the latest before the next dispatch pass sends a
+        RunTask, which flushes). Waiting here cost a thread hand-off per task on the dispatch path."""
         if not task.agent_id:
             return
         with self._lock:
             zone = self._zones.pop(task.id, "")
         zone = zone or self._agent_zone(task.agent_id)
-        self._record(
+        self._queue(
             AuditKind.COMPLETION,
             {
                 "task": task.id,

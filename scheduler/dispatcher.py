@@ -259,7 +259,8 @@ class Dispatcher:
         runnable = [r for r in self.store.runnable(now, limit, self.settings.aging_s) if r.id not in uncommitted]
         if not runnable:
             return 0
-        in_flight = self.store.in_flight_by_project()
+        # Per-project limits need the in-flight count (a GROUP BY per pass): skip it without limits.
+        in_flight = self.store.in_flight_by_project() if self.settings.project_limits else {}
         for project in uncommitted.values():
             if project:  # launches of uncommitted passes are in flight already
                 in_flight[project] = in_flight.get(project, 0) + 1
@@ -271,8 +272,8 @@ class Dispatcher:
         launches: list[_Launch] = []
         misses = 0
         for record in runnable:
-            if misses >= self.settings.max_misses_per_pass or self._stop.is_set():
-                break
+            if misses >= self.settings.max_misses_per_pass or self._stop.is_set() or free <= 0:
+                break  # `free <= 0`: every slot is taken; the rest of the queue waits for one to free
             if record.id not in admitted_ids:
                 continue
             was_full = len(full_pools)
@@ -284,6 +285,8 @@ class Dispatcher:
             elif len(full_pools) != was_full:
                 for pool_name in full_pools:
                     snapshot = _with_free_slots(snapshot, pool_name, lambda free: 0)
+            if isinstance(planned, _Launch) or len(full_pools) != was_full:
+                free = sum(pool.free_slots + pool.can_provision for pool in snapshot[1].pools)
             if isinstance(planned, _Launch):
                 launches.append(planned)
                 changes.append(planned.change)

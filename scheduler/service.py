@@ -24,7 +24,7 @@ from scheduler.group_commit import GroupCommitter, StoreUnavailable
 from scheduler.intake import validate_submit, validate_task
 from scheduler.placement_gateway import Placer
 from scheduler.store import IllegalTransition, TaskRecord, TaskStore, UnknownTask
-from scheduler.task_states import CANCELLED, TERMINAL
+from scheduler.task_states import CANCELLED, QUEUED, TERMINAL
 
 log = structlog.get_logger()
 
@@ -243,6 +243,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if subject == "task_id":
             record = self._record(request.task_id, context)
             decision = record.placement_decision()
+            if decision is None and record.state == QUEUED and self.placer is not None:
+                # Still waiting and never evaluated (the dispatcher skips the queue while every slot
+                # is taken): answer with what placement would decide now.
+                return self.placer.decide(record.task(), self.clock()).proto
             if decision is None:
                 abort(
                     context,

@@ -145,6 +145,9 @@ class AuditLog:
         self.signer = Signer.from_file(signing_key) if isinstance(signing_key, Path) else signing_key
         self.clock = clock
         self._lock = threading.Lock()
+        # (inode, size, next seq, last hash) after our last write: while the file is still exactly
+        # that, the next batch chains on without re-reading and parsing the tail.
+        self._tail: tuple[int, int, int, str] | None = None
 
     def append(self, kind: AuditKind | str, actor: str, **fields: Any) -> dict[str, Any]:
         """Write one record and return it. Raises AuditLogCorrupt when the tail cannot be chained."""
@@ -160,7 +163,14 @@ class AuditLog:
         with self._lock, open(self.path, "ab+") as handle:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
             try:
-                last = _read_last_line(handle)
+                stat = os.fstat(handle.fileno())
+                cached = self._tail
+                if cached is not None and cached[:2] == (stat.st_ino, stat.st_size):
+                    seq, prev = cached[2], cached[3]
+                    last = b""
+                else:
+                    seq, prev = 1, GENESIS
+                    last = _read_last_line(handle)
                 if last:
                     try:
                         previous = json.loads(last)
@@ -170,8 +180,6 @@ class AuditLog:
                             f"last record of {self.path} is unreadable ({exc}); run `facefleet audit verify "
                             f"{self.path}` and restore the log from backup before writing more"
                         ) from exc
-                else:
-                    seq, prev = 1, GENESIS
                 at = dt.datetime.fromtimestamp(self.clock(), dt.UTC).isoformat(timespec="milliseconds")
                 records: list[dict[str, Any]] = []
                 for kind, (_kind, actor, fields) in zip(kinds, entries, strict=True):
@@ -187,6 +195,7 @@ class AuditLog:
                 handle.write(b"".join(canonical_json(record) + b"\n" for record in records))
                 handle.flush()
                 os.fsync(handle.fileno())
+                self._tail = (stat.st_ino, handle.tell(), seq, prev)
             finally:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
         for kind in kinds:

@@ -408,6 +408,8 @@ def test_fuzzed_flow_with_random_locks_never_runs_private_or_locked_work_on_the_
             assert not locked_during(project, run.started, run.decided), (run, lock_intervals[project])
     assert any(len(iv) for ivs in lock_intervals.values() for iv in ivs)
     assert verify(cluster.settings.audit.path).ok
+    # Completion records are queued behind the store's commit: give the audit writer its batch.
+    wait_for(lambda: len(audit_records(cluster, "completion")) >= len(meta), 10, what="every completion audited")
     completions = {r["task"]: r for r in audit_records(cluster, "completion")}
     assert set(completions) == set(meta)
     private_ids = {t for t, (_, s) in meta.items() if s == PRIVATE}

@@ -66,6 +66,17 @@ def test_task_runs_on_the_pool_placement_chose_and_watch_ends_succeeded(start_sc
     assert "facefleet_leader 1.0" in metrics_text
 
 
+def test_explain_answers_live_for_a_queued_task_the_full_cluster_never_evaluated(start_scheduler, client) -> None:  # type: ignore[no-untyped-def]
+    app = start_scheduler()  # no agent: no free slot anywhere, so no pass evaluates the task
+    stub = client(app.port)
+    reply = stub.SubmitTask(scheduler_pb2.SubmitTaskRequest(task=task(types_pb2.SENSITIVITY_PRIVATE)))
+    time.sleep(0.3)  # several dispatcher passes
+    assert app.store.get(reply.task_id).placement is None
+    explained = stub.Explain(scheduler_pb2.ExplainRequest(task_id=reply.task_id))
+    assert explained.outcome != types_pb2.PlacementDecision.DISPATCH and explained.reason
+    assert explained.rule == "private-onprem"  # the rule that will place it once a slot frees
+
+
 def test_idempotent_submit_list_and_filters(start_scheduler, client) -> None:  # type: ignore[no-untyped-def]
     app = start_scheduler()
     stub = client(app.port)
