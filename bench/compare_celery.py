@@ -39,7 +39,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import machine_facts, percentiles
+from bench.machine import context_switches, cpu_seconds, machine_facts, percentiles, system_cpu_seconds
 from facefleet.v1 import agent_pb2, scheduler_pb2, types_pb2
 from scheduler.store import TaskStore
 from tests.scheduler.conftest import write_policy
@@ -141,6 +141,9 @@ def run_facefleet(tasks: int, slots: int, payload_bytes: int, clients: int) -> d
 
             await asyncio.gather(*(client() for _ in range(clients)))
 
+    assert scheduler.process is not None
+    pid = scheduler.process.pid
+    cpu_before, kernel_before, switches_before = cpu_seconds(pid), system_cpu_seconds(pid), context_switches(pid)
     started = time.time()
     asyncio.run(drive())
     submit_done = time.time()
@@ -148,6 +151,9 @@ def run_facefleet(tasks: int, slots: int, payload_bytes: int, clients: int) -> d
     count = 0
     while count < len(submitted) and time.time() < deadline:
         kind, count = parent.recv()
+    cpu = cpu_seconds(pid) - cpu_before
+    kernel = system_cpu_seconds(pid) - kernel_before
+    switches = context_switches(pid) - switches_before
     parent.send("stop")
     while True:
         kind, value = parent.recv()
@@ -171,6 +177,11 @@ def run_facefleet(tasks: int, slots: int, payload_bytes: int, clients: int) -> d
         "throughput_tasks_per_s": round(len(latencies) / (finished - started), 1),
         "submit_rate_tasks_per_s": round(len(submitted) / (submit_done - started), 1),
         "submit_to_start": percentiles(latencies),
+        # Where the scheduler's time goes (one process, one GIL): CPU per task, its kernel share
+        # and thread context switches per task (live threads only).
+        "scheduler_cpu_ms_per_task": round(cpu / max(len(submitted), 1) * 1e3, 2),
+        "scheduler_kernel_share": round(kernel / cpu, 2) if cpu else 0.0,
+        "scheduler_context_switches_per_task": round(switches / max(len(submitted), 1), 1),
         "final_states": final_states,
         "routing": routed,  # sensitivity -> pool it ran on: private must only show onprem-a
         "settings": {
@@ -221,7 +232,8 @@ def summary_line(run: dict[str, Any]) -> str:
     ours, theirs = run["facefleet"], run["celery"]
     return (
         f"{run['payload_kib']} KiB: facefleet {ours['throughput_tasks_per_s']} tasks/s "
-        f"(p50 {ours['submit_to_start']['p50_ms']} ms, p99 {ours['submit_to_start']['p99_ms']} ms) "
+        f"(p50 {ours['submit_to_start']['p50_ms']} ms, p99 {ours['submit_to_start']['p99_ms']} ms, "
+        f"{ours['scheduler_cpu_ms_per_task']} ms scheduler CPU per task) "
         f"vs celery {theirs['throughput_tasks_per_s']} tasks/s "
         f"(p50 {theirs['submit_to_start']['p50_ms']} ms, p99 {theirs['submit_to_start']['p99_ms']} ms) "
         f"= {run['ratio']}x"

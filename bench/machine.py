@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import platform
 import statistics
+from pathlib import Path
 from typing import Any
 
 
@@ -38,3 +39,27 @@ def percentiles(samples_s: list[float]) -> dict[str, float]:
         "p99_ms": round(p99 * 1e3, 4),
         "mean_ms": round(statistics.fmean(ordered) * 1e3, 4),
     }
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def system_cpu_seconds(pid: int) -> float:
+    """The kernel part of `cpu_seconds` (thread switches, futexes, I/O)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
+
+def context_switches(pid: int) -> int:
+    """Voluntary + involuntary context switches of the process's live threads (Linux /proc)."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            lines = status.read_text().splitlines()
+        except OSError:  # the thread ended meanwhile
+            continue
+        total += sum(int(line.split()[1]) for line in lines if "ctxt_switches" in line)
+    return total

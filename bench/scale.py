@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import machine_facts, percentiles
+from bench.machine import cpu_seconds, machine_facts, percentiles
 from bench.placement import make_rules, make_tasks, make_world, measure
 from facefleet.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 from scheduler.store import NewTask, TaskStore
@@ -43,10 +42,6 @@ from tests.scheduler.scheduler_process import SchedulerProcess
 
 FILL_BATCH = 2000
 
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> float:

@@ -30,6 +30,7 @@ import grpc
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.machine import cpu_seconds  # noqa: E402
 from facefleet.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2  # noqa: E402
 from scheduler.store import TaskStore  # noqa: E402
 from tests.scheduler.conftest import write_policy  # noqa: E402
@@ -53,11 +54,6 @@ def run_agents(address: str, count: int, slots: int, stop: multiprocessing.synch
     for agent in agents:
         agent.kill()
 
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: list[float], q: float) -> float:

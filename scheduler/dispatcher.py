@@ -426,6 +426,8 @@ class Dispatcher:
                 return _kept_queued(placement, refusal, record)
         if agent is None and result.outcome == "dispatch" and self.gate is not None:
             self.gate.no_agent(record, result, now)
+        if agent is None and _waits_for_a_slot_only(result):
+            return None  # nothing to explain beyond "busy": not recorded (Explain answers live)
         if agent is None:
             previous = record.placement or {}
             new_decision = (previous.get("outcome"), previous.get("reason")) != (result.outcome, result.reason)
@@ -673,6 +675,22 @@ class Dispatcher:
                 channel = self._channel_for(address)
                 self._channels[address] = channel
             return channel
+
+
+# Filters whose failure does not change while a task waits: they only rule pools out.
+_STANDING_FILTERS = frozenset({"residency", "lock", "rule_allow"})
+
+
+def _waits_for_a_slot_only(result: PlacementResult) -> bool:
+    """The task would run now but for a free slot: its pool has no agent slot left in this pass, or
+    every pool the rule allows failed only the capacity filter. Recording (and auditing) such a
+    decision for every task that waits behind a full pool cost more than the placement itself."""
+    if result.outcome == "dispatch":
+        return True
+    if result.outcome != "queue":
+        return False
+    failed = {c.failed_filter for c in result.decision.candidates if not c.feasible}
+    return "capacity" in failed and failed <= _STANDING_FILTERS | {"capacity"}
 
 
 def _with_free_slots(snapshot: Any, pool_name: str, free: Callable[[int], int]) -> Any:
