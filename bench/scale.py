@@ -43,7 +43,6 @@ from tests.scheduler.scheduler_process import SchedulerProcess
 FILL_BATCH = 2000
 
 
-
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):

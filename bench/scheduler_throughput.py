@@ -55,7 +55,6 @@ def run_agents(address: str, count: int, slots: int, stop: multiprocessing.synch
         agent.kill()
 
 
-
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

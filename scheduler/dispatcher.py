@@ -2,8 +2,9 @@
 
 One loop thread picks runnable tasks in queue order (within per-project limits), asks placement,
 records the decision, re-checks residency, reserves a slot on an agent of the chosen pool and
-hands the RunTask stream to a worker thread. Workers record progress and the terminal state
-(recorded once: the store ignores a second completion). Failures go back to the queue with an
+hands the RunTask stream to a worker thread. Workers record progress; terminal states go to the
+completion batcher (`scheduler.completion_batch`: one commit for every completion pending, recorded
+once: the store ignores a second completion). Failures go back to the queue with an
 exponential backoff (tenacity's wait strategy computes `not_before`) and resume from the latest
 checkpoint any agent reported. At-least-once: the agent is idempotent on the task id.
 """
@@ -24,6 +25,7 @@ import tenacity
 
 from facefleet.v1 import agent_pb2, agent_pb2_grpc, types_pb2
 from scheduler import metrics, queue, task_states
+from scheduler.completion_batch import Completion, CompletionBatcher
 from scheduler.placement_gateway import PlacementResult, Placer, residency_violation
 from scheduler.store import Change, IllegalTransition, Placement, Step, TaskRecord, TaskStore
 from scheduler.task_states import DISPATCHED, FAILED, PLACED, PREEMPTED, QUEUED, RUNNING, TERMINAL
@@ -144,6 +146,7 @@ class Dispatcher:
         self._workers = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="dispatch")
         self._stop = threading.Event()
         self._wake = threading.Event()  # set when a slot frees up: run the next pass now
+        self._completions = CompletionBatcher(store.apply_changes, self._completion_recorded, self._wake.set)
         # Tasks of pipelined passes whose commit has not finished: id -> project ("" = not launched).
         self._uncommitted: dict[str, str] = {}
         self._uncommitted_lock = threading.Lock()
@@ -167,6 +170,7 @@ class Dispatcher:
         for call, _agent in calls:
             call.cancel()
         self._workers.shutdown(wait=True, cancel_futures=True)
+        self._completions.close()  # records what the workers handed over
         with self._channels_lock:
             for channel in self._channels.values():
                 channel.close()
@@ -556,26 +560,29 @@ class Dispatcher:
         if state in (types_pb2.TASK_STATE_SUCCEEDED, types_pb2.TASK_STATE_FAILED, types_pb2.TASK_STATE_CANCELLED):
             to_state = task_states.from_proto(state)
             reason = message.message or (message.error.message if message.HasField("error") else "") or to_state
-            if self.store.transition(task_id, to_state, reason, now, expect_agent=agent_id, progress_message=message):
-                # Free the slot and start the next pass before the listeners (audit fsync, ledger) run.
-                self.agents.note_finished(agent_id, task_id)
-                self._wake.set()
-                metrics.TASKS_FINISHED.labels(state=to_state, pool=record.pool or "").inc()
-                if self.listeners:  # the record as committed, without reading it back
-                    final = replace(
-                        record,
-                        state=to_state,
-                        agent_id=agent_id,
-                        attempts=record.attempts + 1,
-                        last_reason=reason,
-                        updated_at=now,
-                        finished_at=now,
-                    )
-                    for listener in self.listeners:
-                        _safe(listener.on_finished, final)
+            # Recorded by the completion batcher (one commit for many); this worker's `finally`
+            # frees the agent slot now: the agent has said it is done.
+            self._completions.put(Completion(record, agent_id, to_state, reason, message, now))
             return True
         self.store.record_progress(task_id, message, now)
         return False
+
+    def _completion_recorded(self, completion: Completion) -> None:
+        """A completion the batcher committed: metrics and listeners get the record as committed."""
+        record = completion.record
+        metrics.TASKS_FINISHED.labels(state=completion.to_state, pool=record.pool or "").inc()
+        if self.listeners:  # without reading it back
+            final = replace(
+                record,
+                state=completion.to_state,
+                agent_id=completion.agent_id,
+                attempts=record.attempts + 1,
+                last_reason=completion.reason,
+                updated_at=completion.at,
+                finished_at=completion.at,
+            )
+            for listener in self.listeners:
+                _safe(listener.on_finished, final)
 
     def _on_rpc_error(self, task_id: str, agent_id: str, error: grpc.RpcError) -> None:
         code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
