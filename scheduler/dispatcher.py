@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -139,6 +139,7 @@ class Dispatcher:
         self.admission = admission
         self._channel_for = channel_for or _insecure_channel
         self._channels: dict[str, grpc.Channel] = {}
+        self._stubs: dict[str, agent_pb2_grpc.AgentStub] = {}
         self._channels_lock = threading.Lock()
         self._calls: dict[str, tuple[Any, str]] = {}  # task id -> (RunTask call, agent id)
         self._calls_lock = threading.Lock()
@@ -175,6 +176,7 @@ class Dispatcher:
             for channel in self._channels.values():
                 channel.close()
             self._channels.clear()
+            self._stubs.clear()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -259,27 +261,20 @@ class Dispatcher:
             return 0  # nothing can start anywhere: skip placing the whole queue again
         with self._uncommitted_lock:
             uncommitted = dict(self._uncommitted)
-        limit = min(self.settings.batch, free + self.settings.max_misses_per_pass) + len(uncommitted)
-        runnable = [r for r in self.store.runnable(now, limit, self.settings.aging_s) if r.id not in uncommitted]
-        if not runnable:
-            return 0
-        # Per-project limits need the in-flight count (a GROUP BY per pass): skip it without limits.
-        in_flight = self.store.in_flight_by_project() if self.settings.project_limits else {}
-        for project in uncommitted.values():
-            if project:  # launches of uncommitted passes are in flight already
-                in_flight[project] = in_flight.get(project, 0) + 1
-        items = [queue.QueuedItem(r.id, r.project, r.priority, r.submitted_at) for r in runnable]
-        admitted_ids = {item.task_id for item in queue.within_limits(items, in_flight, self.settings.project_limits)}
+        in_flight: dict[str, int] = {}
+        if self.settings.project_limits:  # the in-flight count is a GROUP BY per pass: only when needed
+            in_flight = self.store.in_flight_by_project()
+            for project in uncommitted.values():
+                if project:  # launches of uncommitted passes are in flight already
+                    in_flight[project] = in_flight.get(project, 0) + 1
         full_pools: set[str] = set()
         changes: list[Change] = []
         queued: list[tuple[str, Placement]] = []
         launches: list[_Launch] = []
         misses = 0
-        for record in runnable:
+        for record in self._queue_head(now, free, uncommitted, in_flight):
             if misses >= self.settings.max_misses_per_pass or self._stop.is_set() or free <= 0:
                 break  # `free <= 0`: every slot is taken; the rest of the queue waits for one to free
-            if record.id not in admitted_ids:
-                continue
             was_full = len(full_pools)
             planned = self._plan(record, now, snapshot, full_pools)
             # Local slot accounting: later tasks of this pass see the slot taken (or the pool full),
@@ -319,6 +314,30 @@ class Dispatcher:
         if changes:
             self._workers.submit(self._commit_and_launch, changes, launches, [], now, True)
         return len(launching)
+
+    def _queue_head(
+        self, now: float, free: int, uncommitted: Mapping[str, str], in_flight: dict[str, int]
+    ) -> Iterator[TaskRecord]:
+        """Runnable tasks in queue order within the project limits, read a few at a time: most
+        passes fill one or two freed slots, so reading (and decoding) a long prefix of the queue
+        every pass was wasted work. Reads on while the pass keeps asking, up to `batch` rows."""
+        limits = self.settings.project_limits
+        seen: set[str] = set()
+        offset, size = 0, free + len(uncommitted) + 2
+        while offset < self.settings.batch + len(uncommitted):
+            rows = self.store.runnable(now, size, self.settings.aging_s, offset)
+            for record in rows:
+                if record.id in uncommitted or record.id in seen:  # a row may move between reads
+                    continue
+                seen.add(record.id)
+                limit = queue.project_limit(record.project, limits)
+                if limit and in_flight.get(record.project, 0) >= limit:
+                    continue
+                in_flight[record.project] = in_flight.get(record.project, 0) + 1
+                yield record
+            if len(rows) < size:
+                return  # the end of the runnable queue
+            offset, size = offset + size, max(size, self.settings.max_misses_per_pass)
 
     def _record_queued(self, queued: list[tuple[str, Placement]], now: float) -> None:
         try:
@@ -494,7 +513,7 @@ class Dispatcher:
                     )
                 self._requeue(self.store.get(task_id), f"re-placing: {violation}", "residency", self.clock(), agent_id)
                 return
-            stub = agent_pb2_grpc.AgentStub(self._channel(address))
+            stub = self._stub(address)
             call = stub.RunTask(request, wait_for_ready=False)
             with self._calls_lock:
                 self._calls[task_id] = (call, agent_id)
@@ -656,7 +675,7 @@ class Dispatcher:
         reached = False
         if agent is not None and agent.address:
             try:
-                stub = agent_pb2_grpc.AgentStub(self._channel(agent.address))
+                stub = self._stub(agent.address)
                 stub.CancelTask(agent_pb2.AgentCancelRequest(task_id=task_id, reason=reason), timeout=2.0)
                 reached = True
             except grpc.RpcError as error:
@@ -682,6 +701,13 @@ class Dispatcher:
                 channel = self._channel_for(address)
                 self._channels[address] = channel
             return channel
+
+    def _stub(self, address: str) -> agent_pb2_grpc.AgentStub:
+        """One stub per agent address (a stub builds a callable per method: not per task)."""
+        stub = self._stubs.get(address)
+        if stub is None:
+            stub = self._stubs[address] = agent_pb2_grpc.AgentStub(self._channel(address))
+        return stub
 
 
 # Filters whose failure does not change while a task waits: they only rule pools out.

@@ -252,6 +252,13 @@ def _record(row: sa.Row[Any]) -> TaskRecord:
 _RECORD_COLUMNS = ", ".join(field.name for field in dataclasses.fields(TaskRecord))
 
 
+def _driver_cursor(conn: Connection) -> Any:
+    """The DBAPI driver's own cursor on `conn`, inside its transaction (no per-execute overhead)."""
+    driver = conn.connection.driver_connection
+    assert driver is not None, "the connection is closed"
+    return driver.cursor()
+
+
 def _record_from_tuple(row: Sequence[Any]) -> TaskRecord:
     """A record from a driver row selected with `_RECORD_COLUMNS` (the dispatch path's fast read)."""
     values = list(row)
@@ -491,7 +498,7 @@ class TaskStore:
             return rows[:limit], encode_page_token(last.submitted_at, last.id)
         return rows, ""
 
-    def runnable(self, now: float, limit: int, aging_s: float) -> list[TaskRecord]:
+    def runnable(self, now: float, limit: int, aging_s: float, offset: int = 0) -> list[TaskRecord]:
         """Queued tasks whose backoff has passed, in queue order (see `scheduler.queue`).
 
         The dispatcher runs this every pass, so it walks a partial index on the order key itself
@@ -501,10 +508,15 @@ class TaskStore:
         mark, hint = ("?", f" INDEXED BY {index}") if self.is_sqlite else ("%s", "")
         sql = (
             f"SELECT {_RECORD_COLUMNS} FROM tasks{hint} WHERE state = '{QUEUED}' AND +not_before <= {mark} "
-            f"ORDER BY {order}, id LIMIT {int(limit)}"
+            f"ORDER BY {order}, id LIMIT {int(limit)} OFFSET {int(offset)}"
         )
-        with self._read() as conn:
-            return [_record_from_tuple(row) for row in conn.exec_driver_sql(sql, (now,))]
+        raw = self._reader.raw_connection()  # the driver directly: one statement, no transaction needed
+        try:
+            cursor = raw.cursor()
+            cursor.execute(sql, (now,))
+            return [_record_from_tuple(row) for row in cursor.fetchall()]
+        finally:
+            raw.close()
 
     def ensure_queue_index(self, aging_s: float) -> tuple[str, str]:
         """The queue-order expression for `aging_s` and its partial index (created once)."""
@@ -598,21 +610,25 @@ class TaskStore:
 
         def run(conn: Connection) -> list[bool | Exception]:
             results: list[bool | Exception] = []
+            cursor = _driver_cursor(conn)
             for change in changes:
                 try:
-                    results.append(self._apply(conn, change, now))
+                    results.append(self._apply(conn, change, now, cursor))
                 except (IllegalTransition, UnknownTask) as error:  # raised before anything is written
                     results.append(error)
             return results
 
         return self._execute_write(run)
 
-    def _apply(self, conn: Connection, change: Change, now: float) -> bool:
-        # Plain driver SQL with one fixed shape per statement: this runs several times per task on
-        # the dispatch path, and building Core statements per call dominated its profile.
+    def _apply(self, conn: Connection, change: Change, now: float, cursor: Any = None) -> bool:
+        # Plain SQL with one fixed shape per statement on the driver's own cursor (same transaction):
+        # this runs twice per task on the dispatch path, and first Core's statement building, then
+        # SQLAlchemy's per-execute result set-up dominated its profile.
         task_id, steps = change.task_id, change.steps
         sql = self._apply_sql(conn)
-        row = conn.exec_driver_sql(sql["select"], (task_id,)).first()
+        cursor = cursor if cursor is not None else _driver_cursor(conn)
+        cursor.execute(sql["select"], (task_id,))
+        row = cursor.fetchone()
         if row is None:
             raise UnknownTask(task_id)
         current, row_pool, row_agent = row
@@ -655,8 +671,8 @@ class TaskStore:
                 finished_at = now
             rows.append((task_id, current, step.to_state, step.reason, now, pool or "", agent or ""))
             current = step.to_state
-        conn.exec_driver_sql(sql["transition"], rows)  # type: ignore[arg-type]
-        conn.exec_driver_sql(
+        cursor.executemany(sql["transition"], rows)
+        cursor.execute(
             sql["update"],
             (
                 current,
@@ -674,7 +690,7 @@ class TaskStore:
             ),
         )
         if change.progress is not None:
-            self._write_progress(conn, task_id, change.progress, now)
+            self._write_progress(conn, task_id, change.progress, now, cursor)
         return True
 
     def _apply_sql(self, conn: Connection) -> dict[str, str]:
@@ -736,12 +752,15 @@ class TaskStore:
             )
         )
 
-    def _write_progress(self, conn: Connection, task_id: str, message: types_pb2.Progress, now: float) -> None:
+    def _write_progress(
+        self, conn: Connection, task_id: str, message: types_pb2.Progress, now: float, cursor: Any = None
+    ) -> None:
         # One upsert in plain driver SQL (SQLite >= 3.24 and PostgreSQL share the syntax): this runs
         # for every progress message and every completion.
         sql = self._apply_sql(conn)
-        conn.exec_driver_sql(sql["progress"], (task_id, message.SerializeToString(), now))
+        cursor = cursor if cursor is not None else _driver_cursor(conn)
+        cursor.execute(sql["progress"], (task_id, message.SerializeToString(), now))
         if message.checkpoint_frame:
-            conn.exec_driver_sql(
+            cursor.execute(
                 sql["checkpoint"], (message.checkpoint_frame, message.checkpoint_uri, task_id, message.checkpoint_frame)
             )

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 
 from facefleet.v1 import scheduler_pb2, types_pb2
 from scheduler.capacity import AgentRegistry
@@ -208,6 +209,41 @@ def test_a_pass_accounts_for_the_slots_it_takes_so_later_tasks_go_to_other_pools
         # Every slot is taken after the third launch: the pass stops there instead of evaluating
         # the rest of the queue again (Explain answers with a live decision for such a task).
         assert store.get(ids[3]).state == "queued" and store.get(ids[3]).placement is None
+    finally:
+        dispatcher.stop()
+        store.close()
+
+
+class ProjectPlacer(FirstFreePlacer):
+    """Project "go" runs on pool-a while it has a slot; every other project waits (e.g. its budget)."""
+
+    def decide(self, task: types_pb2.Task, now: float, snapshot: Any = None) -> PlacementResult:
+        result = super().decide(task, now, snapshot)
+        if task.project == "go":
+            return result
+        decision = Decision("queue", None, "budgeted", "budget exhausted", (), None)
+        return replace(
+            result, outcome="queue", pool="", reason="budget exhausted", decision=decision, summary=decision.to_dict()
+        )
+
+
+@pytest.mark.parametrize(("max_misses", "launched"), [(16, 1), (4, 0)])
+def test_a_pass_reads_past_waiting_tasks_to_a_free_slot_up_to_its_miss_budget(
+    tmp_path: Path, max_misses: int, launched: int
+) -> None:
+    store = TaskStore(f"sqlite:///{tmp_path}/d.db")
+    registry = AgentRegistry(heartbeat_timeout_s=30)
+    register(registry, "a-1", "pool-a", "private", slots=1)
+    settings = DispatcherSettings(project_limits={}, warmup_s=0, max_misses_per_pass=max_misses)
+    dispatcher = Dispatcher(store, ProjectPlacer({"pool-a": 1}), registry, settings)
+    waiting = [submit(store, "over-budget", types_pb2.SENSITIVITY_PRIVATE) for _ in range(6)]
+    ready = submit(store, "go", types_pb2.SENSITIVITY_PRIVATE)  # 7th in queue order
+    try:
+        # One free slot: the pass reads the queue a few rows at a time, on past the six waiting tasks.
+        assert dispatcher.dispatch_pass(time.time()) == launched
+        assert any(step.to_state == "dispatched" for step in store.transitions_of(ready)) == bool(launched)
+        decided = [t for t in waiting if (store.get(t).placement or {}).get("reason") == "budget exhausted"]
+        assert len(decided) == min(6, max_misses)  # each waiting task evaluated once, its reason kept
     finally:
         dispatcher.stop()
         store.close()
