@@ -17,6 +17,7 @@ from sqlalchemy.engine import make_url
 from facefleet.config import Settings
 from facefleet.grpc_server import SERVICE_NAMES, ServerHandle, build_server
 from scheduler import metrics
+from scheduler.agent_streams import AioChannelFactory
 from scheduler.capacity import AgentRegistry, CapacityView
 from scheduler.dispatcher import AdmissionGate, AuditHook, Dispatcher, DispatcherSettings, DispatchListener
 from scheduler.group_commit import GroupCommitter
@@ -51,7 +52,7 @@ class SchedulerApp:
         rules_source: RulesSource | None = None,
         listeners: Sequence[DispatchListener] = (),
         audit: AuditHook | None = None,
-        channel_for: Callable[[str], grpc.Channel] | None = None,
+        channel_for: AioChannelFactory | None = None,
         dispatcher_settings: DispatcherSettings | None = None,
         admission: AdmissionGate | None = None,
         intake_check: IntakeCheck | None = None,

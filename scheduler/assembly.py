@@ -22,10 +22,11 @@ from facefleet.grpc_server import SERVICE_NAMES
 from facefleet.security.audit import AuditLog
 from facefleet.security.residency import ResidencyViolation, check_storage
 from facefleet.security.roles import RoleGate, current_identity
-from facefleet.security.tls import secure_channel, server_credentials_unless_insecure
+from facefleet.security.tls import secure_aio_channel, server_credentials_unless_insecure
 from facefleet.v1 import types_pb2
 from facefleet.v1.admin_pb2_grpc import add_AdminServicer_to_server as add_admin
 from scheduler.admin_service import AdminServicer
+from scheduler.agent_streams import AioChannelFactory
 from scheduler.app import SchedulerApp
 from scheduler.audit_trail import AuditTrail
 from scheduler.dispatcher import DispatcherSettings
@@ -45,12 +46,13 @@ def rules_source_from(settings: Settings) -> Any:
     return FileRuleSource(policy.dir)
 
 
-def agent_channel_factory(settings: Settings) -> Callable[[str], grpc.Channel]:
-    """scheduler→agent channels: mTLS as identity "scheduler" (plaintext only when tls.insecure)."""
+def agent_channel_factory(settings: Settings) -> AioChannelFactory:
+    """scheduler→agent channels (grpc.aio, the dispatcher's event loop): mTLS as identity
+    "scheduler" (plaintext only when tls.insecure)."""
     tls = settings.tls
 
-    def channel_for(address: str) -> grpc.Channel:
-        return secure_channel(address, tls, "scheduler")
+    def channel_for(address: str) -> grpc.aio.Channel:
+        return secure_aio_channel(address, tls, "scheduler")
 
     return channel_for
 
@@ -89,7 +91,7 @@ class AssembledScheduler(SchedulerApp):
 def build_scheduler(
     settings: Settings,
     *,
-    channel_for: Callable[[str], grpc.Channel] | None = None,
+    channel_for: AioChannelFactory | None = None,
     rules_source: RulesSource | None = None,
     dispatcher_settings: DispatcherSettings | None = None,
     spent_usd: Callable[[str], float] | None = None,

@@ -11,6 +11,7 @@ checkpoint any agent reported. At-least-once: the agent is idempotent on the tas
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 import time
@@ -23,8 +24,9 @@ import grpc
 import structlog
 import tenacity
 
-from facefleet.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from facefleet.v1 import agent_pb2, types_pb2
 from scheduler import metrics, queue, task_states
+from scheduler.agent_streams import AgentStreams, AioChannelFactory
 from scheduler.completion_batch import Completion, CompletionBatcher
 from scheduler.placement_gateway import PlacementResult, Placer, residency_violation
 from scheduler.store import Change, IllegalTransition, Placement, Step, TaskRecord, TaskStore
@@ -120,7 +122,7 @@ class Dispatcher:
         agents: AgentDirectory,
         settings: DispatcherSettings,
         is_leader: Callable[[], bool] = lambda: True,
-        channel_for: Callable[[str], grpc.Channel] | None = None,
+        channel_for: AioChannelFactory | None = None,
         listeners: Sequence[DispatchListener] = (),
         audit: AuditHook | None = None,
         clock: Callable[[], float] = time.time,
@@ -137,10 +139,7 @@ class Dispatcher:
         self.clock = clock
         self.gate = gate
         self.admission = admission
-        self._channel_for = channel_for or _insecure_channel
-        self._channels: dict[str, grpc.Channel] = {}
-        self._stubs: dict[str, agent_pb2_grpc.AgentStub] = {}
-        self._channels_lock = threading.Lock()
+        self._streams = AgentStreams(channel_for or grpc.aio.insecure_channel)
         self._calls: dict[str, tuple[Any, str]] = {}  # task id -> (RunTask call, agent id)
         self._calls_lock = threading.Lock()
         self._lost_agents: dict[str, float] = {}
@@ -166,17 +165,9 @@ class Dispatcher:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        with self._calls_lock:
-            calls = list(self._calls.values())
-        for call, _agent in calls:
-            call.cancel()
+        self._streams.close()  # cancels every stream; their clean-up hands work to the pool
         self._workers.shutdown(wait=True, cancel_futures=True)
-        self._completions.close()  # records what the workers handed over
-        with self._channels_lock:
-            for channel in self._channels.values():
-                channel.close()
-            self._channels.clear()
-            self._stubs.clear()
+        self._completions.close()  # records what the streams handed over
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -396,7 +387,7 @@ class Dispatcher:
             sending.append((sent, launch))
         self._flush_audit()  # the pass's placement/dispatch records are durable before any RunTask
         for sent, launch in sending:
-            self._workers.submit(self._run_on_agent, sent, launch.agent_id, launch.address, launch.request, now)
+            self._launch(sent, launch.agent_id, launch.address, launch.request, now)
         for change in changes:
             if change.steps[-1].to_state == FAILED and results.get(change.task_id) is True:
                 self._finished(change.task_id)
@@ -496,70 +487,104 @@ class Dispatcher:
         zone = getattr(self.agents.get(agent_id), "trust_zone", "") or "unknown"
         return residency_violation(request.task, None, zone, request.project_locked)
 
-    def _run_on_agent(
+    def _launch(
         self, record: TaskRecord, agent_id: str, address: str, request: agent_pb2.RunTaskRequest, placed_at: float
     ) -> None:
-        task_id = record.id
+        """Hand one committed launch to the agent-streams loop. The lock gate's admission is taken
+        here (it may wait while a lock change is enforced; the loop must not) and released by the
+        stream once the agent has answered."""
         admitting = self.admission.admitting() if self.admission is not None else contextlib.nullcontext()
         admitting.__enter__()
+        try:
+            self._streams.spawn(self._run_on_agent(record, agent_id, address, request, placed_at, admitting))
+        except Exception:
+            admitting.__exit__(None, None, None)
+            raise
+
+    async def _run_on_agent(
+        self,
+        record: TaskRecord,
+        agent_id: str,
+        address: str,
+        request: agent_pb2.RunTaskRequest,
+        placed_at: float,
+        admitting: Any,
+    ) -> None:
+        """One task's RunTask stream, on the agent-streams loop. Store and audit work goes to the
+        worker pool (`self._blocking`); a terminal state goes to the completion batcher."""
+        task_id = record.id
         held = True
+
+        def admitted() -> None:  # the agent answered (or the call ended): a lock change sees it now
+            nonlocal held
+            if held:
+                held = False
+                admitting.__exit__(None, None, None)
+
+        call: Any = None
         try:
             if self.admission is not None and (violation := self._lock_race_refusal(record, agent_id, request)):
-                if self.audit is not None:
-                    _safe(
-                        self.audit,
-                        "residency_refused",
-                        {"task_id": task_id, "project": record.project, "pool": record.pool, "detail": violation},
-                    )
-                self._requeue(self.store.get(task_id), f"re-placing: {violation}", "residency", self.clock(), agent_id)
+                await self._blocking(self._refuse_late, record, agent_id, violation)
                 return
-            stub = self._stub(address)
-            call = stub.RunTask(request, wait_for_ready=False)
+            call = self._streams.stub(address).RunTask(request, wait_for_ready=False)
             with self._calls_lock:
                 self._calls[task_id] = (call, agent_id)
             started = False
             running = False
             terminal = False
-            for message in call:
-                if held:  # the agent has admitted the task: a lock change from now on sees it in flight
-                    held = False
-                    admitting.__exit__(None, None, None)
+            async for message in call:
+                admitted()
                 now = self.clock()
                 if not started:
                     metrics.DISPATCH_LATENCY.observe(max(0.0, now - placed_at))
                     started = True
                 if message.state in (types_pb2.TASK_STATE_RUNNING, types_pb2.TASK_STATE_UNSPECIFIED) and not running:
-                    running = self.store.transition(
-                        task_id,
-                        RUNNING,
-                        f"agent {agent_id} started",
-                        now,
-                        expect_from=DISPATCHED,
-                        expect_agent=agent_id,
-                    )
-                terminal = self._on_progress(record, agent_id, message, now)
+                    running = await self._blocking(self._mark_running, task_id, agent_id, now)
+                if message.state in _ENDS_THE_RUN:
+                    terminal = self._on_progress(record, agent_id, message, now)  # queues: does not block
+                else:
+                    terminal = await self._blocking(self._on_progress, record, agent_id, message, now)
                 if terminal:
                     break
             if not terminal:
-                self._requeue(
-                    self.store.get(task_id),
-                    f"agent {agent_id} closed the stream before finishing",
-                    "stream_ended",
-                    self.clock(),
-                    agent_id,
-                )
-        except grpc.RpcError as error:
-            self._on_rpc_error(task_id, agent_id, error)
+                why = f"agent {agent_id} closed the stream before finishing"
+                await self._blocking(self._requeue_latest, task_id, why, "stream_ended", agent_id)
+        except grpc.RpcError as error:  # grpc.aio's AioRpcError included
+            await self._blocking(self._on_rpc_error, task_id, agent_id, error)
+        except asyncio.CancelledError:
+            raise  # the dispatcher is stopping
         except Exception:
-            log.exception("dispatch worker failed", task_id=task_id, agent_id=agent_id)
-            self._requeue(self.store.get(task_id), "internal dispatcher error", "internal", self.clock(), agent_id)
+            log.exception("dispatch stream failed", task_id=task_id, agent_id=agent_id)
+            await self._blocking(self._requeue_latest, task_id, "internal dispatcher error", "internal", agent_id)
         finally:
-            if held:
-                admitting.__exit__(None, None, None)
+            admitted()
+            if call is not None and not call.done():
+                call.cancel()
             with self._calls_lock:
                 self._calls.pop(task_id, None)
             self.agents.note_finished(agent_id, task_id)
             self._wake.set()
+
+    async def _blocking(self, function: Callable[..., Any], *args: Any) -> Any:
+        return await self._streams.blocking(self._workers, function, *args)
+
+    def _mark_running(self, task_id: str, agent_id: str, now: float) -> bool:
+        return self.store.transition(
+            task_id, RUNNING, f"agent {agent_id} started", now, expect_from=DISPATCHED, expect_agent=agent_id
+        )
+
+    def _refuse_late(self, record: TaskRecord, agent_id: str, violation: str) -> None:
+        """The locks changed between the pass and the RPC: audit, and place the task again."""
+        if self.audit is not None:
+            _safe(
+                self.audit,
+                "residency_refused",
+                {"task_id": record.id, "project": record.project, "pool": record.pool, "detail": violation},
+            )
+        self._requeue_latest(record.id, f"re-placing: {violation}", "residency", agent_id)
+
+    def _requeue_latest(self, task_id: str, why: str, reason: str, agent_id: str) -> None:
+        self._requeue(self.store.get(task_id), why, reason, self.clock(), agent_id)
 
     def _on_progress(self, record: TaskRecord, agent_id: str, message: types_pb2.Progress, now: float) -> bool:
         """Record one progress message; True when it ends the run on this agent."""
@@ -604,8 +629,9 @@ class Dispatcher:
                 _safe(listener.on_finished, final)
 
     def _on_rpc_error(self, task_id: str, agent_id: str, error: grpc.RpcError) -> None:
-        code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
-        detail = error.details() if isinstance(error, grpc.Call) else str(error)
+        code_of, details_of = getattr(error, "code", None), getattr(error, "details", None)  # sync or aio error
+        code = code_of() if callable(code_of) else grpc.StatusCode.UNKNOWN
+        detail = details_of() if callable(details_of) else str(error)
         now = self.clock()
         record = self.store.get(task_id)
         if record.state in TERMINAL:
@@ -675,40 +701,31 @@ class Dispatcher:
         reached = False
         if agent is not None and agent.address:
             try:
-                stub = self._stub(agent.address)
-                stub.CancelTask(agent_pb2.AgentCancelRequest(task_id=task_id, reason=reason), timeout=2.0)
+                self._streams.run(self._cancel_rpc(agent.address, task_id, reason), timeout=3.0)
                 reached = True
-            except grpc.RpcError as error:
+            except (grpc.RpcError, TimeoutError, RuntimeError) as error:
                 log.warning(
                     "cancel did not reach the agent; heartbeat will carry it",
                     task_id=task_id,
                     agent_id=agent_id,
-                    error=str(error.code()) if isinstance(error, grpc.Call) else "",
+                    error=repr(error),
                 )
         self._cancel_local_call(task_id)
         return reached
+
+    async def _cancel_rpc(self, address: str, task_id: str, reason: str) -> None:
+        request = agent_pb2.AgentCancelRequest(task_id=task_id, reason=reason)
+        await self._streams.stub(address).CancelTask(request, timeout=2.0)
 
     def _cancel_local_call(self, task_id: str) -> None:
         with self._calls_lock:
             entry = self._calls.get(task_id)
         if entry is not None:
-            entry[0].cancel()
+            self._streams.call_soon(entry[0].cancel)
 
-    def _channel(self, address: str) -> grpc.Channel:
-        with self._channels_lock:
-            channel = self._channels.get(address)
-            if channel is None:
-                channel = self._channel_for(address)
-                self._channels[address] = channel
-            return channel
 
-    def _stub(self, address: str) -> agent_pb2_grpc.AgentStub:
-        """One stub per agent address (a stub builds a callable per method: not per task)."""
-        stub = self._stubs.get(address)
-        if stub is None:
-            stub = self._stubs[address] = agent_pb2_grpc.AgentStub(self._channel(address))
-        return stub
-
+# Progress states after which the agent runs nothing more for this attempt (handled without blocking).
+_ENDS_THE_RUN = frozenset({types_pb2.TASK_STATE_SUCCEEDED, types_pb2.TASK_STATE_FAILED, types_pb2.TASK_STATE_CANCELLED})
 
 # Filters whose failure does not change while a task waits: they only rule pools out.
 _STANDING_FILTERS = frozenset({"residency", "lock", "rule_allow"})
@@ -746,10 +763,6 @@ def _kept_queued(placement: Placement, why: str, record: TaskRecord) -> Placemen
     decision.outcome = types_pb2.PlacementDecision.QUEUE
     decision.reason = why
     return replace(placement, summary=summary, decision=decision.SerializeToString())
-
-
-def _insecure_channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address)
 
 
 def _safe(hook: Callable[..., None], *args: Any) -> None:

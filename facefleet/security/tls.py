@@ -94,3 +94,11 @@ def secure_channel(
         warn_insecure(f"client {identity} -> {address}")
         return grpc.insecure_channel(address, options=options)
     return grpc.secure_channel(address, channel_credentials(tls, identity), options=options)
+
+
+def secure_aio_channel(address: str, tls: TLSConfig, identity: str) -> grpc.aio.Channel:
+    """`secure_channel` for asyncio code (create it on the event loop that will use it)."""
+    if tls.insecure:
+        warn_insecure(f"client {identity} -> {address}")
+        return grpc.aio.insecure_channel(address)
+    return grpc.aio.secure_channel(address, channel_credentials(tls, identity))

@@ -3,9 +3,10 @@ at completion, and the audit flush before any RunTask leaves."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -136,9 +137,9 @@ def test_audit_is_flushed_before_the_rpc_and_the_slot_is_free_before_listeners_r
     )
     recorder = Recorder(registry, "onprem-1")
 
-    def channel_for(address: str) -> grpc.Channel:
+    def channel_for(address: str) -> grpc.aio.Channel:
         recorder.events.append("rpc")
-        return grpc.insecure_channel(address)
+        return grpc.aio.insecure_channel(address)
 
     dispatcher = Dispatcher(
         store,
@@ -244,6 +245,48 @@ def test_a_pass_reads_past_waiting_tasks_to_a_free_slot_up_to_its_miss_budget(
         assert any(step.to_state == "dispatched" for step in store.transitions_of(ready)) == bool(launched)
         decided = [t for t in waiting if (store.get(t).placement or {}).get("reason") == "budget exhausted"]
         assert len(decided) == min(6, max_misses)  # each waiting task evaluated once, its reason kept
+    finally:
+        dispatcher.stop()
+        store.close()
+
+
+class LockedAtRpcTime:
+    """A lock gate whose project lock lands between the pass and the RPC."""
+
+    def __init__(self) -> None:
+        self.admissions = 0
+
+    @contextlib.contextmanager
+    def admitting(self) -> Iterator[None]:
+        self.admissions += 1
+        yield
+
+    def project_locked(self, project: str) -> bool:
+        return True
+
+
+def test_a_lock_that_lands_between_the_pass_and_the_rpc_sends_the_task_back_to_placement(tmp_path: Path) -> None:
+    store = TaskStore(f"sqlite:///{tmp_path}/d.db")
+    registry = AgentRegistry(heartbeat_timeout_s=30)
+    register(registry, "c-1", "cloud-b", "cloud")
+    audits: list[tuple[str, dict[str, Any]]] = []
+    gate = LockedAtRpcTime()
+    dispatcher = Dispatcher(
+        store,
+        FixedPlacer("cloud-b", "cloud"),
+        registry,
+        DispatcherSettings(project_limits={}, warmup_s=0, backoff_initial_s=60),
+        audit=lambda event, fields: audits.append((event, fields)),
+        admission=gate,
+    )
+    task_id = submit(store, "p", types_pb2.SENSITIVITY_PUBLIC)
+    try:
+        assert dispatcher.dispatch_pass(time.time()) == 1  # placed on the cloud pool: not locked then
+        wait_for(lambda: store.get(task_id).state == "queued", 5, what="the task back in the queue")
+        assert store.get(task_id).last_reason.startswith("re-placing: task of a locked project")
+        assert [fields["task_id"] for event, fields in audits if event == "residency_refused"] == [task_id]
+        assert gate.admissions == 1
+        wait_for(lambda: not registry.get("c-1").in_flight, 5, what="the slot released")  # type: ignore[union-attr]
     finally:
         dispatcher.stop()
         store.close()
