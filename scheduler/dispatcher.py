@@ -2,9 +2,10 @@
 
 One loop thread picks runnable tasks in queue order (within per-project limits), asks placement,
 records the decision, re-checks residency, reserves a slot on an agent of the chosen pool and
-hands the RunTask stream to a worker thread. Workers record progress; terminal states go to the
-completion batcher (`scheduler.completion_batch`: one commit for every completion pending, recorded
-once: the store ignores a second completion). Failures go back to the queue with an
+hands the RunTask stream to the agent-streams event loop (`scheduler.agent_streams`, one loop for
+every stream). Progress is recorded from the worker pool; terminal states go to the completion
+batcher (`scheduler.completion_batch`: one commit for every completion pending, recorded once: the
+store ignores a second completion). Failures go back to the queue with an
 exponential backoff (tenacity's wait strategy computes `not_before`) and resume from the latest
 checkpoint any agent reported. At-least-once: the agent is idempotent on the task id.
 """
