@@ -61,6 +61,9 @@ class AgentStreams:
 
     def run(self, coroutine: Coroutine[Any, Any, T], timeout: float) -> T:
         """Run `coroutine` on the loop and wait for its result (from another thread)."""
+        if threading.current_thread() is self._thread:
+            coroutine.close()
+            raise RuntimeError("AgentStreams.run called on its own loop: it would wait for itself")
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     def call_soon(self, callback: Callable[[], Any]) -> None:
