@@ -460,6 +460,9 @@ def _first_line(error: BaseException) -> str:
 # ------------------------------------------------------------------------------------------- view
 
 
+GAUGES_EVERY_S = 0.5  # agent and free-slot gauges: fresher than any scrape interval, not every pass
+
+
 @dataclass(frozen=True)
 class CapacitySnapshot:
     """What placement sees: one PoolState per pool, and why the numbers may be less than complete."""
@@ -488,6 +491,7 @@ class CapacityView:
         self._gauge_labels: set[tuple[str, str]] = set()
         self._gauge_pools: set[str] = set()
         self._gauge_lock = threading.Lock()
+        self._published_at = -math.inf  # monotonic time of the last gauge update
 
     @classmethod
     def from_config(cls, config: SchedulerConfig, registry: AgentRegistry) -> CapacityView:
@@ -517,7 +521,8 @@ class CapacityView:
             if QUEUE_WAIT_SIGNAL in pool_signals:
                 state = replace(state, queue_wait_s=max(0.0, pool_signals[QUEUE_WAIT_SIGNAL]))
             pools.append(state)
-        self._publish(agents, pools)
+        if time.monotonic() - self._published_at >= GAUGES_EVERY_S:  # dispatch passes run far more often
+            self._publish(agents, pools)
         return CapacitySnapshot(pools=tuple(pools), notes=tuple(notes), signals=signals, taken_at=now)
 
     def _pool_state(self, name: str, agents: list[AgentRecord], now: float, notes: list[str]) -> PoolState:
@@ -560,6 +565,7 @@ class CapacityView:
         )
 
     def _publish(self, agents: list[AgentRecord], pools: list[PoolState]) -> None:
+        self._published_at = time.monotonic()
         counts: dict[tuple[str, str], int] = defaultdict(int)
         for agent in agents:
             counts[(agent.pool, agent.state())] += 1
