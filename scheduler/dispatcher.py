@@ -248,7 +248,7 @@ class Dispatcher:
         places the next pass; tasks of passes not yet committed are left out of later passes (and
         counted against their project limits) until their commit is done."""
         snapshot = self.placer.world(now)
-        free = sum(pool.free_slots + pool.can_provision for pool in snapshot[1].pools)
+        free = _free_anywhere(snapshot)
         if free <= 0:
             return 0  # nothing can start anywhere: skip placing the whole queue again
         with self._uncommitted_lock:
@@ -277,7 +277,7 @@ class Dispatcher:
                 for pool_name in full_pools:
                     snapshot = _with_free_slots(snapshot, pool_name, lambda free: 0)
             if isinstance(planned, _Launch) or len(full_pools) != was_full:
-                free = sum(pool.free_slots + pool.can_provision for pool in snapshot[1].pools)
+                free = _free_anywhere(snapshot)
             if isinstance(planned, _Launch):
                 launches.append(planned)
                 changes.append(planned.change)
@@ -322,11 +322,8 @@ class Dispatcher:
                 if record.id in uncommitted or record.id in seen:  # a row may move between reads
                     continue
                 seen.add(record.id)
-                limit = queue.project_limit(record.project, limits)
-                if limit and in_flight.get(record.project, 0) >= limit:
-                    continue
-                in_flight[record.project] = in_flight.get(record.project, 0) + 1
-                yield record
+                if queue.admit(record.project, in_flight, limits):
+                    yield record
             if len(rows) < size:
                 return  # the end of the runnable queue
             offset, size = offset + size, max(size, self.settings.max_misses_per_pass)
@@ -602,7 +599,7 @@ class Dispatcher:
             ):
                 self._requeue(self.store.get(task_id), "resume after preemption", "preempted", now, agent_id)
             return True
-        if state in (types_pb2.TASK_STATE_SUCCEEDED, types_pb2.TASK_STATE_FAILED, types_pb2.TASK_STATE_CANCELLED):
+        if state in _ENDS_THE_RUN:
             to_state = task_states.from_proto(state)
             reason = message.message or (message.error.message if message.HasField("error") else "") or to_state
             # Recorded by the completion batcher (one commit for many); this worker's `finally`
@@ -742,6 +739,11 @@ def _waits_for_a_slot_only(result: PlacementResult) -> bool:
         return False
     failed = {c.failed_filter for c in result.decision.candidates if not c.feasible}
     return "capacity" in failed and failed <= _STANDING_FILTERS | {"capacity"}
+
+
+def _free_anywhere(snapshot: Any) -> int:
+    """Slots free or provisionable across every pool of the pass's (rules, World)."""
+    return sum(pool.free_slots + pool.can_provision for pool in snapshot[1].pools)
 
 
 def _with_free_slots(snapshot: Any, pool_name: str, free: Callable[[int], int]) -> Any:

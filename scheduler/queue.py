@@ -60,12 +60,14 @@ def within_limits(
 ) -> list[Item]:
     """Keep queue order; drop tasks whose project already has its limit in flight (counting the
     ones admitted earlier in this same pass)."""
-    admitted: list[Item] = []
     counts = dict(in_flight_by_project)
-    for item in items:
-        limit = project_limit(item.project, limits)
-        if limit and counts.get(item.project, 0) >= limit:
-            continue
-        counts[item.project] = counts.get(item.project, 0) + 1
-        admitted.append(item)
-    return admitted
+    return [item for item in items if admit(item.project, counts, limits)]
+
+
+def admit(project: str, counts: dict[str, int], limits: Mapping[str, int]) -> bool:
+    """One more task of `project` fits under its limit: count it in `counts` and say True."""
+    limit = project_limit(project, limits)
+    if limit and counts.get(project, 0) >= limit:
+        return False
+    counts[project] = counts.get(project, 0) + 1
+    return True

@@ -249,7 +249,9 @@ def _record(row: sa.Row[Any]) -> TaskRecord:
     return TaskRecord(**row._mapping)
 
 
-_RECORD_COLUMNS = ", ".join(field.name for field in dataclasses.fields(TaskRecord))
+_RECORD_FIELDS = [field.name for field in dataclasses.fields(TaskRecord)]
+_RECORD_COLUMNS = ", ".join(_RECORD_FIELDS)
+_PLACEMENT_AT = _RECORD_FIELDS.index("placement")
 
 
 def _driver_cursor(conn: Connection) -> Any:
@@ -262,9 +264,9 @@ def _driver_cursor(conn: Connection) -> Any:
 def _record_from_tuple(row: Sequence[Any]) -> TaskRecord:
     """A record from a driver row selected with `_RECORD_COLUMNS` (the dispatch path's fast read)."""
     values = list(row)
-    placement = values[12]
+    placement = values[_PLACEMENT_AT]
     if isinstance(placement, str):  # SQLite hands JSON back as text; PostgreSQL already decoded it
-        values[12] = json.loads(placement)
+        values[_PLACEMENT_AT] = json.loads(placement)
     return TaskRecord(*values)
 
 
@@ -302,6 +304,11 @@ class TaskStore:
         self._insert_statements: tuple[str, str] | None = None
         self._apply_statements: dict[str, str] | None = None
         self._queue_indexes: set[float] = set()
+
+    @property
+    def _mark(self) -> str:
+        """The driver's parameter placeholder in plain SQL (sqlite3: `?`, psycopg: `%s`)."""
+        return "?" if self._writer.dialect.paramstyle == "qmark" else "%s"
 
     @property
     def engine(self) -> Engine:
@@ -415,14 +422,14 @@ class TaskStore:
         if task_rows:
             # Straight to the driver: this is the intake hot path, and Core's per-row work showed up
             # in profiles. Columns not listed take their server defaults.
-            task_sql, transition_sql = self._insert_sql(conn)
+            task_sql, transition_sql = self._insert_sql()
             conn.exec_driver_sql(task_sql, task_rows)  # type: ignore[arg-type]
             conn.exec_driver_sql(transition_sql, transition_rows)  # type: ignore[arg-type]
         return results
 
-    def _insert_sql(self, conn: Connection) -> tuple[str, str]:
+    def _insert_sql(self) -> tuple[str, str]:
         if self._insert_statements is None:
-            mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+            mark = self._mark
 
             def statement(table: str, columns: str, count: int, constants: str) -> str:
                 return f"INSERT INTO {table} ({columns}) VALUES ({', '.join([mark] * count)}{constants})"
@@ -505,7 +512,7 @@ class TaskStore:
         (`ensure_queue_index`): LIMIT rows of an index scan instead of sorting the whole queue.
         `+not_before` keeps the planner off the (state, not_before) index for this query."""
         order, index = self.ensure_queue_index(aging_s)
-        mark, hint = ("?", f" INDEXED BY {index}") if self.is_sqlite else ("%s", "")
+        mark, hint = self._mark, f" INDEXED BY {index}" if self.is_sqlite else ""
         sql = (
             f"SELECT {_RECORD_COLUMNS} FROM tasks{hint} WHERE state = '{QUEUED}' AND +not_before <= {mark} "
             f"ORDER BY {order}, id LIMIT {int(limit)} OFFSET {int(offset)}"
@@ -625,7 +632,7 @@ class TaskStore:
         # this runs twice per task on the dispatch path, and first Core's statement building, then
         # SQLAlchemy's per-execute result set-up dominated its profile.
         task_id, steps = change.task_id, change.steps
-        sql = self._apply_sql(conn)
+        sql = self._apply_sql()
         cursor = cursor if cursor is not None else _driver_cursor(conn)
         cursor.execute(sql["select"], (task_id,))
         row = cursor.fetchone()
@@ -693,9 +700,9 @@ class TaskStore:
             self._write_progress(conn, task_id, change.progress, now, cursor)
         return True
 
-    def _apply_sql(self, conn: Connection) -> dict[str, str]:
+    def _apply_sql(self) -> dict[str, str]:
         if self._apply_statements is None:
-            mark = "?" if conn.dialect.paramstyle == "qmark" else "%s"
+            mark = self._mark
             lock = "" if self.is_sqlite else " FOR UPDATE"
             self._apply_statements = {
                 "select": f"SELECT state, pool, agent_id FROM tasks WHERE id = {mark}{lock}",
@@ -757,7 +764,7 @@ class TaskStore:
     ) -> None:
         # One upsert in plain driver SQL (SQLite >= 3.24 and PostgreSQL share the syntax): this runs
         # for every progress message and every completion.
-        sql = self._apply_sql(conn)
+        sql = self._apply_sql()
         cursor = cursor if cursor is not None else _driver_cursor(conn)
         cursor.execute(sql["progress"], (task_id, message.SerializeToString(), now))
         if message.checkpoint_frame:

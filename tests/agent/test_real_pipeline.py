@@ -15,10 +15,7 @@ from agent.models.tiny import draw_synthetic_face, write_tiny_models
 from agent.pipeline.runner import SwapJob, SwapPipeline
 from facefleet.rpc_errors import reason_of
 from facefleet.v1 import agent_pb2, types_pb2
-from tests.pipeline.conftest import SOURCE_LOOK, make_test_video
-
-FFMPEG = shutil.which("ffmpeg")
-requires_ffmpeg = pytest.mark.skipif(FFMPEG is None, reason="ffmpeg binary not installed (apt-get install ffmpeg)")
+from tests.pipeline.conftest import SOURCE_LOOK, make_test_video, requires_ffmpeg
 
 
 @pytest.fixture(scope="module")
