@@ -266,6 +266,14 @@ def start_stack(layout: DemoLayout) -> RunningStack:
     stack = RunningStack(layout, address)
     stack.processes["scheduler"] = _spawn(layout, "scheduler", ["scheduler", "run", "--config", str(layout.config)])
     wait_for_health(stack, address, "scheduler", timeout_s=60)
+    from agent.pipeline.provenance import c2pa_available
+
+    # Signed C2PA manifests need the `provenance` extra; without it outputs are labelled, unsigned.
+    signing = (
+        ["--c2pa-cert", str(layout.certs / "c2pa-signer.pem"), "--c2pa-key", str(layout.certs / "c2pa-signer-key.pem")]
+        if c2pa_available()
+        else []
+    )
     for name, pool, zone, provider, slots in (
         ("agent-onprem", ONPREM_POOL, "private", "onprem", 1),
         ("agent-cloud", CLOUD_POOL, "cloud", "local", 2),
@@ -278,8 +286,7 @@ def start_stack(layout: DemoLayout) -> RunningStack:
                 "--provider", provider, "--scheduler", address, "--models", str(layout.models),
                 "--listen", f"127.0.0.1:{free_port()}", "--slots", str(slots), "--metrics-port", "0",
                 "--tls-dir", str(layout.certs), "--work-dir", str(layout.root / "work" / name),
-                "--c2pa-cert", str(layout.certs / "c2pa-signer.pem"),
-                "--c2pa-key", str(layout.certs / "c2pa-signer-key.pem"),
+                *signing,
                 "--allowed-root", str(layout.inputs), "--allowed-root", str(layout.outputs),
             ],
         )  # fmt: skip

@@ -18,6 +18,7 @@ thumbnail would embed the original, un-swapped face in the output.
 from __future__ import annotations
 
 import datetime as dt
+import importlib.util
 import json
 import os
 import tempfile
@@ -149,7 +150,8 @@ class C2paSigningKey:
 
     @classmethod
     def load(cls, cert_path: Path, key_path: Path) -> C2paSigningKey:
-        """Read and check the pair: both files exist, parse, are P-256, and the key matches the cert."""
+        """Read and check the pair: both files exist, parse, are P-256, and the key matches the cert.
+        Also that c2pa-python is installed: better at start-up than in every task."""
         from cryptography import x509
         from cryptography.hazmat.primitives.asymmetric import ec
         from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -157,6 +159,12 @@ class C2paSigningKey:
         fix = (
             "point agent.c2pa_cert / agent.c2pa_key (--c2pa-cert/--c2pa-key) at the files `facefleet certs init` writes"
         )
+        if not c2pa_available():
+            raise ProvenanceSigningFailed(
+                "C2PA signing is configured but c2pa-python is not installed: pip install 'facefleet[provenance]' "
+                "(from a checkout: pip install -e '.[provenance]'), or unset agent.c2pa_cert/agent.c2pa_key "
+                "for labelled, unsigned outputs"
+            )
         try:
             chain_pem, key_pem = cert_path.read_bytes(), key_path.read_bytes()
         except OSError as error:
@@ -191,6 +199,11 @@ class C2paSigningKey:
             missing = "agent.c2pa_cert (--c2pa-cert)" if cert_path is None else "agent.c2pa_key (--c2pa-key)"
             raise ProvenanceSigningFailed(f"C2PA signing needs both a cert and a key; {missing} is not set")
         return cls.load(cert_path, key_path)
+
+
+def c2pa_available() -> bool:
+    """c2pa-python (the `provenance` extra) is installed."""
+    return importlib.util.find_spec("c2pa") is not None
 
 
 def c2pa_manifest_definition(record: ProvenanceRecord, title: str, parent_title: str) -> dict[str, Any]:

@@ -140,6 +140,8 @@ def _audit_summary(layout: Any) -> dict[str, Any]:
 
 
 def _print_next_steps(layout: Any, stack: Any, rows: list[dict[str, Any]], audit: dict[str, Any], took: float) -> None:
+    from agent.pipeline.provenance import c2pa_available
+
     example = next((r for r in rows if r["pool"] == "cloud-local"), rows[0])
     verdict = "[green]intact[/]" if audit["verified"] else f"[red]BROKEN[/] ({audit['problem']})"
     proof = "[green]PASS[/]" if audit["locked_project_proof"] else "[red]FAIL[/]"
@@ -148,8 +150,14 @@ def _print_next_steps(layout: Any, stack: Any, rows: list[dict[str, Any]], audit
         f"audit log: {layout.audit} — {audit['records']} records, chain {verdict}; residency proof for "
         f"film-x: {proof} ({audit['locked_project_tasks']} task(s), all in the private zone)\n"
         f"engine: {example['engine'] or 'n/a'} (no ONNX weights installed: the classical engine ran; "
-        "drop verified models into models/ for the ONNX production path)\n\n"
-        "Ask why a task went where it did:\n"
+        "drop verified models into models/ for the ONNX production path)\n"
+        + (
+            "provenance: every output carries a signed C2PA manifest (demo PKI's c2pa-signer)\n\n"
+            if c2pa_available()
+            else "provenance: outputs labelled (sidecar JSON), not C2PA-signed: "
+            "pip install -e '.[provenance]' to sign them\n\n"
+        )
+        + "Ask why a task went where it did:\n"
         f"  facefleet explain --task-id {example['id']} --scheduler {stack.scheduler_address} "
         f"--config {layout.config}   (with --keep-running)\n"
         f"  facefleet explain {layout.root / 'tasks.yaml'} --policy {layout.policies} "

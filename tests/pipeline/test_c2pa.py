@@ -146,6 +146,14 @@ def test_unusable_key_material_is_a_clear_error(pki: Path, tmp_path: Path) -> No
     assert C2paSigningKey.from_config(None, None) is None
 
 
+def test_signing_configured_without_c2pa_python_fails_at_load_with_the_install_command(
+    pki: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("agent.pipeline.provenance.c2pa_available", lambda: False)
+    with pytest.raises(ProvenanceSigningFailed, match=r"pip install 'facefleet\[provenance\]'.*unset agent\.c2pa_cert"):
+        C2paSigningKey.load(pki / "c2pa-signer.pem", pki / "c2pa-signer-key.pem")
+
+
 def test_unsignable_output_type_fails_the_task_instead_of_writing_it_unsigned(
     signing_pipeline: SwapPipeline, tmp_path: Path, source_scene: Scene, target_scene: Scene
 ) -> None:
