@@ -155,7 +155,7 @@ def _print_next_steps(layout: Any, stack: Any, rows: list[dict[str, Any]], audit
             "provenance: every output carries a signed C2PA manifest (demo PKI's c2pa-signer)\n\n"
             if c2pa_available()
             else "provenance: outputs labelled (sidecar JSON), not C2PA-signed: "
-            "pip install -e '.[provenance]' to sign them\n\n"
+            "pip install -e '.\\[provenance]' to sign them\n\n"
         )
         + "Ask why a task went where it did:\n"
         f"  facefleet explain --task-id {example['id']} --scheduler {stack.scheduler_address} "
