@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -20,6 +22,12 @@ SERVICE_NAMES = {
 }
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+_SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+]
+T = TypeVar("T")
 
 
 @dataclass
@@ -38,6 +46,9 @@ class ServerHandle:
         self.set_serving(False)
         self.server.stop(grace).wait()
 
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
 
 def build_server(
     address: str,
@@ -54,11 +65,7 @@ def build_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         interceptors=list(interceptors),
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.so_reuseport", 0),
-        ],
+        options=_SERVER_OPTIONS,
     )
     names = []
     for service_name, add in registrations:
@@ -69,6 +76,14 @@ def build_server(
     reflection.enable_server_reflection(
         [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
+    port = _bind(server, address, credentials)
+    server.start()
+    handle = ServerHandle(server=server, port=port, health=health_servicer, services=names)
+    handle.set_serving(True)
+    return handle
+
+
+def _bind(server: Any, address: str, credentials: grpc.ServerCredentials | None) -> int:
     try:
         port = (
             server.add_secure_port(address, credentials)
@@ -85,7 +100,116 @@ def build_server(
             f"could not bind gRPC server to {address}: the port is in use or the address is not local; "
             "pick another --listen address (port 0 picks a free one)"
         ) from cause
-    server.start()
-    handle = ServerHandle(server=server, port=port, health=health_servicer, services=names)
+    return int(port)
+
+
+class LoopThread:
+    """An asyncio event loop on its own daemon thread, for grpc.aio servers and channels.
+
+    `run` and `call_soon` may be called from any thread but the loop's own (`run` there would wait
+    for itself: it raises instead)."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._serve, name=name, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None) -> T:
+        """Run `coroutine` on the loop and wait for its result."""
+        if threading.current_thread() is self.thread:
+            coroutine.close()
+            raise RuntimeError(f"{self.thread.name}: run() called on its own loop; it would wait for itself")
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def call_soon(self, callback: Callable[..., Any], *args: Any) -> None:
+        self.loop.call_soon_threadsafe(callback, *args)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout)
+
+
+class AioServices:
+    """What a service registration sees of a grpc.aio server: every method is served through its
+    service's generic handler. grpc.aio keeps one pending request future per *registered* method
+    and waits on all of them (asyncio.wait) for every incoming call: with the ~20 methods of the
+    scheduler, that wait cost more than the SubmitTask handler itself."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self.server = server
+
+    def add_generic_rpc_handlers(self, handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        self.server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        """Generated `add_*_to_server` calls this after `add_generic_rpc_handlers`: nothing to add."""
+
+
+@dataclass
+class AioServerHandle:
+    """A grpc.aio server on a LoopThread, driven from ordinary threads (same surface as ServerHandle)."""
+
+    server: grpc.aio.Server
+    port: int
+    health: Any  # grpc_health.v1.health.aio.HealthServicer
+    loop: LoopThread
+    services: list[str] = field(default_factory=list)
+
+    def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+
+        async def apply() -> None:
+            for name in [*self.services, ""]:
+                await self.health.set(name, status)
+
+        self.loop.run(apply(), timeout=10)
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        if not self.loop.thread.is_alive():
+            return
+        self.set_serving(False)
+        self.loop.run(self.server.stop(grace), timeout=(grace or 0) + 10)
+
+    def wait(self) -> None:
+        self.loop.run(self.server.wait_for_termination(), timeout=None)
+
+
+def build_aio_server(
+    loop: LoopThread,
+    address: str,
+    registrations: Iterable[tuple[str, Callable[[AioServices], Any]]],
+    credentials: grpc.ServerCredentials | None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    max_workers: int = 32,
+) -> AioServerHandle:
+    """Like build_server, but a grpc.aio server on `loop`: coroutine handlers run on the loop with no
+    thread hand-off; plain (sync) handlers run on a pool of `max_workers` threads, as before."""
+
+    async def build() -> AioServerHandle:
+        server = grpc.aio.server(
+            migration_thread_pool=futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+            interceptors=list(interceptors),
+            options=_SERVER_OPTIONS,
+        )
+        services = AioServices(server)
+        names = []
+        for service_name, add in registrations:
+            add(services)
+            names.append(service_name)
+        health_servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]  # no stubs for .aio
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, services)  # type: ignore[arg-type]
+        reflection.enable_server_reflection(
+            [*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
+        )
+        port = _bind(server, address, credentials)
+        await server.start()
+        return AioServerHandle(server=server, port=port, health=health_servicer, loop=loop, services=names)
+
+    handle = loop.run(build(), timeout=30)
     handle.set_serving(True)
     return handle

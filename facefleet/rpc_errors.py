@@ -33,12 +33,29 @@ def abort(
     field: str = "",
 ) -> NoReturn:
     """Abort the RPC with `code` and `message`, attaching the reason (and field) as metadata."""
+    context.set_trailing_metadata(_trailers(reason, field))
+    context.abort(code, message)
+    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+async def abort_async(
+    context: grpc.aio.ServicerContext,
+    code: grpc.StatusCode,
+    reason: int,
+    message: str,
+    field: str = "",
+) -> NoReturn:
+    """`abort` for coroutine handlers on a grpc.aio server."""
+    context.set_trailing_metadata(_trailers(reason, field))
+    await context.abort(code, message)
+    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+
+
+def _trailers(reason: int, field: str) -> tuple[tuple[str, str], ...]:
     metadata: list[tuple[str, str]] = [(REASON_KEY, types_pb2.ErrorReason.Name(reason))]  # type: ignore[arg-type]
     if field:
         metadata.append((FIELD_KEY, field))
-    context.set_trailing_metadata(tuple(metadata))
-    context.abort(code, message)
-    raise AssertionError("unreachable: context.abort raises")  # pragma: no cover
+    return tuple(metadata)
 
 
 def reason_of(error: grpc.RpcError) -> str:

@@ -15,7 +15,7 @@ from prometheus_client import start_http_server
 from sqlalchemy.engine import make_url
 
 from facefleet.config import Settings
-from facefleet.grpc_server import SERVICE_NAMES, ServerHandle, build_server
+from facefleet.grpc_server import SERVICE_NAMES, AioServerHandle, AioServices, LoopThread, build_aio_server
 from scheduler import metrics
 from scheduler.agent_streams import AioChannelFactory
 from scheduler.capacity import AgentRegistry, CapacityView
@@ -24,7 +24,7 @@ from scheduler.group_commit import GroupCommitter
 from scheduler.leader import LeaderLock
 from scheduler.placement_gateway import LivePlacement, RulesSource
 from scheduler.rules_source import FileRuleSource
-from scheduler.service import IntakeCheck, SchedulerServicer, add_scheduler_service
+from scheduler.service import IntakeCheck, IntakeRefused, SchedulerServicer, add_scheduler_service
 from scheduler.store import TaskStore
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 PRIORITY_NAMES = {1: "low", 2: "normal", 3: "high", 4: "urgent"}
-ServiceRegistration = tuple[str, Callable[[grpc.Server], Any]]
+ServiceRegistration = tuple[str, Callable[[AioServices], Any]]  # (full service name, add its servicer)
 
 
 def ensure_sqlite_dir(store_url: str) -> None:
@@ -47,7 +47,7 @@ class SchedulerApp:
         self,
         settings: Settings,
         credentials: grpc.ServerCredentials | None = None,
-        interceptors: Sequence[grpc.ServerInterceptor] = (),
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         extra_services: Sequence[ServiceRegistration] = (),
         rules_source: RulesSource | None = None,
         listeners: Sequence[DispatchListener] = (),
@@ -56,6 +56,7 @@ class SchedulerApp:
         dispatcher_settings: DispatcherSettings | None = None,
         admission: AdmissionGate | None = None,
         intake_check: IntakeCheck | None = None,
+        intake_refused: IntakeRefused | None = None,
         cloud: CloudParts | None = None,
     ) -> None:
         self.settings = settings
@@ -102,11 +103,13 @@ class SchedulerApp:
             _CloudHeartbeats(self),
             cancel_hook=self._cancel_on_agent,
             intake_check=intake_check,
+            intake_refused=intake_refused,
         )
         self._credentials = credentials
         self._interceptors = list(interceptors)
         self._extra_services = list(extra_services)
-        self._server: ServerHandle | None = None
+        self._server: AioServerHandle | None = None
+        self._loop: LoopThread | None = None
         self._metrics_server: Any = None
         self.metrics_port = 0
         self._stop = threading.Event()
@@ -128,19 +131,27 @@ class SchedulerApp:
                 self.cloud.observe_budgets(*self._budgets)
             self.cloud.start()
         self.dispatcher.start()
-        self._server = build_server(
-            config.listen,
-            [
-                (
-                    SERVICE_NAMES["Scheduler"],
-                    lambda server: add_scheduler_service(self.servicer, server),
-                ),
-                *self._extra_services,
-            ],
-            self._credentials,
-            self._interceptors,
-            max_workers=64,
-        )
+        # The gRPC server runs on its own event loop: SubmitTask awaits its group commit there
+        # instead of holding a thread; the other methods run on the server's thread pool.
+        self._loop = LoopThread("scheduler-rpc")
+        try:
+            self._server = build_aio_server(
+                self._loop,
+                config.listen,
+                [
+                    (
+                        SERVICE_NAMES["Scheduler"],
+                        lambda server: add_scheduler_service(self.servicer, server),
+                    ),
+                    *self._extra_services,
+                ],
+                self._credentials,
+                self._interceptors,
+                max_workers=64,
+            )
+        except Exception:
+            self._loop.stop()
+            raise
         if config.metrics_port >= 0:
             self._metrics_server, _thread = start_http_server(config.metrics_port, addr=_host_of(config.listen))
             self.metrics_port = int(self._metrics_server.server_port)
@@ -159,6 +170,8 @@ class SchedulerApp:
         self._stop.set()
         if self._server is not None:
             self._server.stop(grace=1.0)
+        if self._loop is not None:
+            self._loop.stop()
         self.dispatcher.stop()
         if self.cloud is not None:
             self.cloud.stop()
@@ -173,7 +186,7 @@ class SchedulerApp:
 
     def wait(self) -> None:
         if self._server is not None:
-            self._server.server.wait_for_termination()
+            self._server.wait()
 
     def _budget_spent(self, budget: str) -> float:
         return self.cloud.budget_spent(budget) if self.cloud is not None else 0.0

@@ -1,7 +1,7 @@
 """The one place a production scheduler is assembled from settings (`facefleet scheduler run`).
 
 Security and compliance wiring: mTLS server credentials (plaintext only with `tls.insecure`,
-loudly), the RoleGate interceptor, the hash-chained AuditLog fed by the dispatcher (placements,
+loudly), the role gate interceptor, the hash-chained AuditLog fed by the dispatcher (placements,
 dispatches, completions, residency refusals, lock enforcement) and by intake, the Admin service,
 scheduler→agent client credentials, the storage allow-list at SubmitTask, and compliance-lock
 enforcement (live re-check before each RPC, re-placement of tasks already headed for the cloud).
@@ -19,9 +19,10 @@ import structlog
 
 from facefleet.config import Settings
 from facefleet.grpc_server import SERVICE_NAMES
+from facefleet.rpc_errors import TaskInputError
 from facefleet.security.audit import AuditLog
 from facefleet.security.residency import ResidencyViolation, check_storage
-from facefleet.security.roles import RoleGate, current_identity
+from facefleet.security.roles import AioRoleGate
 from facefleet.security.tls import secure_aio_channel, server_credentials_unless_insecure
 from facefleet.v1 import types_pb2
 from facefleet.v1.admin_pb2_grpc import add_AdminServicer_to_server as add_admin
@@ -107,11 +108,11 @@ def build_scheduler(
     holder: dict[str, SchedulerApp] = {}
 
     def intake_check(task: types_pb2.Task) -> None:
-        try:
-            check_storage(task, gate.project_locked(task.project), allowed_prefixes)
-        except ResidencyViolation as error:
-            trail.intake_refusal(current_identity().subject, task, error)
-            raise
+        check_storage(task, gate.project_locked(task.project), allowed_prefixes)
+
+    def intake_refused(actor: str, task: types_pb2.Task, error: TaskInputError) -> None:
+        if isinstance(error, ResidencyViolation):
+            trail.intake_refusal(actor, task, error)
 
     def drain(agent_id: str) -> bool:
         return holder["app"].registry.drain(agent_id)
@@ -133,7 +134,7 @@ def build_scheduler(
     app = AssembledScheduler(
         settings,
         credentials=credentials,
-        interceptors=[RoleGate(audit, insecure=settings.tls.insecure)],
+        interceptors=[AioRoleGate(audit, insecure=settings.tls.insecure)],
         extra_services=[(SERVICE_NAMES["Admin"], lambda server: add_admin(admin, server))],
         rules_source=rules,
         listeners=[trail],
@@ -142,6 +143,7 @@ def build_scheduler(
         dispatcher_settings=dispatcher_settings,
         admission=gate,
         intake_check=intake_check,
+        intake_refused=intake_refused,
         cloud=cloud,
     )
     holder["app"] = app

@@ -10,6 +10,7 @@ it is known to fail before writing), so one failing operation cannot spoil the o
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
@@ -64,6 +65,37 @@ class _Pending:
         return self.value
 
 
+class _LoopPending(_Pending):
+    """A queued write whose caller is a coroutine: the writer settles an asyncio future on its loop."""
+
+    __slots__ = ("future", "loop")
+
+    def __init__(self, insert: NewTask, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(insert=insert)
+        self.loop = loop
+        self.future: asyncio.Future[Any] = loop.create_future()
+
+    def set_result(self, value: Any) -> None:
+        self.loop.call_soon_threadsafe(_settle, self.future, value, None)
+
+    def set_exception(self, error: BaseException) -> None:
+        self.loop.call_soon_threadsafe(_settle, self.future, None, error)
+
+
+def _expire(future: asyncio.Future[Any], timeout: float) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError(f"the task store did not commit within {timeout}s; retry"))
+
+
+def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
+    if future.done():  # the caller timed out or went away
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(value)
+
+
 class GroupCommitter:
     def __init__(self, store: TaskStore, max_batch: int = 512, attach: bool = True) -> None:
         self._store = store
@@ -78,6 +110,20 @@ class GroupCommitter:
     def submit(self, item: NewTask, timeout: float = 30.0) -> SubmitResult:
         """Block until `item` is committed; returns its id (or the existing one for a repeated key)."""
         result: SubmitResult = self._enqueue(_Pending(insert=item), timeout)
+        return result
+
+    async def submit_async(self, item: NewTask, timeout: float = 30.0) -> SubmitResult:
+        """`submit` for coroutines (the grpc.aio intake): the loop is not blocked while it commits."""
+        if self._closed:
+            raise StoreUnavailable("the scheduler is shutting down; retry against another replica")
+        loop = asyncio.get_running_loop()
+        pending = _LoopPending(item, loop)
+        self._pending.put(pending)
+        expiry = loop.call_later(timeout, _expire, pending.future, timeout)  # cheaper than asyncio.timeout
+        try:
+            result: SubmitResult = await pending.future
+        finally:
+            expiry.cancel()
         return result
 
     def run(self, op: Callable[[Connection], T], isolated: bool = True, timeout: float = 60.0) -> T:

@@ -32,6 +32,7 @@ DEFAULT_CHECKPOINT_EVERY = 48
 
 PROJECT_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 URI_SCHEMES = ("file", "s3")
 FACE_SELECTORS = ("all", "largest", "reference")
 MASKS = ("box", "ellipse")
@@ -112,8 +113,8 @@ def reject_unknown_fields(message: Message, path: str) -> None:
 
 
 def _enum_value(enum: object, value: int, field: str, prefix: str) -> int:
-    allowed = [name.removeprefix(prefix).lower() for name in enum.keys()[1:]]  # type: ignore[attr-defined]
     if value not in enum.values():  # type: ignore[attr-defined]
+        allowed = [name.removeprefix(prefix).lower() for name in enum.keys()[1:]]  # type: ignore[attr-defined]
         raise TaskInputError(field, f"{value} is not a valid value; use one of {', '.join(allowed)}")
     return value
 
@@ -125,7 +126,7 @@ def _check_uri(uri: str, field: str, required: bool) -> None:
         return
     if len(uri) > MAX_URI_CHARS:
         raise TaskInputError(field, f"{len(uri)} characters; the limit is {MAX_URI_CHARS}")
-    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in uri):
+    if CONTROL_CHARS.search(uri):
         raise TaskInputError(field, "contains control characters; percent-encode them")
     parts = urlsplit(uri)
     if parts.scheme not in URI_SCHEMES:

@@ -7,8 +7,9 @@ dispatcher acts on tasks. Bad input never crashes a handler: every refusal is a 
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -17,13 +18,15 @@ import structlog
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from facefleet.rpc_errors import TaskInputError, abort
+from facefleet.grpc_server import AioServices
+from facefleet.rpc_errors import TaskInputError, abort, abort_async
+from facefleet.security.roles import current_identity
 from facefleet.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 from scheduler import metrics, task_states
 from scheduler.group_commit import GroupCommitter, StoreUnavailable
 from scheduler.intake import validate_submit, validate_task
 from scheduler.placement_gateway import Placer
-from scheduler.store import IllegalTransition, TaskRecord, TaskStore, UnknownTask
+from scheduler.store import IllegalTransition, NewTask, SubmitResult, TaskRecord, TaskStore, UnknownTask
 from scheduler.task_states import CANCELLED, QUEUED, TERMINAL
 
 log = structlog.get_logger()
@@ -43,7 +46,27 @@ class HeartbeatSink(Protocol):
 
 CancelHook = Callable[[str, str | None, str], Any]  # (task id, agent id, reason)
 # Policy checks on a valid task before it is stored (residency allow-list); raises TaskInputError.
+# CPU only: it runs on the intake's event loop.
 IntakeCheck = Callable[[types_pb2.Task], None]
+# Told of every refused submit before the refusal is answered (actor, task as sent, why): the audit.
+IntakeRefused = Callable[[str, types_pb2.Task, TaskInputError], None]
+
+
+_CREATED, _DUPLICATE = metrics.SUBMITS.labels(result="created"), metrics.SUBMITS.labels(result="duplicate")
+
+
+def _refusal(error: TaskInputError) -> tuple[int, str, str]:
+    """(reason, message, field) of a refused submit."""
+    return getattr(error, "reason", types_pb2.INVALID_TASK), str(error), error.field
+
+
+def _submitted(result: SubmitResult) -> scheduler_pb2.SubmitTaskResponse:
+    (_CREATED if result.created else _DUPLICATE).inc()
+    return scheduler_pb2.SubmitTaskResponse(
+        task_id=result.task_id,
+        created=result.created,
+        state=task_states.to_proto(result.state),  # type: ignore[arg-type]
+    )
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -91,6 +114,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         cancel_hook: CancelHook | None = None,
         clock: Callable[[], float] = time.time,
         intake_check: IntakeCheck | None = None,
+        intake_refused: IntakeRefused | None = None,
     ) -> None:
         self.store = store
         self.committer = committer
@@ -98,6 +122,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self.heartbeats = heartbeats
         self.cancel_hook = cancel_hook
         self.intake_check = intake_check
+        self.intake_refused = intake_refused
         self.clock = clock
 
     # ---- intake ----------------------------------------------------------------------------------
@@ -110,31 +135,59 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     def submit(
         self, request: scheduler_pb2.SubmitTaskRequest, context: grpc.ServicerContext, wire_size: int | None
     ) -> scheduler_pb2.SubmitTaskResponse:
+        clean = self._validated(request, wire_size)
+        if isinstance(clean, TaskInputError):
+            self._refused(clean, current_identity().subject, request)
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, *_refusal(clean))
+        try:
+            result = self.committer.submit(clean)
+        except (StoreUnavailable, TimeoutError) as error:
+            abort(context, grpc.StatusCode.UNAVAILABLE, types_pb2.INTERNAL, f"{error}; the task was not accepted")
+        return _submitted(result)
+
+    async def submit_async(
+        self, request: scheduler_pb2.SubmitTaskRequest, context: grpc.aio.ServicerContext, wire_size: int | None
+    ) -> scheduler_pb2.SubmitTaskResponse:
+        """`submit` on a grpc.aio server's loop: validation runs inline (CPU only), the commit is
+        awaited, and the one blocking step of a refusal (its audit record) runs on a thread."""
+        clean = self._validated(request, wire_size)
+        if isinstance(clean, TaskInputError):
+            actor = current_identity().subject
+            await asyncio.get_running_loop().run_in_executor(None, self._refused, clean, actor, request)
+            await abort_async(context, grpc.StatusCode.INVALID_ARGUMENT, *_refusal(clean))
+        try:
+            result = await self.committer.submit_async(clean)
+        except (StoreUnavailable, TimeoutError) as error:
+            message = f"{error}; the task was not accepted"
+            await abort_async(context, grpc.StatusCode.UNAVAILABLE, types_pb2.INTERNAL, message)
+        return _submitted(result)
+
+    def _validated(self, request: scheduler_pb2.SubmitTaskRequest, wire_size: int | None) -> NewTask | TaskInputError:
         try:
             clean = validate_submit(request, wire_size)
             if self.intake_check is not None:
                 self.intake_check(clean.task)
         except TaskInputError as error:
             metrics.SUBMITS.labels(result="invalid").inc()
-            reason = getattr(error, "reason", types_pb2.INVALID_TASK)
-            abort(context, grpc.StatusCode.INVALID_ARGUMENT, reason, str(error), error.field)
-        try:
-            result = self.committer.submit(clean)
-        except (StoreUnavailable, TimeoutError) as error:
-            abort(context, grpc.StatusCode.UNAVAILABLE, types_pb2.INTERNAL, f"{error}; the task was not accepted")
-        metrics.SUBMITS.labels(result="created" if result.created else "duplicate").inc()
-        return scheduler_pb2.SubmitTaskResponse(
-            task_id=result.task_id,
-            created=result.created,
-            state=task_states.to_proto(result.state),  # type: ignore[arg-type]
-        )
+            return error
+        return clean
+
+    def _refused(self, error: TaskInputError, actor: str, request: scheduler_pb2.SubmitTaskRequest) -> None:
+        if self.intake_refused is not None:
+            self.intake_refused(actor, request.task, error)
 
     # ---- reads -----------------------------------------------------------------------------------
 
     def _record(self, task_id: str, context: grpc.ServicerContext) -> TaskRecord:
+        found = self._lookup(task_id)
+        if not isinstance(found, TaskRecord):
+            abort(context, *found)
+        return found
+
+    def _lookup(self, task_id: str) -> TaskRecord | tuple[grpc.StatusCode, int, str, str]:
+        """The task, or how to refuse the call (code, reason, message, field)."""
         if not task_id or len(task_id) > MAX_TASK_ID_CHARS:
-            abort(
-                context,
+            return (
                 grpc.StatusCode.INVALID_ARGUMENT,
                 types_pb2.INVALID_TASK,
                 "task_id is empty or too long; pass the id SubmitTask returned",
@@ -143,7 +196,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         try:
             return self.store.get(task_id)
         except UnknownTask as error:
-            abort(context, grpc.StatusCode.NOT_FOUND, types_pb2.UNKNOWN_TASK, str(error), "task_id")
+            return grpc.StatusCode.NOT_FOUND, types_pb2.UNKNOWN_TASK, str(error), "task_id"
 
     def GetTask(self, request: scheduler_pb2.GetTaskRequest, context: grpc.ServicerContext) -> scheduler_pb2.TaskStatus:
         return task_status(self.store, self._record(request.task_id, context))
@@ -184,34 +237,31 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         self, request: scheduler_pb2.WatchTaskRequest, context: grpc.ServicerContext
     ) -> Iterator[scheduler_pb2.TaskEvent]:
         """Every transition (from the first) and each new progress, until the task is terminal."""
-        record = self._record(request.task_id, context)
-        last_seq = 0
-        progress_version = 0
+        watch = _Watch(self.store, self._record(request.task_id, context).id)
         while context.is_active():
-            finished = False
-            for transition in self.store.transitions_of(record.id, after_seq=last_seq):
-                last_seq = transition.seq
-                yield scheduler_pb2.TaskEvent(
-                    task_id=record.id,
-                    state=task_states.to_proto(transition.to_state),  # type: ignore[arg-type]
-                    reason=transition.reason,
-                    at=timestamp(transition.at),
-                    pool=transition.pool,
-                )
-                finished = transition.to_state in TERMINAL
-            latest = self.store.latest_progress(record.id)
-            if latest is not None and latest.version != progress_version and not finished:
-                progress_version = latest.version
-                yield scheduler_pb2.TaskEvent(
-                    task_id=record.id,
-                    state=latest.progress.state or types_pb2.TASK_STATE_RUNNING,
-                    reason=latest.progress.stage,
-                    at=timestamp(latest.at),
-                    progress=latest.progress,
-                )
+            events, finished = watch.poll()
+            yield from events
             if finished:
                 return
             time.sleep(WATCH_POLL_S)
+
+    async def watch_async(
+        self, request: scheduler_pb2.WatchTaskRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scheduler_pb2.TaskEvent]:
+        """WatchTask on a grpc.aio server: store reads on a thread, no thread held between polls; a
+        client that goes away cancels this coroutine."""
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(None, self._lookup, request.task_id)
+        if not isinstance(found, TaskRecord):
+            await abort_async(context, *found)
+        watch = _Watch(self.store, found.id)
+        while True:
+            events, finished = await loop.run_in_executor(None, watch.poll)
+            for event in events:
+                yield event
+            if finished:
+                return
+            await asyncio.sleep(WATCH_POLL_S)
 
     # ---- cancel ----------------------------------------------------------------------------------
 
@@ -299,6 +349,46 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         return response
 
 
+class _Watch:
+    """What a WatchTask stream has sent so far, and the next events to send."""
+
+    def __init__(self, store: TaskStore, task_id: str) -> None:
+        self.store = store
+        self.task_id = task_id
+        self.last_seq = 0
+        self.progress_version = 0
+
+    def poll(self) -> tuple[list[scheduler_pb2.TaskEvent], bool]:
+        """New transitions and the latest progress since the last poll; True once terminal."""
+        events = []
+        finished = False
+        for transition in self.store.transitions_of(self.task_id, after_seq=self.last_seq):
+            self.last_seq = transition.seq
+            events.append(
+                scheduler_pb2.TaskEvent(
+                    task_id=self.task_id,
+                    state=task_states.to_proto(transition.to_state),  # type: ignore[arg-type]
+                    reason=transition.reason,
+                    at=timestamp(transition.at),
+                    pool=transition.pool,
+                )
+            )
+            finished = transition.to_state in TERMINAL
+        latest = self.store.latest_progress(self.task_id)
+        if latest is not None and latest.version != self.progress_version and not finished:
+            self.progress_version = latest.version
+            events.append(
+                scheduler_pb2.TaskEvent(
+                    task_id=self.task_id,
+                    state=latest.progress.state or types_pb2.TASK_STATE_RUNNING,
+                    reason=latest.progress.stage,
+                    at=timestamp(latest.at),
+                    progress=latest.progress,
+                )
+            )
+        return events, finished
+
+
 # ---- registration with tolerant decoding ---------------------------------------------------------
 
 
@@ -323,19 +413,24 @@ def _tolerant(message_class: Any) -> Callable[[bytes], Decoded]:
 
 def _refuse_corrupt(decoded: Decoded, method: str, context: grpc.ServicerContext) -> None:
     if decoded.error:
-        abort(
-            context,
-            grpc.StatusCode.INVALID_ARGUMENT,
-            types_pb2.INVALID_TASK,
-            f"{method}: the request bytes are not a valid protobuf message ({decoded.error}); "
-            "send a message built from the facefleet.v1 contract",
-            "request",
-        )
+        abort(context, grpc.StatusCode.INVALID_ARGUMENT, *_corrupt(decoded, method))
 
 
-def add_scheduler_service(servicer: SchedulerServicer, server: grpc.Server) -> None:
+def _corrupt(decoded: Decoded, method: str) -> tuple[int, str, str]:
+    message = (
+        f"{method}: the request bytes are not a valid protobuf message ({decoded.error}); "
+        "send a message built from the facefleet.v1 contract"
+    )
+    return types_pb2.INVALID_TASK, message, "request"
+
+
+def add_scheduler_service(servicer: SchedulerServicer, server: grpc.Server | AioServices) -> None:
     """Like the generated add_SchedulerServicer_to_server, but corrupt request bytes get
-    INVALID_ARGUMENT with a message (not gRPC's bare INTERNAL) and SubmitTask sees the wire size."""
+    INVALID_ARGUMENT with a message (not gRPC's bare INTERNAL) and SubmitTask sees the wire size.
+
+    On a grpc.aio server SubmitTask and WatchTask are coroutines on its loop; the other methods
+    stay plain functions, which the server runs on its thread pool."""
+    on_loop = isinstance(server, AioServices)
     methods = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].methods_by_name
     request_classes = {
         "SubmitTask": scheduler_pb2.SubmitTaskRequest,
@@ -361,18 +456,18 @@ def add_scheduler_service(servicer: SchedulerServicer, server: grpc.Server) -> N
         decode = _tolerant(request_class)
         if name == "WatchTask":
             handlers[name] = grpc.unary_stream_rpc_method_handler(
-                _stream_handler(servicer, name),
+                _async_watch_handler(servicer) if on_loop else _stream_handler(servicer, name),
                 request_deserializer=decode,
                 response_serializer=response_class.SerializeToString,
             )
         else:
             handlers[name] = grpc.unary_unary_rpc_method_handler(
-                _unary_handler(servicer, name),
+                _async_submit_handler(servicer) if on_loop and name == "SubmitTask" else _unary_handler(servicer, name),
                 request_deserializer=decode,
                 response_serializer=response_class.SerializeToString,
             )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("facefleet.v1.Scheduler", handlers),))
-    server.add_registered_method_handlers("facefleet.v1.Scheduler", handlers)  # type: ignore[attr-defined]
+    server.add_registered_method_handlers("facefleet.v1.Scheduler", handlers)  # type: ignore[union-attr]
 
 
 def _unary_handler(servicer: SchedulerServicer, name: str) -> Callable[[Decoded, grpc.ServicerContext], Any]:
@@ -389,5 +484,24 @@ def _stream_handler(servicer: SchedulerServicer, name: str) -> Callable[[Decoded
     def handle(decoded: Decoded, context: grpc.ServicerContext) -> Iterator[Any]:
         _refuse_corrupt(decoded, name, context)
         yield from getattr(servicer, name)(decoded.message, context)
+
+    return handle
+
+
+def _async_submit_handler(servicer: SchedulerServicer) -> Callable[..., Any]:
+    async def handle(decoded: Decoded, context: grpc.aio.ServicerContext) -> Any:
+        if decoded.error:
+            await abort_async(context, grpc.StatusCode.INVALID_ARGUMENT, *_corrupt(decoded, "SubmitTask"))
+        return await servicer.submit_async(decoded.message, context, wire_size=decoded.size)
+
+    return handle
+
+
+def _async_watch_handler(servicer: SchedulerServicer) -> Callable[..., AsyncIterator[Any]]:
+    async def handle(decoded: Decoded, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if decoded.error:
+            await abort_async(context, grpc.StatusCode.INVALID_ARGUMENT, *_corrupt(decoded, "WatchTask"))
+        async for event in servicer.watch_async(decoded.message, context):
+            yield event
 
     return handle

@@ -6,15 +6,17 @@ map are refused (fail closed); health checks and reflection need any authenticat
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import inspect
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Protocol
 
 import grpc
 import structlog
 
-from facefleet.rpc_errors import abort
+from facefleet.rpc_errors import abort, abort_async
 from facefleet.security.identity import ANONYMOUS, Identity, peer_identity
 from facefleet.v1 import types_pb2
 from scheduler import metrics
@@ -101,6 +103,11 @@ class RoleGate(grpc.ServerInterceptor):
         return INSECURE_IDENTITY if self.insecure else peer_identity(context)
 
     def _deny(self, context: grpc.ServicerContext, identity: Identity, method: str) -> None:
+        message = self._refusal(identity, method)
+        abort(context, grpc.StatusCode.PERMISSION_DENIED, types_pb2.PERMISSION_DENIED_ROLE, message)
+
+    def _refusal(self, identity: Identity, method: str) -> str:
+        """Count, log and audit a refused call; the message to answer it with."""
         roles = required_roles(method)
         needed = (
             "an authenticated client certificate"
@@ -115,12 +122,9 @@ class RoleGate(grpc.ServerInterceptor):
             except Exception:  # the refusal stands even if the audit write fails; say so loudly
                 log.exception("audit_write_failed", method=method, actor=identity.subject)
         who = f"{identity.subject} (roles: {', '.join(sorted(identity.roles)) or 'none'})"
-        abort(
-            context,
-            grpc.StatusCode.PERMISSION_DENIED,
-            types_pb2.PERMISSION_DENIED_ROLE,
+        return (
             f"{method} needs {needed}; caller is {who}. Use a certificate carrying a permitted role "
-            "(facefleet certs issue NAME --role ROLE).",
+            "(facefleet certs issue NAME --role ROLE)."
         )
 
     def _wrap_unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
@@ -170,4 +174,80 @@ class RoleGate(grpc.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(self._wrap_stream(handler.unary_stream, method), **options)
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(self._wrap_stream(handler.stream_stream, method), **options)
+        return handler
+
+
+class AioRoleGate(grpc.aio.ServerInterceptor):
+    """RoleGate for grpc.aio servers. Coroutine handlers are checked on the event loop (the audit
+    write of a refusal runs on a thread); plain handlers, which the server runs on its thread pool,
+    are wrapped exactly as RoleGate wraps them."""
+
+    def __init__(self, audit: _Auditor | None, insecure: bool = False) -> None:
+        self.gate = RoleGate(audit, insecure)
+        # Wrapped handler per method: the wrapping is the same for every call of a method.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    async def _check(self, context: grpc.aio.ServicerContext, method: str) -> Identity:
+        identity = self.gate._identity(context)  # type: ignore[arg-type]
+        if not is_allowed(identity, method):
+            message = await asyncio.get_running_loop().run_in_executor(None, self.gate._refusal, identity, method)
+            await abort_async(context, grpc.StatusCode.PERMISSION_DENIED, types_pb2.PERMISSION_DENIED_ROLE, message)
+        return identity
+
+    def _wrap_unary(self, behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+        async def call(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+            token = _current.set(await self._check(context, method))
+            try:
+                return await behavior(request_or_iterator, context)
+            finally:
+                _current.reset(token)
+
+        return call
+
+    def _wrap_stream(self, behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., Any]:
+        async def call(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            token = _current.set(await self._check(context, method))
+            try:
+                async for item in behavior(request_or_iterator, context):
+                    yield item
+            finally:
+                _current.reset(token)
+
+        return call
+
+    async def intercept_service(  # type: ignore[override]  # None = unknown method, as grpc expects
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        options = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        for kind, make, streams in (
+            ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
+            ("stream_unary", grpc.stream_unary_rpc_method_handler, False),
+            ("unary_stream", grpc.unary_stream_rpc_method_handler, True),
+            ("stream_stream", grpc.stream_stream_rpc_method_handler, True),
+        ):
+            behavior = getattr(handler, kind)
+            if behavior is None:
+                continue
+            if inspect.iscoroutinefunction(behavior) or inspect.isasyncgenfunction(behavior):
+                wrapped = (self._wrap_stream if streams else self._wrap_unary)(behavior, method)
+            else:  # a plain handler: runs on the server's thread pool
+                wrapped = (self.gate._wrap_stream if streams else self.gate._wrap_unary)(behavior, method)
+            return make(wrapped, **options)  # type: ignore[operator]
         return handler
