@@ -76,10 +76,16 @@ class _LoopPending(_Pending):
         self.future: asyncio.Future[Any] = loop.create_future()
 
     def set_result(self, value: Any) -> None:
-        self.loop.call_soon_threadsafe(_settle, self.future, value, None)
+        self._settle_on_loop(value, None)
 
     def set_exception(self, error: BaseException) -> None:
-        self.loop.call_soon_threadsafe(_settle, self.future, None, error)
+        self._settle_on_loop(None, error)
+
+    def _settle_on_loop(self, value: Any, error: BaseException | None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(_settle, self.future, value, error)
+        except RuntimeError:  # the caller's loop is closed (it timed out and left): nobody to tell
+            pass
 
 
 def _expire(future: asyncio.Future[Any], timeout: float) -> None:

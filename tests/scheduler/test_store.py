@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -199,6 +200,43 @@ def test_group_commit_many_concurrent_submits_each_durable(tmp_path) -> None:  #
         assert conn.execute(sa.select(sa.func.count()).select_from(transitions)).scalar() == 800
     assert len(ids) == 800 and set(ids) == stored
     reopened.close()
+
+
+def test_group_commit_from_coroutines_mixes_with_threads_and_times_out_cleanly(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The grpc.aio intake awaits its commit: ids only after the commit, same batches as the thread
+    callers, and a writer that stalls gives a TimeoutError (answered UNAVAILABLE) instead of a hang."""
+    url = f"sqlite:///{tmp_path}/gc-async.db"
+    task_store = TaskStore(url)
+    committer = GroupCommitter(task_store)
+
+    async def submit_many() -> list[str]:
+        results = await asyncio.gather(
+            *(committer.submit_async(NewTask(make_task(), "repeat" if i % 10 == 0 else "")) for i in range(200))
+        )
+        return [result.task_id for result in results]
+
+    threaded = threading.Thread(target=lambda: [committer.submit(NewTask(make_task(), "")) for _ in range(50)])
+    threaded.start()
+    ids = asyncio.run(submit_many())
+    threaded.join()
+    assert len(set(ids)) == 181  # 180 new + one task for the 20 submits that share a key
+    assert task_store.count_by_state() == {"queued": 231}
+
+    stalled, release = threading.Event(), threading.Event()
+
+    def stall(_conn: object) -> None:
+        stalled.set()
+        release.wait(10)
+
+    blocker = threading.Thread(target=committer.run, args=(stall,))
+    blocker.start()
+    assert stalled.wait(5)
+    with pytest.raises(TimeoutError, match="did not commit within 0.2s"):
+        asyncio.run(committer.submit_async(NewTask(make_task(), ""), timeout=0.2))
+    release.set()
+    blocker.join()
+    committer.close()
+    task_store.close()
 
 
 def test_state_machine_table_is_closed() -> None:
