@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Executor
 from typing import Any, TypeVar
@@ -22,6 +21,7 @@ from typing import Any, TypeVar
 import grpc
 import structlog
 
+from facefleet.grpc_server import LoopThread
 from facefleet.v1 import agent_pb2_grpc
 
 log = structlog.get_logger()
@@ -32,18 +32,17 @@ AioChannelFactory = Callable[[str], grpc.aio.Channel]
 
 
 class AgentStreams:
-    def __init__(self, channel_for: AioChannelFactory) -> None:
+    def __init__(self, channel_for: AioChannelFactory, loop: LoopThread | None = None) -> None:
+        """`loop`: an event loop to share (the scheduler's gRPC server runs on it too); without one,
+        AgentStreams starts its own and stops it on close()."""
         self._channel_for = channel_for
-        self._loop = asyncio.new_event_loop()
+        self._owns_loop = loop is None
+        self._loop_thread = loop or LoopThread("agent-streams")
+        self._loop = self._loop_thread.loop
+        self._thread = self._loop_thread.thread
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[str, agent_pb2_grpc.AgentStub] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._thread = threading.Thread(target=self._serve, name="agent-streams", daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_forever()
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Run `coroutine` on the loop; failures are logged (the coroutine handles its own)."""
@@ -61,10 +60,7 @@ class AgentStreams:
 
     def run(self, coroutine: Coroutine[Any, Any, T], timeout: float) -> T:
         """Run `coroutine` on the loop and wait for its result (from another thread)."""
-        if threading.current_thread() is self._thread:
-            coroutine.close()
-            raise RuntimeError("AgentStreams.run called on its own loop: it would wait for itself")
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+        return self._loop_thread.run(coroutine, timeout)
 
     def call_soon(self, callback: Callable[[], Any]) -> None:
         self._loop.call_soon_threadsafe(callback)
@@ -99,5 +95,5 @@ class AgentStreams:
 
         with contextlib.suppress(Exception):
             self.run(shutdown(), timeout)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout)
+        if self._owns_loop:
+            self._loop_thread.stop(timeout)

@@ -79,6 +79,9 @@ class SchedulerApp:
             on_budgets=self._budgets_loaded,
         )
         self.leader = LeaderLock.for_url(config.store_url)
+        # One event loop for the gRPC server (SubmitTask awaits its group commit there instead of
+        # holding a thread) and the dispatcher's agent streams; other methods run on a thread pool.
+        self._loop = LoopThread("scheduler-loop")
         self.dispatcher = Dispatcher(
             self.store,
             self.placement,
@@ -95,6 +98,7 @@ class SchedulerApp:
             audit=audit,
             gate=cloud.gate if cloud else None,
             admission=admission,
+            loop=self._loop,
         )
         self.servicer = SchedulerServicer(
             self.store,
@@ -109,7 +113,6 @@ class SchedulerApp:
         self._interceptors = list(interceptors)
         self._extra_services = list(extra_services)
         self._server: AioServerHandle | None = None
-        self._loop: LoopThread | None = None
         self._metrics_server: Any = None
         self.metrics_port = 0
         self._stop = threading.Event()
@@ -131,9 +134,6 @@ class SchedulerApp:
                 self.cloud.observe_budgets(*self._budgets)
             self.cloud.start()
         self.dispatcher.start()
-        # The gRPC server runs on its own event loop: SubmitTask awaits its group commit there
-        # instead of holding a thread; the other methods run on the server's thread pool.
-        self._loop = LoopThread("scheduler-rpc")
         try:
             self._server = build_aio_server(
                 self._loop,
@@ -150,6 +150,7 @@ class SchedulerApp:
                 max_workers=64,
             )
         except Exception:
+            self.dispatcher.stop()
             self._loop.stop()
             raise
         if config.metrics_port >= 0:
@@ -170,9 +171,8 @@ class SchedulerApp:
         self._stop.set()
         if self._server is not None:
             self._server.stop(grace=1.0)
-        if self._loop is not None:
-            self._loop.stop()
         self.dispatcher.stop()
+        self._loop.stop()  # after the dispatcher: its agent streams close on this loop
         if self.cloud is not None:
             self.cloud.stop()
         self.committer.close()

@@ -25,6 +25,7 @@ import grpc
 import structlog
 import tenacity
 
+from facefleet.grpc_server import LoopThread
 from facefleet.v1 import agent_pb2, types_pb2
 from scheduler import metrics, queue, task_states
 from scheduler.agent_streams import AgentStreams, AioChannelFactory
@@ -129,6 +130,7 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         gate: DispatchGate | None = None,
         admission: AdmissionGate | None = None,
+        loop: LoopThread | None = None,
     ) -> None:
         self.store = store
         self.placer = placer
@@ -140,7 +142,7 @@ class Dispatcher:
         self.clock = clock
         self.gate = gate
         self.admission = admission
-        self._streams = AgentStreams(channel_for or grpc.aio.insecure_channel)
+        self._streams = AgentStreams(channel_for or grpc.aio.insecure_channel, loop)
         self._calls: dict[str, tuple[Any, str]] = {}  # task id -> (RunTask call, agent id)
         self._calls_lock = threading.Lock()
         self._lost_agents: dict[str, float] = {}

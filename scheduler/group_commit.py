@@ -11,6 +11,7 @@ it is known to fail before writing), so one failing operation cannot spoil the o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -82,10 +83,8 @@ class _LoopPending(_Pending):
         self._settle_on_loop(None, error)
 
     def _settle_on_loop(self, value: Any, error: BaseException | None) -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # the caller's loop is closed (it left): nobody to tell
             self.loop.call_soon_threadsafe(_settle, self.future, value, error)
-        except RuntimeError:  # the caller's loop is closed (it timed out and left): nobody to tell
-            pass
 
 
 def _expire(future: asyncio.Future[Any], timeout: float) -> None:

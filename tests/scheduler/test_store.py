@@ -231,7 +231,7 @@ def test_group_commit_from_coroutines_mixes_with_threads_and_times_out_cleanly(t
     blocker = threading.Thread(target=committer.run, args=(stall,))
     blocker.start()
     assert stalled.wait(5)
-    with pytest.raises(TimeoutError, match="did not commit within 0.2s"):
+    with pytest.raises(TimeoutError, match=r"did not commit within 0\.2s"):
         asyncio.run(committer.submit_async(NewTask(make_task(), ""), timeout=0.2))
     release.set()
     blocker.join()
