@@ -63,7 +63,7 @@ class AgentStreams:
         return self._loop_thread.run(coroutine, timeout)
 
     def call_soon(self, callback: Callable[[], Any]) -> None:
-        self._loop.call_soon_threadsafe(callback)
+        self._loop_thread.call_soon(callback)
 
     def stub(self, address: str) -> agent_pb2_grpc.AgentStub:
         """The agent's stub on a channel this loop owns (created on first use)."""

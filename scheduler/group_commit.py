@@ -60,7 +60,7 @@ class _Pending:
 
     def result(self, timeout: float) -> Any:
         if not self.done.acquire(timeout=timeout):
-            raise TimeoutError(f"the task store did not commit within {timeout}s; retry")
+            raise _commit_timeout(timeout)
         if self.error is not None:
             raise self.error
         return self.value
@@ -72,7 +72,8 @@ class _LoopPending(_Pending):
     __slots__ = ("future", "loop")
 
     def __init__(self, insert: NewTask, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(insert=insert)
+        # Not _Pending.__init__: its wake-up lock is for threads; a coroutine waits on `future`.
+        self.insert, self.op, self.isolated, self.value, self.error = insert, None, True, None, None
         self.loop = loop
         self.future: asyncio.Future[Any] = loop.create_future()
 
@@ -87,9 +88,13 @@ class _LoopPending(_Pending):
             self.loop.call_soon_threadsafe(_settle, self.future, value, error)
 
 
+def _commit_timeout(timeout: float) -> TimeoutError:
+    return TimeoutError(f"the task store did not commit within {timeout}s; retry")
+
+
 def _expire(future: asyncio.Future[Any], timeout: float) -> None:
     if not future.done():
-        future.set_exception(TimeoutError(f"the task store did not commit within {timeout}s; retry"))
+        future.set_exception(_commit_timeout(timeout))
 
 
 def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
