@@ -50,12 +50,14 @@ class CompletionBatcher:
         on_batch: Callable[[], None] = lambda: None,
         max_batch: int = 512,
         attempts: int = 5,
+        linger_s: float = 0.0,
     ) -> None:
         self._apply = apply
         self._on_recorded = on_recorded
         self._on_batch = on_batch
         self._max_batch = max_batch
         self._attempts = attempts
+        self._linger_s = linger_s
         self._pending: list[Completion] = []
         self._busy = False
         self._closed = False
@@ -68,7 +70,7 @@ class CompletionBatcher:
             if self._closed:
                 raise RuntimeError("the dispatcher is stopping; the completion is recorded on the next run")
             self._pending.append(completion)
-            if len(self._pending) == 1:  # the thread sleeps only on an empty queue
+            if len(self._pending) in (1, self._max_batch):  # wake the thread: asleep, or lingering on a full batch
                 self._cond.notify()
 
     def drain(self, timeout: float = 10.0) -> bool:
@@ -86,6 +88,8 @@ class CompletionBatcher:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._pending or self._closed)
+                if self._linger_s > 0:  # let more completions join this batch
+                    self._cond.wait_for(lambda: len(self._pending) >= self._max_batch or self._closed, self._linger_s)
                 if not self._pending:
                     return  # closed and drained
                 batch = self._pending[: self._max_batch]

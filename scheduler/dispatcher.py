@@ -30,6 +30,8 @@ from facefleet.v1 import agent_pb2, types_pb2
 from scheduler import metrics, queue, task_states
 from scheduler.agent_streams import AgentStreams, AioChannelFactory
 from scheduler.completion_batch import Completion, CompletionBatcher
+from scheduler.placement.model import TaskSpec
+from scheduler.placement.proto_codec import task_spec_from_proto
 from scheduler.placement_gateway import PlacementResult, Placer, residency_violation
 from scheduler.store import Change, IllegalTransition, Placement, Step, TaskRecord, TaskStore
 from scheduler.task_states import DISPATCHED, FAILED, PLACED, PREEMPTED, QUEUED, RUNNING, TERMINAL
@@ -94,6 +96,9 @@ class DispatcherSettings:
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 30.0
     rpc_connect_timeout_s: float = 5.0
+    # Completions wait this long for company before their commit: fewer, larger commits (and audit
+    # batches) while work flows; what a watcher sees as finished lags by at most this much.
+    completion_linger_s: float = 0.01
 
 
 def backoff_until(attempt: int, now: float, settings: DispatcherSettings) -> float:
@@ -149,7 +154,14 @@ class Dispatcher:
         self._workers = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="dispatch")
         self._stop = threading.Event()
         self._wake = threading.Event()  # set when a slot frees up: run the next pass now
-        self._completions = CompletionBatcher(store.apply_changes, self._completion_recorded, self._wake.set)
+        # A slot is free as soon as its stream ends (which wakes the loop); a recorded completion
+        # changes what a pass may start only through the per-project limits (counted in the store).
+        self._completions = CompletionBatcher(
+            store.apply_changes,
+            self._completion_recorded,
+            self._wake.set if settings.project_limits else lambda: None,
+            linger_s=settings.completion_linger_s,
+        )
         # Tasks of pipelined passes whose commit has not finished: id -> project ("" = not launched).
         self._uncommitted: dict[str, str] = {}
         self._uncommitted_lock = threading.Lock()
@@ -262,6 +274,7 @@ class Dispatcher:
                 if project:  # launches of uncommitted passes are in flight already
                     in_flight[project] = in_flight.get(project, 0) + 1
         full_pools: set[str] = set()
+        waiting: set[TaskSpec] = set()  # placement inputs already known to wait for a slot this pass
         changes: list[Change] = []
         queued: list[tuple[str, Placement]] = []
         launches: list[_Launch] = []
@@ -270,7 +283,7 @@ class Dispatcher:
             if misses >= self.settings.max_misses_per_pass or self._stop.is_set() or free <= 0:
                 break  # `free <= 0`: every slot is taken; the rest of the queue waits for one to free
             was_full = len(full_pools)
-            planned = self._plan(record, now, snapshot, full_pools)
+            planned = self._plan(record, now, snapshot, full_pools, waiting)
             # Local slot accounting: later tasks of this pass see the slot taken (or the pool full),
             # so placement does not keep choosing a pool that has no agent slot left.
             if isinstance(planned, _Launch):
@@ -338,11 +351,12 @@ class Dispatcher:
         finally:
             self._forget_uncommitted([task_id for task_id, _placement in queued])
 
-    def _forget_uncommitted(self, task_ids: Sequence[str]) -> None:
+    def _forget_uncommitted(self, task_ids: Sequence[str], wake: bool = True) -> None:
         with self._uncommitted_lock:
             for task_id in task_ids:
                 self._uncommitted.pop(task_id, None)
-        self._wake.set()
+        if wake:
+            self._wake.set()
 
     def _commit_and_launch(
         self,
@@ -374,8 +388,9 @@ class Dispatcher:
                     self.agents.note_finished(launch.agent_id, launch.record.id)
                     if self.gate is not None:
                         self.gate.withdraw(launch.record.id)
-            if background:
-                self._forget_uncommitted([change.task_id for change in changes])
+            if background:  # a pass runs again now only if some of this one's tasks are back in the queue
+                committed = all(results.get(change.task_id) is True for change in changes)
+                self._forget_uncommitted([change.task_id for change in changes], wake=not committed)
         sending: list[tuple[TaskRecord, _Launch]] = []
         for launch in launches:
             if results.get(launch.record.id) is not True:
@@ -402,11 +417,19 @@ class Dispatcher:
                 _safe(flush)
 
     def _plan(
-        self, record: TaskRecord, now: float, snapshot: Any, full_pools: set[str]
+        self, record: TaskRecord, now: float, snapshot: Any, full_pools: set[str], waiting: set[TaskSpec]
     ) -> _Launch | Change | Placement | None:
         """What to do with one queued task: launch it, fail it (Change), keep it queued (Placement to
-        record when the decision is new) or nothing."""
+        record when the decision is new) or nothing.
+
+        `waiting`: placement inputs (the task minus its id) that this pass already found waiting for
+        a slot only. Placement is pure and free slots only shrink within a pass, so a task with the
+        same inputs waits too: it is not placed again. When one class of work fills its pools, the
+        head of the queue is that class, and placing it over and over was most of a pass."""
         task = record.task()
+        inputs = replace(task_spec_from_proto(task), id="")
+        if inputs in waiting:
+            return None
         result = self.placer.decide(task, now, snapshot)
         metrics.PLACEMENTS.labels(pool=result.pool or "-", rule=result.rule or "-", outcome=result.outcome).inc()
         placement = Placement(result.pool, result.rule, result.summary, result.proto.SerializeToString())
@@ -441,6 +464,8 @@ class Dispatcher:
         if agent is None and result.outcome == "dispatch" and self.gate is not None:
             self.gate.no_agent(record, result, now)
         if agent is None and _waits_for_a_slot_only(result):
+            if result.outcome == "queue":  # ("dispatch" to a full pool: the provisioning gate sees each)
+                waiting.add(inputs)
             return None  # nothing to explain beyond "busy": not recorded (Explain answers live)
         if agent is None:
             previous = record.placement or {}

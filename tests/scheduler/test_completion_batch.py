@@ -95,3 +95,22 @@ def test_a_batch_the_store_refuses_is_retried_and_close_drains_what_is_pending(s
     assert len(apply.calls) >= 3 and {store.get(task_id).state for task_id in ids} == {"succeeded"}
     with pytest.raises(RuntimeError, match="stopping"):
         batcher.put(completion(store, ids[0]))
+
+
+def test_lingering_gathers_completions_that_arrive_close_together_into_one_commit(store: TaskStore) -> None:
+    ids = dispatched(store, 12)
+    apply = CountingApply(store)
+    batcher = CompletionBatcher(apply, lambda c: None, linger_s=0.5)
+    started = time.monotonic()
+    for task_id in ids:  # arriving one by one, each a little after the last
+        batcher.put(completion(store, task_id))
+        time.sleep(0.005)
+    assert batcher.drain()
+    assert apply.calls == [12]  # without the linger the first would have gone alone
+    assert time.monotonic() - started < 5
+    closing = dispatched(store, 1)
+    batcher.put(completion(store, closing[0]))
+    close_started = time.monotonic()
+    batcher.close()  # does not sit out the linger: close commits what is pending at once
+    assert time.monotonic() - close_started < 0.4
+    assert apply.calls == [12, 1] and store.get(closing[0]).state == "succeeded"
