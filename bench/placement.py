@@ -14,7 +14,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -24,6 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import machine_facts
 from scheduler.placement import RuleSet, TaskSpec, World, load_ruleset, place
 from scheduler.placement.model import PRIORITIES, SENSITIVITIES
 
@@ -140,12 +140,7 @@ def main() -> None:
     report = {
         "benchmark": "placement",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "cpu": platform.processor() or platform.machine(),
-            "cores_used": 1,
-        },
+        "machine": {**machine_facts(), "cores_used": 1},
         "settings": {"decisions_per_config": args.decisions, "seed": args.seed, "rule_memo": "cold (unique projects)"},
         "results": results,
     }

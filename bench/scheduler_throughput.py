@@ -15,8 +15,6 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -30,7 +28,7 @@ import grpc
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.machine import cpu_seconds  # noqa: E402
+from bench.machine import cpu_seconds, machine_facts  # noqa: E402
 from facefleet.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2  # noqa: E402
 from scheduler.store import TaskStore  # noqa: E402
 from tests.scheduler.conftest import write_policy  # noqa: E402
@@ -132,7 +130,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "benchmark": "scheduler_throughput",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
+        "machine": machine_facts(),
         "settings": {
             "clients": args.clients,
             "agents": args.agents,
