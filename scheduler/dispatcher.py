@@ -154,8 +154,9 @@ class Dispatcher:
         self._workers = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="dispatch")
         self._stop = threading.Event()
         self._wake = threading.Event()  # set when a slot frees up: run the next pass now
-        # A slot is free as soon as its stream ends (which wakes the loop); a recorded completion
-        # changes what a pass may start only through the per-project limits (counted in the store).
+        # A slot is free as soon as its stream ends (which wakes the loop). A recorded completion
+        # wakes it only under per-project limits (counted in the store); what else it changes (a
+        # budget settled) the next pass sees, at most `idle_sleep_s` later.
         self._completions = CompletionBatcher(
             store.apply_changes,
             self._completion_recorded,
