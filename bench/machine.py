@@ -32,7 +32,7 @@ def machine_facts() -> dict[str, Any]:
 
 def speed_probe_s() -> float:
     """Seconds for 10 million integer additions in pure Python (best of 3), taken when the bench
-    reports. This VM shares its host: the same code ran 1.23 s and 1.50 s on one day here, and
+    reports. This VM shares its host: the probe read 0.38 to 0.55 s within two minutes here, and
     every figure moves with it, so figures from different runs compare only with this beside them."""
     best = float("inf")
     for _ in range(3):

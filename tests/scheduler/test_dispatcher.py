@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from facefleet.v1 import scheduler_pb2, types_pb2
 from scheduler.capacity import AgentRegistry
 from scheduler.dispatcher import Dispatcher, DispatcherSettings
+from scheduler.placement import RuleSet, TaskSpec, load_ruleset, place
 from scheduler.placement.model import Decision, PoolState, World
-from scheduler.placement_gateway import PlacementResult
+from scheduler.placement_gateway import LivePlacement, PlacementResult
 from scheduler.store import NewTask, TaskStore
 
 
@@ -120,51 +122,30 @@ def test_project_limit_caps_tasks_in_flight(tmp_path: Path) -> None:
         store.close()
 
 
-class CountingPlacer:
-    """The real placement engine (via LivePlacement's place) over a world where one pool is full,
-    counting how often a pass asks it."""
+def counting_placement(calls: list[str]) -> LivePlacement:
+    """The real placement gateway and engine over a world where the on-prem pool is full and one
+    cloud slot is free; `calls` gets the id of every task it places."""
+    ruleset = load_ruleset(
+        {
+            "rules": [
+                {"id": "private-onprem", "match": {"sensitivity": ["private"]}, "allow": ["onprem-*"]},
+                {"id": "public-cloud", "match": {"sensitivity": ["public"]}, "allow": ["cloud-*"]},
+            ]
+        },
+        "test",
+    )
+    rules = SimpleNamespace(ruleset=ruleset, budgets={}, locks={}, version="1", errors=())
+    pools = (
+        PoolState(name="onprem-a", provider="onprem", trust_zone="private", free_slots=0),
+        PoolState(name="cloud-b", provider="aws", trust_zone="cloud", free_slots=1),
+    )
+    capacity = SimpleNamespace(snapshot=lambda now: SimpleNamespace(pools=pools, notes=()))
 
-    def __init__(self) -> None:
-        from scheduler.placement.engine import place
-        from scheduler.placement.policy import load_ruleset
+    def counted(task: TaskSpec, active: RuleSet, world: World) -> Decision:
+        calls.append(task.id)
+        return place(task, active, world)
 
-        self.calls: list[str] = []
-        self.ruleset = load_ruleset(
-            {
-                "rules": [
-                    {"id": "private-onprem", "match": {"sensitivity": ["private"]}, "allow": ["onprem-*"]},
-                    {"id": "public-cloud", "match": {"sensitivity": ["public"]}, "allow": ["cloud-*"]},
-                ]
-            },
-            "test",
-        )
-        self.place = place
-
-    def world(self, now: float) -> tuple[Any, World]:
-        pools = (
-            PoolState(name="onprem-a", provider="onprem", trust_zone="private", free_slots=0),
-            PoolState(name="cloud-b", provider="aws", trust_zone="cloud", free_slots=1),
-        )
-        return None, World(pools=pools, budgets={}, locks={})
-
-    def decide(self, task: types_pb2.Task, now: float, snapshot: Any = None) -> PlacementResult:
-        from scheduler.placement.proto_codec import decision_to_proto, task_spec_from_proto
-
-        self.calls.append(task.id)
-        _active, world = snapshot or self.world(now)
-        decision = self.place(task_spec_from_proto(task), self.ruleset, world)
-        chosen = next((pool for pool in world.pools if pool.name == decision.pool), None)
-        return PlacementResult(
-            outcome=decision.outcome,
-            pool=decision.pool or "",
-            rule=decision.rule or "",
-            reason=decision.reason,
-            summary=decision.to_dict(),
-            proto=decision_to_proto(decision),
-            pool_trust_zone=chosen.trust_zone if chosen is not None else "",
-            project_locked=False,
-            decision=decision,
-        )
+    return LivePlacement(SimpleNamespace(current=lambda: rules), capacity, place_fn=counted)
 
 
 def test_a_pass_places_each_kind_of_waiting_task_once(tmp_path: Path) -> None:
@@ -174,14 +155,16 @@ def test_a_pass_places_each_kind_of_waiting_task_once(tmp_path: Path) -> None:
     store = TaskStore(f"sqlite:///{tmp_path}/d.db")
     registry = AgentRegistry(heartbeat_timeout_s=30)
     register(registry, "cloud-1", "cloud-b", "cloud", slots=1)
-    placer = CountingPlacer()
-    dispatcher = Dispatcher(store, placer, registry, DispatcherSettings(project_limits={}, warmup_s=0))
+    calls: list[str] = []
+    dispatcher = Dispatcher(
+        store, counting_placement(calls), registry, DispatcherSettings(project_limits={}, warmup_s=0)
+    )
     private = [submit(store, "films", types_pb2.SENSITIVITY_PRIVATE) for _ in range(6)]
     other_project = submit(store, "ads", types_pb2.SENSITIVITY_PRIVATE)
     public = submit(store, "promo", types_pb2.SENSITIVITY_PUBLIC)
     try:
         assert dispatcher.dispatch_pass(time.time()) == 1
-        assert placer.calls == [private[0], other_project, public]
+        assert calls == [private[0], other_project, public]
         assert any(step.to_state == "dispatched" for step in store.transitions_of(public))
         for task_id in private:  # waiting for a slot: nothing recorded for them
             assert store.get(task_id).state == "queued" and store.get(task_id).placement is None
