@@ -10,7 +10,7 @@ from typing import Any
 
 import structlog
 
-from agent import metrics
+from facefleet.agent import metrics
 
 log = structlog.get_logger()
 

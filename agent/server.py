@@ -28,10 +28,10 @@ import grpc
 import structlog
 from prometheus_client import start_http_server
 
-from agent import metrics
-from agent.gpu_stats import GpuProbe
-from agent.heartbeat import HeartbeatLoop, heartbeat_loops
-from agent.inputs import InputRejected, InputResolver
+from facefleet.agent import metrics
+from facefleet.agent.gpu_stats import GpuProbe
+from facefleet.agent.heartbeat import HeartbeatLoop, heartbeat_loops
+from facefleet.agent.inputs import InputRejected, InputResolver
 from facefleet.config import AgentConfig
 from facefleet.grpc_server import SERVICE_NAMES, ServerHandle, build_server
 from facefleet.rpc_errors import abort
@@ -77,7 +77,7 @@ JobFactory = Callable[..., Any]
 
 
 def default_job_factory(**fields: Any) -> Any:
-    from agent.pipeline.runner import SwapJob
+    from facefleet.agent.pipeline.runner import SwapJob
 
     return SwapJob(**fields)
 
@@ -724,8 +724,8 @@ class AgentHandle:
 def load_pipeline(config: AgentConfig) -> tuple[Pipeline | None, BaseException | None]:
     """Load the swap pipeline from the models dir; a failure is kept (Describe/heartbeat report it)."""
     try:
-        from agent.pipeline.provenance import C2paSigningKey
-        from agent.pipeline.runner import SwapPipeline
+        from facefleet.agent.pipeline.provenance import C2paSigningKey
+        from facefleet.agent.pipeline.runner import SwapPipeline
 
         signer = C2paSigningKey.from_config(config.c2pa_cert, config.c2pa_key)
         loaded: Pipeline = SwapPipeline.load(config.models_dir, config.execution_providers, provenance_signer=signer)
@@ -815,7 +815,7 @@ def serve_agent(
     heartbeat = loops[0] if loops else None
     monitor = None
     if interruption_watcher is not None:
-        from scheduler.cloud.interruption import InterruptionMonitor
+        from facefleet.scheduler.cloud.interruption import InterruptionMonitor
 
         monitor = InterruptionMonitor(
             interruption_watcher,

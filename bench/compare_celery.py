@@ -44,8 +44,8 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import context_switches, cpu_seconds, machine_facts, percentiles, system_cpu_seconds
+from facefleet.scheduler.store import TaskStore
 from facefleet.v1 import agent_pb2, scheduler_pb2, types_pb2
-from scheduler.store import TaskStore
 from tests.scheduler.conftest import write_policy
 from tests.scheduler.fake_agents import HollowAgent
 from tests.scheduler.scheduler_process import SchedulerProcess

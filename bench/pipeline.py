@@ -37,12 +37,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.models.tiny import DETECTOR_SIZE, draw_synthetic_face, write_tiny_models
-from agent.pipeline.align import norm_crop
-from agent.pipeline.engine import OnnxEngine
-from agent.pipeline.media import probe_video, read_frames, read_image
-from agent.pipeline.runner import SwapJob, SwapPipeline, SwapResult
 from bench.machine import machine_facts
+from facefleet.agent.models.tiny import DETECTOR_SIZE, draw_synthetic_face, write_tiny_models
+from facefleet.agent.pipeline.align import norm_crop
+from facefleet.agent.pipeline.engine import OnnxEngine
+from facefleet.agent.pipeline.media import probe_video, read_frames, read_image
+from facefleet.agent.pipeline.runner import SwapJob, SwapPipeline, SwapResult
 
 
 def make_inputs(work: Path, frames: int, width: int, height: int) -> tuple[Path, Path]:

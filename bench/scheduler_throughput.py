@@ -29,8 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.machine import cpu_seconds, machine_facts  # noqa: E402
+from facefleet.scheduler.store import TaskStore  # noqa: E402
 from facefleet.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2  # noqa: E402
-from scheduler.store import TaskStore  # noqa: E402
 from tests.scheduler.conftest import write_policy  # noqa: E402
 from tests.scheduler.fake_agents import HollowAgent  # noqa: E402
 from tests.scheduler.scheduler_process import SchedulerProcess  # noqa: E402

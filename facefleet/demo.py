@@ -26,10 +26,10 @@ import cv2
 import grpc
 import numpy as np
 
+from facefleet.scheduler.rules_source.files import default_policy_dir
 from facefleet.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
 ASSETS = Path(__file__).resolve().parent / "demo_assets"
-REPO_POLICIES = Path(__file__).resolve().parent.parent / "policies" / "default"
 TERMINAL = {types_pb2.TASK_STATE_SUCCEEDED, types_pb2.TASK_STATE_FAILED, types_pb2.TASK_STATE_CANCELLED}
 ONPREM_POOL, CLOUD_POOL, CLOUD_PRICE = "onprem-local", "cloud-local", 0.35
 LOCKED_PROJECT = "film-x"
@@ -151,7 +151,7 @@ def prepare(root: Path, fresh: bool = True) -> DemoLayout:
     for directory in (layout.root, layout.inputs, layout.outputs, layout.models, layout.logs):
         directory.mkdir(parents=True, exist_ok=True)
     init_demo_pki(layout.certs, force=True)
-    shutil.copytree(REPO_POLICIES, layout.policies, dirs_exist_ok=True, ignore=shutil.ignore_patterns("tests"))
+    shutil.copytree(default_policy_dir(), layout.policies, dirs_exist_ok=True, ignore=shutil.ignore_patterns("tests"))
     # Compliance locks the demo project live (audited); start with no locks on file.
     (layout.policies / "locks.yaml").write_text("locks: []\n")
     (layout.models / "manifest.toml").write_text(
@@ -266,7 +266,7 @@ def start_stack(layout: DemoLayout) -> RunningStack:
     stack = RunningStack(layout, address)
     stack.processes["scheduler"] = _spawn(layout, "scheduler", ["scheduler", "run", "--config", str(layout.config)])
     wait_for_health(stack, address, "scheduler", timeout_s=60)
-    from agent.pipeline.provenance import c2pa_available
+    from facefleet.agent.pipeline.provenance import c2pa_available
 
     # Signed C2PA manifests need the `provenance` extra; without it outputs are labelled, unsigned.
     signing = (

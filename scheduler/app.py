@@ -16,19 +16,19 @@ from sqlalchemy.engine import make_url
 
 from facefleet.config import Settings
 from facefleet.grpc_server import SERVICE_NAMES, AioServerHandle, AioServices, LoopThread, build_aio_server
-from scheduler import metrics
-from scheduler.agent_streams import AioChannelFactory
-from scheduler.capacity import AgentRegistry, CapacityView
-from scheduler.dispatcher import AdmissionGate, AuditHook, Dispatcher, DispatcherSettings, DispatchListener
-from scheduler.group_commit import GroupCommitter
-from scheduler.leader import LeaderLock
-from scheduler.placement_gateway import LivePlacement, RulesSource
-from scheduler.rules_source import FileRuleSource
-from scheduler.service import IntakeCheck, IntakeRefused, SchedulerServicer, add_scheduler_service
-from scheduler.store import TaskStore
+from facefleet.scheduler import metrics
+from facefleet.scheduler.agent_streams import AioChannelFactory
+from facefleet.scheduler.capacity import AgentRegistry, CapacityView
+from facefleet.scheduler.dispatcher import AdmissionGate, AuditHook, Dispatcher, DispatcherSettings, DispatchListener
+from facefleet.scheduler.group_commit import GroupCommitter
+from facefleet.scheduler.leader import LeaderLock
+from facefleet.scheduler.placement_gateway import LivePlacement, RulesSource
+from facefleet.scheduler.rules_source import FileRuleSource
+from facefleet.scheduler.service import IntakeCheck, IntakeRefused, SchedulerServicer, add_scheduler_service
+from facefleet.scheduler.store import TaskStore
 
 if TYPE_CHECKING:
-    from scheduler.cloud.wiring import CloudParts
+    from facefleet.scheduler.cloud.wiring import CloudParts
 
 log = structlog.get_logger()
 

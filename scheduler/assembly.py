@@ -20,24 +20,24 @@ import structlog
 from facefleet.config import Settings
 from facefleet.grpc_server import SERVICE_NAMES
 from facefleet.rpc_errors import TaskInputError
+from facefleet.scheduler.admin_service import AdminServicer
+from facefleet.scheduler.agent_streams import AioChannelFactory
+from facefleet.scheduler.app import SchedulerApp
+from facefleet.scheduler.audit_trail import AuditTrail
+from facefleet.scheduler.dispatcher import DispatcherSettings
+from facefleet.scheduler.lock_enforcement import EnforcingRuleSource, LockEnforcer, LockGate
+from facefleet.scheduler.placement_gateway import RulesSource
+from facefleet.scheduler.rules_source import ConsulRuleSource, FileRuleSource
 from facefleet.security.audit import AuditLog
 from facefleet.security.residency import ResidencyViolation, check_storage
 from facefleet.security.roles import AioRoleGate
 from facefleet.security.tls import secure_aio_channel, server_credentials_unless_insecure
 from facefleet.v1 import types_pb2
 from facefleet.v1.admin_pb2_grpc import add_AdminServicer_to_server as add_admin
-from scheduler.admin_service import AdminServicer
-from scheduler.agent_streams import AioChannelFactory
-from scheduler.app import SchedulerApp
-from scheduler.audit_trail import AuditTrail
-from scheduler.dispatcher import DispatcherSettings
-from scheduler.lock_enforcement import EnforcingRuleSource, LockEnforcer, LockGate
-from scheduler.placement_gateway import RulesSource
-from scheduler.rules_source import ConsulRuleSource, FileRuleSource
 
 log = structlog.get_logger()
 
-CLOUD_WIRING_MODULE = "scheduler.cloud.wiring"
+CLOUD_WIRING_MODULE = "facefleet.scheduler.cloud.wiring"
 
 
 def rules_source_from(settings: Settings) -> Any:
@@ -123,8 +123,8 @@ def build_scheduler(
     cloud = None
     build_cloud = _load_cloud_wiring()
     if build_cloud is not None:
-        from scheduler.app import ensure_sqlite_dir
-        from scheduler.cloud.wiring import ledger_engine
+        from facefleet.scheduler.app import ensure_sqlite_dir
+        from facefleet.scheduler.cloud.wiring import ledger_engine
 
         ensure_sqlite_dir(settings.scheduler.store_url)
         cloud = build_cloud(settings, ledger_engine(settings.scheduler.store_url))

@@ -20,12 +20,12 @@ from typing import Any, Protocol
 
 import structlog
 
+from facefleet.scheduler.audit_batch import AuditBatchWriter
+from facefleet.scheduler.placement_gateway import PlacementResult
+from facefleet.scheduler.store import TaskRecord
 from facefleet.security.audit import AuditKind, AuditLog
 from facefleet.security.residency import ResidencyViolation, redact_uri
 from facefleet.v1 import types_pb2
-from scheduler.audit_batch import AuditBatchWriter
-from scheduler.placement_gateway import PlacementResult
-from scheduler.store import TaskRecord
 
 log = structlog.get_logger()
 

@@ -26,9 +26,9 @@ from prometheus_api_client import PrometheusConnect
 from urllib3.util.retry import Retry
 
 from facefleet.config import PoolConfig, SchedulerConfig
+from facefleet.scheduler import metrics
+from facefleet.scheduler.placement.model import PoolState
 from facefleet.v1 import scheduler_pb2
-from scheduler import metrics
-from scheduler.placement.model import PoolState
 
 log = structlog.get_logger()
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import structlog
 import tenacity
 
+from facefleet.scheduler.store import Change, Step, TaskRecord
 from facefleet.v1 import types_pb2
-from scheduler.store import Change, Step, TaskRecord
 
 log = structlog.get_logger()
 

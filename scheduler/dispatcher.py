@@ -26,15 +26,15 @@ import structlog
 import tenacity
 
 from facefleet.grpc_server import LoopThread
+from facefleet.scheduler import metrics, queue, task_states
+from facefleet.scheduler.agent_streams import AgentStreams, AioChannelFactory
+from facefleet.scheduler.completion_batch import Completion, CompletionBatcher
+from facefleet.scheduler.placement.model import TaskSpec
+from facefleet.scheduler.placement.proto_codec import task_spec_from_proto
+from facefleet.scheduler.placement_gateway import PlacementResult, Placer, residency_violation
+from facefleet.scheduler.store import Change, IllegalTransition, Placement, Step, TaskRecord, TaskStore
+from facefleet.scheduler.task_states import DISPATCHED, FAILED, PLACED, PREEMPTED, QUEUED, RUNNING, TERMINAL
 from facefleet.v1 import agent_pb2, types_pb2
-from scheduler import metrics, queue, task_states
-from scheduler.agent_streams import AgentStreams, AioChannelFactory
-from scheduler.completion_batch import Completion, CompletionBatcher
-from scheduler.placement.model import TaskSpec
-from scheduler.placement.proto_codec import task_spec_from_proto
-from scheduler.placement_gateway import PlacementResult, Placer, residency_violation
-from scheduler.store import Change, IllegalTransition, Placement, Step, TaskRecord, TaskStore
-from scheduler.task_states import DISPATCHED, FAILED, PLACED, PREEMPTED, QUEUED, RUNNING, TERMINAL
 
 log = structlog.get_logger()
 

@@ -22,8 +22,8 @@ import structlog
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
-from scheduler import metrics
-from scheduler.store import NewTask, SubmitResult, TaskStore
+from facefleet.scheduler import metrics
+from facefleet.scheduler.store import NewTask, SubmitResult, TaskStore
 
 log = structlog.get_logger()
 

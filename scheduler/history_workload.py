@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from scheduler.ledger import SpendLedger
+from facefleet.scheduler.ledger import SpendLedger
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from facefleet.rpc_errors import TaskInputError
+from facefleet.scheduler.store import NewTask
 from facefleet.v1 import scheduler_pb2, types_pb2
-from scheduler.store import NewTask
 
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_URI_CHARS = 2048

@@ -30,7 +30,7 @@ import structlog
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.pool import NullPool
 
-from scheduler import metrics
+from facefleet.scheduler import metrics
 
 log = structlog.get_logger()
 

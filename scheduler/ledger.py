@@ -23,7 +23,7 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Engine
 
-from scheduler.metrics import BUDGET_ALERT, BUDGET_CAP, BUDGET_SPENT
+from facefleet.scheduler.metrics import BUDGET_ALERT, BUDGET_CAP, BUDGET_SPENT
 
 log = structlog.get_logger()
 

@@ -26,11 +26,11 @@ from typing import Any, Protocol
 
 import structlog
 
+from facefleet.scheduler import task_states
+from facefleet.scheduler.dispatcher import AuditHook
+from facefleet.scheduler.store import TaskRecord, TaskStore
+from facefleet.scheduler.task_states import PLACED, QUEUED
 from facefleet.security.residency import PRIVATE_ZONE, LockActionKind, TaskLocation, lock_actions
-from scheduler import task_states
-from scheduler.dispatcher import AuditHook
-from scheduler.store import TaskRecord, TaskStore
-from scheduler.task_states import PLACED, QUEUED
 
 log = structlog.get_logger()
 

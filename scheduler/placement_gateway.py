@@ -15,10 +15,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from facefleet.scheduler.placement import place
+from facefleet.scheduler.placement.model import Budget, Decision, PoolState, TaskSpec, World
+from facefleet.scheduler.placement.proto_codec import decision_to_proto, task_spec_from_proto
 from facefleet.v1 import types_pb2
-from scheduler.placement import place
-from scheduler.placement.model import Budget, Decision, PoolState, TaskSpec, World
-from scheduler.placement.proto_codec import decision_to_proto, task_spec_from_proto
 
 PRIVATE_ZONE = "private"
 

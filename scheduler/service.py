@@ -20,14 +20,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from facefleet.grpc_server import AioServices
 from facefleet.rpc_errors import TaskInputError, abort, abort_async
+from facefleet.scheduler import metrics, task_states
+from facefleet.scheduler.group_commit import GroupCommitter, StoreUnavailable
+from facefleet.scheduler.intake import validate_submit, validate_task
+from facefleet.scheduler.placement_gateway import Placer
+from facefleet.scheduler.store import IllegalTransition, NewTask, SubmitResult, TaskRecord, TaskStore, UnknownTask
+from facefleet.scheduler.task_states import CANCELLED, QUEUED, TERMINAL
 from facefleet.security.roles import current_identity
 from facefleet.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
-from scheduler import metrics, task_states
-from scheduler.group_commit import GroupCommitter, StoreUnavailable
-from scheduler.intake import validate_submit, validate_task
-from scheduler.placement_gateway import Placer
-from scheduler.store import IllegalTransition, NewTask, SubmitResult, TaskRecord, TaskStore, UnknownTask
-from scheduler.task_states import CANCELLED, QUEUED, TERMINAL
 
 log = structlog.get_logger()
 

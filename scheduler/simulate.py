@@ -26,9 +26,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from scheduler.placement.engine import place
-from scheduler.placement.model import PRIORITIES, PRIVATE_ZONE, Budget, PoolState, RuleSet, TaskSpec, World
-from scheduler.placement.policy import RuleIndex
+from facefleet.scheduler.placement.engine import place
+from facefleet.scheduler.placement.model import PRIORITIES, PRIVATE_ZONE, Budget, PoolState, RuleSet, TaskSpec, World
+from facefleet.scheduler.placement.policy import RuleIndex
 
 SWEEPABLE = ("max_spot_price_per_hour", "monthly_cap_usd", "onprem_queue_wait_s_gt")
 DRAIN_FACTOR = 20  # stop draining after duration x this, reporting what is left as unfinished

@@ -27,9 +27,9 @@ import structlog
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
+from facefleet.scheduler import metrics, task_states
+from facefleet.scheduler.task_states import IN_FLIGHT, QUEUED, TERMINAL
 from facefleet.v1 import types_pb2
-from scheduler import metrics, task_states
-from scheduler.task_states import IN_FLIGHT, QUEUED, TERMINAL
 
 log = structlog.get_logger()
 

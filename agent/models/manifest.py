@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from agent.pipeline.errors import ModelVerificationFailed
+from facefleet.agent.pipeline.errors import ModelVerificationFailed
 
 MANIFEST_FILE = "manifest.toml"
 ANY_DIM = "?"

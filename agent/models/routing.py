@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.models.manifest import ModelRole
+from facefleet.agent.models.manifest import ModelRole
 
 
 @dataclass(frozen=True)

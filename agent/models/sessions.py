@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import onnxruntime as ort
 
-from agent.models.verify import VerifiedModel
-from agent.pipeline.errors import ProviderUnavailable
+from facefleet.agent.models.verify import VerifiedModel
+from facefleet.agent.pipeline.errors import ProviderUnavailable
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 SHORT_NAMES = {

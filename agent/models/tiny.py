@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.models.verify import file_sha256
+from facefleet.agent.models.verify import file_sha256
 
 OPSET = 17
 IR_VERSION = 9

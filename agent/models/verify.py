@@ -13,9 +13,9 @@ from pathlib import Path
 
 import onnx
 
-from agent.models.manifest import ANY_DIM, ModelEntry, ModelRole, TensorSpec
-from agent.models.routing import ModelSignature, TensorSignature, UnroutableModel, route_model
-from agent.pipeline.errors import ModelVerificationFailed
+from facefleet.agent.models.manifest import ANY_DIM, ModelEntry, ModelRole, TensorSpec
+from facefleet.agent.models.routing import ModelSignature, TensorSignature, UnroutableModel, route_model
+from facefleet.agent.pipeline.errors import ModelVerificationFailed
 
 HASH_CHUNK_BYTES = 1 << 20
 

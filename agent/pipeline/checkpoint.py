@@ -15,7 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from agent.models.verify import file_sha256
+from facefleet.agent.models.verify import file_sha256
 
 STATE_FILE = "checkpoint.json"
 log = structlog.get_logger()

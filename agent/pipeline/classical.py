@@ -12,7 +12,7 @@ import threading
 import cv2
 import numpy as np
 
-from agent.pipeline.stage import Face, FrameState
+from facefleet.agent.pipeline.stage import Face, FrameState
 
 HAAR_FILE = "haarcascade_frontalface_default.xml"
 

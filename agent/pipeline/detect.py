@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from agent.pipeline.stage import Face, FrameState
+from facefleet.agent.pipeline.stage import Face, FrameState
 
 DEFAULT_INPUT_SIZE = (640, 640)
 STRIDES = (8, 16, 32)

@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from agent.pipeline.align import norm_crop
-from agent.pipeline.stage import Face, FrameState
+from facefleet.agent.pipeline.align import norm_crop
+from facefleet.agent.pipeline.stage import Face, FrameState
 
 
 class FaceRecognizer:

@@ -9,21 +9,26 @@ from typing import Protocol
 
 import numpy as np
 
-from agent.models.manifest import ModelRole, load_manifest
-from agent.models.sessions import create_session
-from agent.models.verify import ModelStatus, VerifiedModel, verify_model
-from agent.pipeline.align import AlignStage
-from agent.pipeline.classical import ClassicalDetectStage, ClassicalSwapStage, HaarFaceDetector, source_face_crop
-from agent.pipeline.detect import DetectStage, FaceDetector
-from agent.pipeline.embed import EmbedStage, FaceRecognizer
-from agent.pipeline.enhance import EnhanceStage, FaceEnhancer
-from agent.pipeline.errors import InputRejected, ModelVerificationFailed
-from agent.pipeline.mask import MaskKind, MaskStage
-from agent.pipeline.paste import PasteStage
-from agent.pipeline.quality import QualityStage
-from agent.pipeline.select import FaceSelector, SelectStage
-from agent.pipeline.stage import Face, FrameState, Stage
-from agent.pipeline.swap import FaceSwapper, SwapStage
+from facefleet.agent.models.manifest import ModelRole, load_manifest
+from facefleet.agent.models.sessions import create_session
+from facefleet.agent.models.verify import ModelStatus, VerifiedModel, verify_model
+from facefleet.agent.pipeline.align import AlignStage
+from facefleet.agent.pipeline.classical import (
+    ClassicalDetectStage,
+    ClassicalSwapStage,
+    HaarFaceDetector,
+    source_face_crop,
+)
+from facefleet.agent.pipeline.detect import DetectStage, FaceDetector
+from facefleet.agent.pipeline.embed import EmbedStage, FaceRecognizer
+from facefleet.agent.pipeline.enhance import EnhanceStage, FaceEnhancer
+from facefleet.agent.pipeline.errors import InputRejected, ModelVerificationFailed
+from facefleet.agent.pipeline.mask import MaskKind, MaskStage
+from facefleet.agent.pipeline.paste import PasteStage
+from facefleet.agent.pipeline.quality import QualityStage
+from facefleet.agent.pipeline.select import FaceSelector, SelectStage
+from facefleet.agent.pipeline.stage import Face, FrameState, Stage
+from facefleet.agent.pipeline.swap import FaceSwapper, SwapStage
 
 ONNX_ENGINE = "onnx"
 CLASSICAL_ENGINE = "classical"

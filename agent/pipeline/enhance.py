@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import onnxruntime as ort
 
-from agent.pipeline.stage import FrameState
+from facefleet.agent.pipeline.stage import FrameState
 
 
 class FaceEnhancer:

@@ -7,7 +7,7 @@ from enum import StrEnum
 import cv2
 import numpy as np
 
-from agent.pipeline.stage import FrameState
+from facefleet.agent.pipeline.stage import FrameState
 
 
 class MaskKind(StrEnum):

@@ -21,7 +21,7 @@ from typing import IO
 import cv2
 import numpy as np
 
-from agent.pipeline.errors import InputRejected
+from facefleet.agent.pipeline.errors import InputRejected
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"})

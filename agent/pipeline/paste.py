@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from agent.pipeline.stage import FrameState, SwapPatch
+from facefleet.agent.pipeline.stage import FrameState, SwapPatch
 
 
 def paste_patch(frame: np.ndarray, patch: SwapPatch, blend: float) -> None:

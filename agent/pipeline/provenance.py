@@ -31,8 +31,8 @@ import cv2
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from agent.models.verify import file_sha256
-from agent.pipeline.errors import InputRejected, PipelineError
+from facefleet.agent.models.verify import file_sha256
+from facefleet.agent.pipeline.errors import InputRejected, PipelineError
 
 EXIF_IMAGE_DESCRIPTION = 0x010E
 SIDECAR_SUFFIX = ".provenance.json"

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agent.pipeline.embed import FaceRecognizer, cosine_similarity
-from agent.pipeline.stage import FrameState
+from facefleet.agent.pipeline.embed import FaceRecognizer, cosine_similarity
+from facefleet.agent.pipeline.stage import FrameState
 
 
 @dataclass(frozen=True)

@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from agent.metrics import STAGE_SECONDS
-from agent.models.sessions import resolve_providers
-from agent.models.verify import ModelStatus
-from agent.pipeline.checkpoint import CheckpointStore, job_fingerprint
-from agent.pipeline.engine import LoadedEngine, StageChain, StageOptions, load_engine
-from agent.pipeline.errors import Cancelled, InputRejected
-from agent.pipeline.mask import MaskKind
-from agent.pipeline.media import (
+from facefleet.agent.metrics import STAGE_SECONDS
+from facefleet.agent.models.sessions import resolve_providers
+from facefleet.agent.models.verify import ModelStatus
+from facefleet.agent.pipeline.checkpoint import CheckpointStore, job_fingerprint
+from facefleet.agent.pipeline.engine import LoadedEngine, StageChain, StageOptions, load_engine
+from facefleet.agent.pipeline.errors import Cancelled, InputRejected
+from facefleet.agent.pipeline.mask import MaskKind
+from facefleet.agent.pipeline.media import (
     MediaLimits,
     SegmentEncoder,
     VideoInfo,
@@ -39,8 +39,8 @@ from agent.pipeline.media import (
     read_frames,
     read_image,
 )
-from agent.pipeline.prefetch import Prefetched
-from agent.pipeline.provenance import (
+from facefleet.agent.pipeline.prefetch import Prefetched
+from facefleet.agent.pipeline.provenance import (
     C2paSigningKey,
     ProvenanceRecord,
     ProvenanceSigningFailed,
@@ -50,9 +50,9 @@ from agent.pipeline.provenance import (
     write_labelled_image,
     write_sidecar,
 )
-from agent.pipeline.quality import QualityReport, summarize
-from agent.pipeline.select import FaceSelector
-from agent.pipeline.stage import FrameState
+from facefleet.agent.pipeline.quality import QualityReport, summarize
+from facefleet.agent.pipeline.select import FaceSelector
+from facefleet.agent.pipeline.stage import FrameState
 
 log = structlog.get_logger()
 

@@ -10,8 +10,8 @@ from enum import StrEnum
 
 import numpy as np
 
-from agent.pipeline.embed import cosine_similarity
-from agent.pipeline.stage import FrameState
+from facefleet.agent.pipeline.embed import cosine_similarity
+from facefleet.agent.pipeline.stage import FrameState
 
 
 class FaceSelector(StrEnum):

@@ -8,9 +8,9 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from agent.models.verify import VerifiedModel
-from agent.pipeline.embed import normalize
-from agent.pipeline.stage import FrameState
+from facefleet.agent.models.verify import VerifiedModel
+from facefleet.agent.pipeline.embed import normalize
+from facefleet.agent.pipeline.stage import FrameState
 
 
 class FaceSwapper:

@@ -23,6 +23,7 @@ COPY proto ./proto
 COPY facefleet ./facefleet
 COPY scheduler ./scheduler
 COPY agent ./agent
+COPY policies ./policies
 # [gpu] = onnxruntime-gpu + NVML; never the CPU onnxruntime next to it (they share one import).
 RUN /opt/facefleet/bin/pip install --no-cache-dir ".[gpu]"
 

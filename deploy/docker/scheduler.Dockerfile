@@ -17,6 +17,7 @@ COPY proto ./proto
 COPY facefleet ./facefleet
 COPY scheduler ./scheduler
 COPY agent ./agent
+COPY policies ./policies
 RUN /opt/facefleet/bin/pip install --no-cache-dir .
 
 FROM ${PYTHON_IMAGE}

@@ -25,7 +25,7 @@ def _settings(config: Path | None) -> Any:
 
 def _interruption_watcher(provider: str, metadata_url: str, instance_id: str) -> Any:
     """The spot notice watcher for a cloud agent; None on-prem."""
-    from scheduler.cloud.interruption import (
+    from facefleet.scheduler.cloud.interruption import (
         METADATA_BASE_URL,
         AwsInterruptionWatcher,
         AzureScheduledEventsWatcher,
@@ -89,7 +89,7 @@ def register(app: typer.Typer) -> None:
             fail(f"models directory {models} does not exist", hint="create it (it may be empty: classical engine)")
         import grpc
 
-        from agent.server import serve_agent
+        from facefleet.agent.server import serve_agent
         from facefleet.security.roles import RoleGate
         from facefleet.security.tls import TLSMaterialError, secure_channel, server_credentials_unless_insecure
         from facefleet.structured_logs import configure_logging
@@ -125,7 +125,7 @@ def register(app: typer.Typer) -> None:
         if c2pa_cert is not None or c2pa_key is not None:
             updates["c2pa_cert"], updates["c2pa_key"] = c2pa_cert, c2pa_key
         agent_config = settings.agent.model_copy(update=updates)
-        from agent.pipeline.provenance import C2paSigningKey, ProvenanceSigningFailed
+        from facefleet.agent.pipeline.provenance import C2paSigningKey, ProvenanceSigningFailed
 
         try:  # fail at start, not on the first task, when the signing material is unusable
             C2paSigningKey.from_config(agent_config.c2pa_cert, agent_config.c2pa_key)

@@ -54,7 +54,7 @@ def _ledger(store: str | None, config: Path | None) -> Any:
     import sqlalchemy as sa
     from sqlalchemy.exc import ArgumentError, OperationalError
 
-    from scheduler.ledger import SpendLedger
+    from facefleet.scheduler.ledger import SpendLedger
 
     url = store or _settings(config).scheduler.store_url
     try:
@@ -80,7 +80,7 @@ def _money(value: float | None) -> str:
 
 
 def show_data(ledger: Any, now: datetime) -> dict[str, Any]:
-    from scheduler.ledger import month_of
+    from facefleet.scheduler.ledger import month_of
 
     month = month_of(now)
     accounts = []
@@ -245,8 +245,8 @@ def register(app: typer.Typer) -> None:
         """Turn recorded tasks and prices into a workload for `facefleet simulate --workload`."""
         import yaml
 
-        from scheduler.history_workload import historic_tasks, history_workload
-        from scheduler.store import TaskStore
+        from facefleet.scheduler.history_workload import historic_tasks, history_workload
+        from facefleet.scheduler.store import TaskStore
 
         now = datetime.now(UTC)
         try:

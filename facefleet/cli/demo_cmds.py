@@ -140,7 +140,7 @@ def _audit_summary(layout: Any) -> dict[str, Any]:
 
 
 def _print_next_steps(layout: Any, stack: Any, rows: list[dict[str, Any]], audit: dict[str, Any], took: float) -> None:
-    from agent.pipeline.provenance import c2pa_available
+    from facefleet.agent.pipeline.provenance import c2pa_available
 
     example = next((r for r in rows if r["pool"] == "cloud-local"), rows[0])
     verdict = "[green]intact[/]" if audit["verified"] else f"[red]BROKEN[/] ({audit['problem']})"

@@ -11,13 +11,13 @@ import yaml
 from rich.table import Table
 
 from facefleet.cli.output import JSON_OPTION, console, fail, print_json
-from scheduler.placement.engine import place
-from scheduler.placement.explain import decision_dict, render_decision
-from scheduler.placement.model import Budget, RuleSet, TaskSpec, World
-from scheduler.placement.policy import PolicyError
-from scheduler.placement.policy_cases import find_case_files, run_case_file
-from scheduler.placement.world import WorldFileError, compose_world, load_world
-from scheduler.rules_source.files import default_policy_dir, read_policy_dir
+from facefleet.scheduler.placement.engine import place
+from facefleet.scheduler.placement.explain import decision_dict, render_decision
+from facefleet.scheduler.placement.model import Budget, RuleSet, TaskSpec, World
+from facefleet.scheduler.placement.policy import PolicyError
+from facefleet.scheduler.placement.policy_cases import find_case_files, run_case_file
+from facefleet.scheduler.placement.world import WorldFileError, compose_world, load_world
+from facefleet.scheduler.rules_source.files import default_policy_dir, read_policy_dir
 
 POLICY_OPTION = typer.Option(None, "--policy", help="Policy directory (rules.yaml, budgets.yaml, locks.yaml).")
 WORLD_OPTION = typer.Option(..., "--world", help="World snapshot YAML (pools, budgets, locks).")
@@ -48,9 +48,9 @@ def _explain_recorded(
     import grpc
 
     from facefleet.config import load_settings
+    from facefleet.scheduler.placement.proto_codec import decision_from_proto, task_spec_from_proto
     from facefleet.security.tls import TLSMaterialError, secure_channel
     from facefleet.v1 import scheduler_pb2, scheduler_pb2_grpc
-    from scheduler.placement.proto_codec import decision_from_proto, task_spec_from_proto
 
     try:
         settings = load_settings(config)
@@ -207,7 +207,7 @@ def register(app: typer.Typer) -> None:
                     loaded[policy_dir] = exc
             policy = loaded[policy_dir]
             if isinstance(policy, PolicyError):
-                from scheduler.placement.policy_cases import CaseResult
+                from facefleet.scheduler.placement.policy_cases import CaseResult
 
                 results.append(CaseResult(str(path), "<policy>", False, tuple(str(e) for e in policy.errors), None, 0))
                 continue
@@ -265,7 +265,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Replay a workload through the real placement code on a simulated clock."""
-        from scheduler.simulate import WorkloadError, parse_sweep, simulate, sweep
+        from facefleet.scheduler.simulate import WorkloadError, parse_sweep, simulate, sweep
 
         ruleset, budgets, locks = _load_policy(policy)
         snapshot = _load_world(world, budgets, locks)

@@ -109,9 +109,9 @@ def register(app: typer.Typer) -> None:
         insecure: bool = INSECURE_OPTION,
     ) -> None:
         """Run the scheduler: intake, durable queue, placement, dispatch (leader), /metrics."""
+        from facefleet.scheduler.assembly import build_scheduler
         from facefleet.security.tls import TLSMaterialError
         from facefleet.structured_logs import configure_logging
-        from scheduler.assembly import build_scheduler
 
         settings = _settings(config)
         scheduler_updates = {

@@ -38,9 +38,9 @@ def register(app: typer.Typer) -> None:
         as_json: bool = JSON_OPTION,
     ) -> None:
         """Swap a face into an image or video on this machine and report engine, frames, fps and ID similarity."""
-        from agent.pipeline.errors import PipelineError
-        from agent.pipeline.provenance import C2paSigningKey
-        from agent.pipeline.runner import ProgressUpdate, SwapJob, SwapPipeline
+        from facefleet.agent.pipeline.errors import PipelineError
+        from facefleet.agent.pipeline.provenance import C2paSigningKey
+        from facefleet.agent.pipeline.runner import ProgressUpdate, SwapJob, SwapPipeline
 
         job = SwapJob(
             task_id=f"local-{uuid.uuid4().hex[:8]}",

@@ -27,7 +27,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from scheduler import metrics
+from facefleet.scheduler import metrics
 
 GENESIS = "0" * 64
 PRIVATE_ZONE = "private"

@@ -17,9 +17,9 @@ import grpc
 import structlog
 
 from facefleet.rpc_errors import abort, abort_async
+from facefleet.scheduler import metrics
 from facefleet.security.identity import ANONYMOUS, Identity, peer_identity
 from facefleet.v1 import types_pb2
-from scheduler import metrics
 
 HUMAN_ROLES = ("submitter", "operator", "finance", "compliance", "auditor")
 COMPONENT_ROLES = ("scheduler", "agent")

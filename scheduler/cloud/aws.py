@@ -7,7 +7,14 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from facefleet.config import AwsCloudConfig
-from scheduler.cloud.backend import TAG_CLUSTER, TAG_INSTANCE, TAG_POOL, CloudInstance, CloudLaunchError, LaunchRequest
+from facefleet.scheduler.cloud.backend import (
+    TAG_CLUSTER,
+    TAG_INSTANCE,
+    TAG_POOL,
+    CloudInstance,
+    CloudLaunchError,
+    LaunchRequest,
+)
 
 LIVE_STATES = ["pending", "running", "stopping", "stopped"]
 

@@ -14,7 +14,14 @@ from azure.core.exceptions import HttpResponseError, ResourceNotFoundError
 from azure.mgmt.compute import models
 
 from facefleet.config import AzureCloudConfig
-from scheduler.cloud.backend import TAG_CLUSTER, TAG_INSTANCE, TAG_POOL, CloudInstance, CloudLaunchError, LaunchRequest
+from facefleet.scheduler.cloud.backend import (
+    TAG_CLUSTER,
+    TAG_INSTANCE,
+    TAG_POOL,
+    CloudInstance,
+    CloudLaunchError,
+    LaunchRequest,
+)
 
 
 def _image_reference(image: str) -> models.ImageReference:

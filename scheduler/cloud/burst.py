@@ -22,13 +22,13 @@ from datetime import UTC, datetime
 import structlog
 
 from facefleet.config import CloudPoolConfig
+from facefleet.scheduler.cloud.pool_view import cloud_pool_state
+from facefleet.scheduler.cloud.prices import PriceBook
+from facefleet.scheduler.cloud.provisioner import Provisioner
+from facefleet.scheduler.placement.model import PoolState
+from facefleet.scheduler.placement_gateway import PlacementResult
+from facefleet.scheduler.store import TaskRecord
 from facefleet.v1 import scheduler_pb2
-from scheduler.cloud.pool_view import cloud_pool_state
-from scheduler.cloud.prices import PriceBook
-from scheduler.cloud.provisioner import Provisioner
-from scheduler.placement.model import PoolState
-from scheduler.placement_gateway import PlacementResult
-from scheduler.store import TaskRecord
 
 log = structlog.get_logger()
 

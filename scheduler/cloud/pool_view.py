@@ -7,9 +7,9 @@ from dataclasses import replace
 from datetime import datetime
 
 from facefleet.config import CloudPoolConfig
-from scheduler.cloud.prices import PriceBook
-from scheduler.cloud.provisioner import Provisioner
-from scheduler.placement.model import PoolState
+from facefleet.scheduler.cloud.prices import PriceBook
+from facefleet.scheduler.cloud.provisioner import Provisioner
+from facefleet.scheduler.placement.model import PoolState
 
 DEFAULT_PROVISION_S = 180.0  # typical spot launch + boot + agent registration
 

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import requests
 import structlog
 
-from scheduler.metrics import PRICE_FEED_STALE, SPOT_PRICE
+from facefleet.scheduler.metrics import PRICE_FEED_STALE, SPOT_PRICE
 
 log = structlog.get_logger()
 

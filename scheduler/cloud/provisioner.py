@@ -19,7 +19,7 @@ from typing import Literal
 import structlog
 
 from facefleet.config import CloudPoolConfig
-from scheduler.cloud.backend import (
+from facefleet.scheduler.cloud.backend import (
     BootSpec,
     CloudBackend,
     CloudInstance,
@@ -28,7 +28,7 @@ from scheduler.cloud.backend import (
     facefleet_tags,
     render_boot_script,
 )
-from scheduler.metrics import CLOUD_INSTANCES
+from facefleet.scheduler.metrics import CLOUD_INSTANCES
 
 log = structlog.get_logger()
 

@@ -28,16 +28,16 @@ import structlog
 from sqlalchemy.engine import Engine
 
 from facefleet.config import CloudPoolConfig, Settings
+from facefleet.scheduler.cloud.backend import CloudBackend
+from facefleet.scheduler.cloud.budget_gate import BudgetGate
+from facefleet.scheduler.cloud.burst import CloudBurst
+from facefleet.scheduler.cloud.prices import AwsSpotPriceFeed, AzureRetailPriceFeed, PriceBook, PriceFeed
+from facefleet.scheduler.cloud.provisioner import Provisioner
+from facefleet.scheduler.ledger import SpendLedger
+from facefleet.scheduler.placement.model import Budget, PoolState
+from facefleet.scheduler.placement_gateway import PlacementResult
+from facefleet.scheduler.store import TaskRecord
 from facefleet.v1 import scheduler_pb2
-from scheduler.cloud.backend import CloudBackend
-from scheduler.cloud.budget_gate import BudgetGate
-from scheduler.cloud.burst import CloudBurst
-from scheduler.cloud.prices import AwsSpotPriceFeed, AzureRetailPriceFeed, PriceBook, PriceFeed
-from scheduler.cloud.provisioner import Provisioner
-from scheduler.ledger import SpendLedger
-from scheduler.placement.model import Budget, PoolState
-from scheduler.placement_gateway import PlacementResult
-from scheduler.store import TaskRecord
 
 log = structlog.get_logger()
 
@@ -234,13 +234,13 @@ def _backends_from_config(settings: Settings) -> dict[str, CloudBackend]:
     if aws_pools:
         import boto3
 
-        from scheduler.cloud.aws import AwsSpotBackend
+        from facefleet.scheduler.cloud.aws import AwsSpotBackend
 
         client = boto3.client("ec2", region_name=_single_region(aws_pools, "aws"))
         backends["aws"] = AwsSpotBackend(client, settings.cloud.aws)
     azure_pools = _pools_of(settings, "azure")
     if azure_pools:
-        from scheduler.cloud.azure import AzureSpotBackend
+        from facefleet.scheduler.cloud.azure import AzureSpotBackend
 
         azure = settings.cloud.azure
         if not azure.subscription_id:

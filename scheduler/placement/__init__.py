@@ -1,7 +1,7 @@
 """Placement: a pure function of (task, rules, world snapshot) -> decision + explain trace."""
 
-from scheduler.placement.engine import place
-from scheduler.placement.model import (
+from facefleet.scheduler.placement.engine import place
+from facefleet.scheduler.placement.model import (
     Budget,
     CandidateTrace,
     Decision,
@@ -12,7 +12,7 @@ from scheduler.placement.model import (
     TaskSpec,
     World,
 )
-from scheduler.placement.policy import (
+from facefleet.scheduler.placement.policy import (
     FALLBACK_RULESET,
     PolicyError,
     PolicyIssue,
@@ -20,7 +20,7 @@ from scheduler.placement.policy import (
     load_locks,
     load_ruleset,
 )
-from scheduler.placement.world import compose_world, load_world
+from facefleet.scheduler.placement.world import compose_world, load_world
 
 __all__ = [
     "FALLBACK_RULESET",

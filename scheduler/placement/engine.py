@@ -8,16 +8,16 @@ from __future__ import annotations
 
 from collections import Counter
 
-from scheduler.placement.filters import (
+from facefleet.scheduler.placement.filters import (
     ESTIMATE_FILTERS,
     PERMANENT_FILTERS,
     STATIC_FILTERS,
     FilterContext,
     estimate,
 )
-from scheduler.placement.model import CandidateTrace, Decision, Estimate, PoolState, RuleSet, TaskSpec, World
-from scheduler.placement.policy import RuleIndex
-from scheduler.placement.scorers import score_all
+from facefleet.scheduler.placement.model import CandidateTrace, Decision, Estimate, PoolState, RuleSet, TaskSpec, World
+from facefleet.scheduler.placement.policy import RuleIndex
+from facefleet.scheduler.placement.scorers import score_all
 
 
 def _index_of(rules: RuleSet) -> RuleIndex:

@@ -8,7 +8,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from scheduler.placement.model import Decision, TaskSpec
+from facefleet.scheduler.placement.model import Decision, TaskSpec
 
 OUTCOME_STYLE = {"dispatch": "bold green", "queue": "bold yellow", "reject": "bold red"}
 

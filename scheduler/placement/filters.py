@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from scheduler.placement.model import PRIVATE_ZONE, Budget, Estimate, PoolState, TaskSpec, World
-from scheduler.placement.policy import CompiledRule
+from facefleet.scheduler.placement.model import PRIVATE_ZONE, Budget, Estimate, PoolState, TaskSpec, World
+from facefleet.scheduler.placement.policy import CompiledRule
 
 
 class FilterContext:

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from scheduler.placement.model import (
+from facefleet.scheduler.placement.model import (
     GLOB_CHARS,
     PREFERENCES,
     PRIORITIES,

@@ -23,9 +23,9 @@ from typing import Any
 
 import yaml
 
-from scheduler.placement.engine import place
-from scheduler.placement.model import Budget, Decision, RuleSet, TaskSpec, World
-from scheduler.placement.world import WorldFileError, compose_world, load_world
+from facefleet.scheduler.placement.engine import place
+from facefleet.scheduler.placement.model import Budget, Decision, RuleSet, TaskSpec, World
+from facefleet.scheduler.placement.world import WorldFileError, compose_world, load_world
 
 EXPECT_KEYS = {"outcome", "pool", "rule", "failed_filter", "reason_contains", "budget"}
 

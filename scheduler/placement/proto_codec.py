@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from facefleet.rpc_errors import TaskInputError
+from facefleet.scheduler.placement.model import CandidateTrace, Decision, Estimate, TaskSpec
 from facefleet.v1 import types_pb2
-from scheduler.placement.model import CandidateTrace, Decision, Estimate, TaskSpec
 
 _SENSITIVITY = {
     types_pb2.SENSITIVITY_PUBLIC: "public",

@@ -7,7 +7,7 @@ the faster pool, then the name, so decisions are deterministic.
 
 from __future__ import annotations
 
-from scheduler.placement.model import Estimate, Rule
+from facefleet.scheduler.placement.model import Estimate, Rule
 
 PREFER_WEIGHTS: dict[str, tuple[float, float, float]] = {
     # (cost, latency, order)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from scheduler.placement.model import Budget, World
+from facefleet.scheduler.placement.model import Budget, World
 
 
 class WorldFileError(ValueError):

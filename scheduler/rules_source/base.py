@@ -9,9 +9,9 @@ from typing import Protocol
 
 import structlog
 
-from scheduler.metrics import RULES_LOAD_ERRORS, RULES_VERSION
-from scheduler.placement.model import Budget, RuleSet
-from scheduler.placement.policy import FALLBACK_RULESET
+from facefleet.scheduler.metrics import RULES_LOAD_ERRORS, RULES_VERSION
+from facefleet.scheduler.placement.model import Budget, RuleSet
+from facefleet.scheduler.placement.policy import FALLBACK_RULESET
 
 log = structlog.get_logger()
 

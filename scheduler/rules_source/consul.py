@@ -19,9 +19,9 @@ import requests
 import structlog
 import yaml
 
-from scheduler.placement.model import Budget
-from scheduler.placement.policy import PolicyError, PolicyIssue, budget_from_mapping, load_ruleset
-from scheduler.rules_source.base import ActiveConfig, LastKnownGood, WatchedSource
+from facefleet.scheduler.placement.model import Budget
+from facefleet.scheduler.placement.policy import PolicyError, PolicyIssue, budget_from_mapping, load_ruleset
+from facefleet.scheduler.rules_source.base import ActiveConfig, LastKnownGood, WatchedSource
 
 log = structlog.get_logger()
 

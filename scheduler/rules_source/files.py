@@ -9,15 +9,16 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import structlog
 import yaml
 
-from scheduler.placement.model import Budget, RuleSet
-from scheduler.placement.policy import PolicyError, PolicyIssue, load_budgets, load_locks, load_ruleset
-from scheduler.rules_source.base import ActiveConfig, LastKnownGood, WatchedSource
+from facefleet.scheduler.placement.model import Budget, RuleSet
+from facefleet.scheduler.placement.policy import PolicyError, PolicyIssue, load_budgets, load_locks, load_ruleset
+from facefleet.scheduler.rules_source.base import ActiveConfig, LastKnownGood, WatchedSource
 
 log = structlog.get_logger()
 
@@ -27,8 +28,8 @@ LOCKS_FILE = "locks.yaml"
 
 
 def default_policy_dir() -> Path:
-    """`policies/default` of this checkout (the embedded default rule set)."""
-    return Path(__file__).resolve().parents[2] / "policies" / "default"
+    """The embedded default rule set: `policies/default`, shipped in the wheel as package data."""
+    return Path(str(files("facefleet") / "policies" / "default"))
 
 
 def read_policy_dir(directory: Path) -> tuple[RuleSet, dict[str, Budget], dict[str, str]]:

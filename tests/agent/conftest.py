@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 
-from agent.server import AgentHandle, serve_agent
+from facefleet.agent.server import AgentHandle, serve_agent
 from facefleet.config import AgentConfig
 from facefleet.v1 import agent_pb2, agent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
 

@@ -11,7 +11,7 @@ import grpc
 import pytest
 import requests
 
-from agent import metrics
+from facefleet.agent import metrics
 from facefleet.rpc_errors import reason_of
 from facefleet.v1 import agent_pb2, types_pb2
 from tests.agent.conftest import FakePipeline, FakePipelineError

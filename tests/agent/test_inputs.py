@@ -8,7 +8,7 @@ import boto3
 import pytest
 from moto import mock_aws
 
-from agent.inputs import InputRejected, InputResolver, contained_path, parse_uri, sniff_media_kind
+from facefleet.agent.inputs import InputRejected, InputResolver, contained_path, parse_uri, sniff_media_kind
 from tests.agent.conftest import write_image
 
 

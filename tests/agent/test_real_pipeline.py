@@ -11,8 +11,8 @@ import grpc
 import numpy as np
 import pytest
 
-from agent.models.tiny import draw_synthetic_face, write_tiny_models
-from agent.pipeline.runner import SwapJob, SwapPipeline
+from facefleet.agent.models.tiny import draw_synthetic_face, write_tiny_models
+from facefleet.agent.pipeline.runner import SwapJob, SwapPipeline
 from facefleet.rpc_errors import reason_of
 from facefleet.v1 import agent_pb2, types_pb2
 from tests.pipeline.conftest import SOURCE_LOOK, make_test_video, requires_ffmpeg
@@ -56,7 +56,7 @@ def test_image_task_with_the_onnx_engine(make_agent, tiny_models_dir: Path) -> N
 
 
 def test_tampered_model_is_a_clear_refusal_and_the_agent_keeps_serving(tmp_path: Path, tiny_models_dir: Path) -> None:
-    from agent.server import serve_agent
+    from facefleet.agent.server import serve_agent
     from facefleet.config import AgentConfig
 
     models = tmp_path / "models"

@@ -12,9 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from agent import metrics
-from agent.gpu_stats import GpuProbe
-from agent.server import AgentIdentity, reason_from_error, residency_refusal
+from facefleet.agent import metrics
+from facefleet.agent.gpu_stats import GpuProbe
+from facefleet.agent.server import AgentIdentity, reason_from_error, residency_refusal
 from facefleet.cli import app
 from facefleet.v1 import agent_pb2, types_pb2
 

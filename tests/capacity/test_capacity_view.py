@@ -7,8 +7,8 @@ import time
 from prometheus_client import REGISTRY
 
 from facefleet.config import PoolConfig, SchedulerConfig
+from facefleet.scheduler.capacity import AgentRegistry, CapacityView, PrometheusSignals
 from facefleet.v1 import scheduler_pb2
-from scheduler.capacity import AgentRegistry, CapacityView, PrometheusSignals
 from tests.fixtures.ports import free_port
 
 

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from prometheus_client import REGISTRY
 
-from scheduler.leader import FileLeaderLock, LeaderLock, PostgresLeaderLock, advisory_key, psycopg_url
+from facefleet.scheduler.leader import FileLeaderLock, LeaderLock, PostgresLeaderLock, advisory_key, psycopg_url
 from tests.fixtures.postgres import PostgresServer
 
 
@@ -115,7 +115,7 @@ HOLDER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from scheduler.leader import FileLeaderLock
+    from facefleet.scheduler.leader import FileLeaderLock
     lock = FileLeaderLock(Path(sys.argv[1]))
     print("leader" if lock.try_acquire() else "follower", flush=True)
     time.sleep(60)

@@ -8,8 +8,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, Gauge, start_http_server
 
+from facefleet.scheduler.capacity import AgentRegistry, CapacityView, PrometheusSignals
 from facefleet.v1 import scheduler_pb2
-from scheduler.capacity import AgentRegistry, CapacityView, PrometheusSignals
 from tests.fixtures.ports import free_port
 from tests.fixtures.prometheus import PrometheusHandle
 

@@ -6,8 +6,8 @@ import threading
 
 import pytest
 
+from facefleet.scheduler.capacity import AgentRegistry, HeartbeatRejected
 from facefleet.v1 import scheduler_pb2
-from scheduler.capacity import AgentRegistry, HeartbeatRejected
 
 
 def beat(

@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 
 from facefleet.config import AwsCloudConfig, CloudPoolConfig
-from scheduler.cloud.aws import AwsSpotBackend
-from scheduler.cloud.backend import TAG_CLUSTER, TAG_INSTANCE, TAG_POOL
-from scheduler.cloud.provisioner import Provisioner
-from scheduler.metrics import CLOUD_INSTANCES
+from facefleet.scheduler.cloud.aws import AwsSpotBackend
+from facefleet.scheduler.cloud.backend import TAG_CLUSTER, TAG_INSTANCE, TAG_POOL
+from facefleet.scheduler.cloud.provisioner import Provisioner
+from facefleet.scheduler.metrics import CLOUD_INSTANCES
 
 AMI = "ami-03cf127a"  # one of moto's built-in AMIs
 
@@ -76,7 +76,7 @@ def test_launch_tags_describe_and_register(ec2: Any) -> None:
 
 def test_spot_market_options_sent(ec2: Any) -> None:
     backend = AwsSpotBackend(ec2, AwsCloudConfig(ami_id=AMI, subnet_id="subnet-1", security_group_ids=["sg-1"]))
-    from scheduler.cloud.backend import LaunchRequest
+    from facefleet.scheduler.cloud.backend import LaunchRequest
 
     args = backend._launch_arguments(
         LaunchRequest("aws-gpu", "ff-1", "us-east-1", "g5.xlarge", 0.5, "#!/bin/bash\n", {"k": "v"})

@@ -24,9 +24,9 @@ from azure.mgmt.compute import ComputeManagementClient
 from azure.mgmt.core.policies import ARMChallengeAuthenticationPolicy
 
 from facefleet.config import AzureCloudConfig, CloudPoolConfig
-from scheduler.cloud.azure import AzureSpotBackend
-from scheduler.cloud.backend import TAG_INSTANCE, TAG_POOL
-from scheduler.cloud.provisioner import Provisioner
+from facefleet.scheduler.cloud.azure import AzureSpotBackend
+from facefleet.scheduler.cloud.backend import TAG_INSTANCE, TAG_POOL
+from facefleet.scheduler.cloud.provisioner import Provisioner
 
 SUBSCRIPTION = "00000000-0000-0000-0000-000000000001"
 RESOURCE_GROUP = "facefleet-rg"

@@ -12,13 +12,13 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from facefleet.config import CloudPoolConfig
-from scheduler.cloud.pool_view import cloud_pool_state
-from scheduler.cloud.prices import PriceBook, SpotPrice
-from scheduler.cloud.provisioner import Provisioner
-from scheduler.ledger import BudgetAccount, SpendLedger, Usage, month_of
-from scheduler.placement.engine import place
-from scheduler.placement.model import Budget, PoolState, TaskSpec, World
-from scheduler.placement.policy import load_budgets, load_ruleset
+from facefleet.scheduler.cloud.pool_view import cloud_pool_state
+from facefleet.scheduler.cloud.prices import PriceBook, SpotPrice
+from facefleet.scheduler.cloud.provisioner import Provisioner
+from facefleet.scheduler.ledger import BudgetAccount, SpendLedger, Usage, month_of
+from facefleet.scheduler.placement.engine import place
+from facefleet.scheduler.placement.model import Budget, PoolState, TaskSpec, World
+from facefleet.scheduler.placement.policy import load_budgets, load_ruleset
 
 POLICIES = Path(__file__).resolve().parents[2] / "policies" / "default"
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)

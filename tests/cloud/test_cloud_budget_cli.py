@@ -20,10 +20,10 @@ from facefleet.cli import app
 from facefleet.cli.budget_cmds import parse_since
 from facefleet.grpc_server import build_server
 from facefleet.rpc_errors import abort
+from facefleet.scheduler.history_workload import HistoricTask, historic_tasks, history_workload
+from facefleet.scheduler.ledger import BudgetAccount, SpendLedger, Usage
+from facefleet.scheduler.store import NewTask, TaskStore
 from facefleet.v1 import admin_pb2, admin_pb2_grpc, types_pb2
-from scheduler.history_workload import HistoricTask, historic_tasks, history_workload
-from scheduler.ledger import BudgetAccount, SpendLedger, Usage
-from scheduler.store import NewTask, TaskStore
 
 runner = CliRunner()
 
@@ -182,7 +182,7 @@ def test_history_workload_from_store_and_ledger(tmp_path: Path) -> None:
         history_workload(ledger, t0, t0, [])
 
     # The workload is one the simulator accepts.
-    from scheduler.simulate import generate_arrivals
+    from facefleet.scheduler.simulate import generate_arrivals
 
     arrivals = generate_arrivals(yaml.safe_load(yaml.safe_dump(workload)))
     assert [a.task.priority for a in arrivals] == ["urgent", "high"]

@@ -8,14 +8,14 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from agent.heartbeat import DrainVotes
+from facefleet.agent.heartbeat import DrainVotes
+from facefleet.scheduler.cloud.budget_gate import BudgetGate
+from facefleet.scheduler.ledger import SpendLedger, month_of
+from facefleet.scheduler.placement.model import Budget, Decision, Estimate, PoolState
+from facefleet.scheduler.placement_gateway import PlacementResult
+from facefleet.scheduler.store import TaskRecord
+from facefleet.scheduler.task_states import DISPATCHED, PREEMPTED, SUCCEEDED
 from facefleet.v1 import scheduler_pb2, types_pb2
-from scheduler.cloud.budget_gate import BudgetGate
-from scheduler.ledger import SpendLedger, month_of
-from scheduler.placement.model import Budget, Decision, Estimate, PoolState
-from scheduler.placement_gateway import PlacementResult
-from scheduler.store import TaskRecord
-from scheduler.task_states import DISPATCHED, PREEMPTED, SUCCEEDED
 
 NOW = 1_790_000_000.0
 PAID = PoolState(name="aws-a", provider="aws", trust_zone="cloud", price_per_hour=3.6)
@@ -83,7 +83,7 @@ def test_a_new_leader_releases_reservations_left_by_the_previous_one(tmp_path: P
 
 
 def budgets_utc(seconds: float) -> Any:
-    from scheduler.cloud.budget_gate import utc
+    from facefleet.scheduler.cloud.budget_gate import utc
 
     return utc(seconds)
 

@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from facefleet.config import load_settings
-from scheduler.cloud.backend import BootSpec, render_boot_script
+from facefleet.scheduler.cloud.backend import BootSpec, render_boot_script
 
 
 def test_cloud_pools_load_from_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from scheduler.cloud.interruption import (
+from facefleet.scheduler.cloud.interruption import (
     AwsInterruptionWatcher,
     AzureScheduledEventsWatcher,
     InterruptionMonitor,

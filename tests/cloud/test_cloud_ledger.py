@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from sqlalchemy.pool import StaticPool
 from structlog.testing import capture_logs
 
-from scheduler.ledger import BudgetAccount, SpendLedger, Usage, linear_forecast, month_of
-from scheduler.metrics import BUDGET_ALERT, BUDGET_SPENT
+from facefleet.scheduler.ledger import BudgetAccount, SpendLedger, Usage, linear_forecast, month_of
+from facefleet.scheduler.metrics import BUDGET_ALERT, BUDGET_SPENT
 
 NOW = datetime(2026, 11, 16, tzinfo=UTC)  # 15 of 30 days elapsed
 

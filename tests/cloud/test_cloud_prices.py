@@ -12,7 +12,7 @@ import boto3
 import pytest
 from botocore.stub import ANY, Stubber
 
-from scheduler.cloud.prices import (
+from facefleet.scheduler.cloud.prices import (
     AwsSpotPriceFeed,
     AzureRetailPriceFeed,
     PriceBook,
@@ -20,7 +20,7 @@ from scheduler.cloud.prices import (
     SpotPrice,
     region_of_zone,
 )
-from scheduler.metrics import PRICE_FEED_STALE, SPOT_PRICE
+from facefleet.scheduler.metrics import PRICE_FEED_STALE, SPOT_PRICE
 
 RECORDINGS = Path(__file__).with_name("recordings")
 NOW = datetime(2026, 11, 21, 12, 0, tzinfo=UTC)

@@ -33,7 +33,7 @@ def metric_names(expr: str) -> set[str]:
 
 def exported_metric_names() -> set[str]:
     """Sample names scheduler/metrics.py and agent/metrics.py expose on /metrics."""
-    for module in ("scheduler.metrics", "agent.metrics"):
+    for module in ("facefleet.scheduler.metrics", "facefleet.agent.metrics"):
         importlib.import_module(module)  # registers the collectors
 
     names: set[str] = set()

@@ -12,7 +12,7 @@ from types import ModuleType
 
 import pytest
 
-from scheduler.rules_source.consul import ConsulRuleSource
+from facefleet.scheduler.rules_source.consul import ConsulRuleSource
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 POLICIES = REPO_ROOT / "policies" / "default"

@@ -23,7 +23,7 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client import REGISTRY
 
-from agent.server import AgentHandle, serve_agent
+from facefleet.agent.server import AgentHandle, serve_agent
 from facefleet.config import (
     AgentConfig,
     AwsCloudConfig,
@@ -34,15 +34,15 @@ from facefleet.config import (
     SchedulerConfig,
     Settings,
 )
+from facefleet.scheduler.app import SchedulerApp
+from facefleet.scheduler.cloud.aws import AwsSpotBackend
+from facefleet.scheduler.cloud.backend import TAG_CLUSTER, TAG_INSTANCE, TAG_POOL
+from facefleet.scheduler.cloud.interruption import AwsInterruptionWatcher
+from facefleet.scheduler.cloud.prices import SpotPrice
+from facefleet.scheduler.cloud.wiring import CloudParts, build_cloud, ledger_engine
+from facefleet.scheduler.dispatcher import DispatcherSettings
+from facefleet.scheduler.ledger import BudgetAccount, Usage, cloud_spend, month_of
 from facefleet.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
-from scheduler.app import SchedulerApp
-from scheduler.cloud.aws import AwsSpotBackend
-from scheduler.cloud.backend import TAG_CLUSTER, TAG_INSTANCE, TAG_POOL
-from scheduler.cloud.interruption import AwsInterruptionWatcher
-from scheduler.cloud.prices import SpotPrice
-from scheduler.cloud.wiring import CloudParts, build_cloud, ledger_engine
-from scheduler.dispatcher import DispatcherSettings
-from scheduler.ledger import BudgetAccount, Usage, cloud_spend, month_of
 from tests.agent.conftest import FakeJob, FakePipeline, write_image
 from tests.cloud.conftest import ec2, moto_endpoint  # noqa: F401  (fixtures)
 from tests.scheduler.fake_agents import HollowAgent, wait_for

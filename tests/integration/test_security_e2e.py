@@ -17,7 +17,7 @@ import grpc
 import pytest
 from typer.testing import CliRunner
 
-from agent.server import AgentHandle, serve_agent
+from facefleet.agent.server import AgentHandle, serve_agent
 from facefleet.cli import app as cli_app
 from facefleet.config import (
     AgentConfig,
@@ -29,13 +29,13 @@ from facefleet.config import (
     TLSConfig,
 )
 from facefleet.rpc_errors import FIELD_KEY, reason_of
+from facefleet.scheduler.assembly import AssembledScheduler, build_scheduler
+from facefleet.scheduler.dispatcher import DispatcherSettings
 from facefleet.security import certs
 from facefleet.security.audit import query, verify
 from facefleet.security.roles import RoleGate
 from facefleet.security.tls import secure_channel, server_credentials
 from facefleet.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
-from scheduler.assembly import AssembledScheduler, build_scheduler
-from scheduler.dispatcher import DispatcherSettings
 from tests.agent.conftest import FakeJob, FakePipelineError, FakeQuality, FakeResult, FakeUpdate, write_image
 from tests.scheduler.fake_agents import wait_for
 

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.models.tiny import TinyModelSet, draw_synthetic_face, write_tiny_models
+from facefleet.agent.models.tiny import TinyModelSet, draw_synthetic_face, write_tiny_models
 from tests.fixtures.components import require_component
 
 FFMPEG = shutil.which("ffmpeg")

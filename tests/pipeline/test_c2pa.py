@@ -11,8 +11,8 @@ import c2pa
 import cv2
 import pytest
 
-from agent.models.tiny import TinyModelSet
-from agent.pipeline.provenance import (
+from facefleet.agent.models.tiny import TinyModelSet
+from facefleet.agent.pipeline.provenance import (
     FACE_SWAP_SOURCE_TYPE,
     FACEFLEET_ASSERTION,
     C2paSigningKey,
@@ -20,7 +20,7 @@ from agent.pipeline.provenance import (
     read_c2pa_label,
     read_image_label,
 )
-from agent.pipeline.runner import SwapJob, SwapPipeline, SwapResult
+from facefleet.agent.pipeline.runner import SwapJob, SwapPipeline, SwapResult
 from facefleet.security.certs import init_demo_pki
 
 from .conftest import GeneratedVideo, Scene
@@ -149,7 +149,7 @@ def test_unusable_key_material_is_a_clear_error(pki: Path, tmp_path: Path) -> No
 def test_signing_configured_without_c2pa_python_fails_at_load_with_the_install_command(
     pki: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("agent.pipeline.provenance.c2pa_available", lambda: False)
+    monkeypatch.setattr("facefleet.agent.pipeline.provenance.c2pa_available", lambda: False)
     with pytest.raises(ProvenanceSigningFailed, match=r"pip install 'facefleet\[provenance\]'.*unset agent\.c2pa_cert"):
         C2paSigningKey.load(pki / "c2pa-signer.pem", pki / "c2pa-signer-key.pem")
 

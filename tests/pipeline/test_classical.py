@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.pipeline.classical import HaarFaceDetector
-from agent.pipeline.runner import SwapJob, SwapPipeline
+from facefleet.agent.pipeline.classical import HaarFaceDetector
+from facefleet.agent.pipeline.runner import SwapJob, SwapPipeline
 
 skimage_data = pytest.importorskip("skimage.data")
 

@@ -10,11 +10,11 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.models.tiny import TinyModelSet, draw_synthetic_face
-from agent.pipeline.embed import cosine_similarity
-from agent.pipeline.errors import InputRejected
-from agent.pipeline.provenance import read_image_label
-from agent.pipeline.runner import ProgressUpdate, SwapJob, SwapPipeline
+from facefleet.agent.models.tiny import TinyModelSet, draw_synthetic_face
+from facefleet.agent.pipeline.embed import cosine_similarity
+from facefleet.agent.pipeline.errors import InputRejected
+from facefleet.agent.pipeline.provenance import read_image_label
+from facefleet.agent.pipeline.runner import ProgressUpdate, SwapJob, SwapPipeline
 
 from .conftest import SOURCE_LOOK, Scene, textured_background
 

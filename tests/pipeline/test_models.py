@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.models.manifest import ModelRole, load_manifest
-from agent.models.routing import ModelSignature, TensorSignature, UnroutableModel, route_model
-from agent.models.sessions import resolve_providers
-from agent.models.tiny import TinyModelSet
-from agent.models.verify import file_sha256, read_signature, verify_model
-from agent.pipeline.errors import ModelVerificationFailed, ProviderUnavailable
-from agent.pipeline.runner import SwapPipeline
+from facefleet.agent.models.manifest import ModelRole, load_manifest
+from facefleet.agent.models.routing import ModelSignature, TensorSignature, UnroutableModel, route_model
+from facefleet.agent.models.sessions import resolve_providers
+from facefleet.agent.models.tiny import TinyModelSet
+from facefleet.agent.models.verify import file_sha256, read_signature, verify_model
+from facefleet.agent.pipeline.errors import ModelVerificationFailed, ProviderUnavailable
+from facefleet.agent.pipeline.runner import SwapPipeline
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent.pipeline.prefetch import Prefetched
+from facefleet.agent.pipeline.prefetch import Prefetched
 
 
 def test_items_arrive_in_order_and_then_stop() -> None:

@@ -9,7 +9,7 @@ import pytest
 import structlog
 from typer.testing import CliRunner
 
-from agent.models.tiny import TinyModelSet
+from facefleet.agent.models.tiny import TinyModelSet
 from facefleet.cli import app
 
 from .conftest import Scene

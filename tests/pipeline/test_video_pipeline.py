@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.models.tiny import TinyModelSet
-from agent.pipeline.errors import Cancelled, InputRejected
-from agent.pipeline.media import probe_video, read_frames
-from agent.pipeline.runner import ProgressUpdate, SwapJob, SwapPipeline
+from facefleet.agent.models.tiny import TinyModelSet
+from facefleet.agent.pipeline.errors import Cancelled, InputRejected
+from facefleet.agent.pipeline.media import probe_video, read_frames
+from facefleet.agent.pipeline.runner import ProgressUpdate, SwapJob, SwapPipeline
 
 from .conftest import GeneratedVideo, Scene, requires_ffmpeg
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from facefleet.cli import app
-from scheduler.rules_source.files import default_policy_dir
+from facefleet.scheduler.rules_source.files import default_policy_dir
 
 POLICY = default_policy_dir()
 WORLD = POLICY / "world.yaml"

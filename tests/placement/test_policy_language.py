@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from facefleet.cli import app
-from scheduler.placement import PolicyError, TaskSpec, World, load_budgets, load_ruleset, place
-from scheduler.rules_source.files import default_policy_dir, read_policy_dir
+from facefleet.scheduler.placement import PolicyError, TaskSpec, World, load_budgets, load_ruleset, place
+from facefleet.scheduler.rules_source.files import default_policy_dir, read_policy_dir
 
 BAD_RULES = """
 rules:

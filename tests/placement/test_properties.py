@@ -7,9 +7,9 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from scheduler.placement import FALLBACK_RULESET, TaskSpec, World, load_ruleset, place
-from scheduler.placement.filters import FILTER_ORDER
-from scheduler.placement.model import OUTCOMES, PRIORITIES, SENSITIVITIES
+from facefleet.scheduler.placement import FALLBACK_RULESET, TaskSpec, World, load_ruleset, place
+from facefleet.scheduler.placement.filters import FILTER_ORDER
+from facefleet.scheduler.placement.model import OUTCOMES, PRIORITIES, SENSITIVITIES
 
 PROJECTS = ["promo-a", "promo-b", "film-x", "news", "partner-1", "med"]
 POOL_NAMES = ["onprem-a", "onprem-b", "aws-1", "aws-2", "azure-1", "cloud-local", "gpu-x"]

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from scheduler.metrics import RULES_LOAD_ERRORS
-from scheduler.rules_source import ActiveConfig, ConsulRuleSource, FileRuleSource, default_policy_dir
+from facefleet.scheduler.metrics import RULES_LOAD_ERRORS
+from facefleet.scheduler.rules_source import ActiveConfig, ConsulRuleSource, FileRuleSource, default_policy_dir
 from tests.consul_double import ConsulKVDouble
 
 RULES_V1 = "rules:\n- {id: default, match: {}, allow: ['onprem-*']}\n"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from facefleet.rpc_errors import TaskInputError
+from facefleet.scheduler.placement import TaskSpec, World, load_ruleset, place
+from facefleet.scheduler.placement.proto_codec import decision_from_proto, decision_to_proto, task_spec_from_proto
+from facefleet.scheduler.simulate import SimClock, WorkloadError, parse_sweep, simulate, with_override
 from facefleet.v1 import types_pb2
-from scheduler.placement import TaskSpec, World, load_ruleset, place
-from scheduler.placement.proto_codec import decision_from_proto, decision_to_proto, task_spec_from_proto
-from scheduler.simulate import SimClock, WorkloadError, parse_sweep, simulate, with_override
 
 RULES = load_ruleset(
     {

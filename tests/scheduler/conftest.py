@@ -10,9 +10,9 @@ import grpc
 import pytest
 
 from facefleet.config import PolicyConfig, SchedulerConfig, Settings
+from facefleet.scheduler.app import SchedulerApp
+from facefleet.scheduler.dispatcher import DispatcherSettings
 from facefleet.v1 import scheduler_pb2_grpc
-from scheduler.app import SchedulerApp
-from scheduler.dispatcher import DispatcherSettings
 from tests.scheduler.fake_agents import HollowAgent
 
 # Public work goes to the cloud pool, everything else stays on-prem (trust zone private).

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from scheduler.agent_streams import AgentStreams
+from facefleet.scheduler.agent_streams import AgentStreams
 
 
 def test_run_spawn_blocking_and_close_cancel_what_still_runs() -> None:

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
+from facefleet.scheduler.audit_batch import AuditBatchWriter
+from facefleet.scheduler.audit_trail import AuditTrail
+from facefleet.scheduler.store import TaskRecord
 from facefleet.security.audit import AuditKind, AuditLog, Signer, verify
-from scheduler.audit_batch import AuditBatchWriter
-from scheduler.audit_trail import AuditTrail
-from scheduler.store import TaskRecord
 
 
 def records(path: Path) -> list[dict[str, Any]]:

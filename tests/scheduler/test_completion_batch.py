@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from facefleet.scheduler.completion_batch import Completion, CompletionBatcher
+from facefleet.scheduler.group_commit import StoreUnavailable
+from facefleet.scheduler.store import Change, Step, TaskStore
 from facefleet.v1 import types_pb2
-from scheduler.completion_batch import Completion, CompletionBatcher
-from scheduler.group_commit import StoreUnavailable
-from scheduler.store import Change, Step, TaskStore
 from tests.scheduler.test_dispatcher import submit
 
 DONE = types_pb2.Progress(state=types_pb2.TASK_STATE_SUCCEEDED)

@@ -16,9 +16,9 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
+from facefleet.scheduler.store import TaskStore, tasks, transitions
+from facefleet.scheduler.task_states import IN_FLIGHT, TERMINAL
 from facefleet.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
-from scheduler.store import TaskStore, tasks, transitions
-from scheduler.task_states import IN_FLIGHT, TERMINAL
 from tests.scheduler.conftest import write_policy
 from tests.scheduler.fake_agents import HollowAgent, wait_for
 from tests.scheduler.scheduler_process import SchedulerProcess

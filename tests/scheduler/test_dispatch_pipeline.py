@@ -14,12 +14,12 @@ from typing import Any
 import grpc
 import pytest
 
+from facefleet.scheduler.capacity import AgentRegistry
+from facefleet.scheduler.dispatcher import Dispatcher, DispatcherSettings
+from facefleet.scheduler.placement.model import Decision, PoolState, World
+from facefleet.scheduler.placement_gateway import PlacementResult
+from facefleet.scheduler.store import Change, TaskStore
 from facefleet.v1 import scheduler_pb2, types_pb2
-from scheduler.capacity import AgentRegistry
-from scheduler.dispatcher import Dispatcher, DispatcherSettings
-from scheduler.placement.model import Decision, PoolState, World
-from scheduler.placement_gateway import PlacementResult
-from scheduler.store import Change, TaskStore
 from tests.scheduler.fake_agents import HollowAgent, wait_for
 from tests.scheduler.test_dispatcher import FixedPlacer, register, submit
 

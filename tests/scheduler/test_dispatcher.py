@@ -8,13 +8,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from facefleet.scheduler.capacity import AgentRegistry
+from facefleet.scheduler.dispatcher import Dispatcher, DispatcherSettings
+from facefleet.scheduler.placement import RuleSet, TaskSpec, load_ruleset, place
+from facefleet.scheduler.placement.model import Decision, PoolState, World
+from facefleet.scheduler.placement_gateway import LivePlacement, PlacementResult
+from facefleet.scheduler.store import NewTask, TaskStore
 from facefleet.v1 import scheduler_pb2, types_pb2
-from scheduler.capacity import AgentRegistry
-from scheduler.dispatcher import Dispatcher, DispatcherSettings
-from scheduler.placement import RuleSet, TaskSpec, load_ruleset, place
-from scheduler.placement.model import Decision, PoolState, World
-from scheduler.placement_gateway import LivePlacement, PlacementResult
-from scheduler.store import NewTask, TaskStore
 
 
 class FixedPlacer:

@@ -7,8 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from facefleet.rpc_errors import TaskInputError
+from facefleet.scheduler.intake import MAX_REQUEST_BYTES, validate_submit
 from facefleet.v1 import scheduler_pb2, types_pb2
-from scheduler.intake import MAX_REQUEST_BYTES, validate_submit
 
 
 def good_task(**overrides: object) -> types_pb2.Task:

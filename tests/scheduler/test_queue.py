@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from scheduler.queue import QueuedItem, effective_priority, order_key, ordered, within_limits
+from facefleet.scheduler.queue import QueuedItem, effective_priority, order_key, ordered, within_limits
 
 
 def item(task_id: str, priority: int, at: float, project: str = "p") -> QueuedItem:

@@ -9,11 +9,11 @@ import time
 import pytest
 import sqlalchemy as sa
 
+from facefleet.scheduler import metrics
+from facefleet.scheduler.group_commit import GroupCommitter
+from facefleet.scheduler.store import IllegalTransition, NewTask, Placement, Step, TaskStore, UnknownTask, transitions
+from facefleet.scheduler.task_states import ALL_STATES, ALLOWED_FROM, is_legal
 from facefleet.v1 import types_pb2
-from scheduler import metrics
-from scheduler.group_commit import GroupCommitter
-from scheduler.store import IllegalTransition, NewTask, Placement, Step, TaskStore, UnknownTask, transitions
-from scheduler.task_states import ALL_STATES, ALLOWED_FROM, is_legal
 
 
 def make_task(project: str = "demo", priority: int = types_pb2.PRIORITY_NORMAL) -> types_pb2.Task:

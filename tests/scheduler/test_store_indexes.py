@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from scheduler.store import TaskStore
+from facefleet.scheduler.store import TaskStore
 
 LIST_BY_STATE = "SELECT * FROM tasks WHERE state = 'queued' ORDER BY submitted_at, id LIMIT 101"
 LIST_BY_PROJECT = "SELECT * FROM tasks WHERE project = 'films' ORDER BY submitted_at, id LIMIT 101"

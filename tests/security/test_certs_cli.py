@@ -13,12 +13,12 @@ from typer.testing import CliRunner
 from facefleet.cli import app
 from facefleet.config import TLSConfig
 from facefleet.grpc_server import SERVICE_NAMES, ServerHandle, build_server
+from facefleet.scheduler.admin_service import AdminServicer
 from facefleet.security.audit import AuditLog, query
 from facefleet.security.identity import identity_from_certificate
 from facefleet.security.roles import RoleGate
 from facefleet.security.tls import server_credentials
 from facefleet.v1 import admin_pb2_grpc
-from scheduler.admin_service import AdminServicer
 from tests.security.conftest import FakeRuleSource
 
 runner = CliRunner()

@@ -14,11 +14,11 @@ from prometheus_client import REGISTRY
 from facefleet.config import TLSConfig
 from facefleet.grpc_server import SERVICE_NAMES, ServerHandle, build_server
 from facefleet.rpc_errors import FIELD_KEY, reason_of
+from facefleet.scheduler.admin_service import AdminServicer
 from facefleet.security.audit import AuditLog, verify
 from facefleet.security.roles import RoleGate, current_identity
 from facefleet.security.tls import TLSMaterialError, channel_credentials, secure_channel, server_credentials
 from facefleet.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, types_pb2
-from scheduler.admin_service import AdminServicer
 from tests.security.conftest import FakeRuleSource
 
 TIMEOUT = 5
