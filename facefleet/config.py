@@ -16,6 +16,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from facefleet.money import Seconds, UsdPerHour
+
 CONFIG_ENV = "FACEFLEET_CONFIG"
 DEFAULT_CONFIG_FILE = Path("facefleet.toml")
 _CONFIG_PATH: ContextVar[Path | None] = ContextVar("facefleet_config_path", default=None)
@@ -52,9 +54,9 @@ class PoolConfig(Section):
     region: str = ""
     instance_type: str = ""
     max_instances: int = Field(default=0, ge=0)
-    provision_s: float = Field(default=0.0, ge=0)
-    sec_per_frame: float = Field(default=0.05, gt=0)
-    price_per_hour: float = Field(default=0.0, ge=0)
+    provision_s: Seconds = 0.0
+    sec_per_frame: Seconds = Field(default=0.05, gt=0)
+    price_per_hour: UsdPerHour = 0.0
     spot: bool = False
 
 
@@ -119,7 +121,7 @@ class CloudPoolConfig(Section):
     instance_type: str  # EC2 instance type or Azure VM size
     max_instances: int = Field(default=2, ge=0)
     slots_per_instance: int = Field(default=1, ge=1)
-    max_price_usd_per_hour: float | None = None  # spot bid cap; None = up to on-demand price
+    max_price_usd_per_hour: UsdPerHour | None = None  # spot bid cap; None = up to on-demand price
     idle_teardown_s: float = Field(default=600.0, gt=0)
     register_timeout_s: float = Field(default=900.0, gt=0)
     launch_backoff_s: float = Field(default=120.0, ge=0)  # pause launches after a provider refusal

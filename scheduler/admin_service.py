@@ -6,7 +6,6 @@ here with the caller's identity and its outcome (ok, rejected, failed).
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn, Protocol
@@ -15,6 +14,7 @@ import grpc
 import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from facefleet.money import PERCENT, USD, AmountError
 from facefleet.rpc_errors import abort
 from facefleet.security.audit import AuditLog
 from facefleet.security.roles import current_identity
@@ -128,18 +128,21 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     def SetBudget(self, request: admin_pb2.SetBudgetRequest, context: grpc.ServicerContext) -> admin_pb2.Budget:
         args = {
             "name": request.name, "monthly_cap_usd": request.monthly_cap_usd,
-            "alert_pct": request.alert_pct, "reason": request.reason,
+            "alert_pct": request.alert_pct, "reason": request.reason, "create": request.create,
         }  # fmt: skip
 
         def work() -> admin_pb2.Budget:
             name = _check_name("name", request.name, "budget")
-            cap = request.monthly_cap_usd
-            if not math.isfinite(cap) or cap < 0:
-                raise _Rejected("monthly_cap_usd", f"monthly_cap_usd must be a finite amount >= 0, got {cap}")
-            alert = request.alert_pct or DEFAULT_ALERT_PCT
-            if not math.isfinite(alert) or not 0 < alert <= 100:
-                raise _Rejected("alert_pct", f"alert_pct is a percentage in (0, 100], got {alert}")
+            try:
+                cap = USD.check(request.monthly_cap_usd, "monthly_cap_usd")
+                alert = PERCENT.check(request.alert_pct or DEFAULT_ALERT_PCT, "alert_pct")
+            except AmountError as exc:
+                field = str(exc).split(":", 1)[0]
+                raise _Rejected(field, str(exc)) from None
             _check_reason(request.reason)
+            if not request.create and name not in self.rules.current().budgets:
+                known = ", ".join(sorted(self.rules.current().budgets)) or "none"
+                raise _Rejected("name", f"no budget account {name!r} (known: {known}); set create to add a new account")
             self.rules.set_budget(name, cap, alert)
             return admin_pb2.Budget(name=name, monthly_cap_usd=cap, alert_pct=alert, spent_usd=self.spent_usd(name))
 

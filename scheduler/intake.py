@@ -17,12 +17,12 @@ from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from facefleet.rpc_errors import TaskInputError
+from facefleet.scheduler.placement.model import MAX_FRAMES
 from facefleet.scheduler.store import NewTask
 from facefleet.v1 import scheduler_pb2, types_pb2
 
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_URI_CHARS = 2048
-MAX_FRAMES = 10_000_000
 MAX_SLA_SECONDS = 7 * 24 * 3600
 MAX_LABELS = 32
 MAX_LABEL_VALUE_CHARS = 256

@@ -23,6 +23,7 @@ import sqlalchemy as sa
 import structlog
 from sqlalchemy.engine import Engine
 
+from facefleet.money import USD
 from facefleet.scheduler.metrics import BUDGET_ALERT, BUDGET_CAP, BUDGET_SPENT
 
 log = structlog.get_logger()
@@ -278,8 +279,7 @@ class SpendLedger:
         self, account: BudgetAccountLike, task_id: str, estimate_usd: float, now: datetime
     ) -> Reservation | None:
         """Hold `estimate_usd` of `account`'s month; None when it does not fit under the cap."""
-        if estimate_usd < 0:
-            raise ValueError(f"task {task_id}: cost estimate must be >= 0, got {estimate_usd}")
+        estimate_usd = USD.check(estimate_usd, f"task {task_id}: cost estimate")
         month = month_of(now)
         with self._lock, self._engine.begin() as conn:
             self._serialize(conn, account.name)

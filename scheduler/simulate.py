@@ -26,11 +26,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from facefleet.money import SECONDS, SWEEP_POINTS_MAX, USD, USD_PER_HOUR, AmountError, Quantity
 from facefleet.scheduler.placement.engine import place
 from facefleet.scheduler.placement.model import PRIORITIES, PRIVATE_ZONE, Budget, PoolState, RuleSet, TaskSpec, World
 from facefleet.scheduler.placement.policy import RuleIndex
 
-SWEEPABLE = ("max_spot_price_per_hour", "monthly_cap_usd", "onprem_queue_wait_s_gt")
+SWEPT = {"max_spot_price_per_hour": USD_PER_HOUR, "monthly_cap_usd": USD, "onprem_queue_wait_s_gt": SECONDS}
+SWEEPABLE = tuple(SWEPT)
+ARRIVALS_PER_HOUR = Quantity("tasks/h", 1e6)
+MAX_ARRIVALS = 1_000_000  # per stream
 DRAIN_FACTOR = 20  # stop draining after duration x this, reporting what is left as unfinished
 
 
@@ -92,16 +96,19 @@ def generate_arrivals(workload: Mapping[str, Any]) -> list[Arrival]:
     if not isinstance(workload, Mapping):
         raise WorkloadError("workload: expected a mapping with duration_s and streams and/or tasks")
     rng = random.Random(workload.get("seed", 0))
-    duration = float(workload.get("duration_s", 3600))
+    duration = _checked(SECONDS, workload.get("duration_s", 3600), "workload.duration_s")
     arrivals: list[Arrival] = []
     counter = itertools.count(1)
     for i, stream in enumerate(workload.get("streams") or []):
         where = f"workload.streams[{i}]"
         try:
-            per_hour = float(stream["per_hour"])
+            per_hour = ARRIVALS_PER_HOUR.check(stream["per_hour"], f"{where}.per_hour")
             low, high = (stream.get("frames") or [1, 1])[:2]
             template = {k: stream[k] for k in ("project", "sensitivity", "priority", "sla_seconds") if k in stream}
-            TaskSpec.from_dict(template, where=where)
+            TaskSpec.from_dict({**template, "frames": low}, where=where)
+            TaskSpec.from_dict({**template, "frames": high}, where=where)
+            if per_hour * duration / 3600.0 > MAX_ARRIVALS:
+                raise ValueError(f"about {per_hour * duration / 3600.0:.0f} arrivals; the limit is {MAX_ARRIVALS}")
         except (KeyError, TypeError, ValueError) as exc:
             raise WorkloadError(
                 f"{where}: {exc} (need project, sensitivity, priority, per_hour, frames: [min, max])"
@@ -120,9 +127,34 @@ def generate_arrivals(workload: Mapping[str, Any]) -> list[Arrival]:
             raise WorkloadError(f"{where}: expected a mapping with at and the task fields")
         data = {k: v for k, v in raw.items() if k != "at"}
         data.setdefault("id", f"t{next(counter)}")
-        arrivals.append(Arrival(float(raw["at"]), TaskSpec.from_dict(data, where=where)))
+        try:
+            arrival = Arrival(SECONDS.check(raw["at"], f"{where}.at"), TaskSpec.from_dict(data, where=where))
+        except ValueError as exc:
+            raise WorkloadError(str(exc)) from None
+        arrivals.append(arrival)
     arrivals.sort(key=lambda a: a.at)
     return arrivals
+
+
+def _checked(quantity: Quantity, value: Any, where: str) -> float:
+    try:
+        return quantity.check(value, where)
+    except AmountError as exc:
+        raise WorkloadError(str(exc)) from None
+
+
+def _price_points(pool: str, trace: Any) -> list[tuple[float, float]]:
+    """`[[at, usd_per_hour], ...]` of one pool, each value checked."""
+    where = f"workload.price_traces.{pool}"
+    if not isinstance(trace, list):
+        raise WorkloadError(f"{where}: expected a list of [at_seconds, usd_per_hour] pairs")
+    points = []
+    for i, point in enumerate(trace):
+        if not isinstance(point, list | tuple) or len(point) != 2:
+            raise WorkloadError(f"{where}[{i}]: expected [at_seconds, usd_per_hour], got {point!r}")
+        at = _checked(SECONDS, point[0], f"{where}[{i}][0]")
+        points.append((at, _checked(USD_PER_HOUR, point[1], f"{where}[{i}][1]")))
+    return points
 
 
 @dataclass
@@ -153,8 +185,8 @@ def simulate(
     for name, trace in (workload.get("price_traces") or {}).items():
         if name not in pools:
             raise WorkloadError(f"workload.price_traces: no pool named {name!r} in the world")
-        for at, price in trace:
-            heapq.heappush(events, (float(at), next(seq), "price", (name, float(price))))
+        for at, price in _price_points(name, trace):
+            heapq.heappush(events, (at, next(seq), "price", (name, price)))
     report = SimReport(tasks=len(arrivals))
     queue: list[Arrival] = []
     completions: list[float] = []
@@ -271,9 +303,14 @@ def parse_sweep(spec: str) -> tuple[str, list[float]]:
         raise WorkloadError(
             f"--sweep {name!r}: choose one of {list(SWEEPABLE)} (monthly_cap_usd.<budget> for one budget)"
         )
+    quantity = SWEPT[base]
+    start, stop = (_checked(quantity, v, f"--sweep {name} {end}") for v, end in ((start, "START"), (stop, "STOP")))
+    step = _checked(quantity, step, f"--sweep {name} STEP")
     if step <= 0 or stop < start:
         raise WorkloadError(f"--sweep {spec!r}: need STEP > 0 and STOP >= START")
     count = math.floor((stop - start) / step + 1e-9) + 1
+    if count > SWEEP_POINTS_MAX:
+        raise WorkloadError(f"--sweep {spec!r}: {count} points; the limit is {SWEEP_POINTS_MAX} (use a larger STEP)")
     return name, [round(start + i * step, 10) for i in range(count)]
 
 

@@ -152,6 +152,7 @@ def register(app: typer.Typer) -> None:
         monthly_cap: float = typer.Option(..., "--monthly-cap", help="Hard cap in USD per calendar month (UTC)."),
         alert_pct: float = typer.Option(80.0, "--alert-pct", help="Alert when spend reaches this % of the cap."),
         reason: str = typer.Option(..., "--reason", help="Why (ticket, approval): written to the audit log."),
+        create: bool = typer.Option(False, "--create", help="Add the account if no account has this name."),
         scheduler: str | None = typer.Option(
             None, "--scheduler", help="Scheduler host:port (default: scheduler.listen)."
         ),
@@ -164,12 +165,18 @@ def register(app: typer.Typer) -> None:
         import grpc
         from google.protobuf.json_format import MessageToDict
 
+        from facefleet.money import PERCENT, USD, AmountError
         from facefleet.rpc_errors import reason_of
         from facefleet.security.tls import TLSMaterialError, secure_channel
         from facefleet.v1 import admin_pb2, admin_pb2_grpc
 
-        if monthly_cap < 0 or not 0 < alert_pct <= 100:
-            fail(f"--monthly-cap must be >= 0 and --alert-pct in (0, 100]; got {monthly_cap} and {alert_pct}")
+        try:
+            USD.check(monthly_cap, "--monthly-cap")
+            PERCENT.check(alert_pct, "--alert-pct")
+        except AmountError as error:
+            fail(str(error), hint="amounts are finite USD figures; see docs/finance.md#limits")
+        if alert_pct <= 0:
+            fail(f"--alert-pct: must be > 0, got {alert_pct:g}", hint="e.g. --alert-pct 80")
         settings = _settings(config)
         address = scheduler or settings.scheduler.listen
         try:
@@ -177,7 +184,7 @@ def register(app: typer.Typer) -> None:
         except TLSMaterialError as error:
             fail(str(error), hint="or pass --insecure against a plaintext development scheduler")
         request = admin_pb2.SetBudgetRequest(
-            name=account, monthly_cap_usd=monthly_cap, alert_pct=alert_pct, reason=reason
+            name=account, monthly_cap_usd=monthly_cap, alert_pct=alert_pct, reason=reason, create=create
         )
         try:
             with channel:
@@ -188,7 +195,7 @@ def register(app: typer.Typer) -> None:
             hints = {
                 grpc.StatusCode.PERMISSION_DENIED: "budget changes need the finance role: use a finance cert (--as)",
                 grpc.StatusCode.UNAVAILABLE: "is the scheduler running at that address? check --scheduler and TLS",
-                grpc.StatusCode.INVALID_ARGUMENT: "fix the named field and try again",
+                grpc.StatusCode.INVALID_ARGUMENT: "fix the named field and try again (--create adds a new account)",
             }
             why = reason_of(error)
             fail(f"SetBudget failed: {code.name if code else 'error'}{f' ({why})' if why else ''}: {details}",

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x61\x63\x65\x66leet/v1/admin.proto\x12\x0c\x66\x61\x63\x65\x66leet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x0f\n\rWhoAmIRequest\"*\n\x08Identity\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\r\n\x05roles\x18\x02 \x03(\t\"U\n\x06\x42udget\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fmonthly_cap_usd\x18\x02 \x01(\x01\x12\x11\n\talert_pct\x18\x03 \x01(\x01\x12\x11\n\tspent_usd\x18\x04 \x01(\x01\"\\\n\x10SetBudgetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fmonthly_cap_usd\x18\x02 \x01(\x01\x12\x11\n\talert_pct\x18\x03 \x01(\x01\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x14\n\x12ListBudgetsRequest\"<\n\x13ListBudgetsResponse\x12%\n\x07\x62udgets\x18\x01 \x03(\x0b\x32\x14.facefleet.v1.Budget\"r\n\x0bProjectLock\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06locked\x18\x03 \x01(\x08\x12\n\n\x02\x62y\x18\x04 \x01(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"5\n\x12LockProjectRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"7\n\x14UnlockProjectRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x12\n\x10ListLocksRequest\"=\n\x11ListLocksResponse\x12(\n\x05locks\x18\x01 \x03(\x0b\x32\x19.facefleet.v1.ProjectLock\"\x14\n\x12ReloadRulesRequest\"G\n\x13ReloadRulesResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07\x61pplied\x18\x02 \x01(\x08\x12\x0e\n\x06\x65rrors\x18\x03 \x03(\t\"5\n\x11\x44rainAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"#\n\x12\x44rainAgentResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xec\x04\n\x05\x41\x64min\x12=\n\x06WhoAmI\x12\x1b.facefleet.v1.WhoAmIRequest\x1a\x16.facefleet.v1.Identity\x12\x41\n\tSetBudget\x12\x1e.facefleet.v1.SetBudgetRequest\x1a\x14.facefleet.v1.Budget\x12R\n\x0bListBudgets\x12 .facefleet.v1.ListBudgetsRequest\x1a!.facefleet.v1.ListBudgetsResponse\x12J\n\x0bLockProject\x12 .facefleet.v1.LockProjectRequest\x1a\x19.facefleet.v1.ProjectLock\x12N\n\rUnlockProject\x12\".facefleet.v1.UnlockProjectRequest\x1a\x19.facefleet.v1.ProjectLock\x12L\n\tListLocks\x12\x1e.facefleet.v1.ListLocksRequest\x1a\x1f.facefleet.v1.ListLocksResponse\x12R\n\x0bReloadRules\x12 .facefleet.v1.ReloadRulesRequest\x1a!.facefleet.v1.ReloadRulesResponse\x12O\n\nDrainAgent\x12\x1f.facefleet.v1.DrainAgentRequest\x1a .facefleet.v1.DrainAgentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x61\x63\x65\x66leet/v1/admin.proto\x12\x0c\x66\x61\x63\x65\x66leet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x0f\n\rWhoAmIRequest\"*\n\x08Identity\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\r\n\x05roles\x18\x02 \x03(\t\"U\n\x06\x42udget\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fmonthly_cap_usd\x18\x02 \x01(\x01\x12\x11\n\talert_pct\x18\x03 \x01(\x01\x12\x11\n\tspent_usd\x18\x04 \x01(\x01\"l\n\x10SetBudgetRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0fmonthly_cap_usd\x18\x02 \x01(\x01\x12\x11\n\talert_pct\x18\x03 \x01(\x01\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0e\n\x06\x63reate\x18\x05 \x01(\x08\"\x14\n\x12ListBudgetsRequest\"<\n\x13ListBudgetsResponse\x12%\n\x07\x62udgets\x18\x01 \x03(\x0b\x32\x14.facefleet.v1.Budget\"r\n\x0bProjectLock\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0e\n\x06locked\x18\x03 \x01(\x08\x12\n\n\x02\x62y\x18\x04 \x01(\t\x12&\n\x02\x61t\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"5\n\x12LockProjectRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"7\n\x14UnlockProjectRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x12\n\x10ListLocksRequest\"=\n\x11ListLocksResponse\x12(\n\x05locks\x18\x01 \x03(\x0b\x32\x19.facefleet.v1.ProjectLock\"\x14\n\x12ReloadRulesRequest\"G\n\x13ReloadRulesResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07\x61pplied\x18\x02 \x01(\x08\x12\x0e\n\x06\x65rrors\x18\x03 \x03(\t\"5\n\x11\x44rainAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"#\n\x12\x44rainAgentResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x32\xec\x04\n\x05\x41\x64min\x12=\n\x06WhoAmI\x12\x1b.facefleet.v1.WhoAmIRequest\x1a\x16.facefleet.v1.Identity\x12\x41\n\tSetBudget\x12\x1e.facefleet.v1.SetBudgetRequest\x1a\x14.facefleet.v1.Budget\x12R\n\x0bListBudgets\x12 .facefleet.v1.ListBudgetsRequest\x1a!.facefleet.v1.ListBudgetsResponse\x12J\n\x0bLockProject\x12 .facefleet.v1.LockProjectRequest\x1a\x19.facefleet.v1.ProjectLock\x12N\n\rUnlockProject\x12\".facefleet.v1.UnlockProjectRequest\x1a\x19.facefleet.v1.ProjectLock\x12L\n\tListLocks\x12\x1e.facefleet.v1.ListLocksRequest\x1a\x1f.facefleet.v1.ListLocksResponse\x12R\n\x0bReloadRules\x12 .facefleet.v1.ReloadRulesRequest\x1a!.facefleet.v1.ReloadRulesResponse\x12O\n\nDrainAgent\x12\x1f.facefleet.v1.DrainAgentRequest\x1a .facefleet.v1.DrainAgentResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,29 +39,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BUDGET']._serialized_start=136
   _globals['_BUDGET']._serialized_end=221
   _globals['_SETBUDGETREQUEST']._serialized_start=223
-  _globals['_SETBUDGETREQUEST']._serialized_end=315
-  _globals['_LISTBUDGETSREQUEST']._serialized_start=317
-  _globals['_LISTBUDGETSREQUEST']._serialized_end=337
-  _globals['_LISTBUDGETSRESPONSE']._serialized_start=339
-  _globals['_LISTBUDGETSRESPONSE']._serialized_end=399
-  _globals['_PROJECTLOCK']._serialized_start=401
-  _globals['_PROJECTLOCK']._serialized_end=515
-  _globals['_LOCKPROJECTREQUEST']._serialized_start=517
-  _globals['_LOCKPROJECTREQUEST']._serialized_end=570
-  _globals['_UNLOCKPROJECTREQUEST']._serialized_start=572
-  _globals['_UNLOCKPROJECTREQUEST']._serialized_end=627
-  _globals['_LISTLOCKSREQUEST']._serialized_start=629
-  _globals['_LISTLOCKSREQUEST']._serialized_end=647
-  _globals['_LISTLOCKSRESPONSE']._serialized_start=649
-  _globals['_LISTLOCKSRESPONSE']._serialized_end=710
-  _globals['_RELOADRULESREQUEST']._serialized_start=712
-  _globals['_RELOADRULESREQUEST']._serialized_end=732
-  _globals['_RELOADRULESRESPONSE']._serialized_start=734
-  _globals['_RELOADRULESRESPONSE']._serialized_end=805
-  _globals['_DRAINAGENTREQUEST']._serialized_start=807
-  _globals['_DRAINAGENTREQUEST']._serialized_end=860
-  _globals['_DRAINAGENTRESPONSE']._serialized_start=862
-  _globals['_DRAINAGENTRESPONSE']._serialized_end=897
-  _globals['_ADMIN']._serialized_start=900
-  _globals['_ADMIN']._serialized_end=1520
+  _globals['_SETBUDGETREQUEST']._serialized_end=331
+  _globals['_LISTBUDGETSREQUEST']._serialized_start=333
+  _globals['_LISTBUDGETSREQUEST']._serialized_end=353
+  _globals['_LISTBUDGETSRESPONSE']._serialized_start=355
+  _globals['_LISTBUDGETSRESPONSE']._serialized_end=415
+  _globals['_PROJECTLOCK']._serialized_start=417
+  _globals['_PROJECTLOCK']._serialized_end=531
+  _globals['_LOCKPROJECTREQUEST']._serialized_start=533
+  _globals['_LOCKPROJECTREQUEST']._serialized_end=586
+  _globals['_UNLOCKPROJECTREQUEST']._serialized_start=588
+  _globals['_UNLOCKPROJECTREQUEST']._serialized_end=643
+  _globals['_LISTLOCKSREQUEST']._serialized_start=645
+  _globals['_LISTLOCKSREQUEST']._serialized_end=663
+  _globals['_LISTLOCKSRESPONSE']._serialized_start=665
+  _globals['_LISTLOCKSRESPONSE']._serialized_end=726
+  _globals['_RELOADRULESREQUEST']._serialized_start=728
+  _globals['_RELOADRULESREQUEST']._serialized_end=748
+  _globals['_RELOADRULESRESPONSE']._serialized_start=750
+  _globals['_RELOADRULESRESPONSE']._serialized_end=821
+  _globals['_DRAINAGENTREQUEST']._serialized_start=823
+  _globals['_DRAINAGENTREQUEST']._serialized_end=876
+  _globals['_DRAINAGENTRESPONSE']._serialized_start=878
+  _globals['_DRAINAGENTRESPONSE']._serialized_end=913
+  _globals['_ADMIN']._serialized_start=916
+  _globals['_ADMIN']._serialized_end=1536
 # @@protoc_insertion_point(module_scope)

@@ -34,16 +34,18 @@ class Budget(_message.Message):
     def __init__(self, name: _Optional[str] = ..., monthly_cap_usd: _Optional[float] = ..., alert_pct: _Optional[float] = ..., spent_usd: _Optional[float] = ...) -> None: ...
 
 class SetBudgetRequest(_message.Message):
-    __slots__ = ("name", "monthly_cap_usd", "alert_pct", "reason")
+    __slots__ = ("name", "monthly_cap_usd", "alert_pct", "reason", "create")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MONTHLY_CAP_USD_FIELD_NUMBER: _ClassVar[int]
     ALERT_PCT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    CREATE_FIELD_NUMBER: _ClassVar[int]
     name: str
     monthly_cap_usd: float
     alert_pct: float
     reason: str
-    def __init__(self, name: _Optional[str] = ..., monthly_cap_usd: _Optional[float] = ..., alert_pct: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+    create: bool
+    def __init__(self, name: _Optional[str] = ..., monthly_cap_usd: _Optional[float] = ..., alert_pct: _Optional[float] = ..., reason: _Optional[str] = ..., create: _Optional[bool] = ...) -> None: ...
 
 class ListBudgetsRequest(_message.Message):
     __slots__ = ()

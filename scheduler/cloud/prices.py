@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import requests
 import structlog
 
+from facefleet.money import USD_PER_HOUR
 from facefleet.scheduler.metrics import PRICE_FEED_STALE, SPOT_PRICE
 
 log = structlog.get_logger()
@@ -92,7 +93,7 @@ class AwsSpotPriceFeed:
                         continue
                     key = (row["AvailabilityZone"], row["InstanceType"])
                     at = row["Timestamp"]
-                    price = float(row["SpotPrice"])
+                    price = USD_PER_HOUR.check(float(row["SpotPrice"]), f"aws {region} SpotPrice")
                     if key not in latest or at > latest[key][0]:
                         latest[key] = (at, price)
         except (KeyError, ValueError) as exc:
@@ -190,7 +191,8 @@ def parse_azure_spot_item(item: Mapping[str, Any]) -> SpotPrice | None:
         return None
     try:
         at = datetime.fromisoformat(str(item["effectiveStartDate"]).replace("Z", "+00:00"))
-        return SpotPrice("azure", str(item["armRegionName"]), str(item["armSkuName"]), float(item["retailPrice"]), at)
+        price = USD_PER_HOUR.check(float(item["retailPrice"]), "azure retailPrice")
+        return SpotPrice("azure", str(item["armRegionName"]), str(item["armSkuName"]), price, at)
     except (KeyError, ValueError) as exc:
         raise PriceFeedError(f"azure retail price row is malformed ({exc!r}): {dict(item)}") from exc
 

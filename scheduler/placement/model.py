@@ -11,10 +11,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
+from facefleet.money import PERCENT, SECONDS, USD, USD_PER_HOUR
+
 SENSITIVITIES = ("public", "internal", "private")
 PRIORITIES = ("low", "normal", "high", "urgent")
 PREFERENCES = ("cost", "latency", "order")
 PRIVATE_ZONE = "private"
+
+MAX_FRAMES = 10_000_000  # about four days of 30 fps video
 
 Outcome = Literal["dispatch", "queue", "reject"]
 OUTCOMES: tuple[Outcome, ...] = ("dispatch", "queue", "reject")
@@ -43,13 +47,10 @@ class TaskSpec:
             raise ValueError(f"{where}.sensitivity: {sensitivity!r} is not one of {list(SENSITIVITIES)}")
         if priority not in PRIORITIES:
             raise ValueError(f"{where}.priority: {priority!r} is not one of {list(PRIORITIES)}")
-        try:
-            sla = float(data.get("sla_seconds", 0) or 0)
-            frames = int(data.get("frames", 1) or 1)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{where}: sla_seconds and frames must be numbers ({exc})") from None
-        if sla < 0 or frames < 1:
-            raise ValueError(f"{where}: sla_seconds must be >= 0 and frames >= 1 (got {sla}, {frames})")
+        sla = SECONDS.check(data.get("sla_seconds", 0) or 0, f"{where}.sla_seconds")
+        frames = data.get("frames", 1) or 1
+        if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= MAX_FRAMES:
+            raise ValueError(f"{where}.frames: expected an integer in [1, {MAX_FRAMES}], got {frames!r}")
         return cls(
             id=str(data.get("id", "task")),
             project=str(data.get("project", "")),
@@ -94,10 +95,12 @@ class Budget:
 _POOL_FIELDS = {f for f in PoolState.__dataclass_fields__}  # type: ignore[attr-defined]
 
 
-def _as_float(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{where}: expected a number, got {value!r}")
-    return float(value)
+_POOL_QUANTITIES = {
+    "queue_wait_s": (SECONDS, 0.0),
+    "sec_per_frame": (SECONDS, 0.05),
+    "price_per_hour": (USD_PER_HOUR, 0.0),
+    "provision_s": (SECONDS, 0.0),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,12 +140,8 @@ class World:
                 if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                     raise ValueError(f"{at}.{key}: expected an integer >= 0, got {value!r}")
                 kwargs[key] = value
-            for key, default in (("queue_wait_s", 0.0), ("sec_per_frame", 0.05), ("price_per_hour", 0.0)):
-                number = _as_float(raw.get(key, default), f"{at}.{key}")
-                if number < 0:
-                    raise ValueError(f"{at}.{key}: must be >= 0, got {number}")
-                kwargs[key] = number
-            kwargs["provision_s"] = _as_float(raw.get("provision_s", 0.0), f"{at}.provision_s")
+            for key, (quantity, default) in _POOL_QUANTITIES.items():
+                kwargs[key] = quantity.check(raw.get(key, default), f"{at}.{key}")
             for key, flag_default in (("spot", False), ("healthy", True), ("price_stale", False)):
                 flag = raw.get(key, flag_default)
                 if not isinstance(flag, bool):
@@ -160,9 +159,9 @@ class World:
                 raise ValueError(f"{at}: expected a mapping with name and monthly_cap_usd")
             budgets[str(raw["name"])] = Budget(
                 name=str(raw["name"]),
-                monthly_cap_usd=_as_float(raw.get("monthly_cap_usd"), f"{at}.monthly_cap_usd"),
-                spent_usd=_as_float(raw.get("spent_usd", 0.0), f"{at}.spent_usd"),
-                alert_pct=_as_float(raw.get("alert_pct", 80.0), f"{at}.alert_pct"),
+                monthly_cap_usd=USD.check(raw.get("monthly_cap_usd"), f"{at}.monthly_cap_usd"),
+                spent_usd=USD.check(raw.get("spent_usd", 0.0), f"{at}.spent_usd"),
+                alert_pct=PERCENT.check(raw.get("alert_pct", 80.0), f"{at}.alert_pct"),
             )
         locks: dict[str, str] = {}
         for i, raw in enumerate(data.get("locks") or []):

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from facefleet.money import PERCENT, SECONDS, USD, USD_PER_HOUR, AmountError, Quantity
 from facefleet.scheduler.placement.model import (
     GLOB_CHARS,
     PREFERENCES,
@@ -47,6 +48,7 @@ RULE_FIELDS = {
 }
 MATCH_FIELDS = {"sensitivity", "priority", "project"}
 BURST_FIELDS = {"onprem_queue_wait_s_gt", "onprem_free_slots_lt"}
+WEIGHT = Quantity("weight", 1e6)  # scorer weights
 RULE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -94,12 +96,12 @@ def _string_list(value: Any, allowed: tuple[str, ...] | None = None) -> tuple[tu
     return tuple(value), None
 
 
-def _number(value: Any, minimum: float = 0.0) -> tuple[float | None, str | None]:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None, f"expected a number, got {value!r}"
-    if value < minimum:
-        return None, f"must be >= {minimum}, got {value}"
-    return float(value), None
+def _number(value: Any, quantity: Quantity = WEIGHT) -> tuple[float | None, str | None]:
+    """(value, None) or (None, why): finite, >= 0, at most the quantity's ceiling (facefleet.money)."""
+    try:
+        return quantity.check(value, "value"), None
+    except AmountError as exc:
+        return None, str(exc).removeprefix("value: ")
 
 
 def _parse_rule(raw: Any, position: int, source: str, issues: list[PolicyIssue]) -> Rule | None:
@@ -176,7 +178,7 @@ def _parse_rule(raw: Any, position: int, source: str, issues: list[PolicyIssue])
 
     max_price = None
     if raw.get("max_spot_price_per_hour") is not None:
-        max_price, err = _number(raw["max_spot_price_per_hour"])
+        max_price, err = _number(raw["max_spot_price_per_hour"], USD_PER_HOUR)
         if err:
             problem("max_spot_price_per_hour", err)
 
@@ -190,7 +192,7 @@ def _parse_rule(raw: Any, position: int, source: str, issues: list[PolicyIssue])
                 problem(f"burst_when.{unknown}", f"unknown condition; known: {sorted(BURST_FIELDS)}")
             wait, slots = None, None
             if "onprem_queue_wait_s_gt" in bw:
-                wait, err = _number(bw["onprem_queue_wait_s_gt"])
+                wait, err = _number(bw["onprem_queue_wait_s_gt"], SECONDS)
                 if err:
                     problem("burst_when.onprem_queue_wait_s_gt", err)
             if "onprem_free_slots_lt" in bw:
@@ -309,12 +311,12 @@ def budget_from_mapping(name: str, raw: Any, source: str, label: str, issues: li
         issues.append(PolicyIssue(source, label, "name", f"required: letters, digits, '_', '.', '-' (got {name!r})"))
     for unknown in sorted(set(raw) - {"name", "monthly_cap_usd", "alert_pct"}):
         issues.append(PolicyIssue(source, label, unknown, "unknown field; known: name, monthly_cap_usd, alert_pct"))
-    cap, err = _number(raw.get("monthly_cap_usd"))
+    cap, err = _number(raw.get("monthly_cap_usd"), USD)
     if err:
         issues.append(PolicyIssue(source, label, "monthly_cap_usd", err))
-    pct, err = _number(raw.get("alert_pct", 80.0))
-    if err or (pct is not None and pct > 100):
-        issues.append(PolicyIssue(source, label, "alert_pct", err or f"must be <= 100, got {pct}"))
+    pct, err = _number(raw.get("alert_pct", 80.0), PERCENT)
+    if err:
+        issues.append(PolicyIssue(source, label, "alert_pct", err))
     if len(issues) > start:
         return None
     return Budget(name=name, monthly_cap_usd=cap or 0.0, alert_pct=pct if pct is not None else 80.0)

@@ -134,11 +134,14 @@ def test_admin_holds_every_human_role(server: ServerHandle, tls: TLSConfig) -> N
     assert sorted(who.roles) == ["auditor", "compliance", "finance", "operator", "submitter"]
 
 
+NEW_BUDGET = admin_pb2.SetBudgetRequest(name="gpu", monthly_cap_usd=9, reason="q", create=True)
+
+
 @pytest.mark.parametrize(
     ("identity", "call", "message", "allowed"),
     [
-        ("finance", "SetBudget", admin_pb2.SetBudgetRequest(name="gpu", monthly_cap_usd=100, reason="q3"), True),
-        ("operator", "SetBudget", admin_pb2.SetBudgetRequest(name="gpu", monthly_cap_usd=100, reason="q3"), False),
+        ("finance", "SetBudget", NEW_BUDGET, True),
+        ("operator", "SetBudget", NEW_BUDGET, False),
         ("auditor", "ListBudgets", admin_pb2.ListBudgetsRequest(), True),
         ("submitter", "ListBudgets", admin_pb2.ListBudgetsRequest(), False),
         ("operator", "DrainAgent", admin_pb2.DrainAgentRequest(agent_id="agent-1", reason="maint"), True),
@@ -205,7 +208,7 @@ def test_backend_failure_is_unavailable_and_audited(
     rule_source.fail_next = ConnectionError("consul at 127.0.0.1:8500 refused the connection")
     with pytest.raises(grpc.RpcError) as caught:
         admin_stub(server, tls, "finance").SetBudget(
-            admin_pb2.SetBudgetRequest(name="gpu", monthly_cap_usd=10, reason="q3"), timeout=TIMEOUT
+            admin_pb2.SetBudgetRequest(name="gpu", monthly_cap_usd=10, reason="q3", create=True), timeout=TIMEOUT
         )
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and "consul" in caught.value.details()
     assert records(audit, "admin")[0]["outcome"] == "failed"
@@ -213,7 +216,7 @@ def test_backend_failure_is_unavailable_and_audited(
 
 def test_set_budget_reports_spend_and_lists(server: ServerHandle, tls: TLSConfig, rule_source: FakeRuleSource) -> None:
     budget = admin_stub(server, tls, "finance").SetBudget(
-        admin_pb2.SetBudgetRequest(name="gpu-burst", monthly_cap_usd=250, alert_pct=90, reason="Q3 plan"),
+        admin_pb2.SetBudgetRequest(name="gpu-burst", monthly_cap_usd=250, alert_pct=90, reason="Q3 plan", create=True),
         timeout=TIMEOUT,
     )
     assert (budget.monthly_cap_usd, budget.alert_pct, budget.spent_usd) == (250, 90, 12.5)
