@@ -502,7 +502,7 @@ class AgentRuntime:
                 face_selector=options.face_selector or "largest",
                 reference_face_path=reference,
                 blend=options.blend if options.blend > 0 else 1.0,  # proto3 default 0 means "unset"
-                mask=options.mask or "ellipse",
+                **({"mask": options.mask} if options.mask else {}),  # unset: the pipeline's default
                 enhance=options.enhance,
                 checkpoint_dir=checkpoint_dir,
                 checkpoint_every_frames=options.checkpoint_every_frames or 48,

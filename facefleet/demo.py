@@ -57,7 +57,7 @@ class DemoTask:
             source_uri=(layout.inputs / "source-face.jpg").resolve().as_uri(),
             target_uri=(layout.inputs / self.target).resolve().as_uri(),
             output_uri=(layout.outputs / f"{self.name}.jpg").resolve().as_uri(),
-            options=types_pb2.PipelineOptions(face_selector="largest", mask="ellipse", blend=1.0),
+            options=types_pb2.PipelineOptions(face_selector="largest", mask="inswapper", blend=1.0),
             labels={"demo": self.name},
         )
 

@@ -61,10 +61,17 @@ class FaceDetector:
         """The model input for `image` (letterboxed into the input size) and the scale applied."""
         in_w, in_h = self.input_size
         img_h, img_w = image.shape[:2]
-        scale = min(in_w / img_w, in_h / img_h)
-        new_w, new_h = max(1, int(img_w * scale)), max(1, int(img_h * scale))
+        # The reference's letterbox: fit the limiting side exactly, truncate the other, and take the
+        # scale from the heights (so boxes map back exactly as insightface's SCRFD.detect maps them).
+        if img_h / img_w > in_h / in_w:
+            new_h = in_h
+            new_w = max(1, int(new_h / (img_h / img_w)))
+        else:
+            new_w = in_w
+            new_h = max(1, int(new_w * (img_h / img_w)))
+        scale = new_h / img_h
         canvas = np.zeros((in_h, in_w, 3), dtype=np.uint8)
-        canvas[:new_h, :new_w] = cv2.resize(image, (new_w, new_h)) if scale != 1.0 else image
+        canvas[:new_h, :new_w] = cv2.resize(image, (new_w, new_h)) if (new_w, new_h) != (img_w, img_h) else image
         blob = cv2.dnn.blobFromImage(canvas, 1.0 / 128.0, (in_w, in_h), (127.5, 127.5, 127.5), swapRB=True)
         return blob, scale
 

@@ -23,7 +23,7 @@ from facefleet.agent.pipeline.detect import DetectStage, FaceDetector
 from facefleet.agent.pipeline.embed import EmbedStage, FaceRecognizer
 from facefleet.agent.pipeline.enhance import EnhanceStage, FaceEnhancer
 from facefleet.agent.pipeline.errors import InputRejected, ModelVerificationFailed
-from facefleet.agent.pipeline.mask import MaskKind, MaskStage
+from facefleet.agent.pipeline.mask import DEFAULT_MASK, MaskKind, MaskStage
 from facefleet.agent.pipeline.paste import PasteStage
 from facefleet.agent.pipeline.quality import QualityStage
 from facefleet.agent.pipeline.select import FaceSelector, SelectStage
@@ -39,7 +39,7 @@ REQUIRED_ROLES = (ModelRole.DETECTOR, ModelRole.RECOGNIZER, ModelRole.SWAPPER)
 class StageOptions:
     face_selector: FaceSelector = FaceSelector.LARGEST
     blend: float = 1.0
-    mask: MaskKind = MaskKind.ELLIPSE
+    mask: MaskKind = DEFAULT_MASK
     enhance: bool = False
 
 

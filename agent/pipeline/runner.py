@@ -28,7 +28,7 @@ from facefleet.agent.models.verify import ModelStatus
 from facefleet.agent.pipeline.checkpoint import CheckpointStore, job_fingerprint
 from facefleet.agent.pipeline.engine import LoadedEngine, StageChain, StageOptions, load_engine
 from facefleet.agent.pipeline.errors import Cancelled, InputRejected
-from facefleet.agent.pipeline.mask import MaskKind
+from facefleet.agent.pipeline.mask import DEFAULT_MASK, MaskKind
 from facefleet.agent.pipeline.media import (
     MediaLimits,
     SegmentEncoder,
@@ -67,7 +67,7 @@ class SwapJob:
     face_selector: str = "largest"
     reference_face_path: Path | None = None
     blend: float = 1.0
-    mask: str = "ellipse"
+    mask: str = DEFAULT_MASK
     enhance: bool = False
     checkpoint_every_frames: int = 48
     resume_from_frame: int = 0  # informational: the checkpoint dir decides where work resumes
@@ -106,7 +106,9 @@ def _options(job: SwapJob) -> StageOptions:
     try:
         mask = MaskKind(job.mask)
     except ValueError:
-        raise InputRejected(f"mask {job.mask!r} is not one of box, ellipse", reason_code="INVALID_TASK") from None
+        raise InputRejected(
+            f"mask {job.mask!r} is not one of {', '.join(MaskKind)}", reason_code="INVALID_TASK"
+        ) from None
     if not 0.0 <= job.blend <= 1.0:
         raise InputRejected(f"blend {job.blend} must be between 0 and 1", reason_code="INVALID_TASK")
     if job.checkpoint_every_frames < 1:

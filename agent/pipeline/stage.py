@@ -31,7 +31,8 @@ class SwapPatch:
     face: Face
     matrix: np.ndarray  # 2x3 affine from frame to crop coordinates
     crop: np.ndarray  # BGR uint8, square
-    mask: np.ndarray | None = None  # float32 0..1, same size as crop
+    mask: np.ndarray | None = None  # float32, same size as crop: 0..1 alpha, or a white box (below)
+    mask_in_frame: bool = False  # the mask is a white box to threshold, erode and blur after warping
 
 
 @dataclass

@@ -27,7 +27,7 @@ def register(app: typer.Typer) -> None:
             None, "--reference", help="Reference face for --face-selector reference."
         ),
         blend: float = typer.Option(1.0, "--blend", min=0.0, max=1.0, help="Paste-back blend ratio 0..1."),
-        mask: str = typer.Option("ellipse", "--mask", help="box | ellipse"),
+        mask: str = typer.Option("inswapper", "--mask", help="inswapper (the reference's) | box | ellipse"),
         enhance: bool = typer.Option(False, "--enhance", help="Run the enhancer model when installed."),
         provider: list[str] = typer.Option([], "--provider", help="tensorrt | cuda | cpu (repeatable; default: best)."),
         checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir", help="Video checkpoints (resumable)."),

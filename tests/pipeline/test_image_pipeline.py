@@ -53,7 +53,8 @@ def test_onnx_engine_swaps_the_face_and_nothing_else(
     diff = np.abs(out.astype(int) - target_scene.image.astype(int)).sum(axis=2)
     x1, y1, x2, y2 = target_scene.face_box
     assert diff[y1:y2, x1:x2].mean() > 20  # the face region changed
-    assert diff[_outside(target_scene.face_box, out.shape, 0.25)].max() <= 3  # the rest did not
+    # the rest did not: the reference's paste mask covers the aligned crop's footprint, no more
+    assert diff[_outside(target_scene.face_box, out.shape, 0.4)].max() == 0
     assert updates[-1].frames_done == 1 and updates[-1].stage == "done"
     assert set(result.stage_seconds) >= {"detect", "select", "align", "swap", "mask", "paste", "quality"}
 
