@@ -3,7 +3,7 @@
 Only the face's region of the frame is touched: the warped crop's bounding box, widened by the
 inswapper mask's blur reach so that its erosion and blur see the same zeros they would over the
 whole frame (the result equals insightface's full-frame paste-back). Blending is
-`alpha·face + (1 − alpha)·frame` in float32, truncated to uint8, as the reference does.
+`alpha·face + (1 - alpha)·frame` in float32, truncated to uint8, as the reference does.
 """
 
 from __future__ import annotations
