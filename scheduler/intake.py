@@ -35,7 +35,7 @@ LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 URI_SCHEMES = ("file", "s3")
 FACE_SELECTORS = ("all", "largest", "reference")
-MASKS = ("box", "ellipse")
+MASKS = ("inswapper", "box", "ellipse")  # the agent's MaskKind, first the default (a test checks both)
 PROVIDERS = ("tensorrt", "cuda", "cpu")
 
 
@@ -166,7 +166,7 @@ def _check_options(options: types_pb2.PipelineOptions, path: str) -> None:
         _check_uri(options.reference_face_uri, f"{path}.reference_face_uri", required=True)
     else:
         _check_uri(options.reference_face_uri, f"{path}.reference_face_uri", required=False)
-    options.mask = options.mask or "ellipse"
+    options.mask = options.mask or MASKS[0]
     if options.mask not in MASKS:
         raise TaskInputError(f"{path}.mask", f"{options.mask[:40]!r}; use one of {', '.join(MASKS)}")
     # 0 means "not set" in proto3; a blend of exactly 0 would leave the target unchanged anyway.

@@ -184,3 +184,10 @@ def test_corrupt_and_non_image_inputs_are_rejected_clearly(
             lambda u: None,
             threading.Event(),
         )
+
+
+def test_scheduler_accepts_exactly_the_agent_masks_with_the_same_default() -> None:
+    from facefleet.agent.pipeline.mask import DEFAULT_MASK, MaskKind
+    from facefleet.scheduler.intake import MASKS
+
+    assert set(MASKS) == set(MaskKind) and MASKS[0] == DEFAULT_MASK

@@ -37,7 +37,7 @@ def test_defaults_are_filled_in() -> None:
     assert clean.sensitivity == types_pb2.SENSITIVITY_PRIVATE  # fail safe: stays on-prem
     assert clean.priority == types_pb2.PRIORITY_NORMAL
     assert clean.frames == 1
-    assert (clean.options.face_selector, clean.options.mask, clean.options.blend) == ("largest", "ellipse", 1.0)
+    assert (clean.options.face_selector, clean.options.mask, clean.options.blend) == ("largest", "inswapper", 1.0)
     assert clean.options.checkpoint_every_frames == 48
 
 
