@@ -33,6 +33,7 @@ from facefleet.agent.gpu_stats import GpuProbe
 from facefleet.agent.heartbeat import HeartbeatLoop, heartbeat_loops
 from facefleet.agent.inputs import InputRejected, InputResolver
 from facefleet.config import AgentConfig
+from facefleet.domain import PRIVATE, TERMINAL_PROTO, residency_allows, sensitivity_from_proto, sensitivity_known
 from facefleet.grpc_server import SERVICE_NAMES, ServerHandle, build_server
 from facefleet.rpc_errors import abort
 from facefleet.v1 import agent_pb2, agent_pb2_grpc, scheduler_pb2, types_pb2
@@ -41,13 +42,9 @@ from facefleet.v1 import agent_pb2, agent_pb2_grpc, scheduler_pb2, types_pb2
 CANCEL_BEFORE_START_WINDOW_S = 30.0
 log = structlog.get_logger()
 
-TERMINAL_STATES = frozenset(
-    {
-        types_pb2.TASK_STATE_SUCCEEDED,
-        types_pb2.TASK_STATE_FAILED,
-        types_pb2.TASK_STATE_CANCELLED,
-        types_pb2.TASK_STATE_PREEMPTED,
-    }
+# A run ends on this agent when its task is terminal or was preempted (it may resume elsewhere).
+RUN_ENDED_STATES = frozenset(
+    TERMINAL_PROTO | {types_pb2.TASK_STATE_PREEMPTED}
 )
 FINISHED_RUNS_KEPT = 4096
 SEC_PER_FRAME_SMOOTHING = 0.3
@@ -95,15 +92,16 @@ class AgentIdentity:
 
 def residency_refusal(identity: AgentIdentity, request: agent_pb2.RunTaskRequest) -> str | None:
     """Why this agent must not run the task (residency), or None. Pure."""
-    if identity.trust_zone == "private":
-        return None
     task = request.task
-    if task.sensitivity == types_pb2.SENSITIVITY_PRIVATE:
-        why = "its sensitivity is private"
-    elif request.project_locked:
-        why = f"project {task.project!r} is under a compliance lock"
-    else:
+    sensitivity = sensitivity_from_proto(task.sensitivity)
+    if residency_allows(identity.trust_zone, sensitivity, request.project_locked):
         return None
+    if not sensitivity_known(task.sensitivity):
+        why = "its sensitivity is unset, which counts as private"
+    elif sensitivity == PRIVATE:
+        why = "its sensitivity is private"
+    else:
+        why = f"project {task.project!r} is under a compliance lock"
     return (
         f"task {task.id} refused by agent {identity.agent_id} (pool {identity.pool}, trust zone "
         f"{identity.trust_zone!r}): {why}, so it may only run in the private trust zone; "
@@ -153,7 +151,7 @@ class TaskRun:
 
     @property
     def finished(self) -> bool:
-        return self.latest.state in TERMINAL_STATES
+        return self.latest.state in RUN_ENDED_STATES
 
     def publish(self, progress: types_pb2.Progress) -> None:
         with self.changed:
@@ -173,7 +171,7 @@ class TaskRun:
                 seen, snapshot = self.sequence, self.latest
             if seen > 0:
                 yield snapshot
-            if snapshot.state in TERMINAL_STATES:
+            if snapshot.state in RUN_ENDED_STATES:
                 return
 
 

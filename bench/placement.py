@@ -24,8 +24,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import machine_facts
+from facefleet.domain import PRIORITIES, SENSITIVITIES
 from facefleet.scheduler.placement import RuleSet, TaskSpec, World, load_ruleset, place
-from facefleet.scheduler.placement.model import PRIORITIES, SENSITIVITIES
 
 
 def make_rules(count: int, rng: random.Random) -> RuleSet:

@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import cpu_seconds, machine_facts, percentiles
 from bench.placement import make_rules, make_tasks, make_world, measure
+from facefleet.domain import QUEUED
 from facefleet.scheduler.store import NewTask, TaskStore
-from facefleet.scheduler.task_states import QUEUED
 from facefleet.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 from tests.scheduler.conftest import write_policy
 from tests.scheduler.scheduler_process import SchedulerProcess

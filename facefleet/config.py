@@ -16,6 +16,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from facefleet.domain import CLOUD_ZONE, PRIVATE_ZONE, TrustZone
 from facefleet.money import Seconds, UsdPerHour
 
 CONFIG_ENV = "FACEFLEET_CONFIG"
@@ -50,7 +51,7 @@ class PoolConfig(Section):
 
     name: str
     provider: str = "onprem"
-    trust_zone: Literal["private", "cloud"] = "cloud"
+    trust_zone: TrustZone = CLOUD_ZONE
     region: str = ""
     instance_type: str = ""
     max_instances: int = Field(default=0, ge=0)
@@ -80,7 +81,7 @@ class AgentConfig(Section):
     listen: str = "127.0.0.1:50061"
     scheduler: str = "127.0.0.1:50051"
     pool: str = "onprem-local"
-    trust_zone: Literal["private", "cloud"] = "private"
+    trust_zone: TrustZone = PRIVATE_ZONE
     provider: str = "onprem"
     region: str = "local"
     slots: int = 1

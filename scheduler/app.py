@@ -15,6 +15,7 @@ from prometheus_client import start_http_server
 from sqlalchemy.engine import make_url
 
 from facefleet.config import Settings
+from facefleet.domain import PRIORITY_BY_PROTO
 from facefleet.grpc_server import SERVICE_NAMES, AioServerHandle, AioServices, LoopThread, build_aio_server
 from facefleet.scheduler import metrics
 from facefleet.scheduler.agent_streams import AioChannelFactory
@@ -32,7 +33,6 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger()
 
-PRIORITY_NAMES = {1: "low", 2: "normal", 3: "high", 4: "urgent"}
 ServiceRegistration = tuple[str, Callable[[AioServices], Any]]  # (full service name, add its servicer)
 
 
@@ -208,7 +208,7 @@ class SchedulerApp:
         while not self._stop.wait(1.0):
             try:
                 depth = self.store.queued_by_priority()
-                for value, name in PRIORITY_NAMES.items():
+                for value, name in PRIORITY_BY_PROTO.items():
                     metrics.QUEUE_DEPTH.labels(priority=name).set(depth.get(value, 0))
                 metrics.LEADER.set(1 if self.leader.is_leader else 0)
             except Exception as error:  # the store may be briefly unreachable; keep serving

@@ -20,6 +20,7 @@ import structlog
 from facefleet.config import Settings
 from facefleet.grpc_server import SERVICE_NAMES
 from facefleet.rpc_errors import TaskInputError
+from facefleet.scheduler import metrics
 from facefleet.scheduler.admin_service import AdminServicer
 from facefleet.scheduler.agent_streams import AioChannelFactory
 from facefleet.scheduler.app import SchedulerApp
@@ -100,7 +101,9 @@ def build_scheduler(
     """Assemble (not start) the production scheduler. Raises TLSMaterialError when certificates are
     missing (and `tls.insecure` is off), FileNotFoundError/ValueError for a bad audit signing key."""
     credentials = server_credentials_unless_insecure(settings.tls, "scheduler")
-    audit = AuditLog(settings.audit.path, settings.audit.signing_key)
+    audit = AuditLog(
+        settings.audit.path, settings.audit.signing_key, on_record=metrics.count_audit_record
+    )
     rules: Any = rules_source or rules_source_from(settings)
     gate = LockGate(rules)
     trail = AuditTrail(audit)
@@ -134,7 +137,11 @@ def build_scheduler(
     app = AssembledScheduler(
         settings,
         credentials=credentials,
-        interceptors=[AioRoleGate(audit, insecure=settings.tls.insecure)],
+        interceptors=[
+            AioRoleGate(
+                audit, insecure=settings.tls.insecure, on_denial=metrics.count_denial
+            )
+        ],
         extra_services=[(SERVICE_NAMES["Admin"], lambda server: add_admin(admin, server))],
         rules_source=rules,
         listeners=[trail],

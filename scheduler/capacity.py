@@ -26,13 +26,13 @@ from prometheus_api_client import PrometheusConnect
 from urllib3.util.retry import Retry
 
 from facefleet.config import PoolConfig, SchedulerConfig
+from facefleet.domain import CLOUD_ZONE, PRIVATE_ZONE, TRUST_ZONES
 from facefleet.scheduler import metrics
 from facefleet.scheduler.placement.model import PoolState
 from facefleet.v1 import scheduler_pb2
 
 log = structlog.get_logger()
 
-TRUST_ZONES = ("private", "cloud")
 DEFAULT_SEC_PER_FRAME = 0.05
 
 # Signal name -> PromQL. Every query must return one series per `pool` label (attach `pool` as a
@@ -532,7 +532,7 @@ class CapacityView:
         if static is not None:
             zones.add(static.trust_zone)
         # Private only when every source agrees: a pool with any cloud member is a cloud pool.
-        trust_zone = "private" if zones == {"private"} else "cloud"
+        trust_zone = PRIVATE_ZONE if zones == {PRIVATE_ZONE} else CLOUD_ZONE
         if len(zones) > 1:
             notes.append(
                 f"pool {name}: agents/config disagree on trust zone ({', '.join(sorted(zones))}); treated as cloud"

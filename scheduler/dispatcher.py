@@ -25,15 +25,15 @@ import grpc
 import structlog
 import tenacity
 
+from facefleet.domain import DISPATCHED, FAILED, PLACED, PREEMPTED, QUEUED, RUNNING, TERMINAL, state_from_proto
 from facefleet.grpc_server import LoopThread
-from facefleet.scheduler import metrics, queue, task_states
+from facefleet.scheduler import metrics, queue
 from facefleet.scheduler.agent_streams import AgentStreams, AioChannelFactory
 from facefleet.scheduler.completion_batch import Completion, CompletionBatcher
 from facefleet.scheduler.placement.model import TaskSpec
 from facefleet.scheduler.placement.proto_codec import task_spec_from_proto
 from facefleet.scheduler.placement_gateway import PlacementResult, Placer, residency_violation
 from facefleet.scheduler.store import Change, IllegalTransition, Placement, Step, TaskRecord, TaskStore
-from facefleet.scheduler.task_states import DISPATCHED, FAILED, PLACED, PREEMPTED, QUEUED, RUNNING, TERMINAL
 from facefleet.v1 import agent_pb2, types_pb2
 
 log = structlog.get_logger()
@@ -628,7 +628,7 @@ class Dispatcher:
                 self._requeue(self.store.get(task_id), "resume after preemption", "preempted", now, agent_id)
             return True
         if state in _ENDS_THE_RUN:
-            to_state = task_states.from_proto(state)
+            to_state = state_from_proto(state)
             reason = message.message or (message.error.message if message.HasField("error") else "") or to_state
             # Recorded by the completion batcher (one commit for many); this worker's `finally`
             # frees the agent slot now: the agent has said it is done.

@@ -26,11 +26,10 @@ from typing import Any, Protocol
 
 import structlog
 
-from facefleet.scheduler import task_states
+from facefleet.domain import PLACED, PRIVATE_ZONE, QUEUED, state_to_proto
 from facefleet.scheduler.dispatcher import AuditHook
 from facefleet.scheduler.store import TaskRecord, TaskStore
-from facefleet.scheduler.task_states import PLACED, QUEUED
-from facefleet.security.residency import PRIVATE_ZONE, LockActionKind, TaskLocation, lock_actions
+from facefleet.security.residency import LockActionKind, TaskLocation, lock_actions
 
 log = structlog.get_logger()
 
@@ -106,7 +105,7 @@ class LockGate:
 
 
 def _proto_state(state: str) -> int:
-    return task_states.to_proto(state)
+    return state_to_proto(state)
 
 
 class LockEnforcer:

@@ -54,3 +54,13 @@ BUDGET_ALERT = Gauge("facefleet_budget_alert", "1 when spend passed the account'
 CLOUD_INSTANCES = Gauge("facefleet_cloud_instances", "Cloud instances by pool and state.", ["pool", "state"])
 AUDIT_RECORDS = Counter("facefleet_audit_records_total", "Audit records written, by kind.", ["kind"])
 DENIALS = Counter("facefleet_permission_denied_total", "Calls refused for a missing role or certificate.", ["method"])
+
+
+def count_audit_record(kind: str) -> None:
+    """AuditLog's on_record hook in the scheduler process."""
+    AUDIT_RECORDS.labels(kind).inc()
+
+
+def count_denial(method: str) -> None:
+    """RoleGate's on_denial hook in the scheduler process."""
+    DENIALS.labels(method).inc()

@@ -15,12 +15,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from facefleet.domain import PRIVATE, PRIVATE_ZONE, residency_allows, sensitivity_from_proto
 from facefleet.scheduler.placement import place
 from facefleet.scheduler.placement.model import Budget, Decision, PoolState, TaskSpec, World
 from facefleet.scheduler.placement.proto_codec import decision_to_proto, task_spec_from_proto
 from facefleet.v1 import types_pb2
-
-PRIVATE_ZONE = "private"
 
 
 class CapacitySource(Protocol):
@@ -117,8 +116,8 @@ class LivePlacement:
 def residency_violation(task: types_pb2.Task, pool: PoolState | None, trust_zone: str, locked: bool) -> str:
     """The invariant, checked again right before the RPC: "" when fine, else why not."""
     zone = pool.trust_zone if pool is not None else trust_zone
-    private = task.sensitivity == types_pb2.SENSITIVITY_PRIVATE
-    if (private or locked) and zone != PRIVATE_ZONE:
-        what = "private task" if private else "task of a locked project"
-        return f"{what} {task.id} placed on pool with trust_zone {zone or 'unknown'!r}; only 'private' is allowed"
-    return ""
+    sensitivity = sensitivity_from_proto(task.sensitivity)
+    if residency_allows(zone, sensitivity, locked):
+        return ""
+    what = "private task" if sensitivity == PRIVATE else "task of a locked project"
+    return f"{what} {task.id} placed on pool with trust_zone {zone or 'unknown'!r}; only {PRIVATE_ZONE!r} is allowed"

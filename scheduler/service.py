@@ -18,14 +18,14 @@ import structlog
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from facefleet.domain import CANCELLED, IN_FLIGHT, QUEUED, TERMINAL, state_from_proto, state_to_proto
 from facefleet.grpc_server import AioServices
 from facefleet.rpc_errors import TaskInputError, abort, abort_async
-from facefleet.scheduler import metrics, task_states
+from facefleet.scheduler import metrics
 from facefleet.scheduler.group_commit import GroupCommitter, StoreUnavailable
 from facefleet.scheduler.intake import validate_submit, validate_task
 from facefleet.scheduler.placement_gateway import Placer
 from facefleet.scheduler.store import IllegalTransition, NewTask, SubmitResult, TaskRecord, TaskStore, UnknownTask
-from facefleet.scheduler.task_states import CANCELLED, QUEUED, TERMINAL
 from facefleet.security.roles import current_identity
 from facefleet.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
@@ -65,7 +65,7 @@ def _submitted(result: SubmitResult) -> scheduler_pb2.SubmitTaskResponse:
     return scheduler_pb2.SubmitTaskResponse(
         task_id=result.task_id,
         created=result.created,
-        state=task_states.to_proto(result.state),  # type: ignore[arg-type]
+        state=state_to_proto(result.state),  # type: ignore[arg-type]
     )
 
 
@@ -78,7 +78,7 @@ def timestamp(seconds: float) -> Timestamp:
 def task_status(store: TaskStore, record: TaskRecord, with_history: bool = True) -> scheduler_pb2.TaskStatus:
     status = scheduler_pb2.TaskStatus(
         task=record.task(),
-        state=task_states.to_proto(record.state),  # type: ignore[arg-type]
+        state=state_to_proto(record.state),  # type: ignore[arg-type]
         pool=record.pool or "",
         rule=record.rule or "",
         agent_id=record.agent_id or "",
@@ -94,8 +94,8 @@ def task_status(store: TaskStore, record: TaskRecord, with_history: bool = True)
             status.last_progress.CopyFrom(latest.progress)
         for transition in store.transitions_of(record.id):
             status.transitions.add(
-                from_state=task_states.to_proto(transition.from_state) if transition.from_state else 0,
-                to_state=task_states.to_proto(transition.to_state),
+                from_state=state_to_proto(transition.from_state) if transition.from_state else 0,
+                to_state=state_to_proto(transition.to_state),
                 reason=transition.reason,
                 at=timestamp(transition.at),
                 pool=transition.pool,
@@ -207,7 +207,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         state = ""
         if request.state:
             try:
-                state = task_states.from_proto(request.state)
+                state = state_from_proto(request.state)
             except ValueError as error:
                 abort(context, grpc.StatusCode.INVALID_ARGUMENT, types_pb2.INVALID_TASK, str(error), "state")
         if request.limit > MAX_LIST_LIMIT:
@@ -271,18 +271,18 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         record = self._record(request.task_id, context)
         reason = f"cancelled: {request.reason[:200]}" if request.reason else "cancelled by request"
         if record.state in TERMINAL:
-            return scheduler_pb2.CancelTaskResponse(state=task_states.to_proto(record.state))  # type: ignore[arg-type]
+            return scheduler_pb2.CancelTaskResponse(state=state_to_proto(record.state))  # type: ignore[arg-type]
         try:
             self.store.transition(record.id, CANCELLED, reason, self.clock())
         except IllegalTransition as error:  # pragma: no cover - every live state may be cancelled
             abort(context, grpc.StatusCode.FAILED_PRECONDITION, types_pb2.INTERNAL, str(error))
         final = self.store.get(record.id)
-        if final.state == CANCELLED and record.agent_id and record.state in task_states.IN_FLIGHT:
+        if final.state == CANCELLED and record.agent_id and record.state in IN_FLIGHT:
             if self.cancel_hook is not None:
                 self.cancel_hook(record.id, record.agent_id, reason)
             elif self.heartbeats is not None:
                 self.heartbeats.request_cancel(record.agent_id, record.id)
-        return scheduler_pb2.CancelTaskResponse(state=task_states.to_proto(final.state))  # type: ignore[arg-type]
+        return scheduler_pb2.CancelTaskResponse(state=state_to_proto(final.state))  # type: ignore[arg-type]
 
     # ---- explain ---------------------------------------------------------------------------------
 
@@ -367,7 +367,7 @@ class _Watch:
             events.append(
                 scheduler_pb2.TaskEvent(
                     task_id=self.task_id,
-                    state=task_states.to_proto(transition.to_state),  # type: ignore[arg-type]
+                    state=state_to_proto(transition.to_state),  # type: ignore[arg-type]
                     reason=transition.reason,
                     at=timestamp(transition.at),
                     pool=transition.pool,

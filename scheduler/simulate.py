@@ -26,9 +26,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from facefleet.domain import PRIORITIES, PRIVATE_ZONE, residency_allows
 from facefleet.money import SECONDS, SWEEP_POINTS_MAX, USD, USD_PER_HOUR, AmountError, Quantity
 from facefleet.scheduler.placement.engine import place
-from facefleet.scheduler.placement.model import PRIORITIES, PRIVATE_ZONE, Budget, PoolState, RuleSet, TaskSpec, World
+from facefleet.scheduler.placement.model import Budget, PoolState, RuleSet, TaskSpec, World
 from facefleet.scheduler.placement.policy import RuleIndex
 
 SWEPT = {"max_spot_price_per_hour": USD_PER_HOUR, "monthly_cap_usd": USD, "onprem_queue_wait_s_gt": SECONDS}
@@ -230,7 +231,7 @@ def simulate(
             assert decision.pool is not None and decision.estimate is not None
             sim = pools[decision.pool]
             task = arrival.task
-            if sim.base.trust_zone != PRIVATE_ZONE and (task.sensitivity == "private" or task.project in world.locks):
+            if not residency_allows(sim.base.trust_zone, task.sensitivity, task.project in world.locks):
                 report.residency_violations += 1
             run = task.frames * sim.base.sec_per_frame
             if sim.free_slots() > 0:

@@ -27,8 +27,8 @@ import structlog
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
+from facefleet.domain import IN_FLIGHT, QUEUED, TERMINAL, sensitivity_from_proto
 from facefleet.scheduler import metrics, task_states
-from facefleet.scheduler.task_states import IN_FLIGHT, QUEUED, TERMINAL
 from facefleet.v1 import types_pb2
 
 log = structlog.get_logger()
@@ -236,9 +236,6 @@ class Change:
     progress: types_pb2.Progress | None = None
 
 
-SENSITIVITY_NAMES = {
-    value: name.removeprefix("SENSITIVITY_").lower() for name, value in types_pb2.Sensitivity.items() if value
-}
 
 
 def new_task_id() -> str:
@@ -401,7 +398,7 @@ class TaskStore:
             task = types_pb2.Task()
             task.CopyFrom(item.task)
             task.id = task_id
-            sensitivity = SENSITIVITY_NAMES.get(task.sensitivity, "private")
+            sensitivity = sensitivity_from_proto(task.sensitivity)
             task_rows.append(
                 (
                     task_id,

@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from facefleet.cli.output import JSON_OPTION, console, fail, print_json
+from facefleet.domain import TRUST_ZONES
 
 
 def _settings(config: Path | None) -> Any:
@@ -81,8 +82,8 @@ def register(app: typer.Typer) -> None:
 
         With --provider aws|azure the agent watches the spot interruption notice (IMDSv2
         spot/instance-action, Azure Scheduled Events Preempt) and preempts its runs when one comes."""
-        if trust_zone not in ("private", "cloud"):
-            fail(f"--trust-zone must be private or cloud, got {trust_zone!r}")
+        if trust_zone not in TRUST_ZONES:
+            fail(f"--trust-zone must be {' or '.join(TRUST_ZONES)}, got {trust_zone!r}")
         if provider not in ("onprem", "aws", "azure", "local"):
             fail(f"--provider must be onprem, aws, azure or local, got {provider!r}")
         if not models.is_dir():

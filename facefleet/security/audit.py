@@ -27,10 +27,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from facefleet.scheduler import metrics
+from facefleet.domain import PRIVATE_ZONE
 
 GENESIS = "0" * 64
-PRIVATE_ZONE = "private"
 
 
 class AuditKind(StrEnum):
@@ -139,8 +138,11 @@ class AuditLog:
         path: Path,
         signing_key: Path | Signer | None = None,
         clock: Callable[[], float] = time.time,
+        on_record: Callable[[str], None] | None = None,
     ) -> None:
+        """`on_record(kind)` runs after each durable record (the serving process counts them)."""
         self.path = Path(path)
+        self.on_record = on_record
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.signer = Signer.from_file(signing_key) if isinstance(signing_key, Path) else signing_key
         self.clock = clock
@@ -198,8 +200,9 @@ class AuditLog:
                 self._tail = (stat.st_ino, handle.tell(), seq, prev)
             finally:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-        for kind in kinds:
-            metrics.AUDIT_RECORDS.labels(kind.value).inc()
+        if self.on_record is not None:
+            for kind in kinds:
+                self.on_record(kind.value)
         return records
 
     # Typed shortcuts: the call sites in scheduler and admin service use these.

@@ -13,15 +13,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from urllib.parse import urlsplit
 
+from facefleet.domain import ON_AGENT_PROTO, TERMINAL_PROTO, residency_allows, sensitivity_from_proto
 from facefleet.rpc_errors import TaskInputError
 from facefleet.v1 import types_pb2
 
-PRIVATE_ZONE = "private"
-TERMINAL_STATES = frozenset(
-    {types_pb2.TASK_STATE_SUCCEEDED, types_pb2.TASK_STATE_FAILED, types_pb2.TASK_STATE_CANCELLED}
-)
-PENDING_STATES = frozenset({types_pb2.TASK_STATE_QUEUED, types_pb2.TASK_STATE_PLACED, types_pb2.TASK_STATE_PREEMPTED})
-ACTIVE_STATES = frozenset({types_pb2.TASK_STATE_DISPATCHED, types_pb2.TASK_STATE_RUNNING})
 URI_FIELDS = ("source_uri", "target_uri", "output_uri", "options.reference_face_uri")
 
 
@@ -29,11 +24,6 @@ class ResidencyViolation(TaskInputError):
     """A private or locked task names storage outside the private zone's allow-list."""
 
     reason = types_pb2.RESIDENCY_VIOLATION
-
-
-def must_stay_private(sensitivity: int, project: str, locked_projects: Collection[str]) -> bool:
-    """Invariant 1: private sensitivity or a compliance lock pins a task to the private zone."""
-    return sensitivity == types_pb2.SENSITIVITY_PRIVATE or project in locked_projects
 
 
 def redact_uri(uri: str) -> str:
@@ -145,12 +135,13 @@ def lock_actions(locked_projects: Collection[str], tasks: Iterable[TaskLocation]
     """
     actions = []
     for task in tasks:
-        if task.state in TERMINAL_STATES or not task.trust_zone or task.trust_zone == PRIVATE_ZONE:
+        if task.state in TERMINAL_PROTO or not task.trust_zone:
             continue
-        if not must_stay_private(task.sensitivity, task.project, locked_projects):
+        locked = task.project in locked_projects
+        if residency_allows(task.trust_zone, sensitivity_from_proto(task.sensitivity), locked):
             continue
-        why = "project locked" if task.project in locked_projects else "private task"
-        active = task.state in ACTIVE_STATES
+        why = "project locked" if locked else "private task"
+        active = task.state in ON_AGENT_PROTO
         kind = LockActionKind.STOP_AND_RERUN_ONPREM if active else LockActionKind.REPLACE
         actions.append(
             LockAction(

@@ -17,7 +17,6 @@ import grpc
 import structlog
 
 from facefleet.rpc_errors import abort, abort_async
-from facefleet.scheduler import metrics
 from facefleet.security.identity import ANONYMOUS, Identity, peer_identity
 from facefleet.v1 import types_pb2
 
@@ -91,9 +90,13 @@ class RoleGate(grpc.ServerInterceptor):
     with every role, and says so loudly.
     """
 
-    def __init__(self, audit: _Auditor | None, insecure: bool = False) -> None:
+    def __init__(
+        self, audit: _Auditor | None, insecure: bool = False, on_denial: Callable[[str], None] | None = None
+    ) -> None:
+        """`on_denial(method)` runs for each refused call (the serving process counts them)."""
         self.audit = audit
         self.insecure = insecure
+        self.on_denial = on_denial
         if insecure:
             message = "RoleGate in INSECURE mode: every caller is 'insecure-dev' with ALL roles; never in production"
             log.warning("insecure_role_gate", message=message)
@@ -114,7 +117,8 @@ class RoleGate(grpc.ServerInterceptor):
             if roles is ANY_AUTHENTICATED
             else ("one of the roles " + ", ".join(sorted(roles)) if roles else "nothing: the method is not allowed")
         )
-        metrics.DENIALS.labels(method).inc()
+        if self.on_denial is not None:
+            self.on_denial(method)
         log.warning("permission_denied", method=method, actor=identity.subject, roles=sorted(identity.roles))
         if self.audit is not None:
             try:
@@ -182,8 +186,10 @@ class AioRoleGate(grpc.aio.ServerInterceptor):
     write of a refusal runs on a thread); plain handlers, which the server runs on its thread pool,
     are wrapped exactly as RoleGate wraps them."""
 
-    def __init__(self, audit: _Auditor | None, insecure: bool = False) -> None:
-        self.gate = RoleGate(audit, insecure)
+    def __init__(
+        self, audit: _Auditor | None, insecure: bool = False, on_denial: Callable[[str], None] | None = None
+    ) -> None:
+        self.gate = RoleGate(audit, insecure, on_denial)
         # Wrapped handler per method: the wrapping is the same for every call of a method.
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 

@@ -20,11 +20,11 @@ from datetime import UTC, datetime
 
 import structlog
 
+from facefleet.domain import CANCELLED, FAILED, SUCCEEDED
 from facefleet.scheduler.ledger import Reservation, SpendLedger, Usage, month_of
 from facefleet.scheduler.placement.model import Budget
 from facefleet.scheduler.placement_gateway import PlacementResult
 from facefleet.scheduler.store import TaskRecord
-from facefleet.scheduler.task_states import CANCELLED, FAILED, SUCCEEDED
 
 log = structlog.get_logger()
 

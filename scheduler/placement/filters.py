@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from facefleet.scheduler.placement.model import PRIVATE_ZONE, Budget, Estimate, PoolState, TaskSpec, World
+from facefleet.domain import INTERNAL, PRIVATE_ZONE, residency_allows
+from facefleet.scheduler.placement.model import Budget, Estimate, PoolState, TaskSpec, World
 from facefleet.scheduler.placement.policy import CompiledRule
 
 
@@ -67,12 +68,10 @@ Filter = Callable[[FilterContext, PoolState, Estimate | None], str | None]
 
 
 def residency(ctx: FilterContext, pool: PoolState, _est: Estimate | None) -> str | None:
-    if pool.trust_zone == PRIVATE_ZONE:
-        return None
     sensitivity = ctx.task.sensitivity
-    if sensitivity == "private":
-        return f"sensitivity private requires trust_zone private; pool trust_zone is {pool.trust_zone}"
-    if sensitivity == "internal" and not ctx.rule.allow_cloud_internal:
+    if not residency_allows(pool.trust_zone, sensitivity, project_locked=False):
+        return f"sensitivity {sensitivity} requires trust_zone private; pool trust_zone is {pool.trust_zone}"
+    if sensitivity == INTERNAL and pool.trust_zone != PRIVATE_ZONE and not ctx.rule.allow_cloud_internal:
         return (
             f"sensitivity internal may leave trust_zone private only when the rule sets "
             f"allow_cloud_internal: true (rule {ctx.rule.id} does not); pool trust_zone is {pool.trust_zone}"
@@ -81,7 +80,7 @@ def residency(ctx: FilterContext, pool: PoolState, _est: Estimate | None) -> str
 
 
 def lock(ctx: FilterContext, pool: PoolState, _est: Estimate | None) -> str | None:
-    if ctx.lock_reason is not None and pool.trust_zone != PRIVATE_ZONE:
+    if ctx.lock_reason is not None and not residency_allows(pool.trust_zone, ctx.task.sensitivity, project_locked=True):
         return (
             f"project {ctx.task.project} is under a compliance lock ({ctx.lock_reason}); "
             f"pool trust_zone is {pool.trust_zone}, must be private"

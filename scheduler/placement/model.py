@@ -11,12 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
+from facefleet.domain import DEFAULT_PRIORITY, DEFAULT_SENSITIVITY, PRIORITIES, SENSITIVITIES
 from facefleet.money import PERCENT, SECONDS, USD, USD_PER_HOUR
 
-SENSITIVITIES = ("public", "internal", "private")
-PRIORITIES = ("low", "normal", "high", "urgent")
 PREFERENCES = ("cost", "latency", "order")
-PRIVATE_ZONE = "private"
 
 MAX_FRAMES = 10_000_000  # about four days of 30 fps video
 
@@ -41,8 +39,8 @@ class TaskSpec:
         unknown = set(data) - {"id", "project", "sensitivity", "priority", "sla_seconds", "frames"}
         if unknown:
             raise ValueError(f"{where}: unknown field(s) {sorted(unknown)}")
-        sensitivity = str(data.get("sensitivity", "public"))
-        priority = str(data.get("priority", "normal"))
+        sensitivity = str(data.get("sensitivity", DEFAULT_SENSITIVITY))
+        priority = str(data.get("priority", DEFAULT_PRIORITY))
         if sensitivity not in SENSITIVITIES:
             raise ValueError(f"{where}.sensitivity: {sensitivity!r} is not one of {list(SENSITIVITIES)}")
         if priority not in PRIORITIES:

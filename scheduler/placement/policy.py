@@ -18,13 +18,11 @@ from typing import Any
 
 import yaml
 
+from facefleet.domain import PRIORITIES, PRIVATE_ZONE, SENSITIVITIES
 from facefleet.money import PERCENT, SECONDS, USD, USD_PER_HOUR, AmountError, Quantity
 from facefleet.scheduler.placement.model import (
     GLOB_CHARS,
     PREFERENCES,
-    PRIORITIES,
-    PRIVATE_ZONE,
-    SENSITIVITIES,
     Budget,
     BurstWhen,
     Rule,

@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
+from facefleet.domain import priority_from_proto, sensitivity_from_proto, sensitivity_known
 from facefleet.rpc_errors import TaskInputError
 from facefleet.scheduler.placement.model import CandidateTrace, Decision, Estimate, TaskSpec
 from facefleet.v1 import types_pb2
 
-_SENSITIVITY = {
-    types_pb2.SENSITIVITY_PUBLIC: "public",
-    types_pb2.SENSITIVITY_INTERNAL: "internal",
-    types_pb2.SENSITIVITY_PRIVATE: "private",
-}
-_PRIORITY = {
-    types_pb2.PRIORITY_LOW: "low",
-    types_pb2.PRIORITY_NORMAL: "normal",
-    types_pb2.PRIORITY_HIGH: "high",
-    types_pb2.PRIORITY_URGENT: "urgent",
-}
 _OUTCOME = {
     "dispatch": types_pb2.PlacementDecision.DISPATCH,
     "queue": types_pb2.PlacementDecision.QUEUE,
@@ -28,16 +18,15 @@ _OUTCOME_BACK = {v: k for k, v in _OUTCOME.items()}
 def task_spec_from_proto(task: types_pb2.Task, default_priority: str = "normal") -> TaskSpec:
     """TaskSpec from a proto Task. Sensitivity must be set (no default: residency depends on it);
     an unspecified priority becomes `default_priority`. Raises TaskInputError naming the field."""
-    sensitivity = _SENSITIVITY.get(task.sensitivity)
-    if sensitivity is None:
+    if not sensitivity_known(task.sensitivity):
         raise TaskInputError(
             "task.sensitivity", "must be SENSITIVITY_PUBLIC, SENSITIVITY_INTERNAL or SENSITIVITY_PRIVATE"
         )
+    sensitivity = sensitivity_from_proto(task.sensitivity)
+    priority = priority_from_proto(task.priority)
     if task.priority == types_pb2.PRIORITY_UNSPECIFIED:
         priority = default_priority
-    elif task.priority in _PRIORITY:
-        priority = _PRIORITY[task.priority]
-    else:
+    elif priority is None:
         raise TaskInputError("task.priority", f"unknown priority value {task.priority}")
     if not task.project:
         raise TaskInputError("task.project", "required (rules and locks are per project)")

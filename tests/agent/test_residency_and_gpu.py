@@ -33,7 +33,8 @@ def test_residency_refusal_iff_cloud_and_private_or_locked(
         task=types_pb2.Task(id="t", project=project, sensitivity=sensitivity),  # type: ignore[arg-type]
         project_locked=locked,
     )
-    needs_private = sensitivity == types_pb2.SENSITIVITY_PRIVATE or locked
+    # an unset sensitivity counts as private (facefleet.domain.DEFAULT_SENSITIVITY)
+    needs_private = sensitivity in (types_pb2.SENSITIVITY_PRIVATE, types_pb2.SENSITIVITY_UNSPECIFIED) or locked
     refusal = residency_refusal(identity, request)
     assert (refusal is not None) == (zone == "cloud" and needs_private)
     if refusal is not None:

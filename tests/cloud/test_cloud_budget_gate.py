@@ -9,12 +9,12 @@ from typing import Any
 import sqlalchemy as sa
 
 from facefleet.agent.heartbeat import DrainVotes
+from facefleet.domain import DISPATCHED, PREEMPTED, SUCCEEDED
 from facefleet.scheduler.cloud.budget_gate import BudgetGate
 from facefleet.scheduler.ledger import SpendLedger, month_of
 from facefleet.scheduler.placement.model import Budget, Decision, Estimate, PoolState
 from facefleet.scheduler.placement_gateway import PlacementResult
 from facefleet.scheduler.store import TaskRecord
-from facefleet.scheduler.task_states import DISPATCHED, PREEMPTED, SUCCEEDED
 from facefleet.v1 import scheduler_pb2, types_pb2
 
 NOW = 1_790_000_000.0

@@ -7,9 +7,10 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from facefleet.domain import PRIORITIES, SENSITIVITIES
 from facefleet.scheduler.placement import FALLBACK_RULESET, TaskSpec, World, load_ruleset, place
 from facefleet.scheduler.placement.filters import FILTER_ORDER
-from facefleet.scheduler.placement.model import OUTCOMES, PRIORITIES, SENSITIVITIES
+from facefleet.scheduler.placement.model import OUTCOMES
 
 PROJECTS = ["promo-a", "promo-b", "film-x", "news", "partner-1", "med"]
 POOL_NAMES = ["onprem-a", "onprem-b", "aws-1", "aws-2", "azure-1", "cloud-local", "gpu-x"]

@@ -12,8 +12,8 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
+from facefleet.domain import IN_FLIGHT, TERMINAL
 from facefleet.scheduler.store import TaskStore, tasks, transitions
-from facefleet.scheduler.task_states import IN_FLIGHT, TERMINAL
 from facefleet.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 from tests.scheduler.conftest import write_policy
 from tests.scheduler.fake_agents import HollowAgent, wait_for

@@ -9,10 +9,11 @@ import time
 import pytest
 import sqlalchemy as sa
 
+from facefleet.domain import TASK_STATES as ALL_STATES
 from facefleet.scheduler import metrics
 from facefleet.scheduler.group_commit import GroupCommitter
 from facefleet.scheduler.store import IllegalTransition, NewTask, Placement, Step, TaskStore, UnknownTask, transitions
-from facefleet.scheduler.task_states import ALL_STATES, ALLOWED_FROM, is_legal
+from facefleet.scheduler.task_states import ALLOWED_FROM, is_legal
 from facefleet.v1 import types_pb2
 
 

@@ -14,6 +14,7 @@ from prometheus_client import REGISTRY
 from facefleet.config import TLSConfig
 from facefleet.grpc_server import SERVICE_NAMES, ServerHandle, build_server
 from facefleet.rpc_errors import FIELD_KEY, reason_of
+from facefleet.scheduler import metrics
 from facefleet.scheduler.admin_service import AdminServicer
 from facefleet.security.audit import AuditLog, verify
 from facefleet.security.roles import RoleGate, current_identity
@@ -42,7 +43,7 @@ def start(
             (SERVICE_NAMES["Agent"], lambda s: agent_pb2_grpc.add_AgentServicer_to_server(EchoAgent(), s)),
         ],
         credentials,
-        interceptors=[RoleGate(audit, insecure=insecure)],
+        interceptors=[RoleGate(audit, insecure=insecure, on_denial=metrics.count_denial)],
         max_workers=4,
     )
 

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from facefleet.domain import must_stay_private, sensitivity_from_proto
 from facefleet.rpc_errors import TaskInputError
 from facefleet.security.residency import (
     LockActionKind,
@@ -15,7 +16,6 @@ from facefleet.security.residency import (
     TaskLocation,
     check_storage,
     lock_actions,
-    must_stay_private,
     redact_uri,
     storage_allowed,
 )
@@ -162,7 +162,7 @@ def test_no_private_or_locked_task_ever_runs_in_the_cloud(ops: list[tuple]) -> N
         elif kind == "place":
             for index, current in enumerate(tasks):
                 pool = op[1][index % len(op[1])]
-                pinned = must_stay_private(current.sensitivity, current.project, locked)
+                pinned = must_stay_private(sensitivity_from_proto(current.sensitivity), current.project in locked)
                 if current.state == Q and not (pinned and POOLS[pool] != "private"):  # placement's residency filter
                     tasks[index] = replace(current, state=PLACED, pool=pool, trust_zone=POOLS[pool])
         elif kind == "dispatch":  # ... and the dispatcher starts all placed tasks but one
@@ -175,12 +175,13 @@ def test_no_private_or_locked_task_ever_runs_in_the_cloud(ops: list[tuple]) -> N
                 tasks[index] = replace(tasks[index], state=DONE)
         elif kind == "step":
             for current in tasks:
-                pinned = must_stay_private(current.sensitivity, current.project, locked)
+                pinned = must_stay_private(sensitivity_from_proto(current.sensitivity), current.project in locked)
                 if current.state == RUNNING and pinned and current.trust_zone != "private":
                     ran_in_cloud_while_pinned.append(current.task_id)
         left_on_cloud = [
             t.task_id for t in tasks
-            if t.state != DONE and t.trust_zone == "cloud" and must_stay_private(t.sensitivity, t.project, locked)
+            if t.state != DONE and t.trust_zone == "cloud"
+            and must_stay_private(sensitivity_from_proto(t.sensitivity), t.project in locked)
         ]  # fmt: skip
         assert left_on_cloud == [], f"pinned task(s) {left_on_cloud} left on a cloud pool after {op}"
     assert ran_in_cloud_while_pinned == []
