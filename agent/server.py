@@ -699,7 +699,7 @@ class AgentHandle:
     _metrics_server: Any
     _stop_sampler: threading.Event
     heartbeats: list[HeartbeatLoop] = field(default_factory=list)
-    interruption: Any = None  # scheduler.cloud.interruption.InterruptionMonitor on cloud agents
+    interruption: Any = None  # agent.interruption.InterruptionMonitor on cloud agents
 
     @property
     def port(self) -> int:
@@ -754,7 +754,7 @@ def serve_agent(
     """Start an agent: gRPC server on `config.listen`, /metrics on `config.metrics_port` (0 = free port),
     and heartbeats to the scheduler through `scheduler_channel_factory` (None: no heartbeats), or to
     every replica in `scheduler_channel_factories`. `pipeline=None` loads `SwapPipeline` from
-    `config.models_dir`. `interruption_watcher` (scheduler.cloud.interruption, cloud agents) is polled
+    `config.models_dir`. `interruption_watcher` (agent.interruption, cloud agents) is polled
     every `interruption_poll_s`; a spot notice preempts the runs (see `preempt_on_notice`).
     """
     pipeline_error: BaseException | None = None
@@ -813,7 +813,7 @@ def serve_agent(
     heartbeat = loops[0] if loops else None
     monitor = None
     if interruption_watcher is not None:
-        from facefleet.scheduler.cloud.interruption import InterruptionMonitor
+        from facefleet.agent.interruption import InterruptionMonitor
 
         monitor = InterruptionMonitor(
             interruption_watcher,

@@ -5,12 +5,11 @@ loudly), the role gate interceptor, the hash-chained AuditLog fed by the dispatc
 dispatches, completions, residency refusals, lock enforcement) and by intake, the Admin service,
 scheduler→agent client credentials, the storage allow-list at SubmitTask, and compliance-lock
 enforcement (live re-check before each RPC, re-placement of tasks already headed for the cloud).
-Cloud bursting joins in when `scheduler/cloud/wiring.py` provides `build_cloud(settings, engine)`.
+Cloud bursting (ledger gate, price feeds, provisioner) comes from `scheduler/cloud/wiring.py`.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -23,8 +22,9 @@ from facefleet.rpc_errors import TaskInputError
 from facefleet.scheduler import metrics
 from facefleet.scheduler.admin_service import AdminServicer
 from facefleet.scheduler.agent_streams import AioChannelFactory
-from facefleet.scheduler.app import SchedulerApp
+from facefleet.scheduler.app import SchedulerApp, ensure_sqlite_dir
 from facefleet.scheduler.audit_trail import AuditTrail
+from facefleet.scheduler.cloud.wiring import build_cloud, ledger_engine
 from facefleet.scheduler.dispatcher import DispatcherSettings
 from facefleet.scheduler.lock_enforcement import EnforcingRuleSource, LockEnforcer, LockGate
 from facefleet.scheduler.placement_gateway import RulesSource
@@ -37,9 +37,6 @@ from facefleet.v1 import types_pb2
 from facefleet.v1.admin_pb2_grpc import add_AdminServicer_to_server as add_admin
 
 log = structlog.get_logger()
-
-CLOUD_WIRING_MODULE = "facefleet.scheduler.cloud.wiring"
-
 
 def rules_source_from(settings: Settings) -> Any:
     policy = settings.policy
@@ -59,25 +56,36 @@ def agent_channel_factory(settings: Settings) -> AioChannelFactory:
     return channel_for
 
 
-def _load_cloud_wiring() -> Callable[..., Any] | None:
-    try:
-        module = importlib.import_module(CLOUD_WIRING_MODULE)
-    except ModuleNotFoundError as error:
-        if error.name != CLOUD_WIRING_MODULE:
-            raise
-        return None
-    build: Callable[..., Any] | None = getattr(module, "build_cloud", None)
-    return build
-
-
 class AssembledScheduler(SchedulerApp):
-    """A SchedulerApp plus the parts that start and stop with it (lock enforcement, cloud)."""
+    """A SchedulerApp plus the parts that start and stop with it: the audit trail, the Admin
+    service, and lock enforcement (built here from the app's own store, dispatcher and registry)."""
 
-    audit_log: AuditLog
-    audit_trail: AuditTrail
-    lock_gate: LockGate
-    lock_enforcer: LockEnforcer
-    admin: AdminServicer
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        audit_log: AuditLog,
+        audit_trail: AuditTrail,
+        lock_gate: LockGate,
+        admin: AdminServicer,
+        **parts: Any,
+    ) -> None:
+        super().__init__(settings, audit=audit_trail, admission=lock_gate, **parts)
+        self.audit_log, self.audit_trail, self.lock_gate, self.admin = audit_log, audit_trail, lock_gate, admin
+        audit_trail.agents = self.registry
+        self.lock_enforcer = LockEnforcer(
+            self.store,
+            self.rules,
+            lock_gate,
+            self.dispatcher,
+            self.registry,
+            pool_zones=lambda: {
+                pool.name: pool.trust_zone for pool in self.capacity.snapshot(audit_log.clock()).pools
+            },
+            audit=audit_trail,
+        )
+        admin.rules = EnforcingRuleSource(self.rules, self.lock_enforcer)
+        admin.drain = self.registry.drain
 
     def start(self) -> AssembledScheduler:
         super().start()  # starts the cloud parts too
@@ -108,7 +116,6 @@ def build_scheduler(
     gate = LockGate(rules)
     trail = AuditTrail(audit)
     allowed_prefixes = list(settings.residency.private_storage_prefixes)
-    holder: dict[str, SchedulerApp] = {}
 
     def intake_check(task: types_pb2.Task) -> None:
         check_storage(task, gate.project_locked(task.project), allowed_prefixes)
@@ -117,55 +124,32 @@ def build_scheduler(
         if isinstance(error, ResidencyViolation):
             trail.intake_refusal(actor, task, error)
 
-    def drain(agent_id: str) -> bool:
-        return holder["app"].registry.drain(agent_id)
-
     def spent(name: str) -> float:
         return spent_usd(name) if spent_usd is not None else 0.0
 
-    cloud = None
-    build_cloud = _load_cloud_wiring()
-    if build_cloud is not None:
-        from facefleet.scheduler.app import ensure_sqlite_dir
-        from facefleet.scheduler.cloud.wiring import ledger_engine
-
-        ensure_sqlite_dir(settings.scheduler.store_url)
-        cloud = build_cloud(settings, ledger_engine(settings.scheduler.store_url))
-        if spent_usd is None:
-            spent_usd = cloud.budget_spent
-    admin = AdminServicer(rules, audit, drain=drain, spent_usd=spent)  # rule source wrapped below
+    ensure_sqlite_dir(settings.scheduler.store_url)
+    cloud = build_cloud(settings, ledger_engine(settings.scheduler.store_url))
+    if spent_usd is None:
+        spent_usd = cloud.budget_spent
+    # rules and drain are set by AssembledScheduler once the registry and lock enforcer exist
+    admin = AdminServicer(rules, audit, drain=lambda _agent_id: False, spent_usd=spent)
     app = AssembledScheduler(
         settings,
+        audit_log=audit,
+        audit_trail=trail,
+        lock_gate=gate,
+        admin=admin,
         credentials=credentials,
-        interceptors=[
-            AioRoleGate(
-                audit, insecure=settings.tls.insecure, on_denial=metrics.count_denial
-            )
-        ],
+        interceptors=[AioRoleGate(audit, insecure=settings.tls.insecure, on_denial=metrics.count_denial)],
         extra_services=[(SERVICE_NAMES["Admin"], lambda server: add_admin(admin, server))],
         rules_source=rules,
         listeners=[trail],
-        audit=trail,
         channel_for=channel_for or agent_channel_factory(settings),
         dispatcher_settings=dispatcher_settings,
-        admission=gate,
         intake_check=intake_check,
         intake_refused=intake_refused,
         cloud=cloud,
     )
-    holder["app"] = app
-    trail.agents = app.registry
-    app.audit_log, app.audit_trail, app.lock_gate, app.admin = audit, trail, gate, admin
-    app.lock_enforcer = LockEnforcer(
-        app.store,
-        rules,
-        gate,
-        app.dispatcher,
-        app.registry,
-        pool_zones=lambda: {pool.name: pool.trust_zone for pool in app.capacity.snapshot(trail.audit.clock()).pools},
-        audit=trail,
-    )
-    admin.rules = EnforcingRuleSource(rules, app.lock_enforcer)
     log.info(
         "scheduler assembled",
         tls=credentials is not None,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +21,6 @@ def _settings(config: Path | None) -> Any:
         return load_settings(config)
     except Exception as error:
         fail(f"cannot load the configuration: {error}", hint="fix the file named above or drop --config")
-
-
-def _interruption_watcher(provider: str, metadata_url: str, instance_id: str) -> Any:
-    """The spot notice watcher for a cloud agent; None on-prem."""
-    from facefleet.scheduler.cloud.interruption import (
-        METADATA_BASE_URL,
-        AwsInterruptionWatcher,
-        AzureScheduledEventsWatcher,
-    )
-
-    base = metadata_url or METADATA_BASE_URL
-    if provider == "aws":
-        return AwsInterruptionWatcher(base)
-    if provider == "azure":
-        return AzureScheduledEventsWatcher(base, vm_name=instance_id or None)
-    return None
 
 
 def register(app: typer.Typer) -> None:
@@ -88,26 +71,15 @@ def register(app: typer.Typer) -> None:
             fail(f"--provider must be onprem, aws, azure or local, got {provider!r}")
         if not models.is_dir():
             fail(f"models directory {models} does not exist", hint="create it (it may be empty: classical engine)")
-        import grpc
-
-        from facefleet.agent.server import serve_agent
-        from facefleet.security.roles import RoleGate
-        from facefleet.security.tls import TLSMaterialError, secure_channel, server_credentials_unless_insecure
+        from facefleet.agent.assembly import AgentStartError, start_agent
         from facefleet.structured_logs import configure_logging
 
         settings = _settings(config)
         configure_logging(settings.log_level, settings.log_format)
-        scheduler = scheduler or settings.agent.scheduler
-        schedulers = [address.strip() for address in scheduler.split(",") if address.strip()]
-        if not schedulers:
-            fail(
-                "no scheduler address",
-                hint="pass --scheduler host:port (comma-separate replicas) or set agent.scheduler",
-            )
         updates: dict[str, Any] = {
             "pool": pool,
             "trust_zone": trust_zone,
-            "scheduler": scheduler,
+            "scheduler": scheduler or settings.agent.scheduler,
             "models_dir": models,
             "listen": listen,
             "slots": slots,
@@ -125,36 +97,13 @@ def register(app: typer.Typer) -> None:
             updates["checkpoint_root"] = checkpoint_root
         if c2pa_cert is not None or c2pa_key is not None:
             updates["c2pa_cert"], updates["c2pa_key"] = c2pa_cert, c2pa_key
-        agent_config = settings.agent.model_copy(update=updates)
-        from facefleet.agent.pipeline.provenance import C2paSigningKey, ProvenanceSigningFailed
-
-        try:  # fail at start, not on the first task, when the signing material is unusable
-            C2paSigningKey.from_config(agent_config.c2pa_cert, agent_config.c2pa_key)
-        except ProvenanceSigningFailed as error:
-            fail(error.message, hint="`facefleet certs init` writes c2pa-signer.pem and c2pa-signer-key.pem")
         tls = settings.tls.model_copy(
             update={"insecure": insecure or settings.tls.insecure, **({"dir": tls_dir} if tls_dir is not None else {})}
         )
         try:
-            credentials = server_credentials_unless_insecure(tls, "agent")
-
-            def channel_to(address: str) -> Callable[[], grpc.Channel]:
-                return lambda: secure_channel(address, tls, "agent")
-
-            factories = [channel_to(address) for address in schedulers]
-            factories[0]().close()  # fail now, not in the heartbeat thread, when material is missing
-        except TLSMaterialError as error:
-            fail(str(error), hint="or pass --insecure for local development")
-        try:
-            handle = serve_agent(
-                agent_config,
-                credentials,
-                [RoleGate(None, insecure=tls.insecure)],
-                scheduler_channel_factories=factories,
-                interruption_watcher=_interruption_watcher(provider, metadata_url, agent_config.instance_id),
-            )
-        except OSError as error:
-            fail(f"cannot start the agent: {error}", hint="pick a free --listen / --metrics-port")
+            handle = start_agent(settings.agent.model_copy(update=updates), tls, metadata_url)
+        except AgentStartError as error:
+            fail(error.message, hint=error.hint)
         description = handle.runtime.describe()
         console.print(
             f"agent [bold]{description.agent_id}[/] pool={pool} zone={trust_zone} on port {handle.port}, "

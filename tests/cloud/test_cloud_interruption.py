@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from facefleet.scheduler.cloud.interruption import (
+from facefleet.agent.interruption import (
     AwsInterruptionWatcher,
     AzureScheduledEventsWatcher,
     InterruptionMonitor,

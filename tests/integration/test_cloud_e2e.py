@@ -23,6 +23,7 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client import REGISTRY
 
+from facefleet.agent.interruption import AwsInterruptionWatcher
 from facefleet.agent.server import AgentHandle, serve_agent
 from facefleet.config import (
     AgentConfig,
@@ -37,7 +38,6 @@ from facefleet.config import (
 from facefleet.scheduler.app import SchedulerApp
 from facefleet.scheduler.cloud.aws import AwsSpotBackend
 from facefleet.scheduler.cloud.backend import TAG_CLUSTER, TAG_INSTANCE, TAG_POOL
-from facefleet.scheduler.cloud.interruption import AwsInterruptionWatcher
 from facefleet.scheduler.cloud.prices import SpotPrice
 from facefleet.scheduler.cloud.wiring import CloudParts, build_cloud, ledger_engine
 from facefleet.scheduler.dispatcher import DispatcherSettings

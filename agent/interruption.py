@@ -1,4 +1,4 @@
-"""Spot interruption notices, read on the instance itself (agents import this module).
+"""Spot interruption notices, read on the instance itself by the agent.
 
 AWS: IMDSv2 — `PUT /latest/api/token`, then `GET /latest/meta-data/spot/instance-action`
 (404 while no interruption is scheduled; about two minutes of warning).
