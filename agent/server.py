@@ -32,6 +32,8 @@ from facefleet.agent import metrics
 from facefleet.agent.gpu_stats import GpuProbe
 from facefleet.agent.heartbeat import HeartbeatLoop, heartbeat_loops
 from facefleet.agent.inputs import InputRejected, InputResolver
+from facefleet.agent.models.verify import ModelStatus
+from facefleet.agent.pipeline.runner import ProgressUpdate, SwapJob, SwapResult
 from facefleet.config import AgentConfig
 from facefleet.domain import PRIVATE, TERMINAL_PROTO, residency_allows, sensitivity_from_proto, sensitivity_known
 from facefleet.grpc_server import SERVICE_NAMES, ServerHandle, build_server
@@ -65,18 +67,15 @@ class Pipeline(Protocol):
     def execution_providers(self) -> list[str]: ...
 
     @property
-    def models(self) -> list[Any]: ...
+    def models(self) -> list[ModelStatus]: ...
 
-    def run(self, job: Any, on_progress: Callable[[Any], None], cancelled: threading.Event) -> Any: ...
+    def run(
+        self, job: SwapJob, on_progress: Callable[[ProgressUpdate], None], cancelled: threading.Event
+    ) -> SwapResult: ...
 
 
-JobFactory = Callable[..., Any]
-
-
-def default_job_factory(**fields: Any) -> Any:
-    from facefleet.agent.pipeline.runner import SwapJob
-
-    return SwapJob(**fields)
+JobFactory = Callable[..., SwapJob]
+default_job_factory: JobFactory = SwapJob
 
 
 @dataclass(frozen=True)
@@ -283,14 +282,10 @@ class AgentRuntime:
     def describe(self) -> agent_pb2.AgentDescription:
         gpu_name, gpu_memory_mb = self.gpu.describe()
         models = []
-        for model in getattr(self.pipeline, "models", None) or []:
+        for model in self.pipeline.models if self.pipeline is not None else []:
             models.append(
                 agent_pb2.ModelInfo(
-                    name=str(getattr(model, "name", "")),
-                    role=str(getattr(model, "role", "")),
-                    sha256=str(getattr(model, "sha256", "") or ""),
-                    verified=bool(getattr(model, "verified", False)),
-                    error=str(getattr(model, "error", "") or ""),
+                    name=model.name, role=model.role, sha256=model.sha256, verified=model.verified, error=model.error
                 )
             )
         engine = self.pipeline.engine if self.pipeline is not None else f"unavailable: {self.pipeline_error}"
@@ -508,10 +503,9 @@ class AgentRuntime:
             )
             frames_seen = [request.resume_from_frame]
 
-            def on_progress(update: Any) -> None:
+            def on_progress(update: ProgressUpdate) -> None:
                 nonlocal last
-                done = int(getattr(update, "frames_done", 0))
-                fps = float(getattr(update, "fps", 0.0) or 0.0)
+                done, fps = update.frames_done, update.fps
                 if done > frames_seen[0] and self.pipeline is not None:
                     metrics.FRAMES.labels(pool=pool, engine=self.pipeline.engine).inc(done - frames_seen[0])
                     frames_seen[0] = done
@@ -524,25 +518,25 @@ class AgentRuntime:
                     checkpoint_dir,
                     state=types_pb2.TASK_STATE_RUNNING,
                     frames_done=done,
-                    frames_total=int(getattr(update, "frames_total", 0) or task.frames),
+                    frames_total=update.frames_total or task.frames,
                     fps=fps,
-                    stage=str(getattr(update, "stage", "") or ""),
-                    checkpoint_frame=int(getattr(update, "checkpoint_frame", 0) or 0),
-                    message=str(getattr(update, "message", "") or ""),
+                    stage=update.stage,
+                    checkpoint_frame=update.checkpoint_frame,
+                    message=update.message,
                 )
                 run.publish(last)
 
             assert self.pipeline is not None
             result = self.pipeline.run(job, on_progress, run.cancelled)
-            self.resolver.publish_output(task.output_uri, "task.output_uri", Path(result.output_path))
-            processed = int(getattr(result, "frames_processed", 0) or getattr(result, "frames", 0) or 1)
-            for stage, seconds in (getattr(result, "stage_seconds", None) or {}).items():
-                metrics.STAGE_SECONDS.labels(stage=stage).observe(float(seconds) / max(1, processed))  # per frame
-            frames = int(getattr(result, "frames", 0) or 0)
+            self.resolver.publish_output(task.output_uri, "task.output_uri", result.output_path)
+            processed = result.frames_processed or result.frames or 1
+            for stage, seconds in result.stage_seconds.items():
+                metrics.STAGE_SECONDS.labels(stage=stage).observe(seconds / processed)  # per frame
+            frames = result.frames
             elapsed = time.monotonic() - run.started_at
             if frames > 0 and elapsed > 0:
                 self._observe_sec_per_frame(elapsed / max(1, processed))
-            quality = getattr(result, "quality", None)
+            quality = result.quality
             final = self._progress(
                 run,
                 request,
@@ -552,14 +546,14 @@ class AgentRuntime:
                 frames_done=frames,
                 frames_total=frames,
                 fps=last.fps,
-                checkpoint_frame=int(getattr(result, "checkpoint_frame", frames) or frames),
-                engine=str(getattr(result, "engine", "") or last.engine),
+                checkpoint_frame=result.checkpoint_frame or frames,
+                engine=result.engine or last.engine,
                 quality=types_pb2.Quality(
-                    id_similarity_mean=float(getattr(quality, "id_similarity_mean", 0.0) or 0.0),
-                    id_similarity_min=float(getattr(quality, "id_similarity_min", 0.0) or 0.0),
-                    faces_swapped=int(getattr(quality, "faces_swapped", 0) or 0),
+                    id_similarity_mean=quality.id_similarity_mean or 0.0,
+                    id_similarity_min=quality.id_similarity_min or 0.0,
+                    faces_swapped=quality.faces_swapped,
                 ),
-                message=f"swap finished with the {getattr(result, 'engine', '') or last.engine} engine",
+                message=f"swap finished with the {result.engine or last.engine} engine",
             )
             shutil.rmtree(checkpoint_dir, ignore_errors=True)  # nothing left to resume
         except Exception as error:

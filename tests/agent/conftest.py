@@ -15,63 +15,12 @@ import grpc
 import numpy as np
 import pytest
 
+from facefleet.agent.models.verify import ModelStatus
+from facefleet.agent.pipeline.quality import QualityReport
+from facefleet.agent.pipeline.runner import ProgressUpdate, SwapJob, SwapResult
 from facefleet.agent.server import AgentHandle, serve_agent
 from facefleet.config import AgentConfig
 from facefleet.v1 import agent_pb2, agent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
-
-
-@dataclass
-class FakeJob:
-    """Same fields as agent.pipeline.runner.SwapJob."""
-
-    task_id: str
-    source_path: Path
-    target_path: Path
-    output_path: Path
-    checkpoint_dir: Path
-    face_selector: str = "largest"
-    reference_face_path: Path | None = None
-    blend: float = 1.0
-    mask: str = "ellipse"
-    enhance: bool = False
-    checkpoint_every_frames: int = 48
-    resume_from_frame: int = 0
-
-
-@dataclass
-class FakeUpdate:
-    frames_done: int
-    frames_total: int
-    fps: float
-    stage: str
-    checkpoint_frame: int
-    message: str = ""
-
-
-@dataclass
-class FakeQuality:
-    id_similarity_mean: float
-    id_similarity_min: float
-    faces_swapped: int
-
-
-@dataclass
-class FakeResult:
-    output_path: Path
-    frames: int
-    engine: str
-    quality: FakeQuality
-    checkpoint_frame: int
-    stage_seconds: dict[str, float]
-
-
-@dataclass
-class FakeModel:
-    name: str
-    role: str
-    sha256: str
-    verified: bool
-    error: str = ""
 
 
 class FakePipelineError(Exception):
@@ -91,8 +40,8 @@ class FakePipeline:
     execution_providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     models: list[Any] = field(
         default_factory=lambda: [
-            FakeModel("scrfd", "detector", "ab" * 32, True),
-            FakeModel("swap", "swapper", "", False, "missing"),
+            ModelStatus("scrfd", "detector", "ab" * 32, True),
+            ModelStatus("swap", "swapper", "", False, "missing"),
         ]
     )
     gate: threading.Event = field(default_factory=threading.Event)
@@ -104,7 +53,7 @@ class FakePipeline:
     def __post_init__(self) -> None:
         self.gate.set()
 
-    def run(self, job: Any, on_progress: Callable[[Any], None], cancelled: threading.Event) -> FakeResult:
+    def run(self, job: Any, on_progress: Callable[[Any], None], cancelled: threading.Event) -> SwapResult:
         self.calls.append(job.task_id)
         self.jobs.append(job)
         assert Path(job.source_path).is_file() and Path(job.target_path).is_file()
@@ -119,10 +68,10 @@ class FakePipeline:
             if cancelled.is_set():
                 raise FakePipelineError("cancelled", "CANCELLED")
             time.sleep(self.frame_seconds)
-            on_progress(FakeUpdate(done, self.frames, 1.0 / self.frame_seconds, "swap", done - done % 2))
+            on_progress(ProgressUpdate(done, self.frames, 1.0 / self.frame_seconds, "swap", done - done % 2))
         shutil.copyfile(job.target_path, job.output_path)
-        return FakeResult(
-            Path(job.output_path), self.frames, self.engine, FakeQuality(0.8, 0.7, 1), self.frames, {"swap": 0.01}
+        return SwapResult(
+            Path(job.output_path), self.frames, self.engine, QualityReport(0.8, 0.7, 1), self.frames, {"swap": 0.01}
         )
 
 
@@ -210,7 +159,7 @@ def make_agent(tmp_path: Path) -> Iterator[Callable[..., AgentEnv]]:
     def make(
         pipeline: Any = None,
         scheduler_port: int | None = None,
-        job_factory: Any = FakeJob,
+        job_factory: Any = SwapJob,
         name: str = "agent",
         **config: Any,
     ) -> AgentEnv:

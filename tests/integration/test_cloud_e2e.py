@@ -43,7 +43,7 @@ from facefleet.scheduler.cloud.wiring import CloudParts, build_cloud, ledger_eng
 from facefleet.scheduler.dispatcher import DispatcherSettings
 from facefleet.scheduler.ledger import BudgetAccount, Usage, cloud_spend, month_of
 from facefleet.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
-from tests.agent.conftest import FakeJob, FakePipeline, write_image
+from tests.agent.conftest import FakePipeline, SwapJob, write_image
 from tests.cloud.conftest import ec2, moto_endpoint  # noqa: F401  (fixtures)
 from tests.scheduler.fake_agents import HollowAgent, wait_for
 
@@ -216,7 +216,7 @@ def test_spot_notice_preempts_and_the_task_resumes_from_its_checkpoint_on_prem(
         # Two "replicas" on the same scheduler: the comma-separated heartbeat path is exercised too.
         factories = [lambda: grpc.insecure_channel(f"127.0.0.1:{app.port}")] * 2
         handle = serve_agent(
-            config, None, scheduler_channel_factories=factories, pipeline=pipeline, job_factory=FakeJob, **kwargs
+            config, None, scheduler_channel_factories=factories, pipeline=pipeline, job_factory=SwapJob, **kwargs
         )
         agents.append(handle)
         return handle

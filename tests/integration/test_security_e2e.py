@@ -36,7 +36,7 @@ from facefleet.security.audit import query, verify
 from facefleet.security.roles import RoleGate
 from facefleet.security.tls import secure_channel, server_credentials
 from facefleet.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
-from tests.agent.conftest import FakeJob, FakePipelineError, FakeQuality, FakeResult, FakeUpdate, write_image
+from tests.agent.conftest import FakePipelineError, ProgressUpdate, QualityReport, SwapJob, SwapResult, write_image
 from tests.scheduler.fake_agents import wait_for
 
 TIMEOUT = 10
@@ -86,7 +86,7 @@ class RecordingPipeline:
     def __post_init__(self) -> None:
         self.gate.set()
 
-    def run(self, job: Any, on_progress: Callable[[Any], None], cancelled: threading.Event) -> FakeResult:
+    def run(self, job: Any, on_progress: Callable[[Any], None], cancelled: threading.Event) -> SwapResult:
         record = RunRecord(job.task_id, time.monotonic(), job.resume_from_frame)
         self.runs.append(record)
         try:
@@ -97,14 +97,14 @@ class RecordingPipeline:
                 if cancelled.is_set():
                     raise FakePipelineError("cancelled", "CANCELLED")
                 time.sleep(self.frame_seconds)
-                on_progress(FakeUpdate(done, self.frames, 1.0 / self.frame_seconds, "swap", done))
+                on_progress(ProgressUpdate(done, self.frames, 1.0 / self.frame_seconds, "swap", done))
             record.decided = time.monotonic()
             if cancelled.is_set():
                 raise FakePipelineError("cancelled", "CANCELLED")
             Path(job.output_path).parent.mkdir(parents=True, exist_ok=True)
             Path(job.output_path).write_bytes(b"swapped")
             record.outcome = "succeeded"
-            return FakeResult(Path(job.output_path), self.frames, self.engine, FakeQuality(0.8, 0.7, 1), 0, {})
+            return SwapResult(Path(job.output_path), self.frames, self.engine, QualityReport(0.8, 0.7, 1), 0, {})
         except FakePipelineError:
             record.decided = record.decided or time.monotonic()
             record.outcome = "cancelled"
@@ -177,7 +177,7 @@ class Cluster:
             [RoleGate(None)],
             scheduler_channel_factory=lambda: secure_channel(self.address, self.tls, "agent"),
             pipeline=pipeline,
-            job_factory=FakeJob,
+            job_factory=SwapJob,
         )
         self.agents.append(handle)
         wait_for(lambda: self.app.registry.get(agent_id) is not None, 10, what=f"agent {agent_id} to heartbeat")
