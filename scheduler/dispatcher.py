@@ -32,7 +32,7 @@ from facefleet.scheduler.agent_streams import AgentStreams, AioChannelFactory
 from facefleet.scheduler.completion_batch import Completion, CompletionBatcher
 from facefleet.scheduler.placement.model import TaskSpec
 from facefleet.scheduler.placement.proto_codec import task_spec_from_proto
-from facefleet.scheduler.placement_gateway import PlacementResult, Placer, residency_violation
+from facefleet.scheduler.placement_gateway import PlacementResult, Placer, WorldSnapshot, residency_violation
 from facefleet.scheduler.store import Change, IllegalTransition, Placement, Step, TaskRecord, TaskStore
 from facefleet.v1 import agent_pb2, types_pb2
 
@@ -418,7 +418,7 @@ class Dispatcher:
                 _safe(flush)
 
     def _plan(
-        self, record: TaskRecord, now: float, snapshot: Any, full_pools: set[str], waiting: set[TaskSpec]
+        self, record: TaskRecord, now: float, snapshot: WorldSnapshot, full_pools: set[str], waiting: set[TaskSpec]
     ) -> _Launch | Change | Placement | None:
         """What to do with one queued task: launch it, fail it (Change), keep it queued (Placement to
         record when the decision is new) or nothing.
@@ -769,18 +769,18 @@ def _waits_for_a_slot_only(result: PlacementResult) -> bool:
     return "capacity" in failed and failed <= _STANDING_FILTERS | {"capacity"}
 
 
-def _free_anywhere(snapshot: Any) -> int:
-    """Slots free or provisionable across every pool of the pass's (rules, World)."""
-    return sum(pool.free_slots + pool.can_provision for pool in snapshot[1].pools)
+def _free_anywhere(snapshot: WorldSnapshot) -> int:
+    """Slots free or provisionable across every pool of the pass's world."""
+    return sum(pool.free_slots + pool.can_provision for pool in snapshot.world.pools)
 
 
-def _with_free_slots(snapshot: Any, pool_name: str, free: Callable[[int], int]) -> Any:
-    """The pass's (rules, World) with `pool_name`'s free slots replaced by `free(current)`."""
-    active, world = snapshot
+def _with_free_slots(snapshot: WorldSnapshot, pool_name: str, free: Callable[[int], int]) -> WorldSnapshot:
+    """The pass's snapshot with `pool_name`'s free slots replaced by `free(current)`."""
+    world = snapshot.world
     pools = tuple(
         replace(pool, free_slots=free(pool.free_slots)) if pool.name == pool_name else pool for pool in world.pools
     )
-    return active, replace(world, pools=pools)
+    return WorldSnapshot(snapshot.active, replace(world, pools=pools))
 
 
 def _kept_queued(placement: Placement, why: str, record: TaskRecord) -> Placement | None:

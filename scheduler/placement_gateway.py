@@ -13,33 +13,40 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from facefleet.domain import PRIVATE, PRIVATE_ZONE, residency_allows, sensitivity_from_proto
+from facefleet.scheduler.capacity import CapacitySnapshot
 from facefleet.scheduler.placement import place
-from facefleet.scheduler.placement.model import Budget, Decision, PoolState, TaskSpec, World
+from facefleet.scheduler.placement.model import Budget, Decision, PoolState, RuleSet, TaskSpec, World
 from facefleet.scheduler.placement.proto_codec import decision_to_proto, task_spec_from_proto
+from facefleet.scheduler.rules_source.base import ActiveConfig
 from facefleet.v1 import types_pb2
 
 
 class CapacitySource(Protocol):
-    def snapshot(self, now: float) -> Any: ...  # CapacitySnapshot: .pools, .notes
+    def snapshot(self, now: float) -> CapacitySnapshot: ...
 
 
 class RulesSource(Protocol):
-    def current(self) -> Any: ...  # ActiveConfig: .ruleset, .budgets, .locks, .version, .errors
+    def current(self) -> ActiveConfig: ...
 
 
-PlaceFn = Callable[[TaskSpec, Any, World], Decision]
+class WorldSnapshot(NamedTuple):
+    """What one dispatch pass places against: the active rules and the world built from capacity."""
+
+    active: ActiveConfig
+    world: World
+
+
+PlaceFn = Callable[[TaskSpec, RuleSet, World], Decision]
 PoolOverlay = Callable[[tuple[PoolState, ...], float], tuple[PoolState, ...]]
 BudgetsObserver = Callable[[str, Mapping[str, Budget]], None]
 
 
 class Placer(Protocol):
-    def world(self, now: float) -> tuple[Any, World]: ...
-    def decide(
-        self, task: types_pb2.Task, now: float, snapshot: tuple[Any, World] | None = None
-    ) -> PlacementResult: ...
+    def world(self, now: float) -> WorldSnapshot: ...
+    def decide(self, task: types_pb2.Task, now: float, snapshot: WorldSnapshot | None = None) -> PlacementResult: ...
 
 
 @dataclass(frozen=True)
@@ -77,11 +84,11 @@ class LivePlacement:
     def locks(self) -> Mapping[str, str]:
         return dict(self._rules.current().locks or {})
 
-    def world(self, now: float) -> tuple[Any, World]:
+    def world(self, now: float) -> WorldSnapshot:
         active = self._rules.current()
         snapshot = self._capacity.snapshot(now)
         budgets: dict[str, Budget] = dict(active.budgets or {})
-        version = str(getattr(active, "version", "") or "")
+        version = active.version
         if self._on_budgets is not None and version != self._budgets_seen:
             self._on_budgets(version, budgets)
             self._budgets_seen = version
@@ -92,9 +99,9 @@ class LivePlacement:
         if self._pool_overlay is not None:
             pools = self._pool_overlay(pools, now)
         world = World(pools=pools, budgets=budgets, locks=dict(active.locks or {}), notes=notes)
-        return active, world
+        return WorldSnapshot(active, world)
 
-    def decide(self, task: types_pb2.Task, now: float, snapshot: tuple[Any, World] | None = None) -> PlacementResult:
+    def decide(self, task: types_pb2.Task, now: float, snapshot: WorldSnapshot | None = None) -> PlacementResult:
         """Place `task` against `snapshot` (from `world(now)`, shared by a dispatch pass) or a fresh one."""
         active, world = snapshot or self.world(now)
         decision = self._place(task_spec_from_proto(task), active.ruleset, world)

@@ -16,8 +16,10 @@ import pytest
 
 from facefleet.scheduler.capacity import AgentRegistry
 from facefleet.scheduler.dispatcher import Dispatcher, DispatcherSettings
+from facefleet.scheduler.placement import RuleSet
 from facefleet.scheduler.placement.model import Decision, PoolState, World
-from facefleet.scheduler.placement_gateway import PlacementResult
+from facefleet.scheduler.placement_gateway import PlacementResult, WorldSnapshot
+from facefleet.scheduler.rules_source.base import ActiveConfig
 from facefleet.scheduler.store import Change, TaskStore
 from facefleet.v1 import scheduler_pb2, types_pb2
 from tests.scheduler.fake_agents import HollowAgent, wait_for
@@ -171,12 +173,12 @@ class FirstFreePlacer(FixedPlacer):
         super().__init__("", "private")
         self.pools = pools
 
-    def world(self, now: float) -> tuple[Any, World]:
+    def world(self, now: float) -> WorldSnapshot:
         pools = tuple(
             PoolState(name=name, provider="onprem", trust_zone="private", free_slots=free)
             for name, free in sorted(self.pools.items())
         )
-        return None, World(pools=pools, budgets={}, locks={})
+        return WorldSnapshot(ActiveConfig(RuleSet(rules=(), version="")), World(pools=pools, budgets={}, locks={}))
 
     def decide(self, task: types_pb2.Task, now: float, snapshot: Any = None) -> PlacementResult:
         _active, world = snapshot or self.world(now)

@@ -12,7 +12,8 @@ from facefleet.scheduler.capacity import AgentRegistry
 from facefleet.scheduler.dispatcher import Dispatcher, DispatcherSettings
 from facefleet.scheduler.placement import RuleSet, TaskSpec, load_ruleset, place
 from facefleet.scheduler.placement.model import Decision, PoolState, World
-from facefleet.scheduler.placement_gateway import LivePlacement, PlacementResult
+from facefleet.scheduler.placement_gateway import LivePlacement, PlacementResult, WorldSnapshot
+from facefleet.scheduler.rules_source.base import ActiveConfig
 from facefleet.scheduler.store import NewTask, TaskStore
 from facefleet.v1 import scheduler_pb2, types_pb2
 
@@ -24,9 +25,9 @@ class FixedPlacer:
         self.pool = pool
         self.trust_zone = trust_zone
 
-    def world(self, now: float) -> tuple[Any, World]:
+    def world(self, now: float) -> WorldSnapshot:
         pool = PoolState(name=self.pool, provider="aws", trust_zone=self.trust_zone, free_slots=8)
-        return None, World(pools=(pool,), budgets={}, locks={})
+        return WorldSnapshot(ActiveConfig(RuleSet(rules=(), version="")), World(pools=(pool,), budgets={}, locks={}))
 
     def decide(self, task: types_pb2.Task, now: float, snapshot: Any = None) -> PlacementResult:
         decision = Decision("dispatch", self.pool, "buggy", "always here", (), None)
