@@ -162,6 +162,20 @@ class CloudConfig(Section):
     pools: list[CloudPoolConfig] = Field(default_factory=list)
 
 
+class ConsoleConfig(Section):
+    """The web console (`facefleet console serve`): where it listens, how long a session token lives.
+
+    `secret_file` signs session tokens (default `<tls dir>/console-secret`, created 0600 on first use);
+    `world`/`workload` feed the finance what-if sweep (default: the packaged ones beside the policy).
+    """
+
+    listen: str = "127.0.0.1:8470"
+    token_ttl_s: int = Field(default=12 * 3600, gt=0)
+    secret_file: Path | None = None
+    world: Path | None = None
+    workload: Path | None = None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FACEFLEET_", env_nested_delimiter="__", extra="forbid")
 
@@ -175,6 +189,7 @@ class Settings(BaseSettings):
     residency: ResidencyConfig = Field(default_factory=ResidencyConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     cloud: CloudConfig = Field(default_factory=CloudConfig)
+    console: ConsoleConfig = Field(default_factory=ConsoleConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -242,6 +242,9 @@ private_storage_prefixes = ["{layout.root.as_uri()}/"]
 
 [audit]
 path = "{layout.audit}"
+
+[console]
+listen = "127.0.0.1:{free_port()}"
 """
 
 
@@ -291,6 +294,31 @@ def start_stack(layout: DemoLayout) -> RunningStack:
             ],
         )  # fmt: skip
     return stack
+
+
+def start_console(stack: RunningStack, timeout_s: float = 30) -> str:
+    """Serve the web console beside the stack; its sign-in address for the local user, every human role."""
+    from facefleet.config import load_settings
+    from facefleet.console.tokens import default_subject, sign_in_url
+    from facefleet.security.roles import HUMAN_ROLES
+
+    settings = load_settings(stack.layout.config)
+    serve = ["console", "serve", "--config", str(stack.layout.config)]
+    stack.processes["console"] = _spawn(stack.layout, "console", serve)
+    host, port = settings.console.listen.rsplit(":", 1)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stack.check_alive()
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                where = settings.console.listen
+                raise DemoError(f"the console did not listen on {where} within {timeout_s:.0f} s") from None
+            time.sleep(0.2)
+    url, _ = sign_in_url(settings, HUMAN_ROLES, default_subject())
+    return url
 
 
 @contextmanager

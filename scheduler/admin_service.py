@@ -86,11 +86,13 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         audit: AuditLog,
         drain: Callable[[str], bool],
         spent_usd: Callable[[str], float] = lambda name: 0.0,
+        fleet: Callable[[], admin_pb2.Fleet] = admin_pb2.Fleet,
     ) -> None:
         self.rules = rule_source
         self.audit = audit
         self.drain = drain
         self.spent_usd = spent_usd
+        self.fleet = fleet
 
     # -- plumbing ---------------------------------------------------------------------------
     def _audit(self, act: str, args: dict[str, Any], outcome: str) -> None:
@@ -249,4 +251,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             return admin_pb2.DrainAgentResponse(found=found)
 
         result: admin_pb2.DrainAgentResponse = self._run("drain_agent", args, context, work)
+        return result
+
+    def ListFleet(self, request: admin_pb2.ListFleetRequest, context: grpc.ServicerContext) -> admin_pb2.Fleet:
+        result: admin_pb2.Fleet = self._run("list_fleet", {}, context, self.fleet)
         return result

@@ -26,6 +26,7 @@ from facefleet.scheduler.app import SchedulerApp, ensure_sqlite_dir
 from facefleet.scheduler.audit_trail import AuditTrail
 from facefleet.scheduler.cloud.wiring import build_cloud, ledger_engine
 from facefleet.scheduler.dispatcher import DispatcherSettings
+from facefleet.scheduler.fleet_view import fleet_status
 from facefleet.scheduler.lock_enforcement import EnforcingRuleSource, LockEnforcer, LockGate
 from facefleet.scheduler.placement_gateway import RulesSource
 from facefleet.scheduler.rules_source import ConsulRuleSource, FileRuleSource
@@ -86,6 +87,7 @@ class AssembledScheduler(SchedulerApp):
         )
         admin.rules = EnforcingRuleSource(self.rules, self.lock_enforcer)
         admin.drain = self.registry.drain
+        admin.fleet = lambda: fleet_status(self.registry, self.capacity, audit_log.clock())
 
     def start(self) -> AssembledScheduler:
         super().start()  # starts the cloud parts too

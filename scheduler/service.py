@@ -228,10 +228,12 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             )
         except ValueError as error:
             abort(context, grpc.StatusCode.INVALID_ARGUMENT, types_pb2.INVALID_TASK, str(error), "page_token")
-        return scheduler_pb2.ListTasksResponse(
-            tasks=[task_status(self.store, record, with_history=False) for record in records],
-            next_page_token=token,
-        )
+        statuses = [task_status(self.store, record, with_history=False) for record in records]
+        latest = self.store.latest_progress_of([status.task.id for status in statuses])
+        for status in statuses:  # progress and ID similarity for lists, without each task's history
+            if status.task.id in latest:
+                status.last_progress.CopyFrom(latest[status.task.id])
+        return scheduler_pb2.ListTasksResponse(tasks=statuses, next_page_token=token)
 
     def WatchTask(
         self, request: scheduler_pb2.WatchTaskRequest, context: grpc.ServicerContext

@@ -470,6 +470,21 @@ class TaskStore:
         message.ParseFromString(row.progress_proto)
         return ProgressRecord(row.task_id, row.version, message, row.at)
 
+    def latest_progress_of(self, task_ids: list[str]) -> dict[str, types_pb2.Progress]:
+        """The latest progress of each task that has one, in one query (task lists)."""
+        if not task_ids:
+            return {}
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(progress.c.task_id, progress.c.progress_proto).where(progress.c.task_id.in_(task_ids))
+            )
+            found = {}
+            for row in rows:
+                message = types_pb2.Progress()
+                message.ParseFromString(row.progress_proto)
+                found[row.task_id] = message
+        return found
+
     def list_tasks(
         self,
         project: str = "",

@@ -7,6 +7,7 @@ import typer
 from facefleet.cli import (
     agent_cmds,
     budget_cmds,
+    console_cmds,
     contract_cmds,
     demo_cmds,
     placement_cmds,
@@ -34,6 +35,7 @@ for module in (
     budget_cmds,
     security_cmds,
     contract_cmds,
+    console_cmds,
     swap_cmds,  # after agent_cmds: replaces its placeholder `swap`
 ):
     module.register(app)

@@ -68,6 +68,7 @@ def register(app: typer.Typer) -> None:
                 console.print(_summary_table(rows))
                 _print_next_steps(layout, stack, rows, audit_summary, time.monotonic() - started)
             if keep_running:
+                out.print(f"console: {demo.start_console(stack)}", markup=False, highlight=False, soft_wrap=True)
                 out.print("[bold]--keep-running[/]: the stack stays up; Ctrl-C stops it.")
                 stop = threading.Event()
                 signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -164,5 +165,9 @@ def _print_next_steps(layout: Any, stack: Any, rows: list[dict[str, Any]], audit
         f"--world {layout.policies / 'world.yaml'}   (offline, the same placement code)\n"
         "Prove the locked project stayed on-prem:\n"
         f"  facefleet audit proof --project film-x --path {layout.audit}\n"
+        "Web console (finance, compliance, operators): `facefleet up --keep-running` prints\n"
+        "  console: http://127.0.0.1:PORT/?token=...   or, beside a running stack:\n"
+        f"  facefleet console serve --config {layout.config}  +  facefleet console token --role finance "
+        f"--config {layout.config}\n"
         f"\ndone in {took:.0f} s"
     )

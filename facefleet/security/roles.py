@@ -46,6 +46,7 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     "/facefleet.v1.Admin/ListLocks": frozenset({"compliance", "auditor", "operator"}),
     "/facefleet.v1.Admin/ReloadRules": frozenset({"operator"}),
     "/facefleet.v1.Admin/DrainAgent": frozenset({"operator"}),
+    "/facefleet.v1.Admin/ListFleet": frozenset({"operator", "auditor", "finance"}),
 }
 OPEN_SERVICES = (
     "/grpc.health.v1.Health/",

@@ -124,3 +124,79 @@ class DrainAgentResponse(_message.Message):
     FOUND_FIELD_NUMBER: _ClassVar[int]
     found: bool
     def __init__(self, found: _Optional[bool] = ...) -> None: ...
+
+class ListFleetRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PoolStatus(_message.Message):
+    __slots__ = ("name", "provider", "trust_zone", "region", "free_slots", "price_per_hour", "spot", "price_stale", "healthy", "instance_type", "can_provision", "queue_wait_s")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    TRUST_ZONE_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    FREE_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    PRICE_PER_HOUR_FIELD_NUMBER: _ClassVar[int]
+    SPOT_FIELD_NUMBER: _ClassVar[int]
+    PRICE_STALE_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    CAN_PROVISION_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_WAIT_S_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    provider: str
+    trust_zone: str
+    region: str
+    free_slots: int
+    price_per_hour: float
+    spot: bool
+    price_stale: bool
+    healthy: bool
+    instance_type: str
+    can_provision: int
+    queue_wait_s: float
+    def __init__(self, name: _Optional[str] = ..., provider: _Optional[str] = ..., trust_zone: _Optional[str] = ..., region: _Optional[str] = ..., free_slots: _Optional[int] = ..., price_per_hour: _Optional[float] = ..., spot: _Optional[bool] = ..., price_stale: _Optional[bool] = ..., healthy: _Optional[bool] = ..., instance_type: _Optional[str] = ..., can_provision: _Optional[int] = ..., queue_wait_s: _Optional[float] = ...) -> None: ...
+
+class AgentStatus(_message.Message):
+    __slots__ = ("agent_id", "pool", "trust_zone", "provider", "region", "total_slots", "free_slots", "healthy", "draining", "preempting", "lost", "seen_s_ago", "running", "gpu", "instance_id")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    TRUST_ZONE_FIELD_NUMBER: _ClassVar[int]
+    PROVIDER_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    FREE_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTING_FIELD_NUMBER: _ClassVar[int]
+    LOST_FIELD_NUMBER: _ClassVar[int]
+    SEEN_S_AGO_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    GPU_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    pool: str
+    trust_zone: str
+    provider: str
+    region: str
+    total_slots: int
+    free_slots: int
+    healthy: bool
+    draining: bool
+    preempting: bool
+    lost: bool
+    seen_s_ago: float
+    running: int
+    gpu: str
+    instance_id: str
+    def __init__(self, agent_id: _Optional[str] = ..., pool: _Optional[str] = ..., trust_zone: _Optional[str] = ..., provider: _Optional[str] = ..., region: _Optional[str] = ..., total_slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., healthy: _Optional[bool] = ..., draining: _Optional[bool] = ..., preempting: _Optional[bool] = ..., lost: _Optional[bool] = ..., seen_s_ago: _Optional[float] = ..., running: _Optional[int] = ..., gpu: _Optional[str] = ..., instance_id: _Optional[str] = ...) -> None: ...
+
+class Fleet(_message.Message):
+    __slots__ = ("pools", "agents", "notes")
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    NOTES_FIELD_NUMBER: _ClassVar[int]
+    pools: _containers.RepeatedCompositeFieldContainer[PoolStatus]
+    agents: _containers.RepeatedCompositeFieldContainer[AgentStatus]
+    notes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, pools: _Optional[_Iterable[_Union[PoolStatus, _Mapping]]] = ..., agents: _Optional[_Iterable[_Union[AgentStatus, _Mapping]]] = ..., notes: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -76,6 +76,11 @@ class AdminStub:
                 request_serializer=facefleet_dot_v1_dot_admin__pb2.DrainAgentRequest.SerializeToString,
                 response_deserializer=facefleet_dot_v1_dot_admin__pb2.DrainAgentResponse.FromString,
                 _registered_method=True)
+        self.ListFleet = channel.unary_unary(
+                '/facefleet.v1.Admin/ListFleet',
+                request_serializer=facefleet_dot_v1_dot_admin__pb2.ListFleetRequest.SerializeToString,
+                response_deserializer=facefleet_dot_v1_dot_admin__pb2.Fleet.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -136,6 +141,13 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListFleet(self, request, context):
+        """Pools as placement sees them (capacity, health, spot price) and every known agent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -178,6 +190,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.DrainAgent,
                     request_deserializer=facefleet_dot_v1_dot_admin__pb2.DrainAgentRequest.FromString,
                     response_serializer=facefleet_dot_v1_dot_admin__pb2.DrainAgentResponse.SerializeToString,
+            ),
+            'ListFleet': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListFleet,
+                    request_deserializer=facefleet_dot_v1_dot_admin__pb2.ListFleetRequest.FromString,
+                    response_serializer=facefleet_dot_v1_dot_admin__pb2.Fleet.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -398,6 +415,33 @@ class Admin:
             '/facefleet.v1.Admin/DrainAgent',
             facefleet_dot_v1_dot_admin__pb2.DrainAgentRequest.SerializeToString,
             facefleet_dot_v1_dot_admin__pb2.DrainAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListFleet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/facefleet.v1.Admin/ListFleet',
+            facefleet_dot_v1_dot_admin__pb2.ListFleetRequest.SerializeToString,
+            facefleet_dot_v1_dot_admin__pb2.Fleet.FromString,
             options,
             channel_credentials,
             insecure,
