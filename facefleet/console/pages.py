@@ -12,14 +12,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from facefleet import domain
 from facefleet.config import Settings
 from facefleet.console.gateway import CallFailed, Gateway
 from facefleet.console.tokens import Person
 from facefleet.security.identity import Identity
 from facefleet.security.roles import is_allowed
-from facefleet.v1 import admin_pb2, scheduler_pb2, types_pb2
+from facefleet.v1 import admin_pb2, scheduler_pb2
 
-STATE_NAMES = ("queued", "placed", "dispatched", "running", "succeeded", "failed", "cancelled", "preempted")
+STATE_NAMES = domain.TASK_STATES
 SWEEP_PARAMETERS = ("max_spot_price_per_hour", "monthly_cap_usd", "onprem_queue_wait_s_gt")
 MAX_SWEEP_POINTS = 25
 TASK_LIST_LIMIT = 200
@@ -50,8 +51,9 @@ def may(person: Person, method: str) -> bool:
     return is_allowed(Identity(subject=person.certificate_name, roles=person.roles), method)
 
 
-def enum_name(enum: Any, value: int, prefix: str) -> str:
-    return str(enum.Name(value)).removeprefix(prefix).lower()
+def state_name(value: int) -> str:
+    """'running' for TASK_STATE_RUNNING; '—' for unset (a task's first transition has no `from`)."""
+    return domain.state_from_proto(value) if value else "—"
 
 
 # -- tasks ----------------------------------------------------------------------------------------
@@ -61,9 +63,9 @@ def task_row(status: scheduler_pb2.TaskStatus) -> dict[str, Any]:
     return {
         "id": status.task.id,
         "project": status.task.project,
-        "sensitivity": enum_name(types_pb2.Sensitivity, status.task.sensitivity, "SENSITIVITY_"),
-        "priority": enum_name(types_pb2.Priority, status.task.priority, "PRIORITY_"),
-        "state": enum_name(types_pb2.TaskState, status.state, "TASK_STATE_"),
+        "sensitivity": domain.sensitivity_from_proto(status.task.sensitivity),
+        "priority": domain.priority_from_proto(status.task.priority) or domain.DEFAULT_PRIORITY,
+        "state": state_name(status.state),
         "pool": status.pool,
         "rule": status.rule,
         "agent": status.agent_id,
@@ -81,7 +83,7 @@ def task_filters(project: str, state: str, pool: str) -> scheduler_pb2.ListTasks
         raise CallFailed(400, f"state {state!r} is not a task state; use one of {', '.join(STATE_NAMES)}")
     return scheduler_pb2.ListTasksRequest(
         project=project.strip(),
-        state=types_pb2.TaskState.Value(f"TASK_STATE_{state.upper()}") if state else 0,  # type: ignore[arg-type]
+        state=domain.state_to_proto(state) if state else 0,  # type: ignore[arg-type]
         pool=pool.strip(),
         limit=TASK_LIST_LIMIT,
     )
@@ -101,8 +103,8 @@ def task_detail(gateway: Gateway, person: Person, task_id: str) -> dict[str, Any
     transitions = [
         {
             "at": t.at.ToDatetime(UTC),
-            "from": enum_name(types_pb2.TaskState, t.from_state, "TASK_STATE_"),
-            "to": enum_name(types_pb2.TaskState, t.to_state, "TASK_STATE_"),
+            "from": state_name(t.from_state),
+            "to": state_name(t.to_state),
             "reason": t.reason,
             "pool": t.pool,
             "agent": t.agent_id,

@@ -44,14 +44,14 @@ def budget_show(stack: ConsoleStack) -> dict[str, Any]:
 def test_finance_sets_a_cap_that_budget_show_reports_and_runs_a_what_if_sweep(stack: ConsoleStack, page: Any) -> None:
     page.goto(stack.sign_in_url("finance", subject="fiona", path="/finance"))
     assert page.url == f"{stack.url}/finance"  # the token left the address bar
-    page.get_by_label("Account").fill("cloud-burst")
+    page.get_by_label("Account", exact=True).fill("cloud-burst")
     page.get_by_label("Monthly cap (USD)").fill("1234.5")
     page.get_by_label("Alert at (% of cap)").fill("75")
     page.get_by_label("Reason (goes into the audit log)").fill("FIN-42 quarterly plan")
     page.get_by_role("button", name="Set cap").click()
     refused = page.get_by_role("status").inner_text()  # a typo must not add an account
     assert "no budget account 'cloud-burst'" in refused and "INVALID_ARGUMENT" in refused
-    page.get_by_label("Account").fill("cloud-burst")
+    page.get_by_label("Account", exact=True).fill("cloud-burst")
     page.get_by_label("Monthly cap (USD)").fill("1234.5")
     page.get_by_label("Alert at (% of cap)").fill("75")
     page.get_by_label("Reason (goes into the audit log)").fill("FIN-42 quarterly plan")
