@@ -39,11 +39,22 @@ class TLSConfig(Section):
 
 
 class PolicyConfig(Section):
+    """Where rules, budgets and locks live. Consul settings left unset fall back to the consul CLI's
+    environment (CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN[_FILE], CONSUL_HTTP_SSL, CONSUL_HTTP_SSL_VERIFY,
+    CONSUL_CACERT, CONSUL_CAPATH, CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY), then to 127.0.0.1:8500 over
+    HTTP (scheduler/rules_source/consul_endpoint.py)."""
+
     source: Literal["file", "consul"] = "file"
     dir: Path = Path("policies/default")
-    consul_addr: str = "http://127.0.0.1:8500"
+    consul_addr: str | None = None  # host:port, http://host:port or https://host:port
     consul_prefix: str = "facefleet/"
-    consul_token: str | None = None
+    consul_token: str | None = None  # ACL token: read on the prefix, write on budgets/ and locks/
+    consul_dc: str | None = None  # datacenter to read and write; None: the agent's own
+    consul_ssl: bool | None = None  # HTTPS even when the address has no https://
+    consul_ca: Path | None = None  # CA bundle (or c_rehash directory) for the agent's certificate
+    consul_client_cert: Path | None = None  # for agents with verify_incoming; with consul_client_key
+    consul_client_key: Path | None = None
+    consul_verify: bool | None = None  # false: do not verify the agent's certificate (development only)
 
 
 class PoolConfig(Section):

@@ -30,6 +30,7 @@ from facefleet.scheduler.fleet_view import fleet_status
 from facefleet.scheduler.lock_enforcement import EnforcingRuleSource, LockEnforcer, LockGate
 from facefleet.scheduler.placement_gateway import RulesSource
 from facefleet.scheduler.rules_source import ConsulRuleSource, FileRuleSource
+from facefleet.scheduler.rules_source.consul_endpoint import resolve_endpoint
 from facefleet.security.audit import AuditLog
 from facefleet.security.residency import ResidencyViolation, check_storage
 from facefleet.security.roles import AioRoleGate
@@ -40,9 +41,21 @@ from facefleet.v1.admin_pb2_grpc import add_AdminServicer_to_server as add_admin
 log = structlog.get_logger()
 
 def rules_source_from(settings: Settings) -> Any:
+    """The configured rules source. Raises ConsulSettingsError (a ValueError) for Consul settings
+    that cannot work; Consul being down or refusing is never an error here (fallback rules)."""
     policy = settings.policy
     if policy.source == "consul":
-        return ConsulRuleSource(policy.consul_addr, policy.consul_prefix, policy.consul_token)
+        endpoint = resolve_endpoint(
+            policy.consul_addr,
+            token=policy.consul_token,
+            ssl=policy.consul_ssl,
+            ca=policy.consul_ca,
+            client_cert=policy.consul_client_cert,
+            client_key=policy.consul_client_key,
+            verify=policy.consul_verify,
+            dc=policy.consul_dc,
+        )
+        return ConsulRuleSource(endpoint, policy.consul_prefix)
     return FileRuleSource(policy.dir)
 
 

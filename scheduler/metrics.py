@@ -42,6 +42,11 @@ CAPACITY_SOURCE_STALE = Gauge(
 )
 RULES_VERSION = Info("facefleet_rules", "The active rule-set version and its source.")
 RULES_LOAD_ERRORS = Counter("facefleet_rules_load_errors_total", "Rule-set loads rejected as invalid or unreachable.")
+RULES_SOURCE_ERRORS = Counter(
+    "facefleet_rules_source_errors_total",
+    "Rules-source problems by reason (SourceError in scheduler/rules_source/base.py): the last good set stays.",
+    ["reason"],
+)
 SPOT_PRICE = Gauge(
     "facefleet_spot_price_usd_per_hour",
     "Latest spot price per provider, region and instance type.",

@@ -1,14 +1,35 @@
 """A small, faithful test double of Consul's KV HTTP API (https://developer.hashicorp.com/consul/api-docs/kv).
 
-Implements what facefleet uses, with Consul's documented semantics:
-  GET    /v1/kv/<key>[?recurse][&keys][&raw][&index=N&wait=5s]  -> 200 JSON list | 404; X-Consul-Index
-  PUT    /v1/kv/<key>[?cas=N][&flags=F]                          -> "true" | "false"
-  DELETE /v1/kv/<key>[?recurse][&cas=N]                          -> "true" | "false"
+Implements what facefleet uses, with the semantics of Consul's docs and source (agent/http.go,
+agent/kvs_endpoint.go, agent/consul/kvs_endpoint.go):
+  GET    /v1/kv/<key>[?recurse][&keys][&raw][&index=N&wait=5s][&dc=]  -> 200 JSON list | 404; X-Consul-Index
+  PUT    /v1/kv/<key>[?cas=N][&flags=F]                               -> true | false
+  DELETE /v1/kv/<key>[?recurse][&cas=N]                               -> true | false
   GET    /v1/status/leader
-Blocking queries: with `index` > 0 the request waits until the index for the queried key/prefix
-passes `index`, or until `wait` (default 5m, max 10m) elapses, then answers with the current data.
-The index of a query is the highest ModifyIndex under it, including deletions (tombstones).
-`Value` is base64 in JSON. A real agent can stand in: tests use it when CONSUL_HTTP_ADDR is set.
+Blocking queries: with `index` > 0 the request waits until the index of the queried key/prefix
+passes `index`, or until `wait` (default 5m, max 10m, plus up to wait/16 jitter) elapses, then
+answers with the current data. `wait` is a Go duration: `5` without a unit is `400 Invalid wait
+time`, as `time.ParseDuration` refuses it. The index of a query is the highest ModifyIndex under
+it, including deletions (tombstones). `Value` is base64 in JSON.
+
+Dev mode (`consul agent -dev`, what deploy/compose.yaml runs) pretty-prints every JSON answer and
+ends it with a newline: a PUT answers `true\\n`. `dev_mode=False` answers compact JSON (`true`).
+
+ACLs (`acl={token: {key_prefix: "read"|"write"|"deny"}}`, default policy deny): the token comes
+from `X-Consul-Token`, `Authorization: Bearer` or `?token=`; an unknown token is `403 ACL not
+found`; reading one key or writing without permission is `403 Permission denied`; a listing
+(`?recurse`, `?keys`) drops what the token may not read, answers 404 when nothing is left, and
+sets `X-Consul-Results-Filtered-By-ACLs: true` when it dropped anything, for a token other than
+the anonymous one (Consul hides the header from anonymous callers).
+
+Faults a real cluster produces, on demand: `inject(status, body)` answers the next KV request(s)
+with an error (500 no leader, 429 rate limit, or a proxy's HTML page), optionally after a delay;
+`restore_snapshot()` renumbers the store to lower indexes and wakes every blocked query, as a
+snapshot restore does, so X-Consul-Index goes backwards. `?dc=` other than `datacenter` is
+`500 No path to datacenter`. TLS: pass `tls=DoubleTLS(...)` to serve HTTPS, with
+`verify_incoming=True` to require a client certificate signed by the CA.
+
+A real agent can stand in: tests use it when CONSUL_HTTP_ADDR is set.
 """
 
 from __future__ import annotations
@@ -16,15 +37,36 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import random
 import re
 import socket
+import ssl
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 MAX_WAIT_S = 600.0
+DEFAULT_WAIT_S = 300.0
+ANONYMOUS = "anonymous"
+_GO_DURATION = re.compile(r"[-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_wait(text: str) -> float:
+    """A Go duration (`10s`, `100ms`, `1m30s`) in seconds, as time.ParseDuration reads it; `0` is
+    the one value without a unit. ValueError otherwise. Capped at Consul's 10 minutes."""
+    text = text.strip()
+    if text in ("0", "+0", "-0"):
+        return 0.0
+    if not _GO_DURATION.fullmatch(text):
+        raise ValueError(f"invalid duration {text!r}")
+    seconds = sum(float(n) * _UNIT_S[u] for n, u in _DURATION_PART.findall(text))
+    return min(-seconds if text.startswith("-") else seconds, MAX_WAIT_S)
 
 
 @dataclass
@@ -35,13 +77,24 @@ class _Entry:
     modify_index: int
 
 
-def parse_wait(text: str) -> float:
-    """Consul duration (`10s`, `100ms`, `1m`) in seconds, capped at 10 minutes."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)?", text.strip())
-    if not match:
-        raise ValueError(f"invalid wait {text!r}")
-    scale = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[match.group(2)]
-    return min(float(match.group(1)) * scale, MAX_WAIT_S)
+@dataclass
+class Fault:
+    methods: tuple[str, ...]
+    status: int
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+    delay_s: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DoubleTLS:
+    """Server certificate and key, and the CA that client certificates must chain to."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    verify_incoming: bool = True
 
 
 class KVStore:
@@ -49,6 +102,7 @@ class KVStore:
         self.entries: dict[str, _Entry] = {}
         self.tombstones: dict[str, int] = {}
         self.index = 1
+        self.generation = 0  # bumped by a snapshot restore: blocked queries answer at once
         self.closed = False
         self.changed = threading.Condition()
 
@@ -91,15 +145,62 @@ class KVStore:
             self.changed.notify_all()
             return True
 
+    def restore_snapshot(self) -> None:
+        """Renumber every entry from index 2 upwards (lower than before) and wake blocked queries."""
+        with self.changed:
+            for number, entry in enumerate(sorted(self.entries.values(), key=lambda e: e.modify_index), start=2):
+                entry.create_index = entry.modify_index = number
+            self.tombstones.clear()
+            self.index = 1 + len(self.entries)
+            self.generation += 1
+            self.changed.notify_all()
+
+
+class ACL:
+    """Key ACL rules per token, longest `key_prefix` wins, default deny (Consul's `key_prefix` rules)."""
+
+    def __init__(self, tokens: dict[str, dict[str, str]]) -> None:
+        self.tokens = tokens
+
+    def policy(self, token: str, key: str) -> str:
+        rules = self.tokens.get(token, {})
+        matches = [prefix for prefix in rules if key.startswith(prefix)]
+        return rules[max(matches, key=len)] if matches else "deny"
+
+    def can_read(self, token: str, key: str) -> bool:
+        return self.policy(token, key) in ("read", "write")
+
+    def can_write(self, token: str, key: str) -> bool:
+        return self.policy(token, key) == "write"
+
 
 class _Handler(BaseHTTPRequestHandler):
-    store: KVStore  # set on the subclass per server
+    double: ConsulKVDouble  # set on the subclass per server
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: object) -> None:  # quiet
         return
 
-    def _send(self, status: int, body: bytes, index: int | None = None, ctype: str = "application/json") -> None:
+    def setup(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket):
+            self.request.settimeout(5)
+            self.request.do_handshake()  # here, not in the accept loop: a bad client stalls only itself
+            self.request.settimeout(None)
+        super().setup()
+
+    def _json(self, value: Any) -> bytes:
+        if self.double.dev_mode:  # agent/http.go marshalJSON: MarshalIndent(obj, "", "    ") + "\n"
+            return (json.dumps(value, indent=4) + "\n").encode()
+        return json.dumps(value, separators=(",", ":")).encode()
+
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        index: int | None = None,
+        ctype: str = "application/json",
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -107,19 +208,49 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("X-Consul-Index", str(index))
             self.send_header("X-Consul-KnownLeader", "true")
             self.send_header("X-Consul-LastContact", "0")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
 
-    def _parse(self) -> tuple[str, dict[str, list[str]]] | None:
+    def _text(self, status: int, text: str) -> None:
+        self._send(status, text.encode(), ctype="text/plain; charset=utf-8")
+
+    def _token(self, query: dict[str, list[str]]) -> str:
+        bearer = self.headers.get("Authorization", "")
+        given = (
+            (query.get("token") or [""])[0]
+            or self.headers.get("X-Consul-Token", "")
+            or (bearer[len("Bearer ") :] if bearer.startswith("Bearer ") else "")
+        )
+        return given or ANONYMOUS
+
+    def _parse(self) -> tuple[str, dict[str, list[str]], str] | None:
+        """(key, query, token) for a KV request; None when it was answered here already."""
         parts = urlsplit(self.path)
         query = parse_qs(parts.query, keep_blank_values=True)
         if parts.path == "/v1/status/leader":
-            self._send(200, b'"127.0.0.1:8300"')
+            self._send(200, self._json("127.0.0.1:8300"))
             return None
         if not parts.path.startswith("/v1/kv/"):
-            self._send(404, b"unknown endpoint", ctype="text/plain")
+            self._send(404, b"", ctype="text/plain")
             return None
-        return unquote(parts.path[len("/v1/kv/") :]), query
+        fault = self.double.next_fault(self.command)
+        if fault is not None:
+            if fault.delay_s:
+                time.sleep(fault.delay_s)
+            self._send(fault.status, fault.body, ctype=fault.content_type, headers=fault.headers)
+            return None
+        dc = (query.get("dc") or [""])[0]
+        if dc and dc != self.double.datacenter:
+            self._text(500, "No path to datacenter")
+            return None
+        token = self._token(query)
+        acl = self.double.acl
+        if acl is not None and token != ANONYMOUS and token not in acl.tokens:
+            self._text(403, "ACL not found")
+            return None
+        return unquote(parts.path[len("/v1/kv/") :]), query, token
 
     @staticmethod
     def _int(query: dict[str, list[str]], name: str) -> int | None:
@@ -129,31 +260,49 @@ class _Handler(BaseHTTPRequestHandler):
         parsed = self._parse()
         if parsed is None:
             return
-        key, query = parsed
-        recurse = "recurse" in query or "keys" in query
+        key, query, token = parsed
+        listing = "recurse" in query or "keys" in query
         try:
-            index = self._int(query, "index") or 0
-            wait = parse_wait(query["wait"][0]) if "wait" in query else 300.0
-        except ValueError as exc:
-            self._send(400, str(exc).encode(), ctype="text/plain")
+            wait = parse_wait(query["wait"][0]) if query.get("wait", [""])[0] else DEFAULT_WAIT_S
+        except ValueError:
+            self._text(400, "Invalid wait time")
             return
-        store = self.store
+        try:
+            index = int(query["index"][0]) if query.get("index", [""])[0] else 0
+            if index < 0:
+                raise ValueError(index)
+        except ValueError:
+            self._text(400, "Invalid index")
+            return
+        acl = self.double.acl
+        if acl is not None and not listing and not acl.can_read(token, key):
+            self._text(403, "Permission denied")
+            return
+        store = self.double.store
+        wait += random.uniform(0, wait / 16)  # Consul spreads wake-ups by up to wait/16
         deadline = time.monotonic() + wait
         with store.changed:
-            while index > 0 and not store.closed and store.query_index(key, recurse) <= index:
+            generation = store.generation
+            while index > 0 and not store.closed and store.query_index(key, listing) <= index:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
+                if remaining <= 0 or store.generation != generation:
                     break
                 store.changed.wait(remaining)
-            current = store.query_index(key, recurse)
-            items = sorted((k, e) for k, e in store.entries.items() if (k.startswith(key) if recurse else k == key))
+            current = store.query_index(key, listing)
+            items = sorted((k, e) for k, e in store.entries.items() if (k.startswith(key) if listing else k == key))
+        headers: dict[str, str] = {}
+        if acl is not None and listing:
+            readable = [(k, e) for k, e in items if acl.can_read(token, k)]
+            if len(readable) != len(items) and token != ANONYMOUS:
+                headers["X-Consul-Results-Filtered-By-ACLs"] = "true"
+            items = readable
         if not items:
-            self._send(404, b"", index=current)
+            self._send(404, b"", index=current, headers=headers)
             return
         if "keys" in query:
-            self._send(200, json.dumps([k for k, _ in items]).encode(), index=current)
+            self._send(200, self._json([k for k, _ in items]), index=current, headers=headers)
             return
-        if "raw" in query and not recurse:
+        if "raw" in query and not listing:
             self._send(200, items[0][1].value, index=current, ctype="application/octet-stream")
             return
         body = [
@@ -167,64 +316,131 @@ class _Handler(BaseHTTPRequestHandler):
             }
             for k, e in items
         ]
-        self._send(200, json.dumps(body).encode(), index=current)
+        self._send(200, self._json(body), index=current, headers=headers)
+
+    def _allowed_to_write(self, token: str, key: str) -> bool:
+        acl = self.double.acl
+        if acl is None or acl.can_write(token, key):
+            return True
+        self._text(403, "Permission denied")
+        return False
 
     def do_PUT(self) -> None:
         parsed = self._parse()
         if parsed is None:
             return
-        key, query = parsed
+        key, query, token = parsed
         length = int(self.headers.get("Content-Length") or 0)
         value = self.rfile.read(length) if length else b""
-        try:
-            ok = self.store.put(key, value, self._int(query, "flags") or 0, self._int(query, "cas"))
-        except ValueError as exc:
-            self._send(400, str(exc).encode(), ctype="text/plain")
+        if not self._allowed_to_write(token, key):
             return
-        self._send(200, b"true" if ok else b"false")
+        try:
+            ok = self.double.store.put(key, value, self._int(query, "flags") or 0, self._int(query, "cas"))
+        except ValueError as exc:
+            self._text(400, str(exc))
+            return
+        self._send(200, self._json(ok))
 
     def do_DELETE(self) -> None:
         parsed = self._parse()
         if parsed is None:
             return
-        key, query = parsed
-        ok = self.store.delete(key, "recurse" in query, self._int(query, "cas"))
-        self._send(200, b"true" if ok else b"false")
+        key, query, token = parsed
+        if not self._allowed_to_write(token, key):
+            return
+        ok = self.double.store.delete(key, "recurse" in query, self._int(query, "cas"))
+        self._send(200, self._json(ok))
 
 
 class _TrackingServer(ThreadingHTTPServer):
     """Remembers open connections so stop() can cut keep-alive clients off, as a dead agent would."""
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    daemon_threads = True
+
+    def __init__(self, *args: Any, tls: ssl.SSLContext | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.tls = tls
         self.open_sockets: set[socket.socket] = set()
 
-    def get_request(self) -> tuple[socket.socket, object]:
+    def get_request(self) -> tuple[socket.socket, Any]:
         conn, addr = super().get_request()
+        if self.tls is not None:  # handshake in the handler thread, on first read
+            conn = self.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
         self.open_sockets.add(conn)
         return conn, addr
 
-    def handle_error(self, request: object, client_address: object) -> None:
-        return  # clients cut off by stop() are expected
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        return  # clients cut off by stop(), and failed TLS handshakes, are expected
 
-    def shutdown_request(self, request: object) -> None:
-        self.open_sockets.discard(request)  # type: ignore[arg-type]
-        super().shutdown_request(request)  # type: ignore[arg-type]
+    def shutdown_request(self, request: Any) -> None:
+        self.open_sockets.discard(request)
+        super().shutdown_request(request)
 
 
 class ConsulKVDouble:
     """Run the double on 127.0.0.1 on a free port: `with ConsulKVDouble() as consul: consul.url`."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        *,
+        acl: dict[str, dict[str, str]] | None = None,
+        dev_mode: bool = True,
+        datacenter: str = "dc1",
+        tls: DoubleTLS | None = None,
+    ) -> None:
         self.store = KVStore()
-        handler = type("BoundHandler", (_Handler,), {"store": self.store})
-        self._server = _TrackingServer(("127.0.0.1", 0), handler)
-        self._server.daemon_threads = True
+        self.acl = ACL(acl) if acl is not None else None
+        self.dev_mode = dev_mode
+        self.datacenter = datacenter
+        self.tls = tls
+        self._faults: list[Fault] = []
+        self._faults_lock = threading.Lock()
+        context = None
+        if tls is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(tls.cert, tls.key)
+            if tls.verify_incoming:
+                context.verify_mode = ssl.CERT_REQUIRED
+                context.load_verify_locations(tls.ca)
+        handler = type("BoundHandler", (_Handler,), {"double": self})
+        self._server = _TrackingServer(("127.0.0.1", 0), handler, tls=context)
         self._thread = threading.Thread(target=self._server.serve_forever, name="consul-double", daemon=True)
 
     @property
+    def address(self) -> str:
+        """host:port, as CONSUL_HTTP_ADDR takes it."""
+        return f"127.0.0.1:{self._server.server_address[1]}"
+
+    @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return f"{'https' if self.tls else 'http'}://{self.address}"
+
+    def inject(
+        self,
+        status: int,
+        body: bytes | str = b"",
+        *,
+        times: int = 1,
+        delay_s: float = 0.0,
+        content_type: str = "text/plain; charset=utf-8",
+        headers: dict[str, str] | None = None,
+        methods: tuple[str, ...] = ("GET",),
+    ) -> None:
+        """Answer the next `times` KV requests of `methods` with `status` and `body` (after `delay_s`)."""
+        data = body.encode() if isinstance(body, str) else body
+        fault = Fault(methods, status, data, content_type, delay_s, dict(headers or {}))
+        with self._faults_lock:
+            self._faults.extend([fault] * times)
+
+    def next_fault(self, method: str) -> Fault | None:
+        with self._faults_lock:
+            for position, fault in enumerate(self._faults):
+                if method in fault.methods:
+                    return self._faults.pop(position)
+            return None
+
+    def restore_snapshot(self) -> None:
+        self.store.restore_snapshot()
 
     def start(self) -> ConsulKVDouble:
         self._thread.start()

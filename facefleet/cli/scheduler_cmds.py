@@ -110,6 +110,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run the scheduler: intake, durable queue, placement, dispatch (leader), /metrics."""
         from facefleet.scheduler.assembly import build_scheduler
+        from facefleet.scheduler.rules_source import ConsulSettingsError
         from facefleet.security.tls import TLSMaterialError
         from facefleet.structured_logs import configure_logging
 
@@ -131,6 +132,8 @@ def register(app: typer.Typer) -> None:
             scheduler = build_scheduler(settings).start()
         except TLSMaterialError as error:
             fail(str(error), hint="create certificates with `facefleet certs init` or pass --insecure")
+        except ConsulSettingsError as error:
+            fail(str(error), hint="fix the consul_* settings under [policy] or the CONSUL_* environment variables")
         except (FileNotFoundError, ValueError) as error:
             fail(str(error), hint="fix [audit] signing_key (or remove it) in the config")
         except OSError as error:

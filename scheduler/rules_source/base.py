@@ -5,20 +5,46 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Protocol
 
 import structlog
 
-from facefleet.scheduler.metrics import RULES_LOAD_ERRORS, RULES_VERSION
+from facefleet.scheduler.metrics import RULES_LOAD_ERRORS, RULES_SOURCE_ERRORS, RULES_VERSION
 from facefleet.scheduler.placement.model import Budget, RuleSet
 from facefleet.scheduler.placement.policy import FALLBACK_RULESET
 
 log = structlog.get_logger()
 
 
+class SourceError(StrEnum):
+    """Why a rules source could not give a new config: the `reason` label of
+    facefleet_rules_source_errors_total and `ActiveConfig.error_reason`."""
+
+    INVALID = "invalid"  # a document failed validation
+    MISSING = "missing"  # the rules document is not there
+    UNREADABLE = "unreadable"  # policy files could not be read
+    UNREACHABLE = "unreachable"  # no connection (refused, DNS, reset)
+    TIMEOUT = "timeout"  # connected, but no answer in time
+    TLS = "tls"  # handshake or certificate check failed, or TLS files unusable
+    FORBIDDEN = "forbidden"  # 403: token unknown, or lacks the permission
+    ACL_FILTERED = "acl_filtered"  # the token may not read (part of) the prefix: Consul filtered it
+    RATE_LIMITED = "rate_limited"  # 429
+    SERVER_ERROR = "server_error"  # 5xx (no leader, unknown datacenter, ...)
+    BAD_REQUEST = "bad_request"  # another 4xx
+    BAD_REPLY = "bad_reply"  # an answer that is not Consul's (a proxy's login page, no index)
+    INDEX_RESET = "index_reset"  # X-Consul-Index went backwards: the watch starts over
+    INTERNAL = "internal"  # a bug in facefleet; logged with its traceback
+
+
+def count_source_error(reason: SourceError) -> None:
+    RULES_SOURCE_ERRORS.labels(reason=reason.value).inc()
+
+
 @dataclass(frozen=True)
 class ActiveConfig:
-    """What placement uses now. `errors` describe the latest rejected load (empty when it was accepted)."""
+    """What placement uses now. `errors` describe the latest rejected load (empty when it was accepted);
+    `error_reason` is its SourceError value."""
 
     ruleset: RuleSet
     budgets: dict[str, Budget] = field(default_factory=dict)
@@ -26,6 +52,7 @@ class ActiveConfig:
     version: str = ""
     errors: tuple[str, ...] = ()
     source: str = ""
+    error_reason: str = ""
 
     @property
     def is_fallback(self) -> bool:
@@ -72,6 +99,7 @@ class LastKnownGood:
             version=FALLBACK_RULESET.version,
             errors=("no rule set loaded yet: built-in private-only fallback active",),
             source=source,
+            error_reason=SourceError.MISSING.value,
         )
         RULES_VERSION.info({"version": self._active.version, "source": source, "fallback": "true"})
 
@@ -100,15 +128,17 @@ class LastKnownGood:
                     log.exception("rules_subscriber_failed", version=version)
         return active
 
-    def reject(self, errors: list[str], source: str) -> ActiveConfig:
+    def reject(self, errors: list[str], source: str, reason: SourceError = SourceError.INVALID) -> ActiveConfig:
+        """Keep the active config, record why the candidate (or the read) failed."""
         RULES_LOAD_ERRORS.inc()
+        count_source_error(reason)
         with self._lock:
             prior = self._active
             self._active = ActiveConfig(
-                prior.ruleset, prior.budgets, prior.locks, prior.version, tuple(errors), prior.source
+                prior.ruleset, prior.budgets, prior.locks, prior.version, tuple(errors), prior.source, reason.value
             )
             active = self._active
-        log.warning("rules_rejected", source=source, errors=errors, keeping=prior.version)
+        log.warning("rules_rejected", source=source, reason=reason.value, errors=errors, keeping=prior.version)
         return active
 
 

@@ -18,7 +18,7 @@ import yaml
 
 from facefleet.scheduler.placement.model import Budget, RuleSet
 from facefleet.scheduler.placement.policy import PolicyError, PolicyIssue, load_budgets, load_locks, load_ruleset
-from facefleet.scheduler.rules_source.base import ActiveConfig, LastKnownGood, WatchedSource
+from facefleet.scheduler.rules_source.base import ActiveConfig, LastKnownGood, SourceError, WatchedSource
 
 log = structlog.get_logger()
 
@@ -108,7 +108,9 @@ class FileRuleSource(WatchedSource):
             except PolicyError as exc:
                 return self._state.reject([str(e) for e in exc.errors], str(self.directory))
             except OSError as exc:
-                return self._state.reject([f"{self.directory}: cannot read policy files: {exc}"], str(self.directory))
+                return self._state.reject(
+                    [f"{self.directory}: cannot read policy files: {exc}"], str(self.directory), SourceError.UNREADABLE
+                )
             return self._state.accept(ruleset, budgets, locks, str(self.directory))
 
     def _watch(self) -> None:
