@@ -40,6 +40,7 @@ from facefleet.v1.admin_pb2_grpc import add_AdminServicer_to_server as add_admin
 
 log = structlog.get_logger()
 
+
 def rules_source_from(settings: Settings) -> Any:
     """The configured rules source. Raises ConsulSettingsError (a ValueError) for Consul settings
     that cannot work; Consul being down or refusing is never an error here (fallback rules)."""

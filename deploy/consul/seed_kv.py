@@ -1,22 +1,32 @@
-"""Load a policy directory (layout of policies/default) into Consul KV, as terraform/modules/consul-rules does.
+"""Seed Consul KV from a policy directory (layout of policies/default), keeping to each key's owner.
 
-  rules.yaml                              -> <prefix>rules            (the file's bytes)
-  budgets.yaml  budgets: [{name, ...}]    -> <prefix>budgets/<name>   {monthly_cap_usd, alert_pct}
-  locks.yaml    locks: [{project, ...}]   -> <prefix>locks/<project>  {reason, by}
+  rules.yaml                              -> <prefix>rules            (the file's bytes; written)
+  budgets.yaml  budgets: [{name, ...}]    -> <prefix>budgets/<name>   {monthly_cap_usd, alert_pct}; created only
+  locks.yaml    locks: [{project, ...}]   -> <prefix>locks/<project>  {reason, by}; created only
 
-Usage (compose runs it in the scheduler image): python seed_kv.py POLICY_DIR [CONSUL_HTTP_ADDR] [PREFIX]
-CONSUL_HTTP_TOKEN is sent when set. Exits non-zero with the failing key on any error.
+Budgets and locks belong to `facefleet budget set` and `facefleet lock`/`unlock` once they exist:
+this script creates the ones that are missing (Consul `?cas=0`) and never overwrites or deletes
+one, so running it again keeps every cap and lock set since. The rules key is written unless
+`--no-rules` says Terraform owns it (terraform/modules/consul-rules).
+
+Usage (compose runs it in the scheduler image):
+  python seed_kv.py POLICY_DIR [CONSUL_HTTP_ADDR] [PREFIX] [--no-rules] [--dc DC]
+Address, token and TLS follow the consul CLI: CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, CONSUL_HTTP_SSL,
+CONSUL_CACERT, CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY. Exits non-zero with the failing key on any error.
 """
 
 from __future__ import annotations
 
-import os
+import argparse
 import sys
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+import requests
 import yaml
+from consul import ConsulException
+
+from facefleet.scheduler.rules_source.consul_endpoint import resolve_endpoint
 
 BUDGET_FIELDS = ("monthly_cap_usd", "alert_pct")
 LOCK_FIELDS = ("reason", "by")
@@ -47,30 +57,43 @@ def kv_documents(policy_dir: Path, prefix: str = "facefleet/") -> dict[str, str]
     return documents
 
 
-def put(addr: str, key: str, value: str, token: str | None) -> None:
-    request = urllib.request.Request(f"{addr.rstrip('/')}/v1/kv/{key}", data=value.encode(), method="PUT")
-    if token:
-        request.add_header("X-Consul-Token", token)
-    with urllib.request.urlopen(request, timeout=10) as reply:
-        if reply.read().strip() != b"true":
-            raise RuntimeError(f"Consul refused to write {key}")
+def _arguments(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="seed_kv.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("policy_dir", type=Path)
+    parser.add_argument("addr", nargs="?", default=None, help="Consul address (default: CONSUL_HTTP_ADDR)")
+    parser.add_argument("prefix", nargs="?", default="facefleet/")
+    parser.add_argument("--no-rules", action="store_true", help="leave <prefix>rules to Terraform")
+    parser.add_argument("--dc", default=None, help="Consul datacenter (default: the agent's)")
+    return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
     if not argv:
         print(__doc__, file=sys.stderr)
         return 2
-    policy_dir = Path(argv[0])
-    addr = argv[1] if len(argv) > 1 else os.environ.get("CONSUL_HTTP_ADDR", "http://127.0.0.1:8500")
-    prefix = argv[2] if len(argv) > 2 else "facefleet/"
+    args = _arguments(argv)
+    prefix = args.prefix if args.prefix.endswith("/") else args.prefix + "/"
+    rules_key = f"{prefix}rules"
+    written: list[str] = []
+    kept: list[str] = []
+    key = ""
     try:
-        documents = kv_documents(policy_dir, prefix)
+        documents = kv_documents(args.policy_dir, prefix)
+        client = resolve_endpoint(args.addr, dc=args.dc).client(timeout_s=10)
         for key, value in documents.items():
-            put(addr, key, value, os.environ.get("CONSUL_HTTP_TOKEN"))
-    except (OSError, ValueError, RuntimeError, yaml.YAMLError) as error:
-        print(f"seed_kv: {error}", file=sys.stderr)
+            if key == rules_key and args.no_rules:
+                continue
+            created = client.kv.put(key, value, cas=None if key == rules_key else 0)
+            if created is not True and key == rules_key:
+                raise RuntimeError("Consul refused the write")
+            (written if created is True else kept).append(key)
+    except (OSError, ValueError, RuntimeError, yaml.YAMLError, ConsulException, requests.RequestException) as error:
+        where = f"{key}: " if key else ""
+        print(f"seed_kv: {where}{error.__class__.__name__}: {error}", file=sys.stderr)
         return 1
-    print(f"seed_kv: wrote {len(documents)} keys under {prefix} from {policy_dir}")
+    print(f"seed_kv: wrote {len(written)} keys under {prefix} from {args.policy_dir}")
+    if kept:
+        print(f"seed_kv: kept {len(kept)} existing keys (owned by facefleet budget/lock): {', '.join(kept)}")
     return 0
 
 

@@ -1,18 +1,18 @@
-"""deploy/consul/seed_kv.py: the keys it writes are the ones the scheduler's Consul source reads."""
+"""deploy/consul/seed_kv.py: the keys it writes are the ones the scheduler's Consul source reads, and it
+never overwrites a budget or lock (the CLI owns those) nor, with --no-rules, the rules (Terraform's)."""
 
 from __future__ import annotations
 
 import base64
 import importlib.util
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-from facefleet.scheduler.rules_source.consul import ConsulRuleSource
+from facefleet.scheduler.rules_source import ConsulRuleSource, resolve_endpoint
+from tests.consul_double import ConsulKVDouble
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 POLICIES = REPO_ROOT / "policies" / "default"
@@ -53,37 +53,59 @@ def test_malformed_budgets_is_actionable(tmp_path: Path) -> None:
         seed_kv.kv_documents(tmp_path)
 
 
-class _RecordingKV(BaseHTTPRequestHandler):
-    writes: dict[str, bytes] = {}
-
-    def do_PUT(self) -> None:
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        self.writes[self.path.removeprefix("/v1/kv/")] = body
-        self.send_response(200)
-        self.end_headers()
-        self.wfile.write(b"true")
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
-def kv_server() -> Iterator[str]:
-    _RecordingKV.writes = {}
-    server = HTTPServer(("127.0.0.1", 0), _RecordingKV)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    thread.join(timeout=5)
+def kv() -> Iterator[ConsulKVDouble]:
+    with ConsulKVDouble() as double:
+        yield double
 
 
-def test_main_puts_every_document(kv_server: str) -> None:
-    assert seed_kv.main([str(POLICIES), kv_server, "facefleet/"]) == 0
-    expected = seed_kv.kv_documents(POLICIES)
-    assert {key: value.decode() for key, value in _RecordingKV.writes.items()} == expected
+def stored(double: ConsulKVDouble) -> dict[str, str]:
+    return {key: entry.value.decode() for key, entry in double.store.entries.items()}
+
+
+def test_main_puts_every_document(kv: ConsulKVDouble, capsys: pytest.CaptureFixture[str]) -> None:
+    assert seed_kv.main([str(POLICIES), kv.address, "facefleet/"]) == 0  # host:port, no scheme
+    assert stored(kv) == seed_kv.kv_documents(POLICIES)
+    active = ConsulRuleSource(resolve_endpoint(kv.address, environ={}), "facefleet/").reload()
+    assert not active.errors and active.budgets and active.locks
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_rerun_keeps_caps_and_locks_set_with_the_cli(kv: ConsulKVDouble, capsys: pytest.CaptureFixture[str]) -> None:
+    """Budgets and locks belong to `facefleet budget set` / `lock`: seeding again must not undo them."""
+    assert seed_kv.main([str(POLICIES), kv.url]) == 0
+    source = ConsulRuleSource(resolve_endpoint(kv.url, environ={}), "facefleet/")
+    name = next(iter(source.reload().budgets))
+    project = next(iter(source.reload().locks))
+    source.set_budget(name, 12.5, 50)  # what `facefleet budget set` does through the Admin RPC
+    source.set_lock(project, "extended by legal", "compliance")  # `facefleet lock`
+    assert seed_kv.main([str(POLICIES), kv.url]) == 0
+    again = source.reload()
+    assert again.budgets[name].monthly_cap_usd == 12.5 and again.budgets[name].alert_pct == 50
+    assert again.locks[project] == "extended by legal"
+    assert "kept" in capsys.readouterr().out
+
+
+def test_no_rules_leaves_the_rules_key_to_terraform(kv: ConsulKVDouble) -> None:
+    terraform_rules = "rules:\n- {id: from-terraform, match: {}, allow: ['onprem-*']}\n"
+    kv.store.put("facefleet/rules", terraform_rules.encode(), 0, None)
+    assert seed_kv.main([str(POLICIES), kv.url, "facefleet/", "--no-rules"]) == 0
+    assert stored(kv)["facefleet/rules"] == terraform_rules
+    assert any(key.startswith("facefleet/budgets/") for key in stored(kv))
+
+
+def test_token_and_datacenter_follow_the_consul_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    with ConsulKVDouble(acl={"seeder": {"facefleet/": "write"}}, datacenter="eu-west") as double:
+        monkeypatch.setenv("CONSUL_HTTP_ADDR", double.address)
+        monkeypatch.setenv("CONSUL_HTTP_TOKEN", "seeder")
+        assert seed_kv.main([str(POLICIES), "--dc", "eu-west"]) == 0
+        assert "facefleet/rules" in stored(double)
+        assert seed_kv.main([str(POLICIES), "--dc", "us-east"]) == 1  # 500 No path to datacenter
+        monkeypatch.setenv("CONSUL_HTTP_TOKEN", "stolen")
+        assert seed_kv.main([str(POLICIES)]) == 1  # 403 ACL not found
 
 
 def test_main_reports_unreachable_consul(capsys: pytest.CaptureFixture[str]) -> None:
     assert seed_kv.main([str(POLICIES), "http://127.0.0.1:1", "facefleet/"]) == 1
-    assert "seed_kv:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("seed_kv: facefleet/rules: ") and "Traceback" not in err

@@ -25,6 +25,9 @@ from terraform_files import (
 )
 
 from facefleet.cli import app as facefleet_app
+from facefleet.config import Settings
+from facefleet.scheduler.rules_source import ConsulRuleSource, resolve_endpoint
+from tests.consul_double import ConsulKVDouble
 
 AWS = TERRAFORM_ROOT / "modules" / "aws-spot-agents"
 AZURE = TERRAFORM_ROOT / "modules" / "azure-spot-agents"
@@ -247,20 +250,54 @@ def test_azure_identity_scoped_to_container_and_tls_secrets(modules: dict[str, M
 # --- Consul KV ----------------------------------------------------------------------------------
 
 
-def test_consul_rules_module_writes_rules_budgets_and_locks_from_files(modules: dict[str, Module]) -> None:
-    module = modules[CONSUL.name]
-    (rules,) = module.of_type("consul_keys")
+def test_consul_rules_module_owns_only_the_rules_key(modules: dict[str, Module]) -> None:
+    """consul_key_prefix refuses a prefix that already has keys (apply fails after seed_kv.py) and
+    deletes keys it does not list (caps set with `facefleet budget set`): no module may use it."""
+    for name, module in modules.items():
+        assert not module.of_type("consul_key_prefix"), f"{name} uses consul_key_prefix"
+    (rules,) = modules[CONSUL.name].of_type("consul_keys")
     (key,) = rules["key"]
-    assert key["path"] == "${var.kv_prefix}rules"
-    assert key["value"] == "${file(local.rules_file)}"
-    prefixes = {body["path_prefix"]: body["subkeys"] for body in module.of_type("consul_key_prefix")}
-    assert prefixes == {"${var.kv_prefix}budgets/": "${local.budgets}", "${var.kv_prefix}locks/": "${local.locks}"}
-    text = module.text()
-    assert "yamldecode(file(local.budgets_file)).budgets" in text
-    assert "yamldecode(file(local.locks_file)).locks" in text
-    for field in ("monthly_cap_usd", "alert_pct", "reason", "by"):
-        assert f"{field} " in text, f"consul-rules does not write {field}"
-    assert module.named("variable")["kv_prefix"]["default"] == "facefleet/"
+    assert key == {"path": "${var.kv_prefix}rules", "value": "${file(local.rules_file)}", "delete": False}
+    assert rules["datacenter"] == "${var.datacenter}"
+    assert modules[CONSUL.name].named("variable")["kv_prefix"]["default"] == "facefleet/"
+
+
+def test_terraform_and_the_cli_never_write_the_same_key(modules: dict[str, Module]) -> None:
+    """One owner per key: Terraform the rules, `facefleet budget set` / `lock` budgets and locks."""
+    prefix = "facefleet/"
+    terraform_keys = {
+        entry["path"].replace("${var.kv_prefix}", prefix)
+        for module in modules.values()
+        for resource in module.of_type("consul_keys")
+        for entry in resource["key"]
+    }
+    with ConsulKVDouble() as double:
+        source = ConsulRuleSource(resolve_endpoint(double.address, environ={}), prefix)
+        source.set_budget("marketing", 10, 80)
+        source.set_lock("film-x", "talent contract", "compliance")
+        cli_keys = set(double.store.entries)
+    assert terraform_keys == {f"{prefix}rules"}
+    assert cli_keys == {f"{prefix}budgets/marketing", f"{prefix}locks/film-x"}
+    assert not terraform_keys & cli_keys
+
+
+def test_consul_rules_datacenter_reaches_the_scheduler(
+    modules: dict[str, Module], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The module's `datacenter` has a scheduler counterpart ([policy] consul_dc) in its output."""
+    output = modules[CONSUL.name].named("output")["scheduler_environment"]["value"]
+    assert "FACEFLEET_POLICY__CONSUL_DC = var.datacenter" in output
+    assert "FACEFLEET_POLICY__CONSUL_PREFIX = var.kv_prefix" in output
+    sample = {"SOURCE": "consul", "CONSUL_PREFIX": "studio/", "CONSUL_DC": "eu-west"}
+    names = set(re.findall(r"FACEFLEET_POLICY__(\w+)", output))
+    assert names == set(sample)
+    for name in names:
+        monkeypatch.setenv(f"FACEFLEET_POLICY__{name}", sample[name])
+    policy = Settings().policy  # the scheduler reads exactly these variables
+    assert (policy.source, policy.consul_prefix, policy.consul_dc) == ("consul", "studio/", "eu-west")
+    hybrid = modules["hybrid"]
+    assert hybrid.named("module")["rules"]["datacenter"] == "${var.consul_datacenter}"
+    assert hybrid.named("output")["scheduler_policy_environment"]["value"] == "${module.rules.scheduler_environment}"
 
 
 def test_hybrid_example_uses_all_three_modules(modules: dict[str, Module]) -> None:

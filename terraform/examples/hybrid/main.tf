@@ -1,5 +1,6 @@
-# Hybrid facefleet: an on-prem scheduler (and on-prem private pools, not managed here), rules,
-# budgets and locks in Consul KV, and two burst pools on spot GPUs in AWS and Azure.
+# Hybrid facefleet: an on-prem scheduler (and on-prem private pools, not managed here), the rule
+# set in Consul KV (budgets and locks there are the CLI's), and two burst pools on spot GPUs in AWS
+# and Azure.
 # The pool names must match the scheduler's [[cloud.pools]] entries.
 
 module "rules" {

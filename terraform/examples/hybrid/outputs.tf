@@ -23,7 +23,7 @@ output "consul_rules_key" {
   value       = module.rules.rules_key
 }
 
-output "consul_budget_keys" {
-  description = "Consul KV keys of the budget accounts."
-  value       = module.rules.budget_keys
+output "scheduler_policy_environment" {
+  description = "FACEFLEET_POLICY__* variables for the scheduler: watch the prefix and datacenter the rules were written to."
+  value       = module.rules.scheduler_environment
 }

@@ -6,7 +6,7 @@ variable "name" {
 
 variable "policy_dir" {
   type        = string
-  description = "Policy directory published to Consul KV (rules, budgets, locks)."
+  description = "Policy directory whose rules.yaml is published to Consul KV (budgets and locks are the CLI's)."
   default     = "../../../policies/default"
 }
 
@@ -17,7 +17,7 @@ variable "consul_address" {
 
 variable "consul_datacenter" {
   type        = string
-  description = "Consul datacenter of the scheduler."
+  description = "Consul datacenter of the scheduler (its [policy] consul_dc, in the scheduler_policy_environment output)."
   default     = "dc1"
 }
 

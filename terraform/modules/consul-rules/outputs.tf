@@ -1,14 +1,15 @@
 output "rules_key" {
-  description = "Consul KV key holding the rule set."
+  description = "Consul KV key holding the rule set (the only key this module owns)."
   value       = "${var.kv_prefix}rules"
 }
 
-output "budget_keys" {
-  description = "Consul KV keys written for budget accounts, by account name."
-  value       = { for name in keys(local.budgets) : name => "${var.kv_prefix}budgets/${name}" }
-}
-
-output "lock_keys" {
-  description = "Consul KV keys written for project locks, by project (empty when manage_locks is false)."
-  value       = var.manage_locks ? { for name in keys(local.locks) : name => "${var.kv_prefix}locks/${name}" } : {}
+output "scheduler_environment" {
+  description = "Environment for the scheduler so it watches what this module writes: source, prefix and datacenter ([policy] consul_* settings)."
+  value = merge(
+    {
+      FACEFLEET_POLICY__SOURCE        = "consul"
+      FACEFLEET_POLICY__CONSUL_PREFIX = var.kv_prefix
+    },
+    var.datacenter == null ? {} : { FACEFLEET_POLICY__CONSUL_DC = var.datacenter },
+  )
 }

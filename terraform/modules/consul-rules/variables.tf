@@ -1,6 +1,6 @@
 variable "policy_dir" {
   type        = string
-  description = "Policy directory to publish (layout of policies/default): rules.yaml, optional budgets.yaml and locks.yaml."
+  description = "Policy directory whose rules.yaml is published (layout of policies/default); its budgets.yaml and locks.yaml are not: the CLI owns those keys."
 }
 
 variable "kv_prefix" {
@@ -16,12 +16,6 @@ variable "kv_prefix" {
 
 variable "datacenter" {
   type        = string
-  description = "Consul datacenter to write to; null = the agent's own."
+  description = "Consul datacenter to write to; null = the agent's own. The scheduler must read the same one ([policy] consul_dc; see the scheduler_environment output)."
   default     = null
-}
-
-variable "manage_locks" {
-  type        = bool
-  description = "Publish locks.yaml from policy_dir and delete locks not in it. false = leave locks to `facefleet lock`/`unlock` at run time."
-  default     = true
 }
