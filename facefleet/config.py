@@ -167,6 +167,8 @@ class CloudConfig(Section):
     agent_tls_dir: str = "/etc/facefleet/certs"
     price_refresh_s: float = Field(default=300.0, gt=0)
     price_stale_after_s: float = Field(default=900.0, gt=0)
+    # Spend enforcement (docs/finance.md): how often running cloud attempts accrue and extend.
+    spend_accrual_s: Seconds = Field(default=0.5, gt=0)
     azure_price_api: str = "https://prices.azure.com/api/retail/prices"
     aws: AwsCloudConfig = Field(default_factory=AwsCloudConfig)
     azure: AzureCloudConfig = Field(default_factory=AzureCloudConfig)

@@ -26,6 +26,7 @@ from facefleet.scheduler.leader import LeaderLock
 from facefleet.scheduler.placement_gateway import LivePlacement, RulesSource
 from facefleet.scheduler.rules_source import FileRuleSource
 from facefleet.scheduler.service import IntakeCheck, IntakeRefused, SchedulerServicer, add_scheduler_service
+from facefleet.scheduler.spend_enforcement import SpendEnforcer
 from facefleet.scheduler.store import TaskStore
 
 if TYPE_CHECKING:
@@ -100,6 +101,18 @@ class SchedulerApp:
             admission=admission,
             loop=self._loop,
         )
+        # Spend enforced while cloud runs go on: extend reservations or stop runs (docs/finance.md).
+        self.enforcer = (
+            SpendEnforcer(
+                cloud.budgets,
+                self.dispatcher.stop_run,
+                settings.cloud.spend_accrual_s,
+                audit=audit,
+                progress_of=self._progress_of,
+            )
+            if cloud is not None
+            else None
+        )
         self.servicer = SchedulerServicer(
             self.store,
             self.committer,
@@ -134,6 +147,8 @@ class SchedulerApp:
                 self.cloud.observe_budgets(*self._budgets)
             self.cloud.start()
         self.dispatcher.start()
+        if self.enforcer is not None:
+            self.enforcer.start()
         try:
             self._server = build_aio_server(
                 self._loop,
@@ -171,6 +186,8 @@ class SchedulerApp:
         self._stop.set()
         if self._server is not None:
             self._server.stop(grace=1.0)
+        if self.enforcer is not None:
+            self.enforcer.stop()
         self.dispatcher.stop()
         self._loop.stop()  # after the dispatcher: its agent streams close on this loop
         if self.cloud is not None:
@@ -187,6 +204,10 @@ class SchedulerApp:
     def wait(self) -> None:
         if self._server is not None:
             self._server.wait()
+
+    def _progress_of(self, task_id: str) -> tuple[int, int] | None:
+        latest = self.store.latest_progress(task_id)
+        return (latest.progress.frames_done, latest.progress.frames_total) if latest is not None else None
 
     def _budget_spent(self, budget: str) -> float:
         return self.cloud.budget_spent(budget) if self.cloud is not None else 0.0

@@ -149,6 +149,7 @@ class Dispatcher:
         self.admission = admission
         self._streams = AgentStreams(channel_for or grpc.aio.insecure_channel, loop)
         self._calls: dict[str, tuple[Any, str]] = {}  # task id -> (RunTask call, agent id)
+        self._stopping: dict[str, str] = {}  # task id -> why: its CANCELLED report re-queues it (stop_run)
         self._calls_lock = threading.Lock()
         self._lost_agents: dict[str, float] = {}
         self._workers = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="dispatch")
@@ -566,7 +567,7 @@ class Dispatcher:
                     started = True
                 if message.state in (types_pb2.TASK_STATE_RUNNING, types_pb2.TASK_STATE_UNSPECIFIED) and not running:
                     running = await self._blocking(self._mark_running, task_id, agent_id, now)
-                if message.state in _ENDS_THE_RUN:
+                if message.state in _ENDS_THE_RUN and task_id not in self._stopping:
                     terminal = self._on_progress(record, agent_id, message, now)  # queues: does not block
                 else:
                     terminal = await self._blocking(self._on_progress, record, agent_id, message, now)
@@ -588,6 +589,7 @@ class Dispatcher:
                 call.cancel()
             with self._calls_lock:
                 self._calls.pop(task_id, None)
+                self._stopping.pop(task_id, None)
             self.agents.note_finished(agent_id, task_id)
             self._wake.set()
 
@@ -616,6 +618,10 @@ class Dispatcher:
         """Record one progress message; True when it ends the run on this agent."""
         task_id = record.id
         state = message.state
+        if state == types_pb2.TASK_STATE_CANCELLED and task_id in self._stopping:  # stop_run: keep the task
+            self.store.record_progress(task_id, message, now)
+            self._requeue(self.store.get(task_id), self._stopping[task_id], "budget_stop", now, agent_id)
+            return True
         if state == types_pb2.TASK_STATE_PREEMPTED:
             self.store.record_progress(task_id, message, now)
             if self.store.transition(
@@ -738,6 +744,27 @@ class Dispatcher:
                 )
         self._cancel_local_call(task_id)
         return reached
+
+    def stop_run(self, task_id: str, why: str) -> bool:
+        """Stop the task's run but keep the task: the agent cancels the run and its CANCELLED report
+        re-queues the task with `why` (spend enforcement). False when no run of it streams here."""
+        with self._calls_lock:
+            entry = self._calls.get(task_id)
+            if entry is None:
+                return False
+            self._stopping[task_id] = why
+        agent_id = entry[1]
+        self.agents.request_cancel(agent_id, task_id)  # the heartbeat carries it if the RPC is lost
+        agent = self.agents.get(agent_id)
+        if agent is not None and agent.address:
+            self._streams.spawn(self._stop_rpc(agent.address, task_id, why))
+        return True
+
+    async def _stop_rpc(self, address: str, task_id: str, why: str) -> None:
+        try:
+            await self._cancel_rpc(address, task_id, why)
+        except (grpc.RpcError, TimeoutError) as error:
+            log.warning("stop did not reach the agent; heartbeat will carry it", task_id=task_id, error=repr(error))
 
     async def _cancel_rpc(self, address: str, task_id: str, reason: str) -> None:
         request = agent_pb2.AgentCancelRequest(task_id=task_id, reason=reason)

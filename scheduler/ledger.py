@@ -299,6 +299,27 @@ class SpendLedger:
             )
         return reservation
 
+    def extend(self, account: BudgetAccountLike, reservation: Reservation, add_usd: float) -> Reservation | None:
+        """Grow a running task's reservation by `add_usd` under the same cap check as `reserve`;
+        None when it does not fit (or the reservation is gone: settled or released meanwhile)."""
+        add_usd = USD.check(add_usd, f"task {reservation.task_id}: reservation extension")
+        with self._lock, self._engine.begin() as conn:
+            self._serialize(conn, account.name)
+            committed = self._spent(conn, account.name, reservation.month) + self._reserved(
+                conn, account.name, reservation.month
+            )
+            if committed + add_usd > account.monthly_cap_usd:
+                return None
+            grown = reservation.estimate_usd + add_usd
+            updated = conn.execute(
+                sa.update(budget_reservations)
+                .where(budget_reservations.c.id == reservation.id)
+                .values(estimate_usd=grown)
+            ).rowcount
+        if not updated:
+            return None
+        return Reservation(reservation.id, reservation.budget, reservation.task_id, grown, reservation.month)
+
     def release(self, reservation: Reservation) -> None:
         """Drop a reservation that produced no spend (dispatch failed, task cancelled before start)."""
         with self._lock, self._engine.begin() as conn:

@@ -3,11 +3,14 @@
 - Placement sees each budget as `cap` (rules store) with `spent_usd = spent + reserved` this month
   (`committed`), so its budget filter already drops what cannot fit.
 - Right before a launch on a paid pool the dispatcher calls `admit`: the ledger reserves the
-  placement's estimate atomically; a refused reservation keeps the task queued (on-prem may take
-  it). At most one estimate can pass the cap, and only by running longer than estimated.
+  placement's estimate (at least `min_reserve_s` of the pool's price: the spend enforcer's horizon)
+  atomically; a refused reservation keeps the task queued (on-prem may take it).
+- While the run goes on, `scheduler.spend_enforcement` grows the reservation (`extend`) ahead of
+  the accrued cost, or stops the run when the cap has no room.
 - The attempt ends in exactly one of: `on_finished` (settle: instance-seconds x the price placement
   used, attributed to task/project/rule/pool/budget), `on_requeued` (settle the partial run:
-  preemption, lost agent), `withdraw` (the launch never happened: release).
+  preemption, lost agent, budget stop), `withdraw` (the launch never happened: release). A
+  completed run's billed seconds per frame go to `on_completed_run` (scheduler.run_estimates).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import structlog
@@ -43,6 +46,11 @@ class Attempt:
     usd_per_hour: float
     admitted_at: float
     agent_id: str = ""
+    frames: int = 1
+
+    def accrued_usd(self, now: float) -> float:
+        """Cost of this attempt so far (billed from the reservation on)."""
+        return max(0.0, now - self.admitted_at) * self.usd_per_hour / 3600.0
 
 
 def utc(seconds: float) -> datetime:
@@ -58,8 +66,12 @@ class BudgetGate:
         clock: Callable[[], float] = time.time,
         instance_of: Callable[[str], str] = lambda _agent_id: "",
         committed_ttl_s: float = 0.25,
+        min_reserve_s: float = 0.0,
+        on_completed_run: Callable[[str, float, int], None] | None = None,
     ) -> None:
         self.ledger = ledger
+        self.min_reserve_s = min_reserve_s
+        self._on_completed_run = on_completed_run
         self._clock = clock
         self._instance_of = instance_of
         self._ttl = committed_ttl_s
@@ -110,26 +122,46 @@ class BudgetGate:
                 f"rule {decision.rule} sends task to paid pool {decision.pool} but budget account "
                 f"{name or '(none)'} is not in the rules store; add it to budgets"
             )
-        reservation = self.ledger.reserve(account, task.id, estimate.cost_usd, utc(now))
+        amount = max(estimate.cost_usd, pool.price_per_hour * self.min_reserve_s / 3600.0)
+        reservation = self.ledger.reserve(account, task.id, amount, utc(now))
         self._forget_committed(account.name)
         if reservation is None:
             log.info(
                 "budget reservation refused",
                 task_id=task.id,
                 budget=account.name,
-                estimate_usd=round(estimate.cost_usd, 6),
+                estimate_usd=round(amount, 6),
                 cap_usd=account.monthly_cap_usd,
                 pool=decision.pool,
             )
             return (
-                f"budget {account.name}: estimate ${estimate.cost_usd:.4f} does not fit under the cap "
-                f"${account.monthly_cap_usd:.2f} (spent + reserved this month); waiting for other capacity"
+                f"budget {account.name}: estimate ${amount:.4f} does not fit under the cap "
+                f"${account.monthly_cap_usd:.4f} (spent + reserved this month); waiting for other capacity"
             )
+        attempt = Attempt(
+            reservation, task.project, decision.rule, decision.pool, pool.provider, pool.price_per_hour, now,
+            frames=max(1, task.task().frames),
+        )  # fmt: skip
         with self._lock:
-            self._attempts[task.id] = Attempt(
-                reservation, task.project, decision.rule, decision.pool, pool.provider, pool.price_per_hour, now
-            )
+            self._attempts[task.id] = attempt
         return ""
+
+    def extend(self, task_id: str, add_usd: float) -> bool:
+        """Grow a running attempt's reservation under the cap; False when the account has no room."""
+        with self._lock:
+            attempt = self._attempts.get(task_id)
+            account = self._accounts.get(attempt.reservation.budget) if attempt is not None else None
+        if attempt is None or account is None:
+            return False
+        grown = self.ledger.extend(account, attempt.reservation, add_usd)
+        self._forget_committed(account.name)
+        if grown is None:
+            return False
+        with self._lock:
+            current = self._attempts.get(task_id)
+            if current is not None and current.reservation.id == grown.id:
+                self._attempts[task_id] = replace(current, reservation=grown)
+        return True
 
     def withdraw(self, task_id: str) -> None:
         with self._lock:
@@ -146,7 +178,7 @@ class BudgetGate:
         with self._lock:
             attempt = self._attempts.get(task.id)
             if attempt is not None and task.agent_id:
-                self._attempts[task.id] = Attempt(**{**attempt.__dict__, "agent_id": task.agent_id})
+                self._attempts[task.id] = replace(attempt, agent_id=task.agent_id)
 
     def on_finished(self, task: TaskRecord) -> None:
         self._settle(task.id, OUTCOMES.get(task.state, task.state), task.finished_at or self._clock())
@@ -175,6 +207,8 @@ class BudgetGate:
         )
         usd = self.ledger.settle(attempt.reservation, usage, account)
         self._forget_committed(attempt.reservation.budget)
+        if outcome == "completed" and self._on_completed_run is not None:
+            self._on_completed_run(attempt.pool, usage.instance_seconds, attempt.frames)
         log.info(
             "cloud spend settled",
             task_id=task_id,

@@ -5,7 +5,8 @@ tests call it); `SchedulerApp(..., cloud=parts)` plugs the parts in:
 
 - `listeners`       dispatch listeners (the ledger settles / releases on finish and re-queue);
 - `gate`            the dispatcher's last word (budget reservation) and provisioning trigger;
-- `pool_overlay`    cloud pools' price, staleness and provisioning headroom (None when clouds are off);
+- `pool_overlay`    cloud pools' price, staleness and provisioning headroom, and paid pools' run time
+                    learned from completed runs (scheduler.run_estimates);
 - `budget_spent`    committed spend (spent + reserved) this month per budget, for placement's World;
 - `observe_budgets` hears each rule-set version: caps recorded in the ledger (`upsert_accounts`);
 - `heartbeat_sink`  wraps the agent registry so heartbeats with `instance_id` reach the provisioner;
@@ -36,6 +37,7 @@ from facefleet.scheduler.cloud.provisioner import Provisioner
 from facefleet.scheduler.ledger import SpendLedger
 from facefleet.scheduler.placement.model import Budget, PoolState
 from facefleet.scheduler.placement_gateway import PlacementResult
+from facefleet.scheduler.run_estimates import RunTimeBook
 from facefleet.scheduler.store import TaskRecord
 from facefleet.v1 import scheduler_pb2
 
@@ -115,6 +117,7 @@ class CloudParts:
     ledger: SpendLedger
     budgets: BudgetGate
     instances: AgentInstances
+    run_times: RunTimeBook
     burst: CloudBurst | None = None
     _started: bool = field(default=False, repr=False)
 
@@ -158,8 +161,15 @@ def build_cloud(
     from `[cloud]` (tests point them at moto_server or recorded responses)."""
     ledger = SpendLedger(engine)
     instances = AgentInstances()
-    budgets = BudgetGate(ledger, clock=clock, instance_of=instances.instance_of)
     cloud = settings.cloud
+    run_times = RunTimeBook(engine, clock=clock)
+    budgets = BudgetGate(
+        ledger,
+        clock=clock,
+        instance_of=instances.instance_of,
+        min_reserve_s=2 * cloud.spend_accrual_s,  # the enforcer's horizon (scheduler.spend_enforcement)
+        on_completed_run=run_times.record,
+    )
     burst: CloudBurst | None = None
     if cloud.enabled and cloud.pools:
         chosen_backends = dict(backends) if backends is not None else _backends_from_config(settings)
@@ -182,15 +192,20 @@ def build_cloud(
         )
     return CloudParts(
         listeners=[budgets],
-        pool_overlay=burst.overlay if burst is not None else None,
+        pool_overlay=_chain(burst.overlay, run_times.overlay) if burst is not None else run_times.overlay,
         budget_spent=budgets.committed,
         gate=CloudGate(budgets, burst),
         observe_budgets=budgets.observe_budgets,
         ledger=ledger,
         budgets=budgets,
         instances=instances,
+        run_times=run_times,
         burst=burst,
     )
+
+
+def _chain(first: PoolOverlay, then: PoolOverlay) -> PoolOverlay:
+    return lambda pools, now: then(first(pools, now), now)
 
 
 def ledger_engine(store_url: str) -> Engine:

@@ -1,0 +1,97 @@
+"""Spend enforcement steps and learned run-time estimates, against a real SQLite ledger."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+from facefleet.scheduler.cloud.budget_gate import BudgetGate
+from facefleet.scheduler.ledger import SpendLedger, month_of
+from facefleet.scheduler.placement.model import Budget, PoolState
+from facefleet.scheduler.run_estimates import RunTimeBook, percentile
+from facefleet.scheduler.spend_enforcement import BUDGET_STOP, SpendEnforcer
+from tests.cloud.test_cloud_budget_gate import NOW, budgets_utc, record, result
+
+PRICE_PER_S = 0.001  # the PAID pool: $3.60/h
+
+
+def make_gate(tmp_path: Path, clock: list[float], cap: float) -> BudgetGate:
+    ledger = SpendLedger(sa.create_engine(f"sqlite:///{tmp_path / 'ledger.db'}"))
+    budgets = BudgetGate(ledger, clock=lambda: clock[0], min_reserve_s=2.0)
+    budgets.observe_budgets("v1", {"burst": Budget("burst", cap)})
+    return budgets
+
+
+def test_reservation_grows_ahead_of_accrued_cost_then_the_run_is_stopped_at_the_cap(tmp_path: Path) -> None:
+    clock = [NOW]
+    budgets = make_gate(tmp_path, clock, cap=0.02)
+    stops: list[tuple[str, str]] = []
+    audited: list[tuple[str, dict[str, Any]]] = []
+
+    def stop_run(task_id: str, why: str) -> bool:
+        stops.append((task_id, why))
+        return True
+
+    enforcer = SpendEnforcer(budgets, stop_run, step_s=1.0, audit=lambda kind, fields: audited.append((kind, fields)))
+    assert budgets.admit(record("t0"), result(0.010), NOW) == ""  # a 10 s estimate
+
+    assert enforcer.tick(NOW + 5) == [] and budgets.open_attempts()["t0"].reservation.estimate_usd == 0.010
+    assert enforcer.tick(NOW + 9) == []  # 9 s accrued + 2 s ahead > 10 s: grown by 4 steps
+    assert abs(budgets.open_attempts()["t0"].reservation.estimate_usd - 0.014) < 1e-12
+    assert abs(budgets.ledger.reserved("burst", month_of(budgets_utc(NOW))) - 0.014) < 1e-12
+
+    assert budgets.admit(record("t1"), result(0.005), NOW + 9) == ""  # leaves $0.001 of the cap
+    assert enforcer.tick(NOW + 12.5) == []  # each short by $0.0005: 4 steps do not fit, what is short does
+    assert abs(budgets.open_attempts()["t0"].reservation.estimate_usd - 0.0145) < 1e-12
+    assert abs(budgets.open_attempts()["t1"].reservation.estimate_usd - 0.0055) < 1e-12
+    assert enforcer.tick(NOW + 13.5) == ["t0", "t1"]  # the cap is full: stop, once each
+    assert enforcer.tick(NOW + 14.5) == []
+    assert [task_id for task_id, _why in stops] == ["t0", "t1"]
+    why = stops[0][1]
+    assert why.startswith(BUDGET_STOP) and "budget burst" in why and "aws-a" in why
+    assert audited[0][0] == "budget_stop" and audited[0][1]["task_id"] == "t0"
+    committed = budgets.ledger.spent("burst", month_of(budgets_utc(NOW))) + budgets.ledger.reserved(
+        "burst", month_of(budgets_utc(NOW))
+    )
+    assert committed <= 0.02 + 1e-12  # reservations never pass the cap
+
+
+def test_a_run_not_streaming_yet_is_tried_again_and_progress_shortens_the_horizon(tmp_path: Path) -> None:
+    clock = [NOW]
+    budgets = make_gate(tmp_path, clock, cap=0.010)
+    progress: dict[str, tuple[int, int]] = {}
+    answers = [False, True]
+    enforcer = SpendEnforcer(budgets, lambda task_id, why: answers.pop(0), step_s=1.0, progress_of=progress.get)
+    assert budgets.admit(record("t0"), result(0.010), NOW) == ""  # the whole cap
+    progress["t0"] = (90, 100)  # 9 s for 90 frames: 1 s left, within the reservation
+    assert enforcer.tick(NOW + 9) == []
+    progress["t0"] = (50, 100)  # slower than it looked: 10 s left, no room
+    assert enforcer.tick(NOW + 10) == []  # the dispatcher had no stream for it yet
+    assert enforcer.tick(NOW + 10.5) == ["t0"]
+
+
+def test_learned_run_time_is_a_high_percentile_never_below_the_configured_and_survives_a_restart(
+    tmp_path: Path,
+) -> None:
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'store.db'}")
+    book = RunTimeBook(engine, window=50)
+    paid = PoolState(name="cloud-a", provider="aws", trust_zone="cloud", price_per_hour=7.2, sec_per_frame=0.5)
+    free = PoolState(name="onprem-a", provider="onprem", trust_zone="private", sec_per_frame=0.1)
+    assert book.overlay((paid, free), NOW) == (paid, free)  # nothing learned yet
+    for i in range(100):
+        book.record("cloud-a", billed_s=2.0 + (i % 20) / 10, frames=1)  # 2.0 .. 3.9 s
+        book.record("onprem-a", billed_s=9.0, frames=1)
+    book.record("cloud-a", billed_s=float("nan"), frames=1)  # ignored
+    expected = percentile([2.0 + (i % 20) / 10 for i in range(50, 100)], 0.95)  # the last window only
+    assert book.learned("cloud-a") == expected == 3.9
+    learned_paid, same_free = book.overlay((paid, free), NOW)
+    assert learned_paid.sec_per_frame == expected and same_free == free  # only paid pools: estimates are money
+    slow_config = PoolState(name="cloud-a", provider="aws", trust_zone="cloud", price_per_hour=7.2, sec_per_frame=9.0)
+    assert book.overlay((slow_config,), NOW) == (slow_config,)  # never below the configured value
+
+    restarted = RunTimeBook(engine, window=50)
+    assert restarted.learned("cloud-a") == expected
+    with engine.connect() as conn:  # pruned to about two windows a pool
+        assert conn.execute(sa.text("SELECT count(*) FROM run_time_samples WHERE pool='cloud-a'")).scalar_one() <= 100
