@@ -325,19 +325,30 @@ def test_burst_sends_exactly_the_affordable_tasks_to_the_paid_pool(
     wait_for(lambda: all(app.store.get(i).state == "succeeded" for i in ids), 40, what="the whole burst to finish")
 
     pools = [app.store.get(i).pool for i in ids]
-    assert pools.count("cloud-spot") == 4 and pools.count("onprem-a") == 4, pools
     month = month_of(datetime.now(UTC))
     estimate = PRICE * FRAMES * REPORTED_SEC_PER_FRAME / 3600.0
     spent = parts.ledger.spent("burst", month)
-    assert CAP - REMAINING + 4 * FRAMES * FRAME_S * PRICE / 3600 <= spent <= CAP + estimate
+    # Spend enforcement may stop a run that outgrows its reservation on a loaded machine (its task
+    # finishes on-prem); the bound is docs/finance.md's: one accrual step plus the stop per cloud slot.
+    bound = 8 * PRICE / 3600 * (2 * settings.cloud.spend_accrual_s)
+    assert spent <= CAP + bound
     assert parts.ledger.reserved("burst", month) == 0 and parts.ledger.open_reservations() == []
     with parts.ledger._engine.connect() as conn:
         rows = conn.execute(sa.select(cloud_spend).where(cloud_spend.c.task_id != "earlier")).mappings().all()
-    assert sorted(r["task_id"] for r in rows) == sorted(i for i, p in zip(ids, pools, strict=True) if p == "cloud-spot")
+    spot = hollow_agents[1]
+    assert sorted(r["task_id"] for r in rows) == sorted(i for i in ids for _ in range(spot.executions[i]))
+    completed = [r for r in rows if r["outcome"] == "completed"]
+    assert sorted(r["task_id"] for r in completed) == sorted(
+        i for i, p in zip(ids, pools, strict=True) if p == "cloud-spot"
+    )
+    assert len({r["task_id"] for r in rows}) >= 4, "the 4 affordable tasks went to the paid pool"
+    assert len(completed) <= 4 and pools.count("onprem-a") == 8 - len(completed), pools
+    assert spent >= CAP - REMAINING + len(completed) * FRAMES * FRAME_S * PRICE / 3600
     for row in rows:
         assert (row["project"], row["rule"], row["pool"], row["budget"]) == ("promo", "burst", "cloud-spot", "burst")
-        assert row["instance_id"] == "i-spot1" and row["outcome"] == "completed" and row["usd_per_hour"] == PRICE
-        assert row["estimate_usd"] == pytest.approx(estimate)
+        assert row["instance_id"] == "i-spot1" and row["usd_per_hour"] == PRICE
+        assert row["outcome"] in ("completed", "requeued:budget_stop")
+        assert row["estimate_usd"] >= estimate - 1e-12
     # Past the alert percentage: the gauge says so, and the caps reached the ledger from the rules load.
     assert REGISTRY.get_sample_value("facefleet_budget_alert", {"budget": "burst"}) == 1
     assert parts.ledger.accounts()["burst"].monthly_cap_usd == CAP

@@ -2,7 +2,8 @@
 
 `HollowAgent` completes tasks instantly (kubemark-style hollow node) or slowly, frame by frame
 with checkpoints. It is idempotent on the task id as the contract demands: a repeat RunTask while
-running re-attaches; after completion it replays the final progress. `executions` counts how many
+running re-attaches; after completion it replays the final progress, except that a later attempt
+of a run that ended without success runs again, as the real agent does. `executions` counts how many
 times each task actually ran here, so tests can assert "never ran twice".
 """
 
@@ -24,6 +25,7 @@ from facefleet.v1 import agent_pb2, agent_pb2_grpc, scheduler_pb2, scheduler_pb2
 class Run:
     task: types_pb2.Task
     resume_from: int
+    attempt: int = 0
     history: list[types_pb2.Progress] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -135,10 +137,14 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "RESIDENCY_VIOLATION: private task on a cloud agent")
         with self._lock:
             run = self.runs.get(task.id)
+            if run is not None and run.done.is_set() and request.attempt > run.attempt:
+                final = run.history[-1].state if run.history else types_pb2.TASK_STATE_UNSPECIFIED
+                if final != types_pb2.TASK_STATE_SUCCEEDED:
+                    run = None  # cancelled or preempted before: this attempt runs again
             if run is None:
                 if len(self.busy_unlocked()) >= self.slots:
                     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"agent {self.agent_id} has no free slot")
-                run = Run(task=task, resume_from=request.resume_from_frame)
+                run = Run(task=task, resume_from=request.resume_from_frame, attempt=request.attempt)
                 self.runs[task.id] = run
                 self.executions[task.id] += 1
                 self.resumed_from[task.id] = request.resume_from_frame
