@@ -423,10 +423,12 @@ def follow(
 
 
 def summary_rows(layout: DemoLayout, statuses: dict[str, scheduler_pb2.TaskStatus]) -> list[dict[str, Any]]:
+    from facefleet.console.pages import id_similarity
+
     rows = []
     for task in WORKLOAD:
         status = statuses[task.name]
-        quality = status.last_progress.quality
+        similarity = id_similarity(status.last_progress)
         output = layout.outputs / f"{task.name}.jpg"
         rows.append(
             {
@@ -439,10 +441,7 @@ def summary_rows(layout: DemoLayout, statuses: dict[str, scheduler_pb2.TaskStatu
                 "rule": status.rule,
                 "why": why(status.placement),
                 "output": str(output) if output.exists() else "",
-                # The classical engine has no recognizer, so it cannot measure identity similarity.
-                "id_similarity": round(quality.id_similarity_mean, 3)
-                if quality.faces_swapped and status.last_progress.engine != "classical"
-                else None,
+                "id_similarity": None if similarity is None else round(similarity, 3),
                 "engine": status.last_progress.engine,
             }
         )

@@ -18,7 +18,7 @@ from facefleet.console.gateway import CallFailed, Gateway
 from facefleet.console.tokens import Person
 from facefleet.security.identity import Identity
 from facefleet.security.roles import is_allowed
-from facefleet.v1 import admin_pb2, scheduler_pb2
+from facefleet.v1 import admin_pb2, scheduler_pb2, types_pb2
 
 STATE_NAMES = domain.TASK_STATES
 SWEEP_PARAMETERS = ("max_spot_price_per_hour", "monthly_cap_usd", "onprem_queue_wait_s_gt")
@@ -57,9 +57,16 @@ def state_name(value: int) -> str:
 
 
 # -- tasks ----------------------------------------------------------------------------------------
+def id_similarity(progress: types_pb2.Progress) -> float | None:
+    """The output face's mean ID similarity to the source, when it was measured: the classical
+    engine has no recognizer, so it reports none (and no face swapped means nothing to measure)."""
+    if not progress.HasField("quality") or not progress.quality.faces_swapped or progress.engine == "classical":
+        return None
+    return float(progress.quality.id_similarity_mean)
+
+
 def task_row(status: scheduler_pb2.TaskStatus) -> dict[str, Any]:
     progress = status.last_progress
-    quality = progress.quality if progress.HasField("quality") else None
     return {
         "id": status.task.id,
         "project": status.task.project,
@@ -73,7 +80,7 @@ def task_row(status: scheduler_pb2.TaskStatus) -> dict[str, Any]:
         "frames_done": progress.frames_done,
         "frames_total": progress.frames_total or status.task.frames,
         "stage": progress.stage,
-        "id_similarity": quality.id_similarity_mean if quality is not None and quality.faces_swapped else None,
+        "id_similarity": id_similarity(progress),
         "submitted_at": status.submitted_at.ToDatetime(UTC) if status.HasField("submitted_at") else None,
     }
 

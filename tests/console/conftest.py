@@ -76,7 +76,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleStack]:
 
     certs.init_demo_pki(pki)
     cluster = Cluster(root, pki)
-    onprem, cloud = RecordingPipeline(), RecordingPipeline()
+    onprem, cloud = RecordingPipeline(engine="onnx"), RecordingPipeline(engine="onnx")  # ID similarity measured
     cluster.start_agent("onprem-1", "onprem-a", "private", onprem)
     cluster.start_agent("cloud-1", "cloud-a", "cloud", cloud)
     settings = cluster.settings.model_copy(
