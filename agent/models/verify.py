@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx
 
-from facefleet.agent.models.manifest import ANY_DIM, ModelEntry, ModelRole, TensorSpec
+from facefleet.agent.models.manifest import ANY_DIM, ModelEntry, ModelRole, TensorSpec, load_manifest
 from facefleet.agent.models.routing import ModelSignature, TensorSignature, UnroutableModel, route_model
 from facefleet.agent.pipeline.errors import ModelVerificationFailed
 
@@ -136,3 +136,30 @@ def verify_model(models_dir: Path, entry: ModelEntry) -> VerifiedModel:
     signature = read_signature(path)
     check_signature(entry, signature, path)
     return VerifiedModel(entry=entry, path=path, signature=signature)
+
+
+@dataclass(frozen=True)
+class ManifestCheck:
+    """Every manifest entry checked: what verified (first per role) and each entry's status."""
+
+    statuses: list[ModelStatus]
+    verified: dict[ModelRole, VerifiedModel]
+
+    @property
+    def failures(self) -> list[str]:
+        return [status.error for status in self.statuses if not status.verified]
+
+
+def verify_manifest(models_dir: Path) -> ManifestCheck:
+    """Verify every entry of `<models_dir>/manifest.toml`; a failing entry is recorded, not raised."""
+    statuses: list[ModelStatus] = []
+    verified: dict[ModelRole, VerifiedModel] = {}
+    for entry in load_manifest(models_dir).model:
+        try:
+            model = verify_model(models_dir, entry)
+        except ModelVerificationFailed as exc:
+            statuses.append(ModelStatus(entry.name, entry.role.value, entry.sha256, False, exc.message))
+            continue
+        statuses.append(ModelStatus(entry.name, entry.role.value, entry.sha256, True))
+        verified.setdefault(entry.role, model)
+    return ManifestCheck(statuses, verified)

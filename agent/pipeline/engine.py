@@ -9,9 +9,9 @@ from typing import Protocol
 
 import numpy as np
 
-from facefleet.agent.models.manifest import ModelRole, load_manifest
+from facefleet.agent.models.manifest import ModelRole
 from facefleet.agent.models.sessions import create_session
-from facefleet.agent.models.verify import ModelStatus, VerifiedModel, verify_model
+from facefleet.agent.models.verify import ModelStatus, VerifiedModel, verify_manifest
 from facefleet.agent.pipeline.align import AlignStage
 from facefleet.agent.pipeline.classical import (
     ClassicalDetectStage,
@@ -143,21 +143,10 @@ def load_engine(models_dir: Path, providers: list[str], intra_op_threads: int = 
     """Verify every manifest entry (any failure is fatal: never run next to a tampered file) and
     build the ONNX engine when a detector, recognizer and swapper verified, else the classical one.
     `intra_op_threads` caps each session's CPU threads (0: onnxruntime's default, all cores)."""
-    manifest = load_manifest(models_dir)
-    statuses: list[ModelStatus] = []
-    verified: dict[ModelRole, VerifiedModel] = {}
-    failures: list[str] = []
-    for entry in manifest.model:
-        try:
-            model = verify_model(models_dir, entry)
-        except ModelVerificationFailed as exc:
-            statuses.append(ModelStatus(entry.name, entry.role.value, entry.sha256, False, exc.message))
-            failures.append(exc.message)
-            continue
-        statuses.append(ModelStatus(entry.name, entry.role.value, entry.sha256, True))
-        verified.setdefault(entry.role, model)
-    if failures:
-        error = ModelVerificationFailed("; ".join(failures))
+    check = verify_manifest(models_dir)
+    statuses, verified = check.statuses, check.verified
+    if check.failures:
+        error = ModelVerificationFailed("; ".join(check.failures))
         error.statuses = statuses  # type: ignore[attr-defined]
         raise error
     missing = [role.value for role in REQUIRED_ROLES if role not in verified]

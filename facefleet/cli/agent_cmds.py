@@ -1,4 +1,4 @@
-"""CLI commands: `facefleet agent run|describe` (the agent service; `swap` lives in swap_cmds)."""
+"""CLI commands: `facefleet agent run|describe|verify-models` (the agent service; `swap` lives in swap_cmds)."""
 
 from __future__ import annotations
 
@@ -116,6 +116,45 @@ def register(app: typer.Typer) -> None:
         stop.wait()
         console.print("stopping: running tasks are cancelled; their checkpoints stay for a resume elsewhere")
         handle.stop()
+
+    @agent.command("verify-models")
+    def verify_models_cmd(
+        models: Path = typer.Option(..., "--models", help="Models directory with manifest.toml."),
+        json_output: bool = JSON_OPTION,
+    ) -> None:
+        """Verify every model in the manifest (sha256, ONNX signature, role) as the agent does before
+        any session; exit 1 when one fails. Kubernetes runs it as the agent's init container."""
+        from dataclasses import asdict
+
+        from rich.text import Text
+
+        from facefleet.agent.models.verify import verify_manifest
+        from facefleet.agent.pipeline.errors import ModelVerificationFailed
+
+        if not models.is_dir():
+            fail(f"models directory {models} does not exist", hint="mount the models volume there or pass --models")
+        try:
+            check = verify_manifest(models)
+        except ModelVerificationFailed as error:
+            fail(error.message, hint="correct the manifest named above (docs/pipeline.md lists its fields)")
+        if json_output:
+            print_json([asdict(status) for status in check.statuses])
+        else:
+            table = Table(title=f"models in {models}")
+            for column in ("name", "role", "sha256", "verified", "error"):
+                table.add_column(column)
+            for status in check.statuses:
+                verified = Text("yes") if status.verified else Text("no", style="red")
+                cells = (status.name, status.role, status.sha256[:16])
+                table.add_row(*(Text(cell) for cell in cells), verified, Text(status.error))
+            console.print(table)
+            if not check.statuses:
+                console.print(Text(f"no models listed in {models}/manifest.toml: the agent runs the classical engine"))
+        if check.failures:
+            fail(
+                f"{len(check.failures)} of {len(check.statuses)} models failed verification: {check.failures[0]}",
+                hint="replace the file with the published one, or fix its manifest entry if you trust the file",
+            )
 
     @agent.command("describe")
     def describe_cmd(
