@@ -7,6 +7,7 @@
 #   docker run --gpus all -v "$PWD/models:/models:ro" -v "$PWD/var/certs:/etc/facefleet/tls:ro" \
 #     -v agent-data:/data facefleet-agent:0.1.0 agent run --pool onprem-a --trust-zone private ...
 ARG CUDA_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+# checkov:skip=CKV_DOCKER_7:FROM uses ${CUDA_IMAGE}, pinned to a version tag by the ARG above (checkov does not resolve build args)
 
 FROM ${CUDA_IMAGE} AS build
 ENV DEBIAN_FRONTEND=noninteractive \

@@ -6,6 +6,7 @@
 # and keep /var/lib/facefleet (SQLite store, audit log) on a volume, or point
 # FACEFLEET_SCHEDULER__STORE_URL at PostgreSQL for HA.
 ARG PYTHON_IMAGE=python:3.11.10-slim-bookworm
+# checkov:skip=CKV_DOCKER_7:FROM uses ${PYTHON_IMAGE}, pinned to a version tag by the ARG above (checkov does not resolve build args)
 
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \

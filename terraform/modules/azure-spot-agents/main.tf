@@ -102,6 +102,10 @@ resource "azurerm_linux_virtual_machine_scale_set" "agents" {
 
   disable_password_authentication = true
 
+  # Temp disk and disk caches encrypted on the host too (task media passes through them). Needs the
+  # subscription feature Microsoft.Compute/EncryptionAtHost registered (docs/deploy.md).
+  encryption_at_host_enabled = true
+
   admin_ssh_key {
     username   = var.admin_username
     public_key = var.admin_ssh_public_key
