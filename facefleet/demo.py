@@ -33,6 +33,7 @@ ASSETS = Path(__file__).resolve().parent / "demo_assets"
 TERMINAL = {types_pb2.TASK_STATE_SUCCEEDED, types_pb2.TASK_STATE_FAILED, types_pb2.TASK_STATE_CANCELLED}
 ONPREM_POOL, CLOUD_POOL, CLOUD_PRICE = "onprem-local", "cloud-local", 0.35
 LOCKED_PROJECT = "film-x"
+DEMO_MARKER = ".facefleet-demo"  # only a directory holding it is replaced by the next `facefleet up`
 
 
 class DemoError(RuntimeError):
@@ -108,6 +109,10 @@ class DemoLayout:
     def logs(self) -> Path:
         return self.root / "logs"
 
+    @property
+    def marker(self) -> Path:
+        return self.root / DEMO_MARKER
+
 
 @dataclass
 class RunningStack:
@@ -147,9 +152,15 @@ def prepare(root: Path, fresh: bool = True) -> DemoLayout:
 
     layout = DemoLayout(root.resolve())
     if fresh and layout.root.exists():
+        if not layout.marker.is_file() and (not layout.root.is_dir() or any(layout.root.iterdir())):
+            raise DemoError(
+                f"{layout.root} exists and is not a facefleet demo directory (no {DEMO_MARKER}); the demo "
+                "would replace its contents: pass --dir with a new or empty directory"
+            )
         shutil.rmtree(layout.root)
     for directory in (layout.root, layout.inputs, layout.outputs, layout.models, layout.logs):
         directory.mkdir(parents=True, exist_ok=True)
+    layout.marker.write_text("made by `facefleet up`: the next run replaces this directory\n")
     init_demo_pki(layout.certs, force=True)
     shutil.copytree(default_policy_dir(), layout.policies, dirs_exist_ok=True, ignore=shutil.ignore_patterns("tests"))
     # Compliance locks the demo project live (audited); start with no locks on file.

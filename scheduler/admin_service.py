@@ -16,6 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from facefleet.money import PERCENT, USD, AmountError
 from facefleet.rpc_errors import abort
+from facefleet.scheduler.intake import CONTROL_CHARS, PROJECT_RE
 from facefleet.security.audit import AuditLog
 from facefleet.security.roles import current_identity
 from facefleet.v1 import admin_pb2, admin_pb2_grpc, types_pb2
@@ -55,11 +56,23 @@ def _budget_value(budget: Any, name: str, default: float = 0.0) -> float:
 
 
 def _check_name(field: str, value: str, what: str) -> str:
-    if not NAME_PATTERN.match(value):
+    if not NAME_PATTERN.fullmatch(value):
         raise _Rejected(
             field,
             f"{what} {value!r} is not a valid name: use 1-128 letters, digits, '_', '.', '-', starting "
             "with a letter or digit",
+        )
+    return value
+
+
+def _check_project(value: str) -> str:
+    """The same project-name rule as task intake: a lock on a name no task can carry would never apply."""
+    if not PROJECT_RE.fullmatch(value):
+        hint = f"; did you mean {value.lower()!r}?" if PROJECT_RE.fullmatch(value.lower()) else ""
+        raise _Rejected(
+            "project",
+            f"project {value[:80]!r} is not a valid project name (lowercase letters, digits, '.', '_', '-'; "
+            f"1-63 characters, starting with a letter or digit){hint}",
         )
     return value
 
@@ -70,6 +83,8 @@ def _check_reason(value: str) -> str:
         raise _Rejected("reason", "a reason is required: say why (ticket, regulation, incident) for the audit log")
     if len(reason) > MAX_REASON_CHARS:
         raise _Rejected("reason", f"reason is {len(reason)} characters; keep it under {MAX_REASON_CHARS}")
+    if CONTROL_CHARS.search(reason):
+        raise _Rejected("reason", "reason holds control characters (newline, escape...): write it on one line")
     return reason
 
 
@@ -177,7 +192,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         by = current_identity().subject
 
         def work() -> admin_pb2.ProjectLock:
-            project = _check_name("project", request.project, "project")
+            project = _check_project(request.project)
             reason = _check_reason(request.reason)
             self.rules.set_lock(project, reason, by)
             self.audit.lock(by, project, reason, locked=True)

@@ -31,6 +31,7 @@ from facefleet.scheduler.lock_enforcement import EnforcingRuleSource, LockEnforc
 from facefleet.scheduler.placement_gateway import RulesSource
 from facefleet.scheduler.rules_source import ConsulRuleSource, FileRuleSource
 from facefleet.scheduler.rules_source.consul_endpoint import resolve_endpoint
+from facefleet.scheduler.store import check_store
 from facefleet.security.audit import AuditLog
 from facefleet.security.residency import ResidencyViolation, check_storage
 from facefleet.security.roles import AioRoleGate
@@ -123,7 +124,9 @@ def build_scheduler(
     spent_usd: Callable[[str], float] | None = None,
 ) -> AssembledScheduler:
     """Assemble (not start) the production scheduler. Raises TLSMaterialError when certificates are
-    missing (and `tls.insecure` is off), FileNotFoundError/ValueError for a bad audit signing key."""
+    missing (and `tls.insecure` is off), FileNotFoundError/ValueError for a bad audit signing key,
+    StoreUnavailable for a store URL that names no usable or reachable database."""
+    check_store(settings.scheduler.store_url)
     credentials = server_credentials_unless_insecure(settings.tls, "scheduler")
     audit = AuditLog(
         settings.audit.path, settings.audit.signing_key, on_record=metrics.count_audit_record

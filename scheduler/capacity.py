@@ -341,6 +341,14 @@ def _validate_heartbeat(req: scheduler_pb2.HeartbeatRequest) -> None:
         )
     if not req.address.strip():
         raise HeartbeatRejected("address", f"agent {req.agent_id!r} gives no host:port to dispatch to")
+    if req.free_slots > req.total_slots:
+        raise HeartbeatRejected(
+            "free_slots", f"agent {req.agent_id!r} reports {req.free_slots} free of {req.total_slots} slots"
+        )
+    if not math.isfinite(req.sec_per_frame) or req.sec_per_frame < 0:
+        raise HeartbeatRejected(
+            "sec_per_frame", f"agent {req.agent_id!r} reports {req.sec_per_frame} s per frame; expected a finite >= 0"
+        )
 
 
 def _timestamp(seconds: float) -> Timestamp:

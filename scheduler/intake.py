@@ -66,7 +66,7 @@ def validate_task(task: types_pb2.Task, path: str = "task") -> types_pb2.Task:
         raise TaskInputError(f"{path}.id", "must be empty: the scheduler assigns task ids")
     if not clean.project:
         raise TaskInputError(f"{path}.project", "missing: every task belongs to a project")
-    if not PROJECT_RE.match(clean.project):
+    if not PROJECT_RE.fullmatch(clean.project):
         raise TaskInputError(
             f"{path}.project",
             f"{clean.project[:80]!r} is not a valid project name "
@@ -145,7 +145,7 @@ def _check_labels(task: types_pb2.Task, path: str) -> None:
     if len(task.labels) > MAX_LABELS:
         raise TaskInputError(f"{path}.labels", f"{len(task.labels)} labels; the limit is {MAX_LABELS}")
     for key, value in task.labels.items():
-        if not LABEL_KEY_RE.match(key):
+        if not LABEL_KEY_RE.fullmatch(key):
             raise TaskInputError(
                 f"{path}.labels",
                 f"label key {key[:80]!r} is invalid (letters, digits, '.', '_', '/', '-'; 1-63 characters)",

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import re
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -278,6 +279,37 @@ def decode_page_token(token: str) -> tuple[float, str]:
         return float(submitted_at), str(task_id)
     except Exception as exc:
         raise ValueError("page_token is not one this server issued; pass next_page_token unchanged") from exc
+
+
+class StoreUnavailable(RuntimeError):
+    """The store URL names no database this scheduler can use, or the database cannot be reached."""
+
+
+def check_store(url: str, connect_timeout_s: int = 5) -> None:
+    """Fail fast, with a sentence a person can act on, when `url` cannot serve as the task store:
+    an unknown scheme or driver, a malformed URL, or a database server that does not answer."""
+    try:
+        parsed = sa.engine.make_url(url)
+        shown = parsed.render_as_string(hide_password=True)
+        parsed.get_dialect()
+    except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ValueError) as exc:
+        without_secret = re.sub(r"//[^/@]*@", "//***@", url[:120])
+        raise StoreUnavailable(
+            f"store URL {without_secret!r} is not usable ({exc}); use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
+        ) from None
+    except ImportError as exc:
+        raise StoreUnavailable(f"store {shown}: its database driver is not installed ({exc})") from None
+    if parsed.get_backend_name() == "sqlite":
+        return
+    engine = sa.create_engine(parsed, connect_args={"connect_timeout": connect_timeout_s}, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect():
+            pass
+    except sa.exc.SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise StoreUnavailable(f"cannot reach the store {shown}: {reason}") from None
+    finally:
+        engine.dispose()
 
 
 class TaskStore:

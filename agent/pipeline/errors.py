@@ -33,6 +33,13 @@ class ProviderUnavailable(PipelineError):
     reason_code = "PROVIDER_UNAVAILABLE"
 
 
+class ToolMissing(PipelineError):
+    """A program the job needs (ffmpeg, ffprobe) is not installed on this agent: the agent's fault,
+    not the input's, and not a crash; the task fails with this reason and may run on another agent."""
+
+    reason_code = "PROVIDER_UNAVAILABLE"
+
+
 class Cancelled(PipelineError):
     """The job was cancelled; completed checkpoint segments are kept for a resume."""
 

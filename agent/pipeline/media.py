@@ -21,7 +21,7 @@ from typing import IO
 import cv2
 import numpy as np
 
-from facefleet.agent.pipeline.errors import InputRejected
+from facefleet.agent.pipeline.errors import InputRejected, ToolMissing
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v"})
@@ -53,9 +53,7 @@ class VideoInfo:
 def _binary(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        raise InputRejected(
-            f"{name} is not installed; video jobs need it (Debian: apt-get install ffmpeg)", reason_code="INTERNAL"
-        )
+        raise ToolMissing(f"{name} is not installed on this agent; video jobs need it (Debian: apt-get install ffmpeg)")
     return path
 
 

@@ -15,6 +15,7 @@ from facefleet.cli import (
     security_cmds,
     swap_cmds,
 )
+from facefleet.cli.error_boundary import GuardedGroup
 
 app = typer.Typer(
     name="facefleet",
@@ -23,9 +24,20 @@ app = typer.Typer(
         "public work bursts to cloud spot GPUs within budget. Start with `facefleet up`."
     ),
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    cls=GuardedGroup,
+    rich_markup_mode=None,  # help texts are plain text: "[audit] path" must not be read as a markup tag
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def root(
+    debug: bool = typer.Option(
+        False, "--debug", envvar="FACEFLEET_DEBUG", help="Show the traceback of an unexpected error."
+    ),
+) -> None:
+    """Hybrid-cloud scheduling for GPU face-swap work."""
+
 
 for module in (
     demo_cmds,

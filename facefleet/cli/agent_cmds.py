@@ -10,7 +10,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from facefleet.cli.output import JSON_OPTION, console, fail, print_json
+from facefleet.cli.output import JSON_OPTION, console, fail, print_json, styled
 from facefleet.domain import TRUST_ZONES
 
 
@@ -106,7 +106,7 @@ def register(app: typer.Typer) -> None:
             fail(error.message, hint=error.hint)
         description = handle.runtime.describe()
         console.print(
-            f"agent [bold]{description.agent_id}[/] pool={pool} zone={trust_zone} on port {handle.port}, "
+            f"agent {description.agent_id} pool={pool} zone={trust_zone} on port {handle.port}, "
             f"/metrics on {handle.metrics_port}, engine={description.engine}, "
             f"providers={','.join(description.execution_providers) or 'none'}"
         )
@@ -213,6 +213,6 @@ def register(app: typer.Typer) -> None:
             models.add_column(column)
         for model in reply.models:
             models.add_row(
-                model.name, model.role, model.sha256[:16], "yes" if model.verified else "[red]no[/]", model.error
+                model.name, model.role, model.sha256[:16], "yes" if model.verified else styled("no", "red"), model.error
             )
         console.print(models)

@@ -17,7 +17,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from facefleet.cli.output import JSON_OPTION, console, fail, print_json
+from facefleet.cli.output import JSON_OPTION, console, fail, print_json, styled
 
 CONFIG_OPTION = typer.Option(None, "--config", help="facefleet.toml to read.")
 STORE_OPTION = typer.Option(None, "--store", help="Store URL (default: scheduler.store_url from the config).")
@@ -135,7 +135,7 @@ def register(app: typer.Typer) -> None:
             table.add_column(column, justify="left" if column == "account" else "right")
         for a in data["accounts"]:
             used = "—" if a["pct_used"] is None else f"{a['pct_used']:.1f}%"
-            name = f"[bold red]{a['budget']} (alert)[/]" if a["alert"] else a["budget"]
+            name = styled(f"{a['budget']} (alert)", "bold red") if a["alert"] else a["budget"]
             table.add_row(name, _money(a["spent_usd"]), _money(a["reserved_usd"]), _money(a["monthly_cap_usd"]),
                           used, _money(a["forecast_month_end_usd"]))  # fmt: skip
         console.print(table)
@@ -144,7 +144,7 @@ def register(app: typer.Typer) -> None:
                 if a[key]:
                     console.print(f"{a['budget']} {label}: " + ", ".join(f"{k} {_money(v)}" for k, v in a[key].items()))
         if any(a["monthly_cap_usd"] is None for a in data["accounts"]):
-            console.print("[yellow]—[/] cap: account not in the rules store (or the scheduler has not synced it yet)")
+            console.print("— cap: account not in the rules store (or the scheduler has not synced it yet)")
 
     @budget.command("set")
     def set_cmd(
@@ -206,7 +206,7 @@ def register(app: typer.Typer) -> None:
             )
             return
         console.print(
-            f"budget [bold]{result.name}[/]: cap {_money(result.monthly_cap_usd)}/month, alert at "
+            f"budget {result.name}: cap {_money(result.monthly_cap_usd)}/month, alert at "
             f"{result.alert_pct:g}%, spent {_money(result.spent_usd)} this month"
         )
 

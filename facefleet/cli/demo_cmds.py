@@ -10,7 +10,7 @@ from typing import Any
 
 import typer
 
-from facefleet.cli.output import JSON_OPTION, console, err_console, fail, print_json
+from facefleet.cli.output import JSON_OPTION, console, err_console, fail, line, print_json, styled
 
 
 def register(app: typer.Typer) -> None:
@@ -47,11 +47,17 @@ def register(app: typer.Typer) -> None:
                 stack = demo.start_stack(layout)
                 demo.wait_for_pools(stack)
             out.print(
-                f"[green]up[/]: scheduler {stack.scheduler_address} (mTLS), agents in pools "
-                f"[bold]{demo.ONPREM_POOL}[/] (private) and [bold]{demo.CLOUD_POOL}[/] (cloud zone)"
+                line(
+                    styled("up", "green"),
+                    f": scheduler {stack.scheduler_address} (mTLS), agents in pools ",
+                    styled(demo.ONPREM_POOL, "bold"),
+                    " (private) and ",
+                    styled(demo.CLOUD_POOL, "bold"),
+                    " (cloud zone)",
+                )
             )
             demo.lock_project(stack, demo.LOCKED_PROJECT, "talent contract forbids third-party processing")
-            out.print(f"compliance locked project [bold]{demo.LOCKED_PROJECT}[/] on-prem (audited)")
+            out.print(line("compliance locked project ", styled(demo.LOCKED_PROJECT, "bold"), " on-prem (audited)"))
             ids = demo.submit_workload(stack)
             with Live(console=out, refresh_per_second=4, transient=json_output) as live:
                 statuses = demo.follow(stack, ids, lambda s: live.update(_progress_table(demo, s)), timeout_s=timeout)
@@ -68,8 +74,8 @@ def register(app: typer.Typer) -> None:
                 console.print(_summary_table(rows))
                 _print_next_steps(layout, stack, rows, audit_summary, time.monotonic() - started)
             if keep_running:
-                out.print(f"console: {demo.start_console(stack)}", markup=False, highlight=False, soft_wrap=True)
-                out.print("[bold]--keep-running[/]: the stack stays up; Ctrl-C stops it.")
+                out.print(f"console: {demo.start_console(stack)}", soft_wrap=True)
+                out.print(line(styled("--keep-running", "bold"), ": the stack stays up; Ctrl-C stops it."))
                 stop = threading.Event()
                 signal.signal(signal.SIGINT, lambda *_: stop.set())
                 signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -116,10 +122,10 @@ def _summary_table(rows: list[dict[str, Any]]) -> Any:
             row["task"],
             row["sensitivity"],
             row["project"],
-            f"[{pool_style}]{row['pool']}[/]",
+            styled(row["pool"], pool_style),
             row["rule"],
             row["why"],
-            Path(row["output"]).name if row["output"] else f"[red]{row['state']}[/]",
+            Path(row["output"]).name if row["output"] else styled(row["state"], "red"),
             "-" if row["id_similarity"] is None else f"{row['id_similarity']:.2f}",
         )
     return table
@@ -141,22 +147,30 @@ def _audit_summary(layout: Any) -> dict[str, Any]:
 
 
 def _print_next_steps(layout: Any, stack: Any, rows: list[dict[str, Any]], audit: dict[str, Any], took: float) -> None:
+    from facefleet import demo
     from facefleet.agent.pipeline.provenance import c2pa_available
 
     example = next((r for r in rows if r["pool"] == "cloud-local"), rows[0])
-    verdict = "[green]intact[/]" if audit["verified"] else f"[red]BROKEN[/] ({audit['problem']})"
-    proof = "[green]PASS[/]" if audit["locked_project_proof"] else "[red]FAIL[/]"
+    broken = line(styled("BROKEN", "red"), f" ({audit['problem']})")
+    verdict = styled("intact", "green") if audit["verified"] else broken
+    proof = styled("PASS", "green") if audit["locked_project_proof"] else styled("FAIL", "red")
     console.print(
-        f"\noutputs: {layout.outputs}\n"
-        f"audit log: {layout.audit} — {audit['records']} records, chain {verdict}; residency proof for "
-        f"film-x: {proof} ({audit['locked_project_tasks']} task(s), all in the private zone)\n"
+        line(
+            f"\noutputs: {layout.outputs}\naudit log: {layout.audit} — {audit['records']} records, chain ",
+            verdict,
+            f"; residency proof for {demo.LOCKED_PROJECT}: ",
+            proof,
+            f" ({audit['locked_project_tasks']} task(s), all in the private zone)",
+        )
+    )
+    console.print(
         f"engine: {example['engine'] or 'n/a'} (no ONNX weights installed: the classical engine ran; "
         "drop verified models into models/ for the ONNX production path)\n"
         + (
             "provenance: every output carries a signed C2PA manifest (demo PKI's c2pa-signer)\n\n"
             if c2pa_available()
             else "provenance: outputs labelled (sidecar JSON), not C2PA-signed: "
-            "pip install -e '.\\[provenance]' to sign them\n\n"
+            "pip install -e '.[provenance]' to sign them\n\n"
         )
         + "Ask why a task went where it did:\n"
         f"  facefleet explain --task-id {example['id']} --scheduler {stack.scheduler_address} "

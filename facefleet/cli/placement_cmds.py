@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
-import yaml
 from rich.table import Table
 
-from facefleet.cli.output import JSON_OPTION, console, fail, print_json
+from facefleet.cli.output import JSON_OPTION, console, fail, line, print_json, styled
 from facefleet.scheduler.placement.engine import place
 from facefleet.scheduler.placement.explain import decision_dict, render_decision
 from facefleet.scheduler.placement.model import Budget, RuleSet, TaskSpec, World
@@ -18,6 +17,7 @@ from facefleet.scheduler.placement.policy import PolicyError
 from facefleet.scheduler.placement.policy_cases import find_case_files, run_case_file
 from facefleet.scheduler.placement.world import WorldFileError, compose_world, load_world
 from facefleet.scheduler.rules_source.files import default_policy_dir, read_policy_dir
+from facefleet.yaml_input import YamlInputError, read_yaml_file
 
 POLICY_OPTION = typer.Option(None, "--policy", help="Policy directory (rules.yaml, budgets.yaml, locks.yaml).")
 WORLD_OPTION = typer.Option(..., "--world", help="World snapshot YAML (pools, budgets, locks).")
@@ -75,11 +75,12 @@ def _explain_recorded(
         console.print(render_decision(task, decision))
 
 
-def _load_tasks(path: Path) -> list[TaskSpec]:
+def _load_tasks(path: Path) -> tuple[list[TaskSpec], bool]:
+    """The tasks in a task file, and whether the file holds a list (else one task)."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        fail(f"cannot read task file {path}: {exc}")
+        data = read_yaml_file(path, "task file")
+    except YamlInputError as exc:
+        fail(str(exc), "a task file is YAML in UTF-8: one task mapping or a list of them")
     items = data if isinstance(data, list) else [data]
     tasks = []
     for i, item in enumerate(items):
@@ -87,7 +88,7 @@ def _load_tasks(path: Path) -> list[TaskSpec]:
             tasks.append(TaskSpec.from_dict(item, where=f"{path}[{i}]" if isinstance(data, list) else str(path)))
         except ValueError as exc:
             fail(str(exc), "a task has id, project, sensitivity, priority, sla_seconds, frames")
-    return tasks
+    return tasks, isinstance(data, list)
 
 
 def register(app: typer.Typer) -> None:
@@ -120,11 +121,11 @@ def register(app: typer.Typer) -> None:
             )
         ruleset, budgets, locks = _load_policy(policy)
         snapshot = _load_world(world, budgets, locks)
-        tasks = _load_tasks(task_file)
+        tasks, is_list = _load_tasks(task_file)
         decisions = [(t, place(t, ruleset, snapshot)) for t in tasks]
         if as_json:
             items = [decision_dict(t, d) for t, d in decisions]
-            print_json(items if isinstance(yaml.safe_load(task_file.read_text()), list) else items[0])
+            print_json(items if is_list else items[0])
             return
         for t, d in decisions:
             console.print(render_decision(t, d))
@@ -177,9 +178,11 @@ def register(app: typer.Typer) -> None:
         else:
             for item in report:
                 if item["valid"]:
-                    console.print(f"[green]OK[/] {item['dir']}: {item['rules']} rules, version {item['version']}")
+                    console.print(
+                        line(styled("OK", "green"), f" {item['dir']}: {item['rules']} rules, version {item['version']}")
+                    )
                 else:
-                    console.print(f"[red]INVALID[/] {item['dir']}:")
+                    console.print(line(styled("INVALID", "red"), f" {item['dir']}:"))
                     for e in item["errors"]:
                         rule = f" rule {e['rule']!r}" if e["rule"] else ""
                         console.print(f"  {e['file']}:{rule} field {e['field']!r}: {e['message']}")
@@ -236,12 +239,12 @@ def register(app: typer.Typer) -> None:
                 if r.file != current:
                     current = r.file
                     console.print(f"{r.file}:")
-                tag = "[green]PASS[/]" if r.passed else "[red]FAIL[/]"
-                console.print(f"  {tag}: {r.name} ({r.elapsed_s * 1000:.2f}ms)")
+                tag = styled("PASS", "green") if r.passed else styled("FAIL", "red")
+                console.print(line("  ", tag, f": {r.name} ({r.elapsed_s * 1000:.2f}ms)"))
                 for failure in r.failures:
                     console.print(f"        {failure}")
                 if verbose and r.decision:
-                    console.print(f"        [dim]{r.decision.reason}[/]")
+                    console.print(line("        ", styled(r.decision.reason, "dim")))
             console.print("-" * 80)
             console.print(
                 f"PASS: {passed}/{len(results)}"
@@ -270,9 +273,9 @@ def register(app: typer.Typer) -> None:
         ruleset, budgets, locks = _load_policy(policy)
         snapshot = _load_world(world, budgets, locks)
         try:
-            spec = yaml.safe_load(workload.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            fail(f"cannot read workload {workload}: {exc}")
+            spec = read_yaml_file(workload, "workload")
+        except YamlInputError as exc:
+            fail(str(exc), "see the workload format in docs/policy.md#simulate")
         started = time.perf_counter()
         try:
             if sweep_spec is None:

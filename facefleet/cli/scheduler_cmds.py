@@ -111,6 +111,7 @@ def register(app: typer.Typer) -> None:
         """Run the scheduler: intake, durable queue, placement, dispatch (leader), /metrics."""
         from facefleet.scheduler.assembly import build_scheduler
         from facefleet.scheduler.rules_source import ConsulSettingsError
+        from facefleet.scheduler.store import StoreUnavailable
         from facefleet.security.tls import TLSMaterialError
         from facefleet.structured_logs import configure_logging
 
@@ -134,6 +135,8 @@ def register(app: typer.Typer) -> None:
             fail(str(error), hint="create certificates with `facefleet certs init` or pass --insecure")
         except ConsulSettingsError as error:
             fail(str(error), hint="fix the consul_* settings under [policy] or the CONSUL_* environment variables")
+        except StoreUnavailable as error:
+            fail(str(error), hint="fix --store or [scheduler] store_url; is the database server running?")
         except (FileNotFoundError, ValueError) as error:
             fail(str(error), hint="fix [audit] signing_key (or remove it) in the config")
         except OSError as error:
@@ -157,14 +160,13 @@ def register(app: typer.Typer) -> None:
         json_output: bool = JSON_OPTION,
     ) -> None:
         """Submit a task; prints its id (durable once printed)."""
-        import yaml
-
         from facefleet.v1 import scheduler_pb2
+        from facefleet.yaml_input import YamlInputError, read_yaml_file
 
         try:
-            data = yaml.safe_load(task_file.read_text())
-        except (OSError, yaml.YAMLError) as error:
-            fail(f"cannot read task file {task_file}: {error}")
+            data = read_yaml_file(task_file, "task file")
+        except YamlInputError as error:
+            fail(str(error), hint="a task file is one YAML mapping in UTF-8 (see docs/operations.md)")
         task = task_from_mapping(data, str(task_file))
         with _channel(scheduler, insecure, config, identity) as channel:
             reply = _call(
@@ -196,7 +198,7 @@ def register(app: typer.Typer) -> None:
             print_json(_status_dict(status))
             return
         console.print(
-            f"[bold]{task_id}[/] {_short_state(status.state)} pool={status.pool or '-'} rule={status.rule or '-'} "
+            f"{task_id} {_short_state(status.state)} pool={status.pool or '-'} rule={status.rule or '-'} "
             f"agent={status.agent_id or '-'} attempts={status.attempts}"
         )
         for transition in status.transitions:

@@ -12,7 +12,7 @@ import typer
 from google.protobuf.json_format import MessageToDict
 from rich.table import Table
 
-from facefleet.cli.output import JSON_OPTION, console, fail, print_json
+from facefleet.cli.output import JSON_OPTION, console, fail, line, print_json, styled
 from facefleet.config import Settings, load_settings
 from facefleet.rpc_errors import reason_of
 from facefleet.security import audit as audit_log
@@ -25,6 +25,7 @@ CONFIG_OPTION = typer.Option(
 )
 SINCE_PATTERN = re.compile(r"^(\d+)([mhdw])$")
 SINCE_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+CLOUD_ZONE = "cloud"
 
 
 def _settings(config: Path | None) -> Settings:
@@ -39,7 +40,10 @@ def parse_since(value: str, now: dt.datetime | None = None) -> dt.datetime:
     now = now or dt.datetime.now(dt.UTC)
     match = SINCE_PATTERN.match(value.strip())
     if match:
-        return now - dt.timedelta(**{SINCE_UNITS[match.group(2)]: int(match.group(1))})
+        try:
+            return now - dt.timedelta(**{SINCE_UNITS[match.group(2)]: int(match.group(1))})
+        except OverflowError:
+            raise typer.BadParameter(f"{value!r} reaches back before the year 1") from None
     try:
         moment = dt.datetime.fromisoformat(value)
     except ValueError:
@@ -47,7 +51,9 @@ def parse_since(value: str, now: dt.datetime | None = None) -> dt.datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=dt.UTC)
 
 
-def _signer(key: Path | None) -> audit_log.Signer | None:
+def _signer(key: Path | None, config: Path | None) -> audit_log.Signer | None:
+    """The key from --key, else the configured [audit] signing_key, else none (unsigned logs only)."""
+    key = key or _settings(config).audit.signing_key
     if key is None:
         return None
     try:
@@ -82,6 +88,22 @@ def _admin_call(
                 f"{call} failed: {code.name if code else 'error'}{f' ({reason})' if reason else ''}: {details}",
                 hints.get(code, "") if code else "",
             )
+
+
+def _configured_pool_zones(config: Path | None, world: Path | None) -> dict[str, str]:
+    """Trust zone per pool as configured ([scheduler] pools, [cloud] pools, a world file): records
+    are what the scheduler wrote, the configuration is what the pools really are."""
+    settings = _settings(config)
+    zones: dict[str, str] = {pool.name: pool.trust_zone for pool in settings.scheduler.pools}
+    zones.update({pool.name: CLOUD_ZONE for pool in settings.cloud.pools})
+    if world is not None:
+        from facefleet.scheduler.placement.world import WorldFileError, load_world
+
+        try:
+            zones.update({pool.name: pool.trust_zone for pool in load_world(world).pools})
+        except WorldFileError as exc:
+            fail(str(exc), "see docs/policy.md#world-snapshots for the format")
+    return zones
 
 
 def _lock_json(lock: admin_pb2.ProjectLock) -> dict[str, Any]:
@@ -135,6 +157,7 @@ def register(app: typer.Typer) -> None:
         if not role and not host:
             fail("a certificate without roles or hosts can do nothing", "add --role ROLE and/or --host HOST")
         try:
+            certs.check_name(name)
             authority = certs.load_ca(target, ca, ca_key)
             issued = certs.issue_to_files(authority, target, name, roles=role, hosts=host, server=bool(host), days=days)
         except certs.CertificateError as exc:
@@ -158,9 +181,11 @@ def register(app: typer.Typer) -> None:
         if as_json:
             print_json(_lock_json(result))
         elif locked:
-            console.print(f"[bold]{project}[/] locked by {result.by}: its tasks run on-prem only ({reason})")
+            console.print(
+                line(styled(result.project, "bold"), f" locked by {result.by}: its tasks run on-prem only ({reason})")
+            )
         else:
-            console.print(f"[bold]{project}[/] unlocked by {result.by} ({reason})")
+            console.print(line(styled(result.project, "bold"), f" unlocked by {result.by} ({reason})"))
 
     scheduler_option = typer.Option(None, "--scheduler", help="Scheduler address (default: [scheduler] listen).")
     cert_option = typer.Option("compliance", "--cert-name", help="Client certificate <tls dir>/<name>.pem to use.")
@@ -199,14 +224,16 @@ def register(app: typer.Typer) -> None:
     @audit_app.command("verify")
     def audit_verify(
         path: Path | None = typer.Argument(None, help="Audit log (default: [audit] path)."),
-        key: Path | None = typer.Option(None, "--key", help="Check signatures with this HMAC secret / Ed25519 key."),
+        key: Path | None = typer.Option(
+            None, "--key", help="Check signatures with this HMAC secret / Ed25519 key (default: [audit] signing_key)."
+        ),
         anchor: str | None = typer.Option(None, "--anchor", help="A head hash noted earlier: detects truncation."),
         as_json: bool = JSON_OPTION,
         config: Path | None = CONFIG_OPTION,
     ) -> None:
         """Check every record's seq, hash chain (and signature). Exit 1 naming the first bad record."""
         target = audit_path(path, config)
-        report = audit_log.verify(target, _signer(key), anchor)
+        report = audit_log.verify(target, _signer(key, config), anchor)
         if as_json:
             print_json({"path": str(target), **report.__dict__})
         if not report.ok:
@@ -217,7 +244,9 @@ def register(app: typer.Typer) -> None:
                 )
             raise typer.Exit(1)
         if not as_json:
-            console.print(f"[green]OK[/] {target}: {report.records} records, chain intact; head {report.head}")
+            console.print(
+                line(styled("OK", "green"), f" {target}: {report.records} records, chain intact; head {report.head}")
+            )
 
     @audit_app.command("query")
     def audit_query(
@@ -260,20 +289,33 @@ def register(app: typer.Typer) -> None:
         project: str = typer.Option(..., "--project", help="Project to prove residency for."),
         since: str | None = typer.Option(None, "--since", help="Only tasks with records since (7d, ISO date)."),
         path: Path | None = typer.Option(None, "--path", help="Audit log (default: [audit] path)."),
-        key: Path | None = typer.Option(None, "--key", help="Also check signatures with this key."),
+        key: Path | None = typer.Option(
+            None, "--key", help="Check signatures with this key (default: [audit] signing_key)."
+        ),
+        world: Path | None = typer.Option(
+            None, "--world", help="World snapshot YAML whose pools' trust zones override what records say."
+        ),
         as_json: bool = JSON_OPTION,
         config: Path | None = CONFIG_OPTION,
     ) -> None:
         """Residency proof: every task of the project, its pools and trust zones. PASS only if the chain
         verifies and every task ran in the private zone. Exit 1 on FAIL."""
         target = audit_path(path, config)
-        proof = audit_log.residency_proof(target, project, parse_since(since) if since else None, _signer(key))
+        if not target.is_file():
+            fail(f"audit log {target} does not exist", "pass --path or set [audit] path")
+        proof = audit_log.residency_proof(
+            target,
+            project,
+            parse_since(since) if since else None,
+            _signer(key, config),
+            pool_zones=_configured_pool_zones(config, world),
+        )
         if as_json:
             print_json(
                 {
                     "project": project, "passed": proof.passed, "chain": proof.chain.__dict__,
                     "tasks": [{**t.__dict__, "private_only": t.private_only} for t in proof.tasks],
-                    "locks": proof.locks,
+                    "locks": proof.locks, "seen": proof.seen, "zone_conflicts": proof.zone_conflicts,
                 }
             )  # fmt: skip
         else:
@@ -281,14 +323,20 @@ def register(app: typer.Typer) -> None:
             for column in ("task", "pools", "trust zones", "final state", "verdict"):
                 table.add_column(column)
             for task in proof.tasks:
-                verdict = "[green]private[/]" if task.private_only else "[red]LEFT PRIVATE ZONE[/]"
+                verdict = styled("private", "green") if task.private_only else styled("LEFT PRIVATE ZONE", "red")
                 table.add_row(task.task, ", ".join(task.pools) or "-", ", ".join(task.zones) or "(never ran)",
                               task.final_state or "-", verdict)  # fmt: skip
             console.print(table)
             for lock in proof.locks:
                 console.print(f"{lock.get('at')} {lock.get('kind')} by {lock.get('actor')}: {lock.get('reason')}")
+            for conflict in proof.zone_conflicts:
+                console.print(line(styled("configured zone wins:", "yellow"), f" {conflict}"))
+            if not proof.seen:
+                console.print(
+                    f"project {project!r} never appears in {target}: check the name (project names are lowercase)"
+                )
             chain = "chain intact" if proof.chain.ok else f"chain BROKEN: {proof.chain.problem}"
-            verdict = "[bold green]PASS[/]" if proof.passed else "[bold red]FAIL[/]"
-            console.print(f"{verdict} {len(proof.tasks)} task(s); {chain}")
+            verdict = styled("PASS", "bold green") if proof.passed else styled("FAIL", "bold red")
+            console.print(line(verdict, f" {len(proof.tasks)} task(s); {chain}"))
         if not proof.passed:
             raise typer.Exit(1)

@@ -8,10 +8,9 @@ import uuid
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from facefleet.cli.output import JSON_OPTION, console, fail, print_json
+from facefleet.cli.output import JSON_OPTION, console, fail, line, print_json, styled
 from facefleet.structured_logs import configure_logging
 
 
@@ -58,9 +57,8 @@ def register(app: typer.Typer) -> None:
 
         def show(update: ProgressUpdate) -> None:
             if not as_json and update.stage in ("checkpoint", "done"):
-                console.print(
-                    f"[dim]{update.stage}: {update.frames_done}/{update.frames_total} frames, {update.fps:.1f} fps[/]"
-                )
+                done = f"{update.stage}: {update.frames_done}/{update.frames_total} frames, {update.fps:.1f} fps"
+                console.print(styled(done, "dim"))
 
         try:
             signer = C2paSigningKey.from_config(c2pa_cert, c2pa_key)
@@ -68,7 +66,7 @@ def register(app: typer.Typer) -> None:
             started = time.perf_counter()
             result = pipeline.run(job, show, threading.Event())
         except PipelineError as exc:
-            fail(escape(f"{exc.reason_code}: {exc.message}"))
+            fail(f"{exc.reason_code}: {exc.message}")
         elapsed = time.perf_counter() - started
         fps = result.frames_processed / elapsed if elapsed > 0 else 0.0
         report = {
@@ -106,4 +104,4 @@ def register(app: typer.Typer) -> None:
             table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
         console.print(table)
         if result.engine == "classical":
-            console.print(f"[yellow]note:[/] {result.engine_note}")
+            console.print(line(styled("note:", "yellow"), f" {result.engine_note}"))

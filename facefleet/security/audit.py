@@ -3,7 +3,8 @@
 Record: `{"seq", "at", "kind", "actor", ...kind fields..., "prev", "hash"[, "sig"]}`.
 `hash` = sha256 over the canonical JSON (sorted keys, no spaces, UTF-8) of the record without
 `hash` and `sig`, so it covers `prev` and `seq`; `prev` of the first record is 64 zeros.
-`sig` (optional) signs `hash`: "hmac-sha256:<hex>" with a shared secret, or "ed25519:<hex>".
+`sig` (optional) signs `hash`: "hmac-sha256:<hex>" with a shared secret, or "ed25519:<hex>"; a signed
+record also names its scheme in `signed` (covered by `hash`), so stripping the signatures shows.
 Appends are serialised across threads (lock) and processes (flock on the file).
 """
 
@@ -88,6 +89,10 @@ class Signer:
         if len(data.strip()) < 16:
             raise ValueError(f"{path}: HMAC secret is shorter than 16 bytes; use a longer random secret")
         return cls(secret=data.strip())
+
+    @property
+    def scheme(self) -> str:
+        return "hmac-sha256" if self.secret is not None else "ed25519"
 
     def sign(self, digest: str) -> str:
         if self.secret is not None:
@@ -187,6 +192,8 @@ class AuditLog:
                 for kind, (_kind, actor, fields) in zip(kinds, entries, strict=True):
                     record: dict[str, Any] = {"seq": seq, "at": at, "kind": kind.value, "actor": actor}
                     record.update({key: value for key, value in fields.items() if key not in record})
+                    if self.signer is not None:
+                        record["signed"] = self.signer.scheme
                     record["prev"] = prev
                     record["hash"] = record_hash(record)
                     if self.signer is not None:
@@ -251,6 +258,12 @@ class VerifyReport:
     head: str = GENESIS  # hash of the last good record: note it down as an anchor
 
 
+def _shown(value: Any, limit: int = 40) -> str:
+    """A record's value for an error message: its repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _bad(count: int, line: int, head: str, problem: str) -> VerifyReport:
     return VerifyReport(False, count, line, f"line {line}: {problem}", head)
 
@@ -270,12 +283,9 @@ def verify(path: Path, signer: Signer | None = None, anchor: str | None = None) 
         for line_no, raw in enumerate(handle, start=1):
             if not raw.endswith(b"\n"):
                 return _bad(count, line_no, prev, "incomplete record (no trailing newline): truncated or torn write")
-            try:
-                record = json.loads(raw)
-            except ValueError as exc:
-                return _bad(
-                    count, line_no, prev, f"not valid JSON ({exc.__class__.__name__}): the record was edited or damaged"
-                )
+            record, unreadable = _parse_record(raw)
+            if unreadable:
+                return _bad(count, line_no, prev, f"{unreadable}: the record was edited or damaged")
             if not isinstance(record, dict) or not {"seq", "prev", "hash"} <= record.keys():
                 return _bad(count, line_no, prev, "missing seq/prev/hash: not an audit record")
             if record["seq"] != line_no:
@@ -283,7 +293,7 @@ def verify(path: Path, signer: Signer | None = None, anchor: str | None = None) 
                     count,
                     line_no,
                     prev,
-                    f"seq {record['seq']} where {line_no} was expected: a record before it was deleted, "
+                    f"seq {_shown(record['seq'])} where {line_no} was expected: a record before it was deleted, "
                     "inserted or moved",
                 )
             if record["prev"] != prev:
@@ -292,6 +302,13 @@ def verify(path: Path, signer: Signer | None = None, anchor: str | None = None) 
                 )
             if record_hash(record) != record["hash"]:
                 return _bad(count, line_no, prev, "hash does not match the content: this record was edited")
+            if signer is None and ("sig" in record or "signed" in record):
+                return _bad(
+                    count,
+                    line_no,
+                    prev,
+                    "the record is signed but no key was given to check it: pass --key or set [audit] signing_key",
+                )
             if signer is not None and not signer.check(record["hash"], str(record.get("sig", ""))):
                 return _bad(
                     count,
@@ -308,23 +325,38 @@ def verify(path: Path, signer: Signer | None = None, anchor: str | None = None) 
     return VerifyReport(True, count, None, "", prev)
 
 
+def _parse_record(raw: bytes) -> tuple[Any, str]:
+    """The JSON value of one line, or why it is not a record that can be hashed and printed."""
+    try:
+        record = json.loads(raw)
+        canonical_json(record)  # lone surrogates (\\ud800) decode but cannot be hashed as UTF-8
+    except RecursionError:
+        return None, "JSON nested too deeply to be an audit record"
+    except UnicodeError:
+        return None, "text that is not valid Unicode (a lone surrogate escape)"
+    except ValueError as exc:
+        return None, f"not valid JSON ({exc.__class__.__name__})"
+    return record, ""
+
+
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
-    """Every parseable record (for queries; use verify() to trust them)."""
+    """Every parseable record (for queries; use verify() to trust them). None for a missing file."""
+    if not Path(path).is_file():
+        return
     with open(path, "rb") as handle:
         for raw in handle:
-            try:
-                record = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
+            record, unreadable = _parse_record(raw)
+            if not unreadable and isinstance(record, dict):
                 yield record
 
 
 def _record_time(record: dict[str, Any]) -> dt.datetime | None:
+    """When a record was written; a time without a UTC offset is read as UTC."""
     try:
-        return dt.datetime.fromisoformat(str(record.get("at")))
+        at = dt.datetime.fromisoformat(str(record.get("at")))
     except ValueError:
         return None
+    return at if at.tzinfo else at.replace(tzinfo=dt.UTC)
 
 
 def query(
@@ -369,21 +401,35 @@ class ResidencyProof:
     chain: VerifyReport
     tasks: list[TaskResidency]
     locks: list[dict[str, Any]]
+    seen: bool = True  # the project appears in the log at all (a typo'd name proves nothing)
+    zone_conflicts: list[str] = field(default_factory=list)  # records whose zone contradicts the config
 
     @property
     def passed(self) -> bool:
-        return self.chain.ok and all(task.private_only for task in self.tasks)
+        return self.chain.ok and self.seen and all(task.private_only for task in self.tasks)
 
 
 def residency_proof(
-    path: Path, project: str, since: dt.datetime | None = None, signer: Signer | None = None
+    path: Path,
+    project: str,
+    since: dt.datetime | None = None,
+    signer: Signer | None = None,
+    pool_zones: Mapping[str, str] | None = None,
 ) -> ResidencyProof:
-    """Every task of `project` and the trust zones it ran in; passes only if the chain verifies
-    and every dispatch and completion was in the private zone. Placements that never ran do not count."""
+    """Every task of `project` and the trust zones it ran in; passes only if the chain verifies,
+    the project appears in the log, and every dispatch and completion was in the private zone.
+    Placements that never ran do not count. `pool_zones` (the configured pools): a pool listed
+    there is in that zone whatever a record says."""
     chain = verify(path, signer)
+    pool_zones = pool_zones or {}
     tasks: dict[str, TaskResidency] = {}
     locks = []
-    for record in query(path, project=project, since=since):
+    conflicts: list[str] = []
+    records = query(path, project=project)
+    seen = bool(records)
+    if since is not None:
+        records = [r for r in records if (at := _record_time(r)) is not None and at >= since]
+    for record in records:
         kind = record.get("kind")
         if kind in (AuditKind.LOCK, AuditKind.UNLOCK):
             locks.append(record)
@@ -394,10 +440,14 @@ def residency_proof(
         entry = tasks.setdefault(str(task_id), TaskResidency(task=str(task_id)))
         if kind in (AuditKind.DISPATCH, AuditKind.COMPLETION):
             pool, zone = str(record.get("pool", "")), str(record.get("trust_zone", ""))
+            configured = pool_zones.get(pool)
+            if configured is not None and configured != zone:
+                conflicts.append(f"seq {record.get('seq')}: pool {pool} is configured {configured}, record says {zone}")
+                zone = configured
             if pool and pool not in entry.pools:
                 entry.pools.append(pool)
             if zone not in entry.zones:
                 entry.zones.append(zone)
         if kind == AuditKind.COMPLETION:
             entry.final_state = str(record.get("state", ""))
-    return ResidencyProof(project=project, chain=chain, tasks=list(tasks.values()), locks=locks)
+    return ResidencyProof(project, chain, list(tasks.values()), locks, seen, conflicts)

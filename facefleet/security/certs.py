@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,10 @@ DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 EMAIL_PROTECTION_OID = ObjectIdentifier("1.3.6.1.5.5.7.3.4")  # id-kp-emailProtection: on C2PA's default EKU list
 DOCUMENT_SIGNING_OID = ObjectIdentifier("1.3.6.1.5.5.7.3.36")  # id-kp-documentSigning
 C2PA_SIGNER_NAME = "c2pa-signer"
+# A certificate name is its CN and its file name (<dir>/<name>.pem): no path separators, no "..",
+# no control characters, nothing a shell or a log line would misread.
+CERT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DNS_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9*]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?$")
 
 
 class CertificateError(RuntimeError):
@@ -92,12 +97,24 @@ def create_ca(common_name: str = "facefleet demo CA", days: int = 3650) -> Certi
     return CertificateAuthority(cert=cert, key=key)
 
 
+def check_name(name: str) -> str:
+    """A certificate name that is safe as CN and file name; CertificateError otherwise."""
+    if not CERT_NAME.fullmatch(name):
+        raise CertificateError(
+            f"certificate name {name!r} is not allowed: use 1-64 letters, digits, '.', '_', '-', starting with a "
+            "letter or digit (it is the CN and the file name <dir>/<name>.pem)"
+        )
+    return name
+
+
 def _subject_alt_names(hosts: Iterable[str], roles: Iterable[str]) -> list[x509.GeneralName]:
     names: list[x509.GeneralName] = []
     for host in hosts:
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
+            if not DNS_NAME.fullmatch(host):
+                raise CertificateError(f"--host {host!r} is neither an IP address nor a DNS name") from None
             names.append(x509.DNSName(host))
     names.extend(x509.UniformResourceIdentifier(role_uri(role)) for role in roles)
     return names
@@ -113,6 +130,7 @@ def issue(
     usages: Sequence[ObjectIdentifier] = (),
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """Issue a leaf certificate. `server=True` adds serverAuth (needs `hosts` for the SAN)."""
+    check_name(common_name)
     unknown = sorted(set(roles) - set(HUMAN_ROLES) - set(COMPONENT_ROLES))
     if unknown:
         raise CertificateError(f"unknown role(s) {unknown}; known roles: {sorted({*HUMAN_ROLES, *COMPONENT_ROLES})}")
@@ -186,10 +204,14 @@ def load_ca(directory: Path, cert_path: Path | None = None, key_path: Path | Non
                 f"CA file {path} not found; run `facefleet certs init --dir {directory}` first "
                 "(or pass --ca/--ca-key for an existing CA)"
             )
-    key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    try:
+        key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+        cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    except (ValueError, TypeError) as exc:
+        raise CertificateError(f"CA files {cert_file} / {key_file} are not an unencrypted PEM pair: {exc}") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise CertificateError(f"{key_file} is not an EC private key; the demo CA uses EC P-256")
-    return CertificateAuthority(cert=x509.load_pem_x509_certificate(cert_file.read_bytes()), key=key)
+    return CertificateAuthority(cert=cert, key=key)
 
 
 def issue_to_files(

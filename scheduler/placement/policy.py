@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from fnmatch import translate
 from typing import Any
 
-import yaml
 
 from facefleet.domain import PRIORITIES, PRIVATE_ZONE, SENSITIVITIES
 from facefleet.money import PERCENT, SECONDS, USD, USD_PER_HOUR, AmountError, Quantity
@@ -29,6 +28,7 @@ from facefleet.scheduler.placement.model import (
     RuleSet,
     TaskSpec,
 )
+from facefleet.yaml_input import YamlInputError, parse_yaml
 
 RULE_FIELDS = {
     "id",
@@ -75,9 +75,9 @@ def _parse_document(text_or_mapping: str | bytes | Mapping[str, Any], source: st
     if isinstance(text_or_mapping, Mapping):
         return text_or_mapping
     try:
-        data = yaml.safe_load(text_or_mapping) if text_or_mapping else None
-    except yaml.YAMLError as exc:
-        raise PolicyError([PolicyIssue(source, None, top_key, f"not valid YAML: {exc}")]) from None
+        data = parse_yaml(text_or_mapping, source) if text_or_mapping else None
+    except YamlInputError as exc:
+        raise PolicyError([PolicyIssue(source, None, top_key, str(exc))]) from None
     return data if data is not None else {}
 
 

@@ -26,6 +26,7 @@ import yaml
 from facefleet.scheduler.placement.engine import place
 from facefleet.scheduler.placement.model import Budget, Decision, RuleSet, TaskSpec, World
 from facefleet.scheduler.placement.world import WorldFileError, compose_world, load_world
+from facefleet.yaml_input import read_yaml_file
 
 EXPECT_KEYS = {"outcome", "pool", "rule", "failed_filter", "reason_contains", "budget"}
 
@@ -87,7 +88,7 @@ def run_case_file(
 ) -> list[CaseResult]:
     """Run every case in one file; structural problems become failed cases, never exceptions."""
     try:
-        doc = yaml.safe_load(path.read_text()) or {}
+        doc = read_yaml_file(path, "test case file") or {}
         if not isinstance(doc, Mapping) or not isinstance(doc.get("cases"), list):
             raise ValueError("expected a mapping with `world:` and a `cases:` list")
         world_ref = doc.get("world")

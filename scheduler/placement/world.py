@@ -6,9 +6,8 @@ from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
-import yaml
-
 from facefleet.scheduler.placement.model import Budget, World
+from facefleet.yaml_input import YamlInputError, read_yaml_file
 
 
 class WorldFileError(ValueError):
@@ -18,11 +17,9 @@ class WorldFileError(ValueError):
 def load_world(path: str | Path) -> World:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise WorldFileError(f"world file {path} does not exist; pass --world with a snapshot YAML") from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise WorldFileError(f"world file {path}: cannot read YAML: {exc}") from None
+        data = read_yaml_file(path, "world file")
+    except YamlInputError as exc:
+        raise WorldFileError(f"{exc}; pass --world with a snapshot YAML") from None
     try:
         return World.from_dict(data or {}, where=str(path))
     except ValueError as exc:

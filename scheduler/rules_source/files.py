@@ -44,18 +44,18 @@ def read_policy_dir(directory: Path) -> tuple[RuleSet, dict[str, Budget], dict[s
             [PolicyIssue(str(rules_path), None, "rules", f"missing: a policy directory needs {RULES_FILE}")]
         )
     try:
-        ruleset = load_ruleset(rules_path.read_text(), str(rules_path))
+        ruleset = load_ruleset(rules_path.read_bytes(), str(rules_path))
     except PolicyError as exc:
         issues.extend(exc.errors)
     budgets_path, locks_path = directory / BUDGETS_FILE, directory / LOCKS_FILE
     try:
         if budgets_path.is_file():
-            budgets = load_budgets(budgets_path.read_text(), str(budgets_path))
+            budgets = load_budgets(budgets_path.read_bytes(), str(budgets_path))
     except PolicyError as exc:
         issues.extend(exc.errors)
     try:
         if locks_path.is_file():
-            locks = load_locks(locks_path.read_text(), str(locks_path))
+            locks = load_locks(locks_path.read_bytes(), str(locks_path))
     except PolicyError as exc:
         issues.extend(exc.errors)
     if issues or ruleset is None:
@@ -127,7 +127,7 @@ class FileRuleSource(WatchedSource):
         path = self.directory / name
         if not path.is_file():
             return []
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes()) or {}
         items = data.get(key, []) if isinstance(data, dict) else []
         return [dict(i) for i in items if isinstance(i, dict)]
 

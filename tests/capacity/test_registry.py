@@ -177,10 +177,11 @@ def test_unusable_heartbeats_are_rejected_with_the_field(field: str, value: str)
     assert registry.agents() == []
 
 
-def test_free_slots_above_total_are_clamped() -> None:
+def test_free_slots_above_total_are_refused() -> None:
     registry = AgentRegistry()
-    registry.record_heartbeat(beat(free=9, total=2), now=1.0)
-    assert registry.get("a1").effective_free_slots == 2  # type: ignore[union-attr]
+    with pytest.raises(HeartbeatRejected, match="9 free of 2 slots"):
+        registry.record_heartbeat(beat(free=9, total=2), now=1.0)
+    assert registry.get("a1") is None
 
 
 def test_note_dispatched_to_unknown_agent_says_so() -> None:

@@ -1,0 +1,55 @@
+"""One error boundary for every `facefleet` command.
+
+Commands report the failures they expect with `output.fail` (one `error:` line, one `hint:` line,
+exit 1). What still escapes a command ends here instead of in a traceback:
+- usage errors (bad option values, unknown commands, `typer.BadParameter`): `error:` + `hint:`, exit 2;
+- the operating system's refusals (missing file, permission, disk full): `error:` + `hint:`, exit 1;
+- anything else is a bug: `error: internal error ...` with a hint to rerun with `--debug`, exit 1.
+`--debug` (or FACEFLEET_DEBUG=1) lets the exception through with its traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from typer._click import Context  # typer >= 0.29 vendors click: its exceptions, not click's, reach here
+from typer._click.exceptions import ClickException, UsageError
+from typer.core import TyperGroup
+
+from facefleet.cli.output import print_error
+
+INTERNAL_ERROR = "internal error"  # the words that mark a bug, never an expected failure (tests look for them)
+DEBUG_HINT = "this is a bug in facefleet: rerun with --debug for the traceback and report it"
+
+
+def describe_os_error(error: OSError) -> str:
+    """`cannot open /x/y: No such file or directory` from an OSError, without its errno prefix."""
+    where = f" {error.filename}" if error.filename is not None else ""
+    return f"cannot use{where}: {error.strerror or error}"
+
+
+class GuardedGroup(TyperGroup):
+    """The root command group: turns exceptions that escape a command into `error:`/`hint:` lines."""
+
+    def invoke(self, ctx: Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort):
+            raise
+        except UsageError as error:
+            if ctx.params.get("debug"):
+                raise
+            command = error.ctx.command_path if error.ctx is not None else ctx.command_path
+            print_error(error.format_message(), f"see `{command} --help`")
+            raise typer.Exit(2) from None
+        except ClickException:
+            raise
+        except Exception as error:
+            if ctx.params.get("debug"):
+                raise
+            if isinstance(error, OSError):
+                print_error(describe_os_error(error), "check the path, its permissions and free disk space")
+            else:
+                print_error(f"{INTERNAL_ERROR} ({type(error).__name__}: {error})", DEBUG_HINT)
+            raise typer.Exit(1) from None
