@@ -45,9 +45,7 @@ CANCEL_BEFORE_START_WINDOW_S = 30.0
 log = structlog.get_logger()
 
 # A run ends on this agent when its task is terminal or was preempted (it may resume elsewhere).
-RUN_ENDED_STATES = frozenset(
-    TERMINAL_PROTO | {types_pb2.TASK_STATE_PREEMPTED}
-)
+RUN_ENDED_STATES = frozenset(TERMINAL_PROTO | {types_pb2.TASK_STATE_PREEMPTED})
 FINISHED_RUNS_KEPT = 4096
 SEC_PER_FRAME_SMOOTHING = 0.3
 

@@ -95,9 +95,7 @@ class AssembledScheduler(SchedulerApp):
             lock_gate,
             self.dispatcher,
             self.registry,
-            pool_zones=lambda: {
-                pool.name: pool.trust_zone for pool in self.capacity.snapshot(audit_log.clock()).pools
-            },
+            pool_zones=lambda: {pool.name: pool.trust_zone for pool in self.capacity.snapshot(audit_log.clock()).pools},
             audit=audit_trail,
         )
         admin.rules = EnforcingRuleSource(self.rules, self.lock_enforcer)
@@ -128,9 +126,7 @@ def build_scheduler(
     StoreUnavailable for a store URL that names no usable or reachable database."""
     check_store(settings.scheduler.store_url)
     credentials = server_credentials_unless_insecure(settings.tls, "scheduler")
-    audit = AuditLog(
-        settings.audit.path, settings.audit.signing_key, on_record=metrics.count_audit_record
-    )
+    audit = AuditLog(settings.audit.path, settings.audit.signing_key, on_record=metrics.count_audit_record)
     rules: Any = rules_source or rules_source_from(settings)
     gate = LockGate(rules)
     trail = AuditTrail(audit)

@@ -237,8 +237,6 @@ class Change:
     progress: types_pb2.Progress | None = None
 
 
-
-
 def new_task_id() -> str:
     return uuid.uuid4().hex
 

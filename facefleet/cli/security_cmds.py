@@ -14,6 +14,7 @@ from rich.table import Table
 
 from facefleet.cli.output import JSON_OPTION, console, fail, line, print_json, styled
 from facefleet.config import Settings, load_settings
+from facefleet.domain import CLOUD_ZONE
 from facefleet.rpc_errors import reason_of
 from facefleet.security import audit as audit_log
 from facefleet.security import certs
@@ -25,7 +26,6 @@ CONFIG_OPTION = typer.Option(
 )
 SINCE_PATTERN = re.compile(r"^(\d+)([mhdw])$")
 SINCE_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
-CLOUD_ZONE = "cloud"
 
 
 def _settings(config: Path | None) -> Settings:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from fnmatch import translate
 from typing import Any
 
-
 from facefleet.domain import PRIORITIES, PRIVATE_ZONE, SENSITIVITIES
 from facefleet.money import PERCENT, SECONDS, USD, USD_PER_HOUR, AmountError, Quantity
 from facefleet.scheduler.placement.model import (

@@ -13,7 +13,10 @@ import pytest
 from facefleet.agent.pipeline.errors import ToolMissing
 from facefleet.agent.pipeline.media import probe_video
 from facefleet.agent.server import reason_from_error
+from facefleet.domain import DEFAULT_SENSITIVITY, PRIVATE, sensitivity_from_proto
 from facefleet.scheduler.capacity import AgentRegistry, HeartbeatRejected
+from facefleet.scheduler.intake import validate_task
+from facefleet.scheduler.placement.model import TaskSpec
 from facefleet.scheduler.rules_source.files import FileRuleSource
 from facefleet.security import certs
 from facefleet.security.audit import AuditLog, Signer, record_hash, verify
@@ -192,6 +195,12 @@ def test_up_refuses_to_replace_a_directory_it_did_not_make(tmp_path: Path) -> No
 
 
 # ---- disagreements and silent no-ops ---------------------------------------------------------------------
+
+
+def test_offline_explain_and_the_live_intake_share_the_default_sensitivity() -> None:
+    offline = TaskSpec.from_dict({"id": "t", "project": "p"})
+    live = validate_task(types_pb2.Task(project="p", source_uri="file:///in/a.png", target_uri="file:///in/b.png"))
+    assert offline.sensitivity == sensitivity_from_proto(live.sensitivity) == DEFAULT_SENSITIVITY == PRIVATE
 
 
 def heartbeat(**fields: object) -> scheduler_pb2.HeartbeatRequest:
