@@ -130,7 +130,8 @@ def issue(
     usages: Sequence[ObjectIdentifier] = (),
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """Issue a leaf certificate. `server=True` adds serverAuth (needs `hosts` for the SAN)."""
-    check_name(common_name)
+    if not 0 < len(common_name) <= 64 or not common_name.isprintable():
+        raise CertificateError(f"certificate CN {common_name!r} must be 1-64 printable characters")
     unknown = sorted(set(roles) - set(HUMAN_ROLES) - set(COMPONENT_ROLES))
     if unknown:
         raise CertificateError(f"unknown role(s) {unknown}; known roles: {sorted({*HUMAN_ROLES, *COMPONENT_ROLES})}")
@@ -226,6 +227,7 @@ def issue_to_files(
     chain: bool = False,
 ) -> IssuedFiles:
     """Write `<name>.pem` and `<name>-key.pem` (0600). `chain=True` appends the CA cert to the cert file."""
+    check_name(name)
     cert, key = issue(ca, name, roles=roles, hosts=hosts, days=days, server=server, usages=usages)
     directory.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = directory / f"{name}.pem", directory / f"{name}-key.pem"
