@@ -27,7 +27,7 @@ if _version_not_supported:
 
 class AdminStub:
     """Role-gated acts of finance, compliance and operators. Every call, allowed or denied,
-    is written to the audit log.
+    is written to the audit log; ListFleet (live telemetry, polled) only when denied.
     """
 
     def __init__(self, channel):
@@ -85,7 +85,7 @@ class AdminStub:
 
 class AdminServicer:
     """Role-gated acts of finance, compliance and operators. Every call, allowed or denied,
-    is written to the audit log.
+    is written to the audit log; ListFleet (live telemetry, polled) only when denied.
     """
 
     def WhoAmI(self, request, context):
@@ -206,7 +206,7 @@ def add_AdminServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Admin:
     """Role-gated acts of finance, compliance and operators. Every call, allowed or denied,
-    is written to the audit log.
+    is written to the audit log; ListFleet (live telemetry, polled) only when denied.
     """
 
     @staticmethod

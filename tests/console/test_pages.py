@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from facefleet.cli import app as cli_app
 from facefleet.security.audit import query, verify
-from facefleet.v1 import types_pb2
+from facefleet.v1 import scheduler_pb2, types_pb2
 from tests.console.conftest import ConsoleStack
 from tests.integration.test_security_e2e import PRIVATE, PUBLIC
 from tests.scheduler.fake_agents import wait_for
@@ -35,6 +35,14 @@ def not_pwned(page: Any) -> None:
     assert page.evaluate("window.__pwned === undefined")
 
 
+def unlabelled(page: Any) -> list[str]:
+    """Form controls a screen reader could not name."""
+    return page.evaluate(
+        "[...document.querySelectorAll('input:not([type=hidden]), select, textarea')]"
+        ".filter(e => !e.labels || !e.labels.length).map(e => e.outerHTML)"
+    )
+
+
 def budget_show(stack: ConsoleStack) -> dict[str, Any]:
     result = CliRunner().invoke(cli_app, ["budget", "show", "--store", stack.settings.scheduler.store_url, "--json"])
     assert result.exit_code == 0, result.output
@@ -44,6 +52,7 @@ def budget_show(stack: ConsoleStack) -> dict[str, Any]:
 def test_finance_sets_a_cap_that_budget_show_reports_and_runs_a_what_if_sweep(stack: ConsoleStack, page: Any) -> None:
     page.goto(stack.sign_in_url("finance", subject="fiona", path="/finance"))
     assert page.url == f"{stack.url}/finance"  # the token left the address bar
+    assert unlabelled(page) == []
     page.get_by_label("Account", exact=True).fill("cloud-burst")
     page.get_by_label("Monthly cap (USD)").fill("1234.5")
     page.get_by_label("Alert at (% of cap)").fill("75")
@@ -117,8 +126,9 @@ def test_compliance_lock_keeps_queued_cloud_work_on_prem_audited_and_live(stack:
 
     page.goto(stack.sign_in_url("compliance", subject="carol", path="/compliance"))
     page.locator("#l-project").fill("promo-p")
+    assert unlabelled(page) == []
     page.locator("#l-reason").fill(f"talent contract {HOSTILE}")
-    page.get_by_role("button", name="Lock project").click()
+    page.locator("#l-reason").press("Enter")  # keyboard only
     page.get_by_role("status").filter(has_text="promo-p locked on-prem by console:carol").wait_for()
     reason = page.locator('tr[data-project="promo-p"] td.reason')
     assert reason.inner_text() == f"talent contract {HOSTILE}"  # shown as text, not run
@@ -158,10 +168,21 @@ def test_compliance_lock_keeps_queued_cloud_work_on_prem_audited_and_live(stack:
     watcher.context.close()
 
 
-def test_fleet_shows_pools_and_agents(stack: ConsoleStack, page: Any) -> None:
+def test_fleet_shows_pools_agents_and_a_spot_interruption_live(stack: ConsoleStack, page: Any) -> None:
     page.goto(stack.sign_in_url("operator", subject="olga", path="/fleet"))
     for agent in ("onprem-1", "cloud-1"):
         page.locator(f'tr[data-agent="{agent}"]').wait_for()
     for pool in ("onprem-a", "cloud-a"):
         assert page.locator(f'tr[data-pool="{pool}"]').count() == 1
+    # A spot agent reports an interruption notice in its heartbeat; the open page shows it by itself.
+    stack.cluster.scheduler("agent").Heartbeat(
+        scheduler_pb2.HeartbeatRequest(
+            agent_id="spot-9", address="127.0.0.1:9", pool="cloud-a", trust_zone="cloud", provider="aws",
+            region="eu-west-1", total_slots=1, free_slots=1, healthy=True, preempting=True,
+        ),
+        timeout=10,
+    )  # fmt: skip
+    page.locator('tr[data-agent="spot-9"]', has_text="spot interruption notice").wait_for(timeout=5000)
     stack.shot(page, "fleet")
+    # Polling a live view does not write an audit record a second.
+    assert not [r for r in query(stack.settings.audit.path, kind="admin") if r["act"] == "list_fleet"]
