@@ -29,6 +29,7 @@ import yaml
 from facefleet.config import Settings, TLSConfig, load_settings
 from facefleet.grpc_server import ServerHandle, build_server
 from facefleet.scheduler.leader import FileLeaderLock, LeaderLock, PostgresLeaderLock
+from facefleet.scheduler.rules_source.consul_endpoint import resolve_endpoint
 from facefleet.security import certs
 from facefleet.security.tls import server_credentials
 
@@ -222,18 +223,24 @@ def test_namespace_enforces_the_restricted_pod_security_profile(rendered: dict[s
 # --- probes: gRPC health over mTLS, never plaintext ----------------------------------------------
 
 
+def _container_env(docs: list[dict[str, Any]], container: dict[str, Any]) -> dict[str, str]:
+    """The container's plain environment: its `env` values and the ConfigMaps of its `envFrom`."""
+    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    for source in container.get("envFrom", []):
+        env.update(_one(docs, "ConfigMap", source["configMapRef"]["name"])["data"])
+    return env
+
+
 def _settings_of(
     docs: list[dict[str, Any]], workload: dict[str, Any], container: dict[str, Any], root: Path
 ) -> Settings:
     """The settings the container reads: its ConfigMap's facefleet.toml and its FACEFLEET_* env."""
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
-    env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    env = _container_env(docs, container)
     config_path = Path(env["FACEFLEET_CONFIG"])
     (volume_name,) = [name for name, path in mounts.items() if config_path.parent == Path(path)]
     config_map = _one(docs, "ConfigMap", volumes[volume_name]["configMap"]["name"])
-    for source in container.get("envFrom", []):
-        env.update(_one(docs, "ConfigMap", source["configMapRef"]["name"])["data"])
     toml_file = root / "facefleet.toml"
     toml_file.write_text(config_map["data"][config_path.name])
     facefleet_env = {
@@ -360,7 +367,21 @@ def test_onprem_runs_a_scheduler_pair_on_postgresql_with_consul_rules(
     settings = _settings_of(docs, statefulset, _container(statefulset, "scheduler"), tmp_path)
     assert isinstance(LeaderLock.for_url(settings.scheduler.store_url), PostgresLeaderLock)
     assert settings.policy.source == "consul"
-    assert settings.policy.consul_addr.startswith("http://") and ".svc" in settings.policy.consul_addr
+    # The Consul endpoint as the scheduler resolves it, with the ACL token read from the mounted Secret.
+    scheduler = _container(statefulset, "scheduler")
+    token_mount = _mount(scheduler, "consul-token")
+    assert token_mount["readOnly"] is True
+    env = _container_env(docs, scheduler)
+    token_file = tmp_path / "consul-token"
+    token_file.write_text("acl-token-from-secret\n")
+    assert Path(env["CONSUL_HTTP_TOKEN_FILE"]).parent == Path(token_mount["mountPath"])
+    endpoint = resolve_endpoint(
+        settings.policy.consul_addr,
+        token=settings.policy.consul_token,
+        environ={**env, "CONSUL_HTTP_TOKEN_FILE": str(token_file)},
+    )
+    assert endpoint.host.endswith(".svc.cluster.local") and endpoint.token == "acl-token-from-secret"
+    assert not [key for key in env if "TOKEN" in key and not key.endswith("_FILE")], "no credential in the environment"
     assert settings.scheduler.prometheus_url
     # The PostgreSQL client certificate the store URL names is mounted read-only.
     postgres = _mount(_container(statefulset, "scheduler"), "postgres-client")
