@@ -27,7 +27,8 @@ with an error (500 no leader, 429 rate limit, or a proxy's HTML page), optionall
 `restore_snapshot()` renumbers the store to lower indexes and wakes every blocked query, as a
 snapshot restore does, so X-Consul-Index goes backwards. `?dc=` other than `datacenter` is
 `500 No path to datacenter`. TLS: pass `tls=DoubleTLS(...)` to serve HTTPS, with
-`verify_incoming=True` to require a client certificate signed by the CA.
+`verify_incoming=True` to require a client certificate signed by the CA; plain HTTP on that port
+gets Go's `400 Client sent an HTTP request to an HTTPS server.`
 
 A real agent can stand in: tests use it when CONSUL_HTTP_ADDR is set.
 """
@@ -52,6 +53,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 MAX_WAIT_S = 600.0
 DEFAULT_WAIT_S = 300.0
 ANONYMOUS = "anonymous"
+PLAIN_HTTP_TO_HTTPS = b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
 _GO_DURATION = re.compile(r"[-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 _UNIT_S = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
@@ -182,11 +184,24 @@ class _Handler(BaseHTTPRequestHandler):
         return
 
     def setup(self) -> None:
-        if isinstance(self.request, ssl.SSLSocket):
+        context = self.double.tls_context
+        if context is not None:  # TLS here, not in the accept loop: a bad client stalls only itself
             self.request.settimeout(5)
-            self.request.do_handshake()  # here, not in the accept loop: a bad client stalls only itself
+            if self.request.recv(1, socket.MSG_PEEK) != b"\x16":  # not a TLS handshake record
+                self.request.sendall(PLAIN_HTTP_TO_HTTPS)  # what Go's net/http answers, then hangs up
+                raise ConnectionAbortedError("plain HTTP on the HTTPS port")
+            self.request = context.wrap_socket(self.request, server_side=True)
             self.request.settimeout(None)
+            self.double.track(self.request)
         super().setup()
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            if isinstance(self.request, ssl.SSLSocket):
+                self.double.untrack(self.request)
+                self.request.close()
 
     def _json(self, value: Any) -> bytes:
         if self.double.dev_mode:  # agent/http.go marshalJSON: MarshalIndent(obj, "", "    ") + "\n"
@@ -357,23 +372,23 @@ class _TrackingServer(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, *args: Any, tls: ssl.SSLContext | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.tls = tls
         self.open_sockets: set[socket.socket] = set()
+        self.sockets_lock = threading.Lock()
 
     def get_request(self) -> tuple[socket.socket, Any]:
         conn, addr = super().get_request()
-        if self.tls is not None:  # handshake in the handler thread, on first read
-            conn = self.tls.wrap_socket(conn, server_side=True, do_handshake_on_connect=False)
-        self.open_sockets.add(conn)
+        with self.sockets_lock:
+            self.open_sockets.add(conn)
         return conn, addr
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         return  # clients cut off by stop(), and failed TLS handshakes, are expected
 
     def shutdown_request(self, request: Any) -> None:
-        self.open_sockets.discard(request)
+        with self.sockets_lock:
+            self.open_sockets.discard(request)
         super().shutdown_request(request)
 
 
@@ -395,15 +410,15 @@ class ConsulKVDouble:
         self.tls = tls
         self._faults: list[Fault] = []
         self._faults_lock = threading.Lock()
-        context = None
+        self.tls_context: ssl.SSLContext | None = None
         if tls is not None:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(tls.cert, tls.key)
+            self.tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.tls_context.load_cert_chain(tls.cert, tls.key)
             if tls.verify_incoming:
-                context.verify_mode = ssl.CERT_REQUIRED
-                context.load_verify_locations(tls.ca)
+                self.tls_context.verify_mode = ssl.CERT_REQUIRED
+                self.tls_context.load_verify_locations(tls.ca)
         handler = type("BoundHandler", (_Handler,), {"double": self})
-        self._server = _TrackingServer(("127.0.0.1", 0), handler, tls=context)
+        self._server = _TrackingServer(("127.0.0.1", 0), handler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="consul-double", daemon=True)
 
     @property
@@ -442,6 +457,14 @@ class ConsulKVDouble:
     def restore_snapshot(self) -> None:
         self.store.restore_snapshot()
 
+    def track(self, conn: socket.socket) -> None:
+        with self._server.sockets_lock:
+            self._server.open_sockets.add(conn)
+
+    def untrack(self, conn: socket.socket) -> None:
+        with self._server.sockets_lock:
+            self._server.open_sockets.discard(conn)
+
     def start(self) -> ConsulKVDouble:
         self._thread.start()
         return self
@@ -449,7 +472,9 @@ class ConsulKVDouble:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
-        for conn in list(self._server.open_sockets):
+        with self._server.sockets_lock:
+            open_sockets = list(self._server.open_sockets)
+        for conn in open_sockets:
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
         with self.store.changed:  # release blocked queries so their threads end

@@ -433,7 +433,7 @@ def test_tls_from_the_consul_cli_environment(
     [
         ("no client certificate", SourceError.TLS),
         ("unknown CA", SourceError.TLS),
-        ("plain http to https", SourceError.UNREACHABLE),
+        ("plain http to https", SourceError.BAD_REQUEST),  # Go: 400 Client sent an HTTP request to an HTTPS server
     ],
 )
 def test_tls_failures_are_reasons(tls_double: ConsulKVDouble, pki: Path, case: str, expected: SourceError) -> None:
@@ -446,3 +446,5 @@ def test_tls_failures_are_reasons(tls_double: ConsulKVDouble, pki: Path, case: s
     endpoint = resolve_endpoint(f"{scheme}://{tls_double.address}", environ={}, **options)  # type: ignore[arg-type]
     active = ConsulRuleSource(endpoint, "ff/", request_timeout_s=2).reload()
     assert active.is_fallback and active.error_reason == expected.value, active.errors
+    if case == "plain http to https":
+        assert "Client sent an HTTP request to an HTTPS server" in active.errors[0]
