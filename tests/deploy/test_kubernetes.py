@@ -401,6 +401,9 @@ def test_dev_runs_one_scheduler_on_sqlite(rendered: dict[str, list[dict[str, Any
     data = _mount(_container(statefulset, "scheduler"), "data")["mountPath"]
     assert settings.scheduler.store_url.startswith(f"sqlite:///{data}/"), "the SQLite file is on the replica's volume"
     assert settings.policy.source == "file"
+    dockerfile = (REPO_ROOT / "deploy" / "docker" / "scheduler.Dockerfile").read_text()
+    assert f"COPY policies {settings.policy.dir.parent}" in dockerfile, "the policy files are baked into the image"
+    assert (REPO_ROOT / "policies" / settings.policy.dir.name / "rules.yaml").exists()
     assert not _all(docs, "PodDisruptionBudget"), "one replica: a budget would block draining the node"
 
 
