@@ -328,8 +328,9 @@ async def _closing(gateway: Gateway) -> AsyncIterator[None]:
 
 def create_app(settings: Settings, gateway: Gateway | None = None) -> Starlette:
     """The ASGI app. Raises FileNotFoundError / CertificateError when the CA or secret is missing."""
+    gateway = gateway or Gateway(settings)  # first: no secret file is written without a CA to use
     secret = tokens.load_secret(settings)
-    console = Console(settings, gateway or Gateway(settings), secret)
+    console = Console(settings, gateway, secret)
     session_key = hmac.new(secret, b"facefleet-console-session", hashlib.sha256).hexdigest()
     app = Starlette(
         routes=console.routes(),

@@ -43,6 +43,28 @@ def unlabelled(page: Any) -> list[str]:
     )
 
 
+# WCAG 2 contrast ratio of an element's text colour against the first opaque background behind it.
+CONTRAST_JS = """(selectors) => selectors.map((selector) => {
+  const element = document.querySelector(selector);
+  const rgb = (text) => text.match(/[0-9.]+/g).slice(0, 3).map(Number);
+  const luminance = (colour) => {
+    const [r, g, b] = colour.map((v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  };
+  let background = "rgb(255, 255, 255)";
+  for (let node = element; node; node = node.parentElement) {
+    const colour = getComputedStyle(node).backgroundColor;
+    if (colour !== "rgba(0, 0, 0, 0)" && colour !== "transparent") { background = colour; break; }
+  }
+  const [a, b] = [luminance(rgb(getComputedStyle(element).color)), luminance(rgb(background))];
+  return [selector, (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05)];
+})"""
+CONTRAST_CHECKED = (
+    "main h1", "header .brand", "header nav a", "header nav a[aria-current=page]", "button", "caption", "td",
+    ".flash.ok", "label", ".legend .cost", ".legend .miss",
+)  # fmt: skip
+
+
 def budget_show(stack: ConsoleStack) -> dict[str, Any]:
     result = CliRunner().invoke(cli_app, ["budget", "show", "--store", stack.settings.scheduler.store_url, "--json"])
     assert result.exit_code == 0, result.output
@@ -91,6 +113,8 @@ def test_finance_sets_a_cap_that_budget_show_reports_and_runs_a_what_if_sweep(st
     page.locator("#sweep svg.chart").wait_for()
     assert page.locator("#sweep tbody tr").count() == 3
     assert page.locator("#sweep polyline.cost").get_attribute("points").count(",") == 3
+    low = [(sel, round(ratio, 2)) for sel, ratio in page.evaluate(CONTRAST_JS, list(CONTRAST_CHECKED)) if ratio < 4.5]
+    assert low == [], "text below WCAG AA contrast (4.5:1)"
     stack.shot(page, "finance")
 
 
