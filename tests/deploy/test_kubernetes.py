@@ -40,6 +40,7 @@ KUBERNETES_VERSION = "1.31"
 BIN_DIR = Path(sys.executable).parent
 KUBECTL = str(BIN_DIR / "kubectl") if (BIN_DIR / "kubectl").exists() else shutil.which("kubectl")
 CHECKOV = REPO_ROOT / ".venv-checkov" / "bin" / "checkov"
+SHELLCHECK = shutil.which("shellcheck") or str(BIN_DIR / "shellcheck")
 WORKLOAD_KINDS = {"StatefulSet", "DaemonSet", "Deployment"}
 SCHEDULER = {"app.kubernetes.io/name": "facefleet", "app.kubernetes.io/component": "scheduler"}
 AGENT = {"app.kubernetes.io/name": "facefleet", "app.kubernetes.io/component": "agent"}
@@ -444,6 +445,49 @@ def test_onprem_agents_run_on_gpu_operator_nodes(rendered: dict[str, list[dict[s
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
     gpus = _container(_one(rendered["onprem"], "DaemonSet", "facefleet-agent"), "agent")["resources"]["limits"]
     assert gpus["nvidia.com/gpu"] > 1, "the overlay's GPU count reaches the agent (not the base's default)"
+
+
+def _kubelet_expand(text: str, env: dict[str, str]) -> str:
+    """`$(VAR)` references in command/args, replaced from the container's env as the kubelet does."""
+    for name, value in env.items():
+        text = text.replace(f"$({name})", value)
+    return text
+
+
+def test_agent_entry_advertises_its_pod_dns_name_covered_by_its_certificate(
+    rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """Run the agent container's command as the kubelet would (bash, pod env, $(VAR) expansion) with
+    a stand-in `facefleet` that records what it was started with."""
+    docs = rendered["onprem"]
+    agent = _container(_one(docs, "DaemonSet", "facefleet-agent"), "agent")
+    shell, flag, script, name = agent["command"]
+    script_file = tmp_path / "entry.sh"
+    script_file.write_text(f"#!{shell}\nset {flag}\n{script}\n")
+    lint = subprocess.run(
+        [SHELLCHECK, "--shell=bash", "--severity=style", str(script_file)], capture_output=True, text=True, check=False
+    )
+    assert lint.returncode == 0, lint.stdout
+    stand_in = tmp_path / "bin" / "facefleet"
+    stand_in.parent.mkdir()
+    stand_in.write_text('#!/bin/bash\nprintf "%s\\n" "$FACEFLEET_AGENT__ADVERTISE_ADDRESS" "$@"\n')
+    stand_in.chmod(0o755)
+    env = _container_env(docs, agent) | {"POD_IP": "10.42.7.19", "POD_NAMESPACE": "facefleet"}
+    args = [_kubelet_expand(arg, env) for arg in agent["args"]]
+    result = subprocess.run(
+        [shell, flag, script, name, *args],
+        env={"PATH": f"{stand_in.parent}{os.pathsep}{os.environ['PATH']}", **env},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    advertised, *passed = result.stdout.splitlines()
+    assert advertised == "10-42-7-19.facefleet-agent.facefleet.svc.cluster.local:50061"
+    assert passed == args and _options(passed)["--slots"] == str(agent["resources"]["limits"]["nvidia.com/gpu"])
+    host = advertised.rsplit(":", 1)[0]
+    names = _one(docs, "Certificate", "facefleet-agent")["spec"]["dnsNames"]
+    assert any(n == host or (n.startswith("*.") and host.split(".", 1)[1] == n[2:]) for n in names), names
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
