@@ -494,6 +494,7 @@ class AgentRuntime:
                 reference_face_path=reference,
                 blend=options.blend if options.blend > 0 else 1.0,  # proto3 default 0 means "unset"
                 **({"mask": options.mask} if options.mask else {}),  # unset: the pipeline's default
+                min_id_similarity=options.min_id_similarity or None,  # 0: no quality gate
                 enhance=options.enhance,
                 checkpoint_dir=checkpoint_dir,
                 checkpoint_every_frames=options.checkpoint_every_frames or 48,

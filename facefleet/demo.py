@@ -1,10 +1,11 @@
 """`facefleet up`: the whole system on one machine, on the embedded defaults.
 
-It lays out a working directory (local CA, a copy of the default policies, sample inputs made
-from a public-domain NASA portrait), starts a scheduler and two agents as real processes — an
-on-prem pool (trust zone private) and a local pool marked as cloud — locks a project as
-compliance would, submits a small workload over mTLS, follows it live and prints what went where
-and why. Everything it starts it stops again, unless `--keep-running`.
+It lays out a working directory (local CA, a copy of the default policies, sample inputs: two
+public-domain portraits, Grace Hopper as the source face and the NASA astronaut as the targets),
+starts a scheduler and two agents as real processes — an on-prem pool (trust zone private) and a
+local pool marked as cloud — locks a project as compliance would, submits a small workload over
+mTLS, follows it live and prints what went where and why. Everything it starts it stops again,
+unless `--keep-running`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from typing import Any
 
 import cv2
 import grpc
-import numpy as np
 
 from facefleet.scheduler.rules_source.files import default_policy_dir
 from facefleet.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
@@ -166,7 +166,7 @@ def prepare(root: Path, fresh: bool = True) -> DemoLayout:
     # Compliance locks the demo project live (audited); start with no locks on file.
     (layout.policies / "locks.yaml").write_text("locks: []\n")
     (layout.models / "manifest.toml").write_text(
-        "# No verified ONNX models here: agents run the classical (no-weights) engine.\n"
+        "# No verified ONNX models here: agents run the landmark (no-weights) engine.\n"
         "# See models/manifest.toml in the repository for the production ONNX entries.\n"
     )
     make_sample_inputs(layout.inputs)
@@ -188,15 +188,12 @@ def write_task_file(path: Path) -> None:
 
 
 def make_sample_inputs(directory: Path) -> None:
-    """A source face and four targets, all derived from the public-domain astronaut portrait."""
+    """Grace Hopper as the source face; four targets derived from the astronaut portrait."""
     portrait = cv2.imread(str(ASSETS / "astronaut.jpg"))
-    if portrait is None:
-        raise DemoError(f"demo asset {ASSETS / 'astronaut.jpg'} is missing or unreadable; reinstall facefleet")
-    # The "other person": mirrored, warmer and brighter, so the swap is visible.
-    source = cv2.flip(portrait, 1).astype(np.float32)
-    source[..., 2] = np.clip(source[..., 2] * 1.18 + 12, 0, 255)
-    source[..., 0] = np.clip(source[..., 0] * 0.85, 0, 255)
-    cv2.imwrite(str(directory / "source-face.jpg"), source.astype(np.uint8))
+    source = cv2.imread(str(ASSETS / "grace_hopper.jpg"))
+    if portrait is None or source is None:
+        raise DemoError(f"demo assets in {ASSETS} are missing or unreadable; reinstall facefleet")
+    cv2.imwrite(str(directory / "source-face.jpg"), source)
     variants = {
         "target-1.jpg": portrait,
         "target-2.jpg": cv2.convertScaleAbs(portrait, alpha=0.9, beta=-10),

@@ -174,6 +174,10 @@ def _check_options(options: types_pb2.PipelineOptions, path: str) -> None:
         options.blend = 1.0
     if math.isnan(options.blend) or not 0.0 < options.blend <= 1.0:
         raise TaskInputError(f"{path}.blend", f"{options.blend}; must be a number in (0, 1]")
+    if math.isnan(options.min_id_similarity) or not 0.0 <= options.min_id_similarity <= 1.0:
+        raise TaskInputError(
+            f"{path}.min_id_similarity", f"{options.min_id_similarity}; must be in [0, 1] (0: no quality gate)"
+        )
     if options.execution_provider not in ("", *PROVIDERS):
         raise TaskInputError(
             f"{path}.execution_provider",

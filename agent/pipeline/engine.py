@@ -1,4 +1,4 @@
-"""Assemble the stage chain: the ONNX engine from verified models, else the classical engine."""
+"""Assemble the stage chain: the ONNX engine from verified models, else the landmark (no-weights) engine."""
 
 from __future__ import annotations
 
@@ -13,25 +13,26 @@ from facefleet.agent.models.manifest import ModelRole
 from facefleet.agent.models.sessions import create_session
 from facefleet.agent.models.verify import ModelStatus, VerifiedModel, verify_manifest
 from facefleet.agent.pipeline.align import AlignStage
-from facefleet.agent.pipeline.classical import (
-    ClassicalDetectStage,
-    ClassicalSwapStage,
-    HaarFaceDetector,
-    source_face_crop,
-)
 from facefleet.agent.pipeline.detect import DetectStage, FaceDetector
+from facefleet.agent.pipeline.dlib_faces import dlib_faces
 from facefleet.agent.pipeline.embed import EmbedStage, FaceRecognizer
 from facefleet.agent.pipeline.enhance import EnhanceStage, FaceEnhancer
 from facefleet.agent.pipeline.errors import InputRejected, ModelVerificationFailed
+from facefleet.agent.pipeline.landmark_swap import (
+    LandmarkDetectStage,
+    LandmarkFaceDetector,
+    LandmarkSmoother,
+    LandmarkSwapStage,
+)
 from facefleet.agent.pipeline.mask import DEFAULT_MASK, MaskKind, MaskStage
 from facefleet.agent.pipeline.paste import PasteStage
-from facefleet.agent.pipeline.quality import QualityStage
+from facefleet.agent.pipeline.quality import IdentityJudge, QualityStage
 from facefleet.agent.pipeline.select import FaceSelector, SelectStage
 from facefleet.agent.pipeline.stage import Face, FrameState, Stage
 from facefleet.agent.pipeline.swap import FaceSwapper, SwapStage
 
 ONNX_ENGINE = "onnx"
-CLASSICAL_ENGINE = "classical"
+LANDMARK_ENGINE = "landmark"
 REQUIRED_ROLES = (ModelRole.DETECTOR, ModelRole.RECOGNIZER, ModelRole.SWAPPER)
 
 
@@ -50,8 +51,15 @@ class StageChain:
         self.stages = stages
         self.source_embedding = source_embedding
 
-    def process(self, frame: np.ndarray) -> FrameState:
-        state = FrameState(frame=frame, source_embedding=self.source_embedding)
+    def start_at(self, index: int) -> None:
+        """A video (re)starts at frame `index`: stages that keep time order reset to it."""
+        for stage in self.stages:
+            start_at = getattr(stage, "start_at", None)
+            if start_at is not None:
+                start_at(index)
+
+    def process(self, frame: np.ndarray, index: int = 0) -> FrameState:
+        state = FrameState(frame=frame, source_embedding=self.source_embedding, index=index)
         for stage in self.stages:
             started = time.perf_counter()
             state = stage.process(state)
@@ -85,7 +93,8 @@ class OnnxEngine:
         self.enhancer = enhancer
 
     def prepare(self, source: np.ndarray, options: StageOptions, reference: np.ndarray | None) -> StageChain:
-        source_embedding = self.recognizer.embed_face(source, _largest(self.detector.detect(source), "source image"))
+        source_face = _largest(self.detector.detect(source), "source image")
+        source_embedding = self.recognizer.embed_face(source, source_face)
         stages: list[Stage] = [DetectStage(self.detector)]
         reference_embedding = None
         if options.face_selector == FaceSelector.REFERENCE:
@@ -106,28 +115,31 @@ class OnnxEngine:
                     "add one to models/manifest.toml or drop --enhance"
                 )
             stages.append(EnhanceStage(self.enhancer))
-        stages += [MaskStage(options.mask), PasteStage(options.blend), QualityStage(self.recognizer, source_embedding)]
+        judge = IdentityJudge(dlib_faces(), source, source_face.bbox)
+        stages += [MaskStage(options.mask), PasteStage(options.blend), QualityStage(judge)]
         return StageChain(stages, source_embedding)
 
 
-class ClassicalEngine:
-    name = CLASSICAL_ENGINE
+class LandmarkEngine:
+    name = LANDMARK_ENGINE
 
     def __init__(self, note: str):
-        self.detector = HaarFaceDetector()
         self.note = note
 
     def prepare(self, source: np.ndarray, options: StageOptions, reference: np.ndarray | None) -> StageChain:
         if options.face_selector == FaceSelector.REFERENCE:
             raise InputRejected(
                 "face_selector 'reference' needs the ONNX engine (a recognizer model); "
-                "use 'largest' or 'all' with the classical engine"
+                "use 'largest' or 'all' with the landmark engine"
             )
-        source_face = source_face_crop(source, _largest(self.detector.detect(source), "source image"))
+        faces = dlib_faces()
+        detector = LandmarkFaceDetector(faces)
+        source_face = _largest(detector.detect(source), "source image")
         stages: list[Stage] = [
-            ClassicalDetectStage(self.detector),
+            LandmarkDetectStage(detector, LandmarkSmoother()),
             SelectStage(options.face_selector),
-            ClassicalSwapStage(source_face, options.blend),
+            LandmarkSwapStage(source, source_face, options.blend),
+            QualityStage(IdentityJudge(faces, source, source_face.bbox)),
         ]
         return StageChain(stages, None)
 
@@ -141,7 +153,7 @@ class LoadedEngine:
 
 def load_engine(models_dir: Path, providers: list[str], intra_op_threads: int = 0) -> LoadedEngine:
     """Verify every manifest entry (any failure is fatal: never run next to a tampered file) and
-    build the ONNX engine when a detector, recognizer and swapper verified, else the classical one.
+    build the ONNX engine when a detector, recognizer and swapper verified, else the landmark one.
     `intra_op_threads` caps each session's CPU threads (0: onnxruntime's default, all cores)."""
     check = verify_manifest(models_dir)
     statuses, verified = check.statuses, check.verified
@@ -152,11 +164,11 @@ def load_engine(models_dir: Path, providers: list[str], intra_op_threads: int = 
     missing = [role.value for role in REQUIRED_ROLES if role not in verified]
     if missing:
         note = (
-            f"classical engine (OpenCV Haar + colour transfer + seamless clone): no verified "
-            f"{', '.join(missing)} model in {models_dir}. The ONNX engine is the production path: "
+            f"landmark engine (dlib 68 landmarks + piecewise-affine warp + colour transfer + seamless clone): "
+            f"no verified {', '.join(missing)} model in {models_dir}. The ONNX engine is the production path: "
             "drop inswapper_128.onnx, det_10g.onnx and w600k_r50.onnx there and list them in manifest.toml."
         )
-        return LoadedEngine(ClassicalEngine(note), statuses, verified)
+        return LoadedEngine(LandmarkEngine(note), statuses, verified)
     sessions = {role: create_session(model, providers, intra_op_threads) for role, model in verified.items()}
     enhancer = FaceEnhancer(sessions[ModelRole.ENHANCER]) if ModelRole.ENHANCER in sessions else None
     engine = OnnxEngine(

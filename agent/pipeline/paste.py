@@ -55,5 +55,6 @@ class PasteStage:
     def process(self, state: FrameState) -> FrameState:
         for patch in state.patches:
             paste_patch(state.frame, patch, self.blend)
-        state.faces_swapped = len(state.patches)
+        state.swapped = [patch.face for patch in state.patches]
+        state.faces_swapped = len(state.swapped)
         return state

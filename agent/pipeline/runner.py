@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import structlog
 
-from facefleet.agent.metrics import STAGE_SECONDS
+from facefleet.agent.metrics import ID_SIMILARITY, QUALITY_GATE_FAILURES, STAGE_SECONDS
 from facefleet.agent.models.sessions import resolve_providers
 from facefleet.agent.models.verify import ModelStatus
 from facefleet.agent.pipeline.checkpoint import CheckpointStore, job_fingerprint
@@ -50,7 +50,7 @@ from facefleet.agent.pipeline.provenance import (
     write_labelled_image,
     write_sidecar,
 )
-from facefleet.agent.pipeline.quality import QualityReport, summarize
+from facefleet.agent.pipeline.quality import QualityBelowThreshold, QualityReport, enforce, summarize
 from facefleet.agent.pipeline.select import FaceSelector
 from facefleet.agent.pipeline.stage import FrameState
 
@@ -71,6 +71,7 @@ class SwapJob:
     enhance: bool = False
     checkpoint_every_frames: int = 48
     resume_from_frame: int = 0  # informational: the checkpoint dir decides where work resumes
+    min_id_similarity: float | None = None  # quality gate: fail below this (see quality.enforce)
 
 
 @dataclass
@@ -111,6 +112,10 @@ def _options(job: SwapJob) -> StageOptions:
         ) from None
     if not 0.0 <= job.blend <= 1.0:
         raise InputRejected(f"blend {job.blend} must be between 0 and 1", reason_code="INVALID_TASK")
+    if job.min_id_similarity is not None and not 0.0 <= job.min_id_similarity <= 1.0:
+        raise InputRejected(
+            f"min_id_similarity {job.min_id_similarity} must be between 0 and 1", reason_code="INVALID_TASK"
+        )
     if job.checkpoint_every_frames < 1:
         raise InputRejected("checkpoint_every_frames must be at least 1", reason_code="INVALID_TASK")
     return StageOptions(face_selector=selector, blend=job.blend, mask=mask, enhance=job.enhance)
@@ -248,11 +253,13 @@ class SwapPipeline:
                 1, 1, 1.0 / elapsed if elapsed > 0 else 0.0, "done", 0, f"{state.faces_swapped} face(s) swapped"
             )
         )
+        quality = summarize(state.id_similarities, state.faces_swapped)
+        self._gate(job, quality)
         return SwapResult(
             output_path=job.output_path,
             frames=1,
             engine=self.engine,
-            quality=summarize(state.id_similarities, state.faces_swapped),
+            quality=quality,
             checkpoint_frame=0,
             stage_seconds=totals.seconds,
             frames_processed=1,
@@ -287,6 +294,7 @@ class SwapPipeline:
             fingerprint = fingerprint_future.result()
         store = CheckpointStore(job.checkpoint_dir, fingerprint)
         start = store.state.next_frame
+        chain.start_at(start)
         if job.resume_from_frame > start:
             log.warning(
                 "resume_point_ahead_of_checkpoint",
@@ -350,6 +358,7 @@ class SwapPipeline:
             quality = QualityReport(mean, state.similarity_min, state.faces_swapped)
             frames_total = state.next_frame
             store.clear()
+            self._gate(job, quality)
             on_progress(
                 ProgressUpdate(
                     frames_total, info.frames, self._fps(processed, started), "done", frames_total, "finished"
@@ -370,6 +379,18 @@ class SwapPipeline:
             frames.close()
             shutil.rmtree(work_dir, ignore_errors=True)
 
+    def _gate(self, job: SwapJob, quality: QualityReport) -> None:
+        """Export the job's ID similarity and fail it when under its `min_id_similarity`."""
+        if quality.id_similarity_min is not None:
+            ID_SIMILARITY.labels(engine=self.engine).observe(quality.id_similarity_min)
+        try:
+            enforce(quality, job.min_id_similarity)
+        except QualityBelowThreshold as failure:
+            QUALITY_GATE_FAILURES.labels(engine=self.engine).inc()
+            log.warning("quality_gate_failed", task_id=job.task_id, reason=failure.message, output=str(job.output_path))
+            kept = f"; the output is kept at {job.output_path} for review"
+            raise QualityBelowThreshold(failure.message + kept) from None
+
     @staticmethod
     def _fps(frames: int, started: float) -> float:
         elapsed = time.perf_counter() - started
@@ -381,7 +402,7 @@ class SwapPipeline:
         info: VideoInfo,
         chain: StageChain,
         pool: ThreadPoolExecutor,
-        frames: object,
+        frames: Iterator[np.ndarray],
         store: CheckpointStore,
         totals: _StageTotals,
         segment_start: int,
@@ -419,8 +440,8 @@ class SwapPipeline:
             )
 
         try:
-            for frame in frames:  # type: ignore[attr-defined]
-                pending.append(pool.submit(chain.process, frame))
+            for offset, frame in enumerate(frames):
+                pending.append(pool.submit(chain.process, frame, segment_start + offset))
                 if len(pending) >= window:
                     drain_one()
             while pending:

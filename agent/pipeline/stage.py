@@ -18,6 +18,7 @@ class Face:
     kps: np.ndarray  # 5x2 landmarks: eyes, nose, mouth corners
     score: float
     embedding: np.ndarray | None = None  # L2-normalised when set
+    landmarks: np.ndarray | None = None  # 68x2 dense landmarks (landmark engine)
 
     @property
     def area(self) -> float:
@@ -42,7 +43,9 @@ class FrameState:
     faces: list[Face] = field(default_factory=list)
     selected: list[Face] = field(default_factory=list)
     patches: list[SwapPatch] = field(default_factory=list)
+    swapped: list[Face] = field(default_factory=list)  # the faces this frame's output replaced
     faces_swapped: int = 0
+    index: int = 0  # position in the video (0 for an image): lets a stage smooth over time
     id_similarities: list[float] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
 

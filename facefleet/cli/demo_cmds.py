@@ -164,8 +164,10 @@ def _print_next_steps(layout: Any, stack: Any, rows: list[dict[str, Any]], audit
         )
     )
     console.print(
-        f"engine: {example['engine'] or 'n/a'} (no ONNX weights installed: the classical engine ran; "
-        "drop verified models into models/ for the ONNX production path)\n"
+        f"engine: {example['engine'] or 'n/a'} (no ONNX weights installed: the landmark engine put Grace "
+        "Hopper's face on the astronaut; drop verified models into models/ for the ONNX production path)\n"
+        "ID similarity: dlib's recognizer, 1 - distance to the source face (>= 0.4: the same person to it; "
+        "the untouched astronaut scores 0.30)\n"
         + (
             "provenance: every output carries a signed C2PA manifest (demo PKI's c2pa-signer)\n\n"
             if c2pa_available()

@@ -28,6 +28,14 @@ def register(app: typer.Typer) -> None:
         blend: float = typer.Option(1.0, "--blend", min=0.0, max=1.0, help="Paste-back blend ratio 0..1."),
         mask: str = typer.Option("inswapper", "--mask", help="inswapper (the reference's) | box | ellipse"),
         enhance: bool = typer.Option(False, "--enhance", help="Run the enhancer model when installed."),
+        min_id_similarity: float | None = typer.Option(
+            None,
+            "--min-id-similarity",
+            min=0.0,
+            max=1.0,
+            help="Quality gate: fail when the worst face's ID similarity to the source is below this "
+            "(dlib, 1 - distance; 0.4: same person).",
+        ),
         provider: list[str] = typer.Option([], "--provider", help="tensorrt | cuda | cpu (repeatable; default: best)."),
         checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir", help="Video checkpoints (resumable)."),
         c2pa_cert: Path | None = typer.Option(
@@ -39,6 +47,7 @@ def register(app: typer.Typer) -> None:
         """Swap a face into an image or video on this machine and report engine, frames, fps and ID similarity."""
         from facefleet.agent.pipeline.errors import PipelineError
         from facefleet.agent.pipeline.provenance import C2paSigningKey
+        from facefleet.agent.pipeline.quality import QualityBelowThreshold
         from facefleet.agent.pipeline.runner import ProgressUpdate, SwapJob, SwapPipeline
 
         job = SwapJob(
@@ -52,6 +61,7 @@ def register(app: typer.Typer) -> None:
             blend=blend,
             mask=mask,
             enhance=enhance,
+            min_id_similarity=min_id_similarity,
         )
         configure_logging("warning", "console")  # logs to stderr; stdout stays clean for --json
 
@@ -65,6 +75,11 @@ def register(app: typer.Typer) -> None:
             pipeline = SwapPipeline.load(models, providers=provider or None, provenance_signer=signer)
             started = time.perf_counter()
             result = pipeline.run(job, show, threading.Event())
+        except QualityBelowThreshold as exc:
+            fail(
+                f"{exc.reason_code}: {exc.message}",
+                hint="use a sharper, frontal source photo, install the ONNX models, or lower --min-id-similarity",
+            )
         except PipelineError as exc:
             fail(f"{exc.reason_code}: {exc.message}")
         elapsed = time.perf_counter() - started
@@ -103,5 +118,5 @@ def register(app: typer.Typer) -> None:
             value = report[key]
             table.add_row(key, f"{value:.3f}" if isinstance(value, float) else str(value))
         console.print(table)
-        if result.engine == "classical":
+        if result.engine != "onnx":
             console.print(line(styled("note:", "yellow"), f" {result.engine_note}"))

@@ -58,9 +58,9 @@ def state_name(value: int) -> str:
 
 # -- tasks ----------------------------------------------------------------------------------------
 def id_similarity(progress: types_pb2.Progress) -> float | None:
-    """The output face's mean ID similarity to the source, when it was measured: the classical
-    engine has no recognizer, so it reports none (and no face swapped means nothing to measure)."""
-    if not progress.HasField("quality") or not progress.quality.faces_swapped or progress.engine == "classical":
+    """The output face's mean ID similarity to the source (dlib's recognizer, on every engine), when
+    it was measured: no face swapped means nothing to measure."""
+    if not progress.HasField("quality") or not progress.quality.faces_swapped:
         return None
     return float(progress.quality.id_similarity_mean)
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x61\x63\x65\x66leet/v1/types.proto\x12\x0c\x66\x61\x63\x65\x66leet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"R\n\x05\x45rror\x12)\n\x06reason\x18\x01 \x01(\x0e\x32\x19.facefleet.v1.ErrorReason\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"\xaf\x01\n\x0fPipelineOptions\x12\x15\n\rface_selector\x18\x01 \x01(\t\x12\x1a\n\x12reference_face_uri\x18\x02 \x01(\t\x12\r\n\x05\x62lend\x18\x03 \x01(\x02\x12\x0c\n\x04mask\x18\x04 \x01(\t\x12\x0f\n\x07\x65nhance\x18\x05 \x01(\x08\x12\x1a\n\x12\x65xecution_provider\x18\x06 \x01(\t\x12\x1f\n\x17\x63heckpoint_every_frames\x18\x07 \x01(\r\"\xed\x02\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07project\x18\x02 \x01(\t\x12.\n\x0bsensitivity\x18\x03 \x01(\x0e\x32\x19.facefleet.v1.Sensitivity\x12(\n\x08priority\x18\x04 \x01(\x0e\x32\x16.facefleet.v1.Priority\x12\x13\n\x0bsla_seconds\x18\x05 \x01(\r\x12\x0e\n\x06\x66rames\x18\x06 \x01(\r\x12\x12\n\nsource_uri\x18\x07 \x01(\t\x12\x12\n\ntarget_uri\x18\x08 \x01(\t\x12\x12\n\noutput_uri\x18\t \x01(\t\x12.\n\x07options\x18\n \x01(\x0b\x32\x1d.facefleet.v1.PipelineOptions\x12.\n\x06labels\x18\x0b \x03(\x0b\x32\x1e.facefleet.v1.Task.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"2\n\x08\x45stimate\x12\x10\n\x08\x63ost_usd\x18\x01 \x01(\x01\x12\x14\n\x0c\x63ompletion_s\x18\x02 \x01(\x01\"\x90\x01\n\x0e\x43\x61ndidateTrace\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x10\n\x08\x66\x65\x61sible\x18\x02 \x01(\x08\x12\x15\n\rfailed_filter\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\r\n\x05score\x18\x05 \x01(\x01\x12(\n\x08\x65stimate\x18\x06 \x01(\x0b\x32\x16.facefleet.v1.Estimate\"\xc4\x02\n\x11PlacementDecision\x12\x38\n\x07outcome\x18\x01 \x01(\x0e\x32\'.facefleet.v1.PlacementDecision.Outcome\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x0c\n\x04rule\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x30\n\ncandidates\x18\x05 \x03(\x0b\x32\x1c.facefleet.v1.CandidateTrace\x12(\n\x08\x65stimate\x18\x06 \x01(\x0b\x32\x16.facefleet.v1.Estimate\x12\x15\n\rrules_version\x18\x07 \x01(\t\x12\r\n\x05notes\x18\x08 \x03(\t\"G\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x44ISPATCH\x10\x01\x12\t\n\x05QUEUE\x10\x02\x12\n\n\x06REJECT\x10\x03\"W\n\x07Quality\x12\x1a\n\x12id_similarity_mean\x18\x01 \x01(\x01\x12\x19\n\x11id_similarity_min\x18\x02 \x01(\x01\x12\x15\n\rfaces_swapped\x18\x03 \x01(\r\"\xbd\x02\n\x08Progress\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66rames_done\x18\x02 \x01(\r\x12\x14\n\x0c\x66rames_total\x18\x03 \x01(\r\x12\x0b\n\x03\x66ps\x18\x04 \x01(\x01\x12\r\n\x05stage\x18\x05 \x01(\t\x12\x18\n\x10\x63heckpoint_frame\x18\x06 \x01(\r\x12\x16\n\x0e\x63heckpoint_uri\x18\x07 \x01(\t\x12\x0f\n\x07message\x18\x08 \x01(\t\x12&\n\x07quality\x18\t \x01(\x0b\x32\x15.facefleet.v1.Quality\x12\x12\n\noutput_uri\x18\n \x01(\t\x12\x0e\n\x06\x65ngine\x18\x0b \x01(\t\x12&\n\x05state\x18\x0c \x01(\x0e\x32\x17.facefleet.v1.TaskState\x12\"\n\x05\x65rror\x18\r \x01(\x0b\x32\x13.facefleet.v1.Error\"\xc1\x01\n\x0fStateTransition\x12+\n\nfrom_state\x18\x01 \x01(\x0e\x32\x17.facefleet.v1.TaskState\x12)\n\x08to_state\x18\x02 \x01(\x0e\x32\x17.facefleet.v1.TaskState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04pool\x18\x05 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x06 \x01(\t*u\n\x0bSensitivity\x12\x1b\n\x17SENSITIVITY_UNSPECIFIED\x10\x00\x12\x16\n\x12SENSITIVITY_PUBLIC\x10\x01\x12\x18\n\x14SENSITIVITY_INTERNAL\x10\x02\x12\x17\n\x13SENSITIVITY_PRIVATE\x10\x03*s\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03\x12\x13\n\x0fPRIORITY_URGENT\x10\x04*\xed\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x15\n\x11TASK_STATE_PLACED\x10\x02\x12\x19\n\x15TASK_STATE_DISPATCHED\x10\x03\x12\x16\n\x12TASK_STATE_RUNNING\x10\x04\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x05\x12\x15\n\x11TASK_STATE_FAILED\x10\x06\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x07\x12\x18\n\x14TASK_STATE_PREEMPTED\x10\x08*\xdc\x02\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x10\n\x0cINVALID_TASK\x10\x01\x12\x10\n\x0cUNKNOWN_TASK\x10\x02\x12\x17\n\x13RESIDENCY_VIOLATION\x10\x03\x12\x12\n\x0ePROJECT_LOCKED\x10\x04\x12\x0f\n\x0bNO_CAPACITY\x10\x05\x12\x1a\n\x16PERMISSION_DENIED_ROLE\x10\x06\x12\x1d\n\x19MODEL_VERIFICATION_FAILED\x10\x07\x12\x12\n\x0eINPUT_REJECTED\x10\x08\x12\x18\n\x14PROVIDER_UNAVAILABLE\x10\t\x12\r\n\tPREEMPTED\x10\n\x12\r\n\tCANCELLED\x10\x0b\x12\x12\n\x0ePOLICY_INVALID\x10\x0c\x12\x14\n\x10\x42UDGET_EXHAUSTED\x10\r\x12\x0e\n\nNOT_LEADER\x10\x0e\x12\x0c\n\x08INTERNAL\x10\x0f\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x61\x63\x65\x66leet/v1/types.proto\x12\x0c\x66\x61\x63\x65\x66leet.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"R\n\x05\x45rror\x12)\n\x06reason\x18\x01 \x01(\x0e\x32\x19.facefleet.v1.ErrorReason\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"\xca\x01\n\x0fPipelineOptions\x12\x15\n\rface_selector\x18\x01 \x01(\t\x12\x1a\n\x12reference_face_uri\x18\x02 \x01(\t\x12\r\n\x05\x62lend\x18\x03 \x01(\x02\x12\x0c\n\x04mask\x18\x04 \x01(\t\x12\x0f\n\x07\x65nhance\x18\x05 \x01(\x08\x12\x1a\n\x12\x65xecution_provider\x18\x06 \x01(\t\x12\x1f\n\x17\x63heckpoint_every_frames\x18\x07 \x01(\r\x12\x19\n\x11min_id_similarity\x18\x08 \x01(\x02\"\xed\x02\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07project\x18\x02 \x01(\t\x12.\n\x0bsensitivity\x18\x03 \x01(\x0e\x32\x19.facefleet.v1.Sensitivity\x12(\n\x08priority\x18\x04 \x01(\x0e\x32\x16.facefleet.v1.Priority\x12\x13\n\x0bsla_seconds\x18\x05 \x01(\r\x12\x0e\n\x06\x66rames\x18\x06 \x01(\r\x12\x12\n\nsource_uri\x18\x07 \x01(\t\x12\x12\n\ntarget_uri\x18\x08 \x01(\t\x12\x12\n\noutput_uri\x18\t \x01(\t\x12.\n\x07options\x18\n \x01(\x0b\x32\x1d.facefleet.v1.PipelineOptions\x12.\n\x06labels\x18\x0b \x03(\x0b\x32\x1e.facefleet.v1.Task.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"2\n\x08\x45stimate\x12\x10\n\x08\x63ost_usd\x18\x01 \x01(\x01\x12\x14\n\x0c\x63ompletion_s\x18\x02 \x01(\x01\"\x90\x01\n\x0e\x43\x61ndidateTrace\x12\x0c\n\x04pool\x18\x01 \x01(\t\x12\x10\n\x08\x66\x65\x61sible\x18\x02 \x01(\x08\x12\x15\n\rfailed_filter\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\x12\r\n\x05score\x18\x05 \x01(\x01\x12(\n\x08\x65stimate\x18\x06 \x01(\x0b\x32\x16.facefleet.v1.Estimate\"\xc4\x02\n\x11PlacementDecision\x12\x38\n\x07outcome\x18\x01 \x01(\x0e\x32\'.facefleet.v1.PlacementDecision.Outcome\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x0c\n\x04rule\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x30\n\ncandidates\x18\x05 \x03(\x0b\x32\x1c.facefleet.v1.CandidateTrace\x12(\n\x08\x65stimate\x18\x06 \x01(\x0b\x32\x16.facefleet.v1.Estimate\x12\x15\n\rrules_version\x18\x07 \x01(\t\x12\r\n\x05notes\x18\x08 \x03(\t\"G\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x44ISPATCH\x10\x01\x12\t\n\x05QUEUE\x10\x02\x12\n\n\x06REJECT\x10\x03\"W\n\x07Quality\x12\x1a\n\x12id_similarity_mean\x18\x01 \x01(\x01\x12\x19\n\x11id_similarity_min\x18\x02 \x01(\x01\x12\x15\n\rfaces_swapped\x18\x03 \x01(\r\"\xbd\x02\n\x08Progress\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x13\n\x0b\x66rames_done\x18\x02 \x01(\r\x12\x14\n\x0c\x66rames_total\x18\x03 \x01(\r\x12\x0b\n\x03\x66ps\x18\x04 \x01(\x01\x12\r\n\x05stage\x18\x05 \x01(\t\x12\x18\n\x10\x63heckpoint_frame\x18\x06 \x01(\r\x12\x16\n\x0e\x63heckpoint_uri\x18\x07 \x01(\t\x12\x0f\n\x07message\x18\x08 \x01(\t\x12&\n\x07quality\x18\t \x01(\x0b\x32\x15.facefleet.v1.Quality\x12\x12\n\noutput_uri\x18\n \x01(\t\x12\x0e\n\x06\x65ngine\x18\x0b \x01(\t\x12&\n\x05state\x18\x0c \x01(\x0e\x32\x17.facefleet.v1.TaskState\x12\"\n\x05\x65rror\x18\r \x01(\x0b\x32\x13.facefleet.v1.Error\"\xc1\x01\n\x0fStateTransition\x12+\n\nfrom_state\x18\x01 \x01(\x0e\x32\x17.facefleet.v1.TaskState\x12)\n\x08to_state\x18\x02 \x01(\x0e\x32\x17.facefleet.v1.TaskState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04pool\x18\x05 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x06 \x01(\t*u\n\x0bSensitivity\x12\x1b\n\x17SENSITIVITY_UNSPECIFIED\x10\x00\x12\x16\n\x12SENSITIVITY_PUBLIC\x10\x01\x12\x18\n\x14SENSITIVITY_INTERNAL\x10\x02\x12\x17\n\x13SENSITIVITY_PRIVATE\x10\x03*s\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03\x12\x13\n\x0fPRIORITY_URGENT\x10\x04*\xed\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x15\n\x11TASK_STATE_PLACED\x10\x02\x12\x19\n\x15TASK_STATE_DISPATCHED\x10\x03\x12\x16\n\x12TASK_STATE_RUNNING\x10\x04\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x05\x12\x15\n\x11TASK_STATE_FAILED\x10\x06\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x07\x12\x18\n\x14TASK_STATE_PREEMPTED\x10\x08*\xf9\x02\n\x0b\x45rrorReason\x12\x1c\n\x18\x45RROR_REASON_UNSPECIFIED\x10\x00\x12\x10\n\x0cINVALID_TASK\x10\x01\x12\x10\n\x0cUNKNOWN_TASK\x10\x02\x12\x17\n\x13RESIDENCY_VIOLATION\x10\x03\x12\x12\n\x0ePROJECT_LOCKED\x10\x04\x12\x0f\n\x0bNO_CAPACITY\x10\x05\x12\x1a\n\x16PERMISSION_DENIED_ROLE\x10\x06\x12\x1d\n\x19MODEL_VERIFICATION_FAILED\x10\x07\x12\x12\n\x0eINPUT_REJECTED\x10\x08\x12\x18\n\x14PROVIDER_UNAVAILABLE\x10\t\x12\r\n\tPREEMPTED\x10\n\x12\r\n\tCANCELLED\x10\x0b\x12\x12\n\x0ePOLICY_INVALID\x10\x0c\x12\x14\n\x10\x42UDGET_EXHAUSTED\x10\r\x12\x0e\n\nNOT_LEADER\x10\x0e\x12\x0c\n\x08INTERNAL\x10\x0f\x12\x1b\n\x17QUALITY_BELOW_THRESHOLD\x10\x10\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,34 +34,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TASK_LABELSENTRY']._loaded_options = None
   _globals['_TASK_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_SENSITIVITY']._serialized_start=1836
-  _globals['_SENSITIVITY']._serialized_end=1953
-  _globals['_PRIORITY']._serialized_start=1955
-  _globals['_PRIORITY']._serialized_end=2070
-  _globals['_TASKSTATE']._serialized_start=2073
-  _globals['_TASKSTATE']._serialized_end=2310
-  _globals['_ERRORREASON']._serialized_start=2313
-  _globals['_ERRORREASON']._serialized_end=2661
+  _globals['_SENSITIVITY']._serialized_start=1863
+  _globals['_SENSITIVITY']._serialized_end=1980
+  _globals['_PRIORITY']._serialized_start=1982
+  _globals['_PRIORITY']._serialized_end=2097
+  _globals['_TASKSTATE']._serialized_start=2100
+  _globals['_TASKSTATE']._serialized_end=2337
+  _globals['_ERRORREASON']._serialized_start=2340
+  _globals['_ERRORREASON']._serialized_end=2717
   _globals['_ERROR']._serialized_start=75
   _globals['_ERROR']._serialized_end=157
   _globals['_PIPELINEOPTIONS']._serialized_start=160
-  _globals['_PIPELINEOPTIONS']._serialized_end=335
-  _globals['_TASK']._serialized_start=338
-  _globals['_TASK']._serialized_end=703
-  _globals['_TASK_LABELSENTRY']._serialized_start=658
-  _globals['_TASK_LABELSENTRY']._serialized_end=703
-  _globals['_ESTIMATE']._serialized_start=705
-  _globals['_ESTIMATE']._serialized_end=755
-  _globals['_CANDIDATETRACE']._serialized_start=758
-  _globals['_CANDIDATETRACE']._serialized_end=902
-  _globals['_PLACEMENTDECISION']._serialized_start=905
-  _globals['_PLACEMENTDECISION']._serialized_end=1229
-  _globals['_PLACEMENTDECISION_OUTCOME']._serialized_start=1158
-  _globals['_PLACEMENTDECISION_OUTCOME']._serialized_end=1229
-  _globals['_QUALITY']._serialized_start=1231
-  _globals['_QUALITY']._serialized_end=1318
-  _globals['_PROGRESS']._serialized_start=1321
-  _globals['_PROGRESS']._serialized_end=1638
-  _globals['_STATETRANSITION']._serialized_start=1641
-  _globals['_STATETRANSITION']._serialized_end=1834
+  _globals['_PIPELINEOPTIONS']._serialized_end=362
+  _globals['_TASK']._serialized_start=365
+  _globals['_TASK']._serialized_end=730
+  _globals['_TASK_LABELSENTRY']._serialized_start=685
+  _globals['_TASK_LABELSENTRY']._serialized_end=730
+  _globals['_ESTIMATE']._serialized_start=732
+  _globals['_ESTIMATE']._serialized_end=782
+  _globals['_CANDIDATETRACE']._serialized_start=785
+  _globals['_CANDIDATETRACE']._serialized_end=929
+  _globals['_PLACEMENTDECISION']._serialized_start=932
+  _globals['_PLACEMENTDECISION']._serialized_end=1256
+  _globals['_PLACEMENTDECISION_OUTCOME']._serialized_start=1185
+  _globals['_PLACEMENTDECISION_OUTCOME']._serialized_end=1256
+  _globals['_QUALITY']._serialized_start=1258
+  _globals['_QUALITY']._serialized_end=1345
+  _globals['_PROGRESS']._serialized_start=1348
+  _globals['_PROGRESS']._serialized_end=1665
+  _globals['_STATETRANSITION']._serialized_start=1668
+  _globals['_STATETRANSITION']._serialized_end=1861
 # @@protoc_insertion_point(module_scope)

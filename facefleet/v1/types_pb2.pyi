@@ -55,6 +55,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     BUDGET_EXHAUSTED: _ClassVar[ErrorReason]
     NOT_LEADER: _ClassVar[ErrorReason]
     INTERNAL: _ClassVar[ErrorReason]
+    QUALITY_BELOW_THRESHOLD: _ClassVar[ErrorReason]
 SENSITIVITY_UNSPECIFIED: Sensitivity
 SENSITIVITY_PUBLIC: Sensitivity
 SENSITIVITY_INTERNAL: Sensitivity
@@ -89,6 +90,7 @@ POLICY_INVALID: ErrorReason
 BUDGET_EXHAUSTED: ErrorReason
 NOT_LEADER: ErrorReason
 INTERNAL: ErrorReason
+QUALITY_BELOW_THRESHOLD: ErrorReason
 
 class Error(_message.Message):
     __slots__ = ("reason", "message", "field")
@@ -101,7 +103,7 @@ class Error(_message.Message):
     def __init__(self, reason: _Optional[_Union[ErrorReason, str]] = ..., message: _Optional[str] = ..., field: _Optional[str] = ...) -> None: ...
 
 class PipelineOptions(_message.Message):
-    __slots__ = ("face_selector", "reference_face_uri", "blend", "mask", "enhance", "execution_provider", "checkpoint_every_frames")
+    __slots__ = ("face_selector", "reference_face_uri", "blend", "mask", "enhance", "execution_provider", "checkpoint_every_frames", "min_id_similarity")
     FACE_SELECTOR_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_FACE_URI_FIELD_NUMBER: _ClassVar[int]
     BLEND_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +111,7 @@ class PipelineOptions(_message.Message):
     ENHANCE_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_EVERY_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MIN_ID_SIMILARITY_FIELD_NUMBER: _ClassVar[int]
     face_selector: str
     reference_face_uri: str
     blend: float
@@ -116,7 +119,8 @@ class PipelineOptions(_message.Message):
     enhance: bool
     execution_provider: str
     checkpoint_every_frames: int
-    def __init__(self, face_selector: _Optional[str] = ..., reference_face_uri: _Optional[str] = ..., blend: _Optional[float] = ..., mask: _Optional[str] = ..., enhance: _Optional[bool] = ..., execution_provider: _Optional[str] = ..., checkpoint_every_frames: _Optional[int] = ...) -> None: ...
+    min_id_similarity: float
+    def __init__(self, face_selector: _Optional[str] = ..., reference_face_uri: _Optional[str] = ..., blend: _Optional[float] = ..., mask: _Optional[str] = ..., enhance: _Optional[bool] = ..., execution_provider: _Optional[str] = ..., checkpoint_every_frames: _Optional[int] = ..., min_id_similarity: _Optional[float] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("id", "project", "sensitivity", "priority", "sla_seconds", "frames", "source_uri", "target_uri", "output_uri", "options", "labels")

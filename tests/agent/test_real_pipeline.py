@@ -55,6 +55,28 @@ def test_image_task_with_the_onnx_engine(make_agent, tiny_models_dir: Path) -> N
     assert list((env.work_dir / "tasks").iterdir()) == []
 
 
+def test_quality_gate_fails_the_task_with_its_figures_and_counts_it(make_agent, tiny_models_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    from prometheus_client import REGISTRY
+
+    env = make_agent(pipeline=SwapPipeline.load(tiny_models_dir, None), job_factory=SwapJob)
+    source, target = write_faces(env.data)
+    labels = {"engine": "onnx"}
+    failures_before = REGISTRY.get_sample_value("facefleet_agent_quality_gate_failures_total", labels) or 0.0
+    task = env.task(
+        "t-gate",
+        source_uri=source.as_uri(),
+        target_uri=target.as_uri(),
+        output_uri=(env.data / "out" / "gated.png").as_uri(),
+        options=types_pb2.PipelineOptions(min_id_similarity=0.99),
+    )
+    final = env.run(task)[-1]
+    assert final.state == types_pb2.TASK_STATE_FAILED
+    assert final.error.reason == types_pb2.QUALITY_BELOW_THRESHOLD
+    assert "ID similarity to the source: min" in final.error.message and "required 0.99" in final.error.message
+    assert REGISTRY.get_sample_value("facefleet_agent_quality_gate_failures_total", labels) == failures_before + 1
+    assert (REGISTRY.get_sample_value("facefleet_agent_id_similarity_count", labels) or 0) >= 1
+
+
 def test_tampered_model_is_a_clear_refusal_and_the_agent_keeps_serving(tmp_path: Path, tiny_models_dir: Path) -> None:
     from facefleet.agent.server import serve_agent
     from facefleet.config import AgentConfig

@@ -83,6 +83,9 @@ def test_open_enum_values_are_refused_with_the_allowed_names() -> None:
         ("execution_provider", "rocm", "task.options.execution_provider"),
         ("face_selector", "reference", "task.options.reference_face_uri"),
         ("checkpoint_every_frames", 10**6, "task.options.checkpoint_every_frames"),
+        ("min_id_similarity", 1.5, "task.options.min_id_similarity"),
+        ("min_id_similarity", -0.1, "task.options.min_id_similarity"),
+        ("min_id_similarity", float("nan"), "task.options.min_id_similarity"),
     ],
 )
 def test_pipeline_options(option: str, value: object, field: str) -> None:
