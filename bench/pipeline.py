@@ -6,10 +6,10 @@
 
 end_to_end: `SwapPipeline.run` wall time (probe, input hashing, decode, every stage, x264 encode of
 each checkpoint segment, mux with audio) on a generated video with one face per frame.
-model_only: the same ONNX sessions (the pipeline's own, warm) running the same inference on the same
-frames with the same concurrency (`--workers` threads): detector on each frame, swapper on the face
-crop, recognizer on the face (the quality check). Inputs are prepared before the clock starts, so
-it is pure `session.run` time: the ceiling the pipeline could reach.
+model_only: the same models (the pipeline's own, warm) running the same inference on the same frames
+with the same concurrency (`--workers` threads): detector on each frame, swapper on the face crop,
+and the quality gate's dlib ResNet descriptor (5-point shape + network) of the face. Inputs are
+prepared before the clock starts, so it is pure model time: the ceiling the pipeline could reach.
 Both are the median of `--runs` timed runs after one warm-up run per clip.
 
 Without --models it generates the tiny test models (real insightface signatures). `--model-cost 0`
@@ -29,7 +29,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -40,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.machine import machine_facts
 from facefleet.agent.models.tiny import DETECTOR_SIZE, draw_synthetic_face, write_tiny_models
 from facefleet.agent.pipeline.align import norm_crop
+from facefleet.agent.pipeline.dlib_faces import dlib_faces
 from facefleet.agent.pipeline.engine import OnnxEngine
 from facefleet.agent.pipeline.media import probe_video, read_frames, read_image
 from facefleet.agent.pipeline.runner import SwapJob, SwapPipeline, SwapResult
@@ -102,20 +105,23 @@ def make_inputs(work: Path, frames: int, width: int, height: int) -> tuple[Path,
     return source_path, video
 
 
-def _model_inputs(engine: OnnxEngine, frames: list[np.ndarray], latent: np.ndarray) -> list[list[tuple[object, dict]]]:
-    """Per frame, the (session, feeds) pairs the pipeline's models run on it: prepared up front."""
-    per_frame: list[list[tuple[object, dict]]] = []
+ModelCall = Callable[[], object]
+
+
+def _model_inputs(engine: OnnxEngine, frames: list[np.ndarray], latent: np.ndarray) -> list[list[ModelCall]]:
+    """Per frame, the model calls the pipeline makes on it, with their inputs prepared up front."""
+    faces_model = dlib_faces()
+    per_frame: list[list[ModelCall]] = []
     for frame in frames:
         blob, _ = engine.detector.blob(frame)
-        calls: list[tuple[object, dict]] = [(engine.detector.session, {engine.detector.input_name: blob})]
+        calls: list[ModelCall] = [partial(engine.detector.session.run, None, {engine.detector.input_name: blob})]
         faces = engine.detector.detect(frame)
         if faces:
             face = max(faces, key=lambda f: f.area)  # the pipeline's default selector: largest
             crop, _ = norm_crop(frame, face.kps, engine.swapper.crop_size)
             swap_feeds = {engine.swapper.target_name: engine.swapper.blob(crop), engine.swapper.source_name: latent}
-            calls.append((engine.swapper.session, swap_feeds))
-            arc, _ = norm_crop(frame, face.kps, engine.recognizer.input_size)
-            calls.append((engine.recognizer.session, {engine.recognizer.input_name: engine.recognizer.blob(arc)}))
+            calls.append(partial(engine.swapper.session.run, None, swap_feeds))
+            calls.append(partial(faces_model.descriptor, faces_model.rgb(frame), face.bbox))
         per_frame.append(calls)
     return per_frame
 
@@ -131,9 +137,9 @@ def model_only_seconds(pipeline: SwapPipeline, source: Path, video: Path) -> tup
     frames = list(read_frames(video, probe_video(video)))
     inputs = _model_inputs(engine, frames, latent)
 
-    def infer(calls: list[tuple[object, dict]]) -> None:
-        for session, feeds in calls:
-            session.run(None, feeds)  # type: ignore[attr-defined]
+    def infer(calls: list[ModelCall]) -> None:
+        for call in calls:
+            call()
 
     with ThreadPoolExecutor(max_workers=pipeline.workers) as pool:
         started = time.perf_counter()

@@ -70,7 +70,7 @@ def register(app: typer.Typer) -> None:
         if provider not in ("onprem", "aws", "azure", "local"):
             fail(f"--provider must be onprem, aws, azure or local, got {provider!r}")
         if not models.is_dir():
-            fail(f"models directory {models} does not exist", hint="create it (it may be empty: classical engine)")
+            fail(f"models directory {models} does not exist", hint="create it (it may be empty: landmark engine)")
         from facefleet.agent.assembly import AgentStartError, start_agent
         from facefleet.structured_logs import configure_logging
 
@@ -149,7 +149,7 @@ def register(app: typer.Typer) -> None:
                 table.add_row(*(Text(cell) for cell in cells), verified, Text(status.error))
             console.print(table)
             if not check.statuses:
-                console.print(Text(f"no models listed in {models}/manifest.toml: the agent runs the classical engine"))
+                console.print(Text(f"no models listed in {models}/manifest.toml: the agent runs the landmark engine"))
         if check.failures:
             fail(
                 f"{len(check.failures)} of {len(check.statuses)} models failed verification: {check.failures[0]}",
