@@ -1,4 +1,6 @@
-"""The agent's heartbeat: tells the scheduler who it is and what it can take, and obeys the reply.
+"""The agent's heartbeat: tells the scheduler who it is, what it can take and what it holds (the run
+journal's inventory: runs going, outcomes not yet acknowledged), and obeys the reply (drain, cancels,
+the leader's term to fence older leaders, outcomes acknowledged).
 
 A daemon thread calls `Scheduler.Heartbeat` every `interval_s`. When the scheduler is unreachable it
 backs off (tenacity, exponential with jitter, capped) and keeps trying; the thread only ends on `stop()`.
@@ -8,14 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import grpc
 import structlog
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, wait_exponential_jitter
 
-from facefleet.v1 import scheduler_pb2, scheduler_pb2_grpc
+from facefleet.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
 log = structlog.get_logger()
 
@@ -28,6 +30,8 @@ class HeartbeatSource(Protocol):
     def set_draining(self, draining: bool) -> None: ...
 
     def cancel(self, task_id: str, reason: str) -> bool: ...
+
+    def apply_leader(self, term: int, acknowledged: Sequence[types_pb2.RunRef]) -> None: ...
 
 
 class HeartbeatLoop:
@@ -74,6 +78,8 @@ class HeartbeatLoop:
 
     def apply(self, response: scheduler_pb2.HeartbeatResponse) -> None:
         self._source.set_draining(response.drain)
+        if response.leader_term or response.acknowledged:
+            self._source.apply_leader(response.leader_term, response.acknowledged)
         for task_id in response.cancel_task_ids:
             if self._source.cancel(task_id, "cancelled by the scheduler (heartbeat reply)"):
                 log.info("heartbeat_cancel", task_id=task_id)
@@ -140,6 +146,9 @@ class _DrainVoter:
 
     def cancel(self, task_id: str, reason: str) -> bool:
         return self._votes.source.cancel(task_id, reason)
+
+    def apply_leader(self, term: int, acknowledged: Sequence[types_pb2.RunRef]) -> None:
+        self._votes.source.apply_leader(term, acknowledged)
 
 
 def heartbeat_loops(

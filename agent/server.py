@@ -2,9 +2,13 @@
 
 `AgentRuntime` owns slots and runs, keyed by task id (the idempotency key): a repeated RunTask for a
 running task re-attaches to the same run's progress, one for a finished task replays the final
-progress, and completion is recorded once. Runs live in their own threads, so a dispatcher that
-disconnects does not stop the work. Refusals before any work starts are gRPC statuses with a
-`facefleet-reason`; anything that fails once work started is a final Progress (FAILED + Error).
+progress, and completion is recorded once. Every run and its outcome are in the run journal
+(`agent.run_journal`) before anyone hears of them, so this holds across agent restarts: a task that
+succeeded here never runs again, and outcomes stay in the heartbeat's inventory until the
+scheduler acknowledges them. A dispatch from a leader term older than the newest seen is refused.
+Runs live in their own threads, so a dispatcher that disconnects does not stop the work. Refusals
+before any work starts are gRPC statuses with a `facefleet-reason`; anything that fails once work
+started is a final Progress (FAILED + Error).
 
 Residency, third layer: an agent in the cloud trust zone refuses any private or project-locked task.
 """
@@ -34,6 +38,7 @@ from facefleet.agent.heartbeat import HeartbeatLoop, heartbeat_loops
 from facefleet.agent.inputs import InputRejected, InputResolver
 from facefleet.agent.models.verify import ModelStatus
 from facefleet.agent.pipeline.runner import ProgressUpdate, SwapJob, SwapResult
+from facefleet.agent.run_journal import JournaledRun, RunJournal
 from facefleet.config import AgentConfig
 from facefleet.domain import PRIVATE, TERMINAL_PROTO, residency_allows, sensitivity_from_proto, sensitivity_known
 from facefleet.grpc_server import SERVICE_NAMES, ServerHandle, build_server
@@ -197,6 +202,7 @@ class AgentRuntime:
         gpu: GpuProbe | None = None,
         job_factory: JobFactory = default_job_factory,
         pipeline_error: BaseException | None = None,
+        journal: RunJournal | None = None,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be at least 1, got {slots}")
@@ -220,6 +226,9 @@ class AgentRuntime:
         self._cancelled_unstarted: dict[str, float] = {}
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.checkpoint_root.mkdir(parents=True, exist_ok=True)
+        self.journal = journal or RunJournal.in_dir(self.work_dir)
+        if self.journal.interrupted:
+            log.warning("runs_interrupted_by_restart", tasks=self.journal.interrupted)
         self._update_slot_gauges()
 
     # --- state shared with the heartbeat -------------------------------------------------------
@@ -272,7 +281,15 @@ class AgentRuntime:
             sec_per_frame=self.sec_per_frame,
             preempting=self.preempting,
             instance_id=self.identity.instance_id,
+            runs=[run.report() for run in self.journal.inventory()],
+            known_leader_term=self.journal.leader_term,
         )
+
+    def apply_leader(self, term: int, acknowledged: Sequence[types_pb2.RunRef]) -> None:
+        """A leader's heartbeat reply: fence older terms, forget the outcomes it has recorded."""
+        if term > 0 and self.journal.note_term(term):
+            log.info("leader_term_seen", leader_term=term)
+        self.journal.acknowledge([(ref.task_id, ref.attempt) for ref in acknowledged])
 
     def execution_providers(self) -> list[str]:
         return list(self.pipeline.execution_providers) if self.pipeline is not None else []
@@ -353,10 +370,13 @@ class AgentRuntime:
         """The run for this task: an existing one (re-attach / replay) or a new one; raises Refusal."""
         self._validate(request)
         task_id = request.task.id
+        self.journal.note_term(request.leader_term)  # a newer leader speaks: fence the older ones
         with self._lock:
             existing = self._running.get(task_id) or self._finished.get(task_id)
             if existing is not None and not self._rerun_allowed(existing, request.attempt):
                 return existing
+        if existing is None and (journaled := self._journaled_outcome(task_id, request.attempt)) is not None:
+            return journaled
         if self.pipeline is None:
             reason = reason_from_error(self.pipeline_error) if self.pipeline_error else types_pb2.INTERNAL
             raise Refusal(
@@ -395,6 +415,10 @@ class AgentRuntime:
                     f"agent {self.identity.agent_id} is full ({self.total_slots} of "
                     f"{self.total_slots} slots busy); requeue the task",
                 )
+            stale = self.journal.accept(task_id, request.attempt, request.leader_term)
+            if stale:
+                metrics.REFUSALS.labels(reason="STALE_LEADER_TERM").inc()
+                raise Refusal(grpc.StatusCode.ABORTED, types_pb2.STALE_LEADER_TERM, f"task {task_id}: {stale}")
             run = TaskRun(task_id=task_id, attempt=request.attempt)
             run.publish(
                 self._progress(
@@ -415,6 +439,18 @@ class AgentRuntime:
         thread.start()
         log.info("task_started", task_id=task_id, attempt=request.attempt, resume_from=request.resume_from_frame)
         return run
+
+    def _journaled_outcome(self, task_id: str, attempt: int) -> TaskRun | None:
+        """A run this agent finished before (maybe before a restart) that answers this request: a
+        success (final), or the outcome of this attempt or a later one. None: run it."""
+        journaled: JournaledRun | None = self.journal.succeeded(task_id) or self.journal.latest(task_id)
+        if journaled is None or journaled.outcome is None:
+            return None
+        if not journaled.succeeded and journaled.attempt < attempt:
+            return None  # a later attempt of a run that did not succeed here: run it again
+        replay = TaskRun(task_id=task_id, attempt=journaled.attempt)
+        replay.publish(journaled.outcome)
+        return replay
 
     @staticmethod
     def _rerun_allowed(existing: TaskRun, attempt: int) -> bool:
@@ -615,6 +651,7 @@ class AgentRuntime:
         )
 
     def _finish(self, run: TaskRun, final: types_pb2.Progress) -> None:
+        self.journal.finish(run.task_id, run.attempt, final)  # durable before anyone hears of it
         with self._lock:
             self._running.pop(run.task_id, None)
             self._finished[run.task_id] = run

@@ -92,6 +92,7 @@ class SchedulerApp:
                 project_limits=dict(config.project_limits),
                 lost_grace_s=config.lost_grace_s,
                 warmup_s=config.heartbeat_timeout_s,
+                inventory_wait_s=config.heartbeat_timeout_s + config.lost_grace_s,
             ),
             is_leader=lambda: self.leader.is_leader,
             channel_for=channel_for,

@@ -29,7 +29,7 @@ from facefleet.config import PoolConfig, SchedulerConfig
 from facefleet.domain import CLOUD_ZONE, PRIVATE_ZONE, TRUST_ZONES
 from facefleet.scheduler import metrics
 from facefleet.scheduler.placement.model import PoolState
-from facefleet.v1 import scheduler_pb2
+from facefleet.v1 import scheduler_pb2, types_pb2
 
 log = structlog.get_logger()
 
@@ -87,6 +87,10 @@ class AgentRecord:
     # Tasks sent since the last heartbeat that the agent has not yet listed as running: id -> sent at.
     in_flight: dict[str, float] = field(default_factory=dict)
     last_dispatch: float = 0.0
+    # The agent's run-journal inventory as of its last heartbeat built under this leader's term
+    # (task id -> newest report), and how many such heartbeats arrived: the reconciliation clock.
+    runs: dict[str, types_pb2.RunReport] = field(default_factory=dict)
+    inventories: int = 0
 
     @property
     def effective_free_slots(self) -> int:
@@ -105,7 +109,7 @@ class AgentRecord:
         return "ready"
 
     def snapshot(self) -> AgentRecord:
-        return replace(self, in_flight=dict(self.in_flight))
+        return replace(self, in_flight=dict(self.in_flight), runs=dict(self.runs))
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,13 @@ class AgentRegistry:
         self.in_flight_grace_s = in_flight_grace_s if in_flight_grace_s is not None else heartbeat_timeout_s
         self._agents: dict[str, AgentRecord] = {}
         self._cancels: dict[str, set[str]] = defaultdict(set)
+        # Reconciliation with the agents' run journals (see the dispatcher): the leader's term
+        # (0 = not leading), outcomes reported and not yet handed to the dispatcher, and outcomes
+        # recorded that each agent is told about (acknowledged) until it stops reporting them.
+        self.leader_term = 0
+        self._outcomes: list[tuple[str, types_pb2.RunReport]] = []
+        self._handed: dict[str, set[tuple[str, int]]] = defaultdict(set)
+        self._acks: dict[str, set[tuple[str, int]]] = defaultdict(set)
         self._lock = threading.Lock()
 
     @classmethod
@@ -183,6 +194,7 @@ class AgentRegistry:
                 for task_id, sent_at in record.in_flight.items()
                 if task_id not in running and now - sent_at <= self.in_flight_grace_s
             }
+            acknowledged = self._take_inventory_locked(record, req)
             instructions = self._instructions_locked(record)
             # Cancels stay queued while the task may still be on the agent (at-least-once delivery).
             pending = self._cancels.get(req.agent_id)
@@ -193,7 +205,59 @@ class AgentRegistry:
             cancel_task_ids=list(instructions.cancel_task_ids),
             heartbeat_interval_s=max(1, math.ceil(self.heartbeat_interval_s)),
             server_time=_timestamp(time.time()),
+            leader_term=self.leader_term,
+            acknowledged=[types_pb2.RunRef(task_id=task_id, attempt=attempt) for task_id, attempt in acknowledged],
         )
+
+    def _take_inventory_locked(self, record: AgentRecord, req: scheduler_pb2.HeartbeatRequest) -> list[tuple[str, int]]:
+        """Keep the agent's inventory when it was built under this leader's term (the agent fences
+        older terms from then on); queue outcomes not seen before; return the acks to send."""
+        if self.leader_term <= 0:
+            return []
+        reported = {(run.task_id, run.attempt): run for run in req.runs}
+        if req.known_leader_term >= self.leader_term:
+            record.inventories += 1
+            record.runs = {}
+            for run in req.runs:
+                newest = record.runs.get(run.task_id)
+                if newest is None or run.attempt > newest.attempt:
+                    record.runs[run.task_id] = run
+        handed = self._handed[record.agent_id]
+        handed &= reported.keys()
+        acks = self._acks[record.agent_id]
+        acks &= reported.keys()
+        for key, run in reported.items():
+            if run.finished and key not in handed and key not in acks:
+                handed.add(key)
+                self._outcomes.append((record.agent_id, run))
+        return sorted(acks)
+
+    def set_leader_term(self, term: int) -> None:
+        """This replica leads with `term` (0: it no longer leads); inventories start over."""
+        with self._lock:
+            self.leader_term = term
+            self._outcomes.clear()
+            self._handed.clear()
+            for record in self._agents.values():
+                record.runs = {}
+                record.inventories = 0
+
+    def inventory(self, agent_id: str) -> tuple[int, dict[str, types_pb2.RunReport]] | None:
+        """(inventories received under this term, the newest one's runs by task id), None if unknown."""
+        with self._lock:
+            record = self._agents.get(agent_id)
+            return None if record is None else (record.inventories, dict(record.runs))
+
+    def take_outcomes(self) -> list[tuple[str, types_pb2.RunReport]]:
+        """Finished runs agents reported since the last call, each once: (agent id, report)."""
+        with self._lock:
+            taken, self._outcomes = self._outcomes, []
+            return taken
+
+    def acknowledge(self, agent_id: str, task_id: str, attempt: int) -> None:
+        """The outcome of (task, attempt) on the agent is recorded: tell the agent so."""
+        with self._lock:
+            self._acks[agent_id].add((task_id, attempt))
 
     def sweep(self, now: float) -> list[AgentRecord]:
         """Mark agents whose heartbeats stopped for longer than the timeout as lost; return those newly lost."""

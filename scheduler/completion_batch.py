@@ -34,6 +34,7 @@ class Completion:
     reason: str
     message: types_pb2.Progress
     at: float
+    attempt: int = 0  # the run's attempt (acknowledged to the agent once recorded)
 
     def change(self) -> Change:
         return Change(self.record.id, (Step(self.to_state, self.reason),), None, self.agent_id, self.message)
@@ -51,10 +52,12 @@ class CompletionBatcher:
         max_batch: int = 512,
         attempts: int = 5,
         linger_s: float = 0.0,
+        on_refused: Callable[[Completion], None] = lambda _completion: None,
     ) -> None:
         self._apply = apply
         self._on_recorded = on_recorded
         self._on_batch = on_batch
+        self._on_refused = on_refused
         self._max_batch = max_batch
         self._attempts = attempts
         self._linger_s = linger_s
@@ -121,8 +124,13 @@ class CompletionBatcher:
                     self._on_recorded(completion)
                 except Exception:
                     log.exception("completion hook failed", task_id=completion.record.id)
-            elif isinstance(result, Exception):
-                log.error("completion refused by the store", task_id=completion.record.id, error=str(result))
+            else:
+                if isinstance(result, Exception):
+                    log.error("completion refused by the store", task_id=completion.record.id, error=str(result))
+                try:
+                    self._on_refused(completion)
+                except Exception:
+                    log.exception("completion refusal hook failed", task_id=completion.record.id)
         try:
             self._on_batch()
         except Exception:

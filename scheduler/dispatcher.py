@@ -7,7 +7,16 @@ every stream). Progress is recorded from the worker pool; terminal states go to 
 batcher (`scheduler.completion_batch`: one commit for every completion pending, recorded once: the
 store ignores a second completion). Failures go back to the queue with an
 exponential backoff (tenacity's wait strategy computes `not_before`) and resume from the latest
-checkpoint any agent reported. At-least-once: the agent is idempotent on the task id.
+checkpoint any agent reported.
+
+Exactly-once outcomes (with the agents' run journals, `agent.run_journal`): every RunTask carries
+the attempt and this leader's term (raised in the store each time leadership is gained); agents
+refuse older terms. A run whose stream ends without an outcome (scheduler restart, broken
+stream, agent restart) is *unresolved*, not re-queued: the dispatcher asks the agent that holds it,
+through the inventory its heartbeats carry (runs going, outcomes not yet acknowledged). Reported
+running: re-attach (same attempt); reported finished: record the outcome; not reported in an
+inventory built after the run went unresolved, or the agent lost: re-queue. An outcome reported
+for a superseded run is a duplicate: audited and counted, never a second completion.
 """
 
 from __future__ import annotations
@@ -25,11 +34,23 @@ import grpc
 import structlog
 import tenacity
 
-from facefleet.domain import DISPATCHED, FAILED, PLACED, PREEMPTED, QUEUED, RUNNING, TERMINAL, state_from_proto
+from facefleet.domain import (
+    DISPATCHED,
+    FAILED,
+    IN_FLIGHT,
+    PLACED,
+    PREEMPTED,
+    QUEUED,
+    RUNNING,
+    TERMINAL,
+    state_from_proto,
+    state_to_proto,
+)
 from facefleet.grpc_server import LoopThread
 from facefleet.scheduler import metrics, queue
 from facefleet.scheduler.agent_streams import AgentStreams, AioChannelFactory
 from facefleet.scheduler.completion_batch import Completion, CompletionBatcher
+from facefleet.scheduler.leader import DEFAULT_LOCK_NAME
 from facefleet.scheduler.placement.model import TaskSpec
 from facefleet.scheduler.placement.proto_codec import task_spec_from_proto
 from facefleet.scheduler.placement_gateway import PlacementResult, Placer, WorldSnapshot, residency_violation
@@ -50,6 +71,10 @@ class AgentDirectory(Protocol):
     def lost_since(self, agent_id: str) -> float | None: ...
     def get(self, agent_id: str) -> Any: ...
     def request_cancel(self, agent_id: str, task_id: str) -> None: ...
+    def set_leader_term(self, term: int) -> None: ...
+    def inventory(self, agent_id: str) -> tuple[int, dict[str, types_pb2.RunReport]] | None: ...
+    def take_outcomes(self) -> list[tuple[str, types_pb2.RunReport]]: ...
+    def acknowledge(self, agent_id: str, task_id: str, attempt: int) -> None: ...
 
 
 class DispatchListener(Protocol):
@@ -99,6 +124,9 @@ class DispatcherSettings:
     # Completions wait this long for company before their commit: fewer, larger commits (and audit
     # batches) while work flows; what a watcher sees as finished lags by at most this much.
     completion_linger_s: float = 0.01
+    # A run went unresolved on an agent this leader has not heard from: re-queue after this long.
+    inventory_wait_s: float = 15.0
+    leader_lock_name: str = DEFAULT_LOCK_NAME
 
 
 def backoff_until(attempt: int, now: float, settings: DispatcherSettings) -> float:
@@ -109,6 +137,16 @@ def backoff_until(attempt: int, now: float, settings: DispatcherSettings) -> flo
     state = tenacity.RetryCallState(retry_object=tenacity.Retrying(), fn=None, args=(), kwargs={})
     state.attempt_number = max(1, attempt)
     return now + float(wait(state))
+
+
+@dataclass(frozen=True)
+class _Unresolved:
+    """A run whose stream ended without an outcome: wait for its agent's word before re-queuing."""
+
+    record: TaskRecord  # as in the store (attempts counts this run)
+    agent_id: str
+    since: float
+    inventories_at: int  # the agent's inventory count then: two more and one was built after
 
 
 @dataclass(frozen=True)
@@ -163,7 +201,11 @@ class Dispatcher:
             self._completion_recorded,
             self._wake.set if settings.project_limits else lambda: None,
             linger_s=settings.completion_linger_s,
+            on_refused=self._completion_refused,
         )
+        self.term = 0  # this leader's term; 0 while not leading
+        self._unresolved: dict[str, _Unresolved] = {}  # task id -> run; workers add, the loop settles
+        self._unresolved_lock = threading.Lock()
         # Tasks of pipelined passes whose commit has not finished: id -> project ("" = not launched).
         self._uncommitted: dict[str, str] = {}
         self._uncommitted_lock = threading.Lock()
@@ -202,39 +244,129 @@ class Dispatcher:
         leader = self.is_leader()
         metrics.LEADER.set(1 if leader else 0)
         if not leader:
+            if self._was_leader:
+                self.term = 0
+                self.agents.set_leader_term(0)
             self._was_leader = False
             return 0
         now = self.clock()
         if not self._was_leader:
-            self.reconcile(now)
+            self.term = self.store.next_leader_term(self.settings.leader_lock_name, now)
+            self.agents.set_leader_term(self.term)
+            log.info("leading", leader_term=self.term)
             self._was_leader = True
             self._leader_since = now
+            self.reconcile(now)
         self.handle_lost_agents(now)
+        self.handle_outcomes(now)
+        self.resolve(now)
         return self.dispatch_pass(now, pipelined)
 
     # ---- reconciliation and agent loss ----------------------------------------------------------
 
     def reconcile(self, now: float) -> int:
-        """After a (re)start or a leadership change: tasks left placed/dispatched/running by a previous
-        leader go back to the queue. Safe because agents are idempotent on the task id: a re-dispatch
-        re-attaches to a run that is still going or replays its final progress."""
+        """After a (re)start or a leadership change: every task a previous leader left in flight is
+        unresolved until the agent that holds it has reported (see `resolve`); none is re-queued
+        before its agent has answered or been declared lost."""
         count = 0
         for record in self.store.in_flight():
             with self._calls_lock:
                 if record.id in self._calls:
                     continue
-            if self.store.transition(
-                record.id,
-                QUEUED,
-                "reconciled: in flight when the previous leader stopped",
-                now,
-                expect_from=record.state,
-            ):
-                metrics.REQUEUES.labels(reason="reconcile").inc()
-                count += 1
+            self._unresolve(record, record.agent_id or "", now)
+            count += 1
         if count:
-            log.info("reconciled in-flight tasks after leader start", requeued=count)
+            log.info("reconciling in-flight tasks with their agents", tasks=count)
         return count
+
+    def _unresolve(self, record: TaskRecord, agent_id: str, now: float) -> None:
+        inventory = self.agents.inventory(agent_id) if agent_id else None
+        seen = inventory[0] if inventory is not None else 0
+        with self._unresolved_lock:
+            self._unresolved[record.id] = _Unresolved(record, agent_id, now, seen)
+
+    def resolve(self, now: float) -> int:
+        """Settle unresolved runs from their agents' inventories; returns how many were settled."""
+        with self._unresolved_lock:
+            pending = list(self._unresolved.values())
+        settled = 0
+        for entry in pending:
+            inventory = self.agents.inventory(entry.agent_id) if entry.agent_id else None
+            lost_at = self.agents.lost_since(entry.agent_id) if entry.agent_id else None
+            if inventory is not None and inventory[0] >= entry.inventories_at + 2:
+                report = inventory[1].get(entry.record.id)
+            elif (
+                not entry.agent_id
+                or (lost_at is not None and now - lost_at >= self.settings.lost_grace_s)
+                or (inventory is None and now - entry.since >= self.settings.inventory_wait_s)
+            ):
+                report = None
+            else:
+                continue
+            with self._unresolved_lock:
+                if self._unresolved.get(entry.record.id) is not entry:
+                    continue  # replaced or settled meanwhile
+                del self._unresolved[entry.record.id]
+            settled += 1
+            self._settle(entry, report, now)
+        return settled
+
+    def _settle(self, entry: _Unresolved, report: types_pb2.RunReport | None, now: float) -> None:
+        record, agent_id = entry.record, entry.agent_id
+        if report is None or report.attempt != record.attempts:
+            if agent_id:  # fence a late delivery of the old dispatch: the agent refuses it for a while
+                self.agents.request_cancel(agent_id, record.id)
+            self._requeue(record, f"agent {agent_id or '?'} does not hold the run", "reconcile", now, agent_id)
+            return
+        if report.finished:
+            self._record_outcome(agent_id, record, report, now)
+            return
+        agent = self.agents.get(agent_id)
+        if agent is None:
+            self._requeue(record, f"agent {agent_id} is unknown", "reconcile", now, agent_id)
+            return
+        log.info("re-attaching to a run its agent reports", task_id=record.id, agent_id=agent_id)
+        self._launch(_as_dispatched(record), agent_id, agent.address, self._request(record, record.attempts), now)
+
+    def handle_outcomes(self, now: float) -> int:
+        """Outcomes agents reported in their inventories (each once): record the ones whose stream
+        was lost, acknowledge the ones recorded, audit the ones of superseded runs."""
+        outcomes = self.agents.take_outcomes()
+        if not outcomes:
+            return 0
+        records = self.store.get_many([report.task_id for _agent, report in outcomes])
+        for agent_id, report in outcomes:
+            record = records.get(report.task_id)
+            this_run = record is not None and record.agent_id == agent_id and record.attempts == report.attempt
+            if record is not None and this_run and record.state in IN_FLIGHT:
+                with self._calls_lock:
+                    streaming = record.id in self._calls
+                if not streaming:  # else the stream delivers it (or goes unresolved if it breaks)
+                    with self._unresolved_lock:
+                        self._unresolved.pop(record.id, None)
+                    self._record_outcome(agent_id, record, report, now)
+                continue
+            if not (this_run and record is not None and record.state in TERMINAL):
+                self._duplicate(agent_id, report.task_id, report.attempt, report.outcome.state)
+            self.agents.acknowledge(agent_id, report.task_id, report.attempt)
+        return len(outcomes)
+
+    def _record_outcome(self, agent_id: str, record: TaskRecord, report: types_pb2.RunReport, now: float) -> None:
+        self._on_progress(_as_dispatched(record), agent_id, report.outcome, now, report.attempt)
+
+    def _duplicate(self, agent_id: str, task_id: str, attempt: int, state: int) -> None:
+        """An outcome of a superseded run (a later attempt or another agent owns the task)."""
+        name = state_from_proto(state) if state else "unknown"
+        if name == PREEMPTED:
+            return  # a run stopped early: the re-queue that followed is its record
+        metrics.DUPLICATE_OUTCOMES.labels(state=name).inc()
+        log.warning("duplicate outcome of a superseded run", task_id=task_id, agent_id=agent_id, attempt=attempt)
+        if self.audit is not None:
+            _safe(
+                self.audit,
+                "duplicate_outcome",
+                {"task_id": task_id, "agent_id": agent_id, "attempt": attempt, "state": name},
+            )
 
     def handle_lost_agents(self, now: float) -> int:
         for record in self.agents.sweep(now):
@@ -475,13 +607,7 @@ class Dispatcher:
             if new_decision:
                 self._audit_placement(record, result)
             return placement if new_decision else None
-        request = agent_pb2.RunTaskRequest(
-            task=task,
-            attempt=record.attempts + 1,
-            resume_from_frame=record.checkpoint_frame,
-            checkpoint_uri=record.checkpoint_uri,
-            project_locked=result.project_locked,
-        )
+        request = self._request(record, record.attempts + 1, result.project_locked, task)
         change = Change(
             record.id,
             (
@@ -491,6 +617,18 @@ class Dispatcher:
             QUEUED,
         )
         return _Launch(record, result, agent.agent_id, agent.address, request, change)
+
+    def _request(
+        self, record: TaskRecord, attempt: int, project_locked: bool = False, task: types_pb2.Task | None = None
+    ) -> agent_pb2.RunTaskRequest:
+        return agent_pb2.RunTaskRequest(
+            task=task if task is not None else record.task(),
+            attempt=attempt,
+            resume_from_frame=record.checkpoint_frame,
+            checkpoint_uri=record.checkpoint_uri,
+            project_locked=project_locked,
+            leader_term=self.term,
+        )
 
     def _audit_placement(self, record: TaskRecord, result: PlacementResult) -> None:
         if self.audit is not None:
@@ -540,6 +678,7 @@ class Dispatcher:
         """One task's RunTask stream, on the agent-streams loop. Store and audit work goes to the
         worker pool (`self._blocking`); a terminal state goes to the completion batcher."""
         task_id = record.id
+        attempt = request.attempt
         held = True
 
         def admitted() -> None:  # the agent answered (or the call ended): a lock change sees it now
@@ -568,16 +707,15 @@ class Dispatcher:
                 if message.state in (types_pb2.TASK_STATE_RUNNING, types_pb2.TASK_STATE_UNSPECIFIED) and not running:
                     running = await self._blocking(self._mark_running, task_id, agent_id, now)
                 if message.state in _ENDS_THE_RUN and task_id not in self._stopping:
-                    terminal = self._on_progress(record, agent_id, message, now)  # queues: does not block
+                    terminal = self._on_progress(record, agent_id, message, now, attempt)  # queues: no blocking
                 else:
-                    terminal = await self._blocking(self._on_progress, record, agent_id, message, now)
+                    terminal = await self._blocking(self._on_progress, record, agent_id, message, now, attempt)
                 if terminal:
                     break
-            if not terminal:
-                why = f"agent {agent_id} closed the stream before finishing"
-                await self._blocking(self._requeue_latest, task_id, why, "stream_ended", agent_id)
+            if not terminal:  # the agent may still hold the run: ask it (its inventory) first
+                await self._blocking(self._lost_stream, task_id, agent_id, attempt)
         except grpc.RpcError as error:  # grpc.aio's AioRpcError included
-            await self._blocking(self._on_rpc_error, task_id, agent_id, error)
+            await self._blocking(self._on_rpc_error, task_id, agent_id, error, attempt)
         except asyncio.CancelledError:
             raise  # the dispatcher is stopping
         except Exception:
@@ -614,7 +752,16 @@ class Dispatcher:
     def _requeue_latest(self, task_id: str, why: str, reason: str, agent_id: str) -> None:
         self._requeue(self.store.get(task_id), why, reason, self.clock(), agent_id)
 
-    def _on_progress(self, record: TaskRecord, agent_id: str, message: types_pb2.Progress, now: float) -> bool:
+    def _lost_stream(self, task_id: str, agent_id: str, attempt: int) -> None:
+        """The stream ended without an outcome: unresolved until the agent reports (see `resolve`)."""
+        record = self.store.get(task_id)
+        if record.state in IN_FLIGHT and record.agent_id == agent_id and record.attempts == attempt:
+            self._unresolve(record, agent_id, self.clock())
+            self._wake.set()
+
+    def _on_progress(
+        self, record: TaskRecord, agent_id: str, message: types_pb2.Progress, now: float, attempt: int
+    ) -> bool:
         """Record one progress message; True when it ends the run on this agent."""
         task_id = record.id
         state = message.state
@@ -632,13 +779,14 @@ class Dispatcher:
                 expect_agent=agent_id,
             ):
                 self._requeue(self.store.get(task_id), "resume after preemption", "preempted", now, agent_id)
+            self.agents.acknowledge(agent_id, task_id, attempt)
             return True
         if state in _ENDS_THE_RUN:
             to_state = state_from_proto(state)
             reason = message.message or (message.error.message if message.HasField("error") else "") or to_state
             # Recorded by the completion batcher (one commit for many); this worker's `finally`
             # frees the agent slot now: the agent has said it is done.
-            self._completions.put(Completion(record, agent_id, to_state, reason, message, now))
+            self._completions.put(Completion(record, agent_id, to_state, reason, message, now, attempt))
             return True
         self.store.record_progress(task_id, message, now)
         return False
@@ -646,6 +794,7 @@ class Dispatcher:
     def _completion_recorded(self, completion: Completion) -> None:
         """A completion the batcher committed: metrics and listeners get the record as committed."""
         record = completion.record
+        self.agents.acknowledge(completion.agent_id, record.id, completion.attempt)
         metrics.TASKS_FINISHED.labels(state=completion.to_state, pool=record.pool or "").inc()
         if self.listeners:  # without reading it back
             final = replace(
@@ -660,7 +809,16 @@ class Dispatcher:
             for listener in self.listeners:
                 _safe(listener.on_finished, final)
 
-    def _on_rpc_error(self, task_id: str, agent_id: str, error: grpc.RpcError) -> None:
+    def _completion_refused(self, completion: Completion) -> None:
+        """The store did not take a completion: the task finished already or moved on. Its outcome
+        is acknowledged (the agent stops reporting it); unless it is the recorded one, a duplicate."""
+        record = self.store.get(completion.record.id)
+        recorded = record.state == completion.to_state and record.agent_id == completion.agent_id
+        if not recorded:
+            self._duplicate(completion.agent_id, record.id, completion.attempt, state_to_proto(completion.to_state))
+        self.agents.acknowledge(completion.agent_id, record.id, completion.attempt)
+
+    def _on_rpc_error(self, task_id: str, agent_id: str, error: grpc.RpcError, attempt: int) -> None:
         code_of, details_of = getattr(error, "code", None), getattr(error, "details", None)  # sync or aio error
         code = code_of() if callable(code_of) else grpc.StatusCode.UNKNOWN
         detail = details_of() if callable(details_of) else str(error)
@@ -679,8 +837,12 @@ class Dispatcher:
             ):
                 self._finished(task_id)
             return
-        reason = "no_capacity" if code == grpc.StatusCode.RESOURCE_EXHAUSTED else "agent_unavailable"
-        self._requeue(record, f"agent {agent_id}: {code.name}: {detail}", reason, now, agent_id)
+        if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED):  # refused before it started
+            reason = "no_capacity" if code == grpc.StatusCode.RESOURCE_EXHAUSTED else "stale_term"
+            self._requeue(record, f"agent {agent_id}: {code.name}: {detail}", reason, now, agent_id)
+            return
+        log.info("stream lost; asking the agent", task_id=task_id, agent_id=agent_id, code=code.name)
+        self._lost_stream(task_id, agent_id, attempt)
 
     def _requeue(self, record: TaskRecord, why: str, reason: str, now: float, agent_id: str) -> bool:
         if record.state in TERMINAL or record.state == QUEUED:
@@ -782,6 +944,11 @@ _ENDS_THE_RUN = frozenset({types_pb2.TASK_STATE_SUCCEEDED, types_pb2.TASK_STATE_
 
 # Filters whose failure does not change while a task waits: they only rule pools out.
 _STANDING_FILTERS = frozenset({"residency", "lock", "rule_allow"})
+
+
+def _as_dispatched(record: TaskRecord) -> TaskRecord:
+    """A stored in-flight record as the launch path holds it (attempts before this run counted)."""
+    return replace(record, attempts=max(0, record.attempts - 1))
 
 
 def _waits_for_a_slot_only(result: PlacementResult) -> bool:

@@ -28,6 +28,11 @@ DUPLICATE_COMPLETIONS = Counter(
     "Completions reported for a task already finished (recorded once, the repeat ignored).",
     ["state"],
 )
+DUPLICATE_OUTCOMES = Counter(
+    "facefleet_duplicate_outcomes_total",
+    "Outcomes an agent reported for a superseded run (audited, never recorded as a completion).",
+    ["state"],
+)
 SUBMITS = Counter("facefleet_submits_total", "SubmitTask calls by result (created, duplicate, invalid).", ["result"])
 SUBMIT_BATCH_SIZE = Histogram(
     "facefleet_submit_batch_size",

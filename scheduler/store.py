@@ -91,6 +91,17 @@ progress = sa.Table(
     sa.Column("at", sa.Float, nullable=False),
 )
 
+# The leader term: one row per leader lock name, raised each time a replica gains leadership. It
+# fences dispatches (agents refuse a term older than one they have seen), so it must never go back:
+# raised in one transaction under the leader lock, and never below the wall clock in milliseconds,
+# so a scheduler on a fresh database still outranks every term its agents saw before.
+leader_terms = sa.Table(
+    "leader_terms",
+    metadata,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("term", sa.BigInteger, nullable=False),
+)
+
 
 T = TypeVar("T")
 
@@ -474,6 +485,25 @@ class TaskStore:
         return self._insert_statements
 
     # ---- reads --------------------------------------------------------------------------------
+
+    def next_leader_term(self, name: str, now: float) -> int:
+        """Raise and return this lock's leader term (call once leadership is gained)."""
+        with self._write() as conn:
+            current = conn.execute(sa.select(leader_terms.c.term).where(leader_terms.c.name == name)).scalar()
+            term = max(int(current or 0) + 1, int(now * 1000))
+            if current is None:
+                conn.execute(sa.insert(leader_terms).values(name=name, term=term))
+            else:
+                conn.execute(sa.update(leader_terms).where(leader_terms.c.name == name).values(term=term))
+        return term
+
+    def get_many(self, task_ids: Sequence[str]) -> dict[str, TaskRecord]:
+        """The records of `task_ids` that exist, by id (one read)."""
+        if not task_ids:
+            return {}
+        with self._read() as conn:
+            rows = conn.execute(sa.select(tasks).where(tasks.c.id.in_(list(task_ids))))
+            return {row.id: _record(row) for row in rows}
 
     def get(self, task_id: str) -> TaskRecord:
         with self._read() as conn:

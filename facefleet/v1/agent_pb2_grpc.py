@@ -58,8 +58,9 @@ class AgentServicer:
     """
 
     def RunTask(self, request, context):
-        """Idempotent on task.id: a repeat while running re-attaches to the same run;
-        after completion it replays the final progress.
+        """Idempotent on (task.id, attempt), durably (the agent's run journal survives restarts): a
+        repeat while running re-attaches to the same run; after completion it replays the outcome,
+        and a task that succeeded here never runs again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -125,7 +125,7 @@ class ExplainRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., task: _Optional[_Union[_types_pb2.Task, _Mapping]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("agent_id", "address", "pool", "trust_zone", "provider", "region", "total_slots", "free_slots", "healthy", "running_task_ids", "execution_providers", "gpu", "sec_per_frame", "preempting", "instance_id")
+    __slots__ = ("agent_id", "address", "pool", "trust_zone", "provider", "region", "total_slots", "free_slots", "healthy", "running_task_ids", "execution_providers", "gpu", "sec_per_frame", "preempting", "instance_id", "runs", "known_leader_term")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     POOL_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,8 @@ class HeartbeatRequest(_message.Message):
     SEC_PER_FRAME_FIELD_NUMBER: _ClassVar[int]
     PREEMPTING_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    KNOWN_LEADER_TERM_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     address: str
     pool: str
@@ -156,16 +158,22 @@ class HeartbeatRequest(_message.Message):
     sec_per_frame: float
     preempting: bool
     instance_id: str
-    def __init__(self, agent_id: _Optional[str] = ..., address: _Optional[str] = ..., pool: _Optional[str] = ..., trust_zone: _Optional[str] = ..., provider: _Optional[str] = ..., region: _Optional[str] = ..., total_slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., healthy: _Optional[bool] = ..., running_task_ids: _Optional[_Iterable[str]] = ..., execution_providers: _Optional[_Iterable[str]] = ..., gpu: _Optional[str] = ..., sec_per_frame: _Optional[float] = ..., preempting: _Optional[bool] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    runs: _containers.RepeatedCompositeFieldContainer[_types_pb2.RunReport]
+    known_leader_term: int
+    def __init__(self, agent_id: _Optional[str] = ..., address: _Optional[str] = ..., pool: _Optional[str] = ..., trust_zone: _Optional[str] = ..., provider: _Optional[str] = ..., region: _Optional[str] = ..., total_slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., healthy: _Optional[bool] = ..., running_task_ids: _Optional[_Iterable[str]] = ..., execution_providers: _Optional[_Iterable[str]] = ..., gpu: _Optional[str] = ..., sec_per_frame: _Optional[float] = ..., preempting: _Optional[bool] = ..., instance_id: _Optional[str] = ..., runs: _Optional[_Iterable[_Union[_types_pb2.RunReport, _Mapping]]] = ..., known_leader_term: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("drain", "cancel_task_ids", "heartbeat_interval_s", "server_time")
+    __slots__ = ("drain", "cancel_task_ids", "heartbeat_interval_s", "server_time", "leader_term", "acknowledged")
     DRAIN_FIELD_NUMBER: _ClassVar[int]
     CANCEL_TASK_IDS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     SERVER_TIME_FIELD_NUMBER: _ClassVar[int]
+    LEADER_TERM_FIELD_NUMBER: _ClassVar[int]
+    ACKNOWLEDGED_FIELD_NUMBER: _ClassVar[int]
     drain: bool
     cancel_task_ids: _containers.RepeatedScalarFieldContainer[str]
     heartbeat_interval_s: int
     server_time: _timestamp_pb2.Timestamp
-    def __init__(self, drain: _Optional[bool] = ..., cancel_task_ids: _Optional[_Iterable[str]] = ..., heartbeat_interval_s: _Optional[int] = ..., server_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    leader_term: int
+    acknowledged: _containers.RepeatedCompositeFieldContainer[_types_pb2.RunRef]
+    def __init__(self, drain: _Optional[bool] = ..., cancel_task_ids: _Optional[_Iterable[str]] = ..., heartbeat_interval_s: _Optional[int] = ..., server_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., leader_term: _Optional[int] = ..., acknowledged: _Optional[_Iterable[_Union[_types_pb2.RunRef, _Mapping]]] = ...) -> None: ...

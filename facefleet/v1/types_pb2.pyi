@@ -56,6 +56,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     NOT_LEADER: _ClassVar[ErrorReason]
     INTERNAL: _ClassVar[ErrorReason]
     QUALITY_BELOW_THRESHOLD: _ClassVar[ErrorReason]
+    STALE_LEADER_TERM: _ClassVar[ErrorReason]
 SENSITIVITY_UNSPECIFIED: Sensitivity
 SENSITIVITY_PUBLIC: Sensitivity
 SENSITIVITY_INTERNAL: Sensitivity
@@ -91,6 +92,7 @@ BUDGET_EXHAUSTED: ErrorReason
 NOT_LEADER: ErrorReason
 INTERNAL: ErrorReason
 QUALITY_BELOW_THRESHOLD: ErrorReason
+STALE_LEADER_TERM: ErrorReason
 
 class Error(_message.Message):
     __slots__ = ("reason", "message", "field")
@@ -248,6 +250,28 @@ class Progress(_message.Message):
     state: TaskState
     error: Error
     def __init__(self, task_id: _Optional[str] = ..., frames_done: _Optional[int] = ..., frames_total: _Optional[int] = ..., fps: _Optional[float] = ..., stage: _Optional[str] = ..., checkpoint_frame: _Optional[int] = ..., checkpoint_uri: _Optional[str] = ..., message: _Optional[str] = ..., quality: _Optional[_Union[Quality, _Mapping]] = ..., output_uri: _Optional[str] = ..., engine: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+
+class RunReport(_message.Message):
+    __slots__ = ("task_id", "attempt", "leader_term", "finished", "outcome")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    LEADER_TERM_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    attempt: int
+    leader_term: int
+    finished: bool
+    outcome: Progress
+    def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., leader_term: _Optional[int] = ..., finished: _Optional[bool] = ..., outcome: _Optional[_Union[Progress, _Mapping]] = ...) -> None: ...
+
+class RunRef(_message.Message):
+    __slots__ = ("task_id", "attempt")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    attempt: int
+    def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class StateTransition(_message.Message):
     __slots__ = ("from_state", "to_state", "reason", "at", "pool", "agent_id")

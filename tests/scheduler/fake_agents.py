@@ -3,7 +3,9 @@
 `HollowAgent` completes tasks instantly (kubemark-style hollow node) or slowly, frame by frame
 with checkpoints. It is idempotent on the task id as the contract demands: a repeat RunTask while
 running re-attaches; after completion it replays the final progress, except that a later attempt
-of a run that ended without success runs again, as the real agent does. `executions` counts how many
+of a run that ended without success runs again, as the real agent does. Like a real agent's run
+journal (in memory here) it reports its runs and unacknowledged outcomes in each heartbeat and
+refuses a dispatch from a leader term older than the newest it has seen. `executions` counts how many
 times each task actually ran here, so tests can assert "never ran twice".
 """
 
@@ -26,6 +28,8 @@ class Run:
     task: types_pb2.Task
     resume_from: int
     attempt: int = 0
+    leader_term: int = 0
+    acknowledged: bool = False
     history: list[types_pb2.Progress] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -59,6 +63,7 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
         self.completed: Counter[str] = Counter()
         self.cancel_requests: list[str] = []
         self.resumed_from: dict[str, int] = {}
+        self.leader_term = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._server: ServerHandle | None = None
@@ -96,9 +101,25 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
 
     # ---- heartbeats ----------------------------------------------------------------------------
 
+    def inventory(self) -> list[types_pb2.RunReport]:
+        reports = []
+        with self._lock:
+            for task_id, run in self.runs.items():
+                if run.acknowledged:
+                    continue
+                report = types_pb2.RunReport(
+                    task_id=task_id, attempt=run.attempt, leader_term=run.leader_term, finished=run.done.is_set()
+                )
+                if run.done.is_set():
+                    report.outcome.CopyFrom(run.history[-1])
+                reports.append(report)
+        return reports
+
     def heartbeat_request(self) -> scheduler_pb2.HeartbeatRequest:
         running = self.busy()
         return scheduler_pb2.HeartbeatRequest(
+            runs=self.inventory(),
+            known_leader_term=self.leader_term,
             agent_id=self.agent_id,
             address=self.address,
             pool=self.pool,
@@ -122,6 +143,12 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
                     reply = stub.Heartbeat(self.heartbeat_request(), timeout=2)
                     for task_id in reply.cancel_task_ids:
                         self._cancel(task_id)
+                    with self._lock:
+                        self.leader_term = max(self.leader_term, reply.leader_term)
+                        for ref in reply.acknowledged:
+                            run = self.runs.get(ref.task_id)
+                            if run is not None and run.attempt == ref.attempt and run.done.is_set():
+                                run.acknowledged = True
                 except grpc.RpcError:
                     pass  # scheduler down or restarting: keep trying
             self._stop.wait(self.heartbeat_s)
@@ -142,9 +169,17 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
                 if final != types_pb2.TASK_STATE_SUCCEEDED:
                     run = None  # cancelled or preempted before: this attempt runs again
             if run is None:
+                if request.leader_term < self.leader_term:
+                    context.abort(grpc.StatusCode.ABORTED, f"stale leader term {request.leader_term}")
                 if len(self.busy_unlocked()) >= self.slots:
                     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"agent {self.agent_id} has no free slot")
-                run = Run(task=task, resume_from=request.resume_from_frame, attempt=request.attempt)
+                self.leader_term = max(self.leader_term, request.leader_term)
+                run = Run(
+                    task=task,
+                    resume_from=request.resume_from_frame,
+                    attempt=request.attempt,
+                    leader_term=request.leader_term,
+                )
                 self.runs[task.id] = run
                 self.executions[task.id] += 1
                 self.resumed_from[task.id] = request.resume_from_frame
