@@ -41,7 +41,6 @@ from facefleet.v1.admin_pb2_grpc import add_AdminServicer_to_server as add_admin
 
 log = structlog.get_logger()
 
-
 def rules_source_from(settings: Settings) -> Any:
     """The configured rules source. Raises ConsulSettingsError (a ValueError) for Consul settings
     that cannot work; Consul being down or refusing is never an error here (fallback rules)."""
@@ -95,8 +94,11 @@ class AssembledScheduler(SchedulerApp):
             lock_gate,
             self.dispatcher,
             self.registry,
-            pool_zones=lambda: {pool.name: pool.trust_zone for pool in self.capacity.snapshot(audit_log.clock()).pools},
+            pool_zones=lambda: {
+                pool.name: pool.trust_zone for pool in self.capacity.snapshot(audit_log.clock()).pools
+            },
             audit=audit_trail,
+            unknown_wait_s=settings.scheduler.heartbeat_timeout_s + settings.scheduler.lost_grace_s,
         )
         admin.rules = EnforcingRuleSource(self.rules, self.lock_enforcer)
         admin.drain = self.registry.drain
@@ -109,6 +111,7 @@ class AssembledScheduler(SchedulerApp):
         return self
 
     def stop(self) -> None:
+        self.lock_enforcer.stop()
         super().stop()
         self.audit_trail.close()  # after the dispatcher: its last records are written first
 
@@ -126,7 +129,9 @@ def build_scheduler(
     StoreUnavailable for a store URL that names no usable or reachable database."""
     check_store(settings.scheduler.store_url)
     credentials = server_credentials_unless_insecure(settings.tls, "scheduler")
-    audit = AuditLog(settings.audit.path, settings.audit.signing_key, on_record=metrics.count_audit_record)
+    audit = AuditLog(
+        settings.audit.path, settings.audit.signing_key, on_record=metrics.count_audit_record
+    )
     rules: Any = rules_source or rules_source_from(settings)
     gate = LockGate(rules)
     trail = AuditTrail(audit)

@@ -14,6 +14,11 @@ Consul watch, or Admin.LockProject). It asks `residency.lock_actions` what to do
   CANCELLED answer cannot end the task), its checkpoint discarded, then cancelled on the agent. It
   re-runs on-prem from frame 0: a checkpoint written in the cloud is not trusted or moved.
 Queued tasks need nothing: every dispatch pass places them again with the live locks.
+
+After a scheduler (re)start the agents have not reported yet, so the zone of a task a previous
+leader left on an agent is unknown for a while. Treating that as "not private" re-queued work that
+was running on-prem and ran it twice; instead such a task waits up to `unknown_wait_s` (the time
+an agent has to report before it is declared lost) and is checked again as agents report.
 """
 
 from __future__ import annotations
@@ -119,6 +124,7 @@ class LockEnforcer:
         pool_zones: Callable[[], dict[str, str]],
         audit: AuditHook | None = None,
         clock: Callable[[], float] = time.time,
+        unknown_wait_s: float = 0.0,
     ) -> None:
         self.store = store
         self.rules = rules
@@ -130,6 +136,9 @@ class LockEnforcer:
         self.clock = clock
         self._known: frozenset[str] | None = None
         self._apply_lock = threading.Lock()
+        self.unknown_wait_s = unknown_wait_s
+        self._unknown_until = clock() + unknown_wait_s
+        self._recheck: threading.Timer | None = None
 
     def on_rules(self, active: Any) -> None:
         """Rules-source subscriber: enforce when the set of locked projects changed."""
@@ -161,8 +170,13 @@ class LockEnforcer:
             pools = self.pool_zones()
             records = {record.id: record for record in self.store.in_flight()}
             locations = []
+            waiting = self.clock() < self._unknown_until
+            unknown = False
             for record in records.values():
                 zone = self._zone_of(record, pools)
+                if zone == UNKNOWN_ZONE and waiting and record.state not in (PLACED, QUEUED):
+                    unknown = True  # its agent has not reported to this scheduler yet
+                    continue
                 sensitivity = record.task().sensitivity
                 state = _proto_state(record.state)
                 locations.append(TaskLocation(record.id, record.project, state, zone, record.pool or "", sensitivity))
@@ -182,7 +196,28 @@ class LockEnforcer:
                         )  # fmt: skip
                     except Exception:
                         log.exception("audit_write_failed", task_id=action.task_id)
+        if unknown:
+            self._check_again()
         return len(actions)
+
+    def stop(self) -> None:
+        if self._recheck is not None:
+            self._recheck.cancel()
+
+    def _check_again(self, after_s: float = 0.5) -> None:
+        """Enforce the current locks again soon: some tasks' agents have not reported yet."""
+        if self._recheck is not None and self._recheck.is_alive():
+            return
+
+        def recheck() -> None:
+            try:
+                self.enforce_now()
+            except Exception:
+                log.exception("lock enforcement re-check failed")
+
+        self._recheck = threading.Timer(after_s, recheck)
+        self._recheck.daemon = True
+        self._recheck.start()
 
     def _replace(self, record: TaskRecord, reason: str) -> None:
         moved = self.store.transition(
