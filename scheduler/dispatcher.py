@@ -35,6 +35,7 @@ import structlog
 import tenacity
 
 from facefleet.domain import (
+    CANCELLED,
     DISPATCHED,
     FAILED,
     IN_FLIGHT,
@@ -357,8 +358,8 @@ class Dispatcher:
     def _duplicate(self, agent_id: str, task_id: str, attempt: int, state: int) -> None:
         """An outcome of a superseded run (a later attempt or another agent owns the task)."""
         name = state_from_proto(state) if state else "unknown"
-        if name == PREEMPTED:
-            return  # a run stopped early: the re-queue that followed is its record
+        if name in (PREEMPTED, CANCELLED):
+            return  # a run stopped on purpose (preempted, recalled, budget stop): the re-queue is its record
         metrics.DUPLICATE_OUTCOMES.labels(state=name).inc()
         log.warning("duplicate outcome of a superseded run", task_id=task_id, agent_id=agent_id, attempt=attempt)
         if self.audit is not None:
@@ -768,6 +769,7 @@ class Dispatcher:
         if state == types_pb2.TASK_STATE_CANCELLED and task_id in self._stopping:  # stop_run: keep the task
             self.store.record_progress(task_id, message, now)
             self._requeue(self.store.get(task_id), self._stopping[task_id], "budget_stop", now, agent_id)
+            self.agents.acknowledge(agent_id, task_id, attempt)
             return True
         if state == types_pb2.TASK_STATE_PREEMPTED:
             self.store.record_progress(task_id, message, now)
