@@ -52,6 +52,7 @@ from facefleet.scheduler import metrics, queue
 from facefleet.scheduler.agent_streams import AgentStreams, AioChannelFactory
 from facefleet.scheduler.completion_batch import Completion, CompletionBatcher
 from facefleet.scheduler.leader import DEFAULT_LOCK_NAME
+from facefleet.scheduler.pass_planner import PassWorld
 from facefleet.scheduler.placement.model import TaskSpec
 from facefleet.scheduler.placement.proto_codec import task_spec_from_proto
 from facefleet.scheduler.placement_gateway import PlacementResult, Placer, WorldSnapshot, residency_violation
@@ -396,8 +397,12 @@ class Dispatcher:
         `pipelined` (the loop's mode): the commit and the RPCs run on a worker while this thread
         places the next pass; tasks of passes not yet committed are left out of later passes (and
         counted against their project limits) until their commit is done."""
-        snapshot = self.placer.world(now)
-        free = _free_anywhere(snapshot)
+        active, world = self.placer.world(now)
+        # The pass's own World (scheduler.pass_planner, shared with `facefleet simulate`): later tasks
+        # of the pass see slots taken, pools found full and reservations charged to their budgets.
+        state = PassWorld(world)
+        snapshot = WorldSnapshot(active, state.world)
+        free = state.free_anywhere()
         if free <= 0:
             return 0  # nothing can start anywhere: skip placing the whole queue again
         with self._uncommitted_lock:
@@ -419,15 +424,18 @@ class Dispatcher:
                 break  # `free <= 0`: every slot is taken; the rest of the queue waits for one to free
             was_full = len(full_pools)
             planned = self._plan(record, now, snapshot, full_pools, waiting)
-            # Local slot accounting: later tasks of this pass see the slot taken (or the pool full),
-            # so placement does not keep choosing a pool that has no agent slot left.
+            # Local accounting: later tasks of this pass see the slot taken (or the pool full) and the
+            # reservation charged, so placement does not keep choosing a pool without slot or budget.
             if isinstance(planned, _Launch):
-                snapshot = _with_free_slots(snapshot, planned.result.pool, lambda free: max(0, free - 1))
+                state.take_slot(planned.result.pool)
+                decision = planned.result.decision
+                state.charge(decision.budget, state.reservation(decision))
             elif len(full_pools) != was_full:
                 for pool_name in full_pools:
-                    snapshot = _with_free_slots(snapshot, pool_name, lambda free: 0)
+                    state.fill(pool_name)
             if isinstance(planned, _Launch) or len(full_pools) != was_full:
-                free = _free_anywhere(snapshot)
+                snapshot = WorldSnapshot(active, state.world)
+                free = state.free_anywhere()
             if isinstance(planned, _Launch):
                 launches.append(planned)
                 changes.append(planned.change)
@@ -963,20 +971,6 @@ def _waits_for_a_slot_only(result: PlacementResult) -> bool:
         return False
     failed = {c.failed_filter for c in result.decision.candidates if not c.feasible}
     return "capacity" in failed and failed <= _STANDING_FILTERS | {"capacity"}
-
-
-def _free_anywhere(snapshot: WorldSnapshot) -> int:
-    """Slots free or provisionable across every pool of the pass's world."""
-    return sum(pool.free_slots + pool.can_provision for pool in snapshot.world.pools)
-
-
-def _with_free_slots(snapshot: WorldSnapshot, pool_name: str, free: Callable[[int], int]) -> WorldSnapshot:
-    """The pass's snapshot with `pool_name`'s free slots replaced by `free(current)`."""
-    world = snapshot.world
-    pools = tuple(
-        replace(pool, free_slots=free(pool.free_slots)) if pool.name == pool_name else pool for pool in world.pools
-    )
-    return WorldSnapshot(snapshot.active, replace(world, pools=pools))
 
 
 def _kept_queued(placement: Placement, why: str, record: TaskRecord) -> Placement | None:

@@ -1,8 +1,11 @@
 """Discrete-event simulation of placement over a workload, with an injected clock (Armada-style).
 
-The simulator drives the real `place()` with world snapshots it builds from its own state (free
-slots, in-flight work, provisioned instances, spend, spot price traces), so what it reports is what
-the live scheduler would do under the same rules. Deterministic for a given workload seed.
+Every scheduling pass is `scheduler.pass_planner.plan_pass`, the planner the live dispatcher uses
+(queue order with aging, project limits, the budget gate's reservations, slot accounting), over
+world snapshots built from the simulator's own state (free slots, in-flight work, provisioned
+instances, spend, spot price traces). What it does not model: dispatch latency, run times other
+than `sec_per_frame`, spend enforcement stops and failures; bench/replay_accuracy.py measures how
+close a replay of a live run comes (docs/finance.md). Deterministic for a given workload seed.
 
 Workload YAML:
     duration_s: 3600          # arrivals stop here; the run continues until the queue drains
@@ -13,6 +16,7 @@ Workload YAML:
     tasks:                    # and/or explicit arrivals
       - {at: 10, project: med, sensitivity: private, priority: high, frames: 100}
     price_traces: {aws-use1-g5: [[0, 0.42], [1200, 1.10]]}
+    project_limits: {"*": 8}  # optional: tasks of a project in flight at once, as [scheduler] project_limits
 """
 
 from __future__ import annotations
@@ -28,14 +32,16 @@ from typing import Any
 
 from facefleet.domain import PRIORITIES, PRIVATE_ZONE, residency_allows
 from facefleet.money import SECONDS, SWEEP_POINTS_MAX, USD, USD_PER_HOUR, AmountError, Quantity
-from facefleet.scheduler.placement.engine import place
+from facefleet.scheduler.pass_planner import PassWorld, Waiting, plan_pass
 from facefleet.scheduler.placement.model import Budget, PoolState, RuleSet, TaskSpec, World
 from facefleet.scheduler.placement.policy import RuleIndex
+from facefleet.scheduler.queue import DEFAULT_AGING_S
 
 SWEPT = {"max_spot_price_per_hour": USD_PER_HOUR, "monthly_cap_usd": USD, "onprem_queue_wait_s_gt": SECONDS}
 SWEEPABLE = tuple(SWEPT)
 ARRIVALS_PER_HOUR = Quantity("tasks/h", 1e6)
 MAX_ARRIVALS = 1_000_000  # per stream
+PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES, start=1)}  # scheduler.queue's integers
 DRAIN_FACTOR = 20  # stop draining after duration x this, reporting what is left as unfinished
 
 
@@ -71,6 +77,7 @@ class SimReport:
     completion_mean_s: float = 0.0
     completion_p95_s: float = 0.0
     end_time_s: float = 0.0
+    assignments: dict[str, str] = field(default_factory=dict)  # task id -> pool it was dispatched to
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -174,7 +181,9 @@ def simulate(
     world: World,
     workload: Mapping[str, Any],
     clock: SimClock | None = None,
+    aging_s: float = DEFAULT_AGING_S,
 ) -> SimReport:
+    """Replay `workload`: every pass is `scheduler.pass_planner.plan_pass`, as in the live dispatcher."""
     clock = clock or SimClock()
     arrivals = generate_arrivals(workload)
     pools = {p.name: _PoolSim(p, p.price_per_hour) for p in world.pools}
@@ -193,7 +202,9 @@ def simulate(
     completions: list[float] = []
     per_pool: Counter[str] = Counter()
     spend_by_budget: defaultdict[str, float] = defaultdict(float)
-    rank = {p: i for i, p in enumerate(PRIORITIES)}
+    running_by_project: Counter[str] = Counter()
+    settle: dict[str, tuple[str, float, float]] = {}  # task id -> (budget, reserved, cost) until it finishes
+    limits = _project_limits(workload.get("project_limits") or {})
     horizon = float(workload.get("duration_s", 3600)) * DRAIN_FACTOR
 
     def snapshot() -> World:
@@ -217,43 +228,46 @@ def simulate(
     def schedule() -> None:
         if not queue:
             return
-        queue.sort(key=lambda a: (-rank[a.task.priority], a.at))
-        current = snapshot()
-        still: list[Arrival] = []
-        for arrival in queue:
-            decision = place(arrival.task, ruleset, current)
-            if decision.outcome == "queue":
-                still.append(arrival)
-                continue
+        state = PassWorld(snapshot(), limits, dict(running_by_project))
+        by_id = {arrival.task.id: arrival for arrival in queue}
+        waiting = [Waiting(a.task, PRIORITY_RANK[a.task.priority], a.at) for a in queue]
+        for planned in plan_pass(waiting, ruleset, state, aging_s):
+            decision = planned.decision
             if decision.outcome == "reject":
                 report.rejected += 1
+                del by_id[planned.waiting.task.id]
+                continue
+            if not planned.launch:
                 continue
             assert decision.pool is not None and decision.estimate is not None
+            arrival = by_id.pop(planned.waiting.task.id)
             sim = pools[decision.pool]
             task = arrival.task
+            running_by_project[task.project] += 1
+            report.assignments[task.id] = decision.pool
             if not residency_allows(sim.base.trust_zone, task.sensitivity, task.project in world.locks):
                 report.residency_violations += 1
             run = task.frames * sim.base.sec_per_frame
             if sim.free_slots() > 0:
                 end = clock.now + run
                 heapq.heappush(sim.running_ends, end)
-                heapq.heappush(events, (end, next(seq), "finish", (decision.pool, arrival, False)))
-                billed = run
+                provisioned = False
             else:
                 sim.provisioned += 1
-                end = clock.now + sim.base.provision_s + run
-                heapq.heappush(events, (end, next(seq), "finish", (decision.pool, arrival, True)))
-                billed = sim.base.provision_s + run
-            cost = sim.price * billed / 3600.0
-            if decision.budget and cost > 0:
-                spent[decision.budget] = spent.get(decision.budget, 0.0) + cost
+                run += sim.base.provision_s
+                end = clock.now + run
+                provisioned = True
+            cost = sim.price * run / 3600.0
+            heapq.heappush(events, (end, next(seq), "finish", (decision.pool, arrival, provisioned)))
+            if decision.budget and cost > 0:  # reserved now (the budget gate), settled at the finish
+                spent[decision.budget] = spent.get(decision.budget, 0.0) + planned.reserved_usd
+                settle[task.id] = (decision.budget, planned.reserved_usd, cost)
                 spend_by_budget[decision.budget] += cost
             if sim.base.trust_zone != PRIVATE_ZONE:
                 report.cloud_cost_usd += cost
             per_pool[decision.pool] += 1
             report.dispatched += 1
-            current = snapshot()
-        queue[:] = still
+        queue[:] = list(by_id.values())
 
     while events:
         t, _, kind, payload = heapq.heappop(events)
@@ -272,6 +286,10 @@ def simulate(
                 sim.provisioned -= 1
             else:
                 heapq.heappop(sim.running_ends)
+            running_by_project[arrival.task.project] -= 1
+            if arrival.task.id in settle:
+                budget, reserved, cost = settle.pop(arrival.task.id)
+                spent[budget] += cost - reserved
             took = clock.now - arrival.at
             completions.append(took)
             if arrival.task.sla_seconds and took > arrival.task.sla_seconds:
@@ -288,6 +306,14 @@ def simulate(
         report.completion_mean_s = sum(completions) / len(completions)
         report.completion_p95_s = completions[min(len(completions) - 1, math.ceil(0.95 * len(completions)) - 1)]
     return report
+
+
+def _project_limits(raw: Any) -> dict[str, int]:
+    if not isinstance(raw, Mapping) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in raw.values()
+    ):
+        raise WorkloadError("workload.project_limits: expected a mapping of project (or '*') to an integer >= 0")
+    return {str(k): int(v) for k, v in raw.items()}
 
 
 def parse_sweep(spec: str) -> tuple[str, list[float]]:

@@ -1,18 +1,20 @@
 """Spend enforced while a cloud run goes on (the budget's hard cap, invariant 3; cf. Slurm GrpTRESMins).
 
 Every `step_s` the enforcer looks at each open cloud attempt (scheduler.cloud.budget_gate): its
-accrued cost is price x seconds since its reservation. The reservation must cover the accrued cost
-plus what the run still needs: two steps ahead, or less when the agent's progress says the run ends
-sooner (remaining frames at the pace so far). When it does not, the enforcer extends it in the
-ledger under the same atomic cap check as a new reservation; when the account has no room left, it
-stops the run: the agent is told to cancel (CancelTask), and its CANCELLED report re-queues the task with the
+accrued cost is price x seconds since its reservation. The reservation should cover the accrued
+cost plus what the run still needs: two steps ahead, or less when the agent's progress says the run
+ends sooner (remaining frames at the pace so far). When it does not, the enforcer extends it in the
+ledger under the same atomic cap check as a new reservation. When the account has no room left and
+the run has used up its reservation, it stops the run (a run that may still end within its
+reservation goes on): the agent is told to cancel (CancelTask), and its CANCELLED report re-queues the task with the
 reason (on-prem may take it; placement's budget filter keeps it off the paid pool while the cap is
 full). The stop is audited (`budget_stop`) and recorded in the task's history, which `facefleet
 explain` shows.
 
-Bound: reservations never exceed the cap. A run is covered at least until the next step, so a run
-that is stopped accrues beyond its reservation for at most one step plus the time its agent takes
-to stop: spend <= cap + sum over running cloud tasks of price x (step + stop time) (docs/finance.md).
+Bound: reservations never exceed the cap, and a run is stopped at the first step at which its
+accrued cost has reached its reservation, so it accrues beyond its reservation for at most one step
+plus the time its agent takes to stop: spend <= cap + sum over running cloud tasks of price x (step
++ stop time) (docs/finance.md).
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ class SpendEnforcer:
             # Grow by a few steps at once (fewer ledger transactions for a long run), else by what is short.
             if self.budgets.extend(task_id, max(short, 4 * self.step_s * rate)) or self.budgets.extend(task_id, short):
                 continue
+            if attempt.accrued_usd(now) < attempt.reservation.estimate_usd:
+                continue  # no room to grow, but the run may still end within its reservation
             why = (
                 f"{BUDGET_STOP}: run on {attempt.pool} reached its reservation "
                 f"${attempt.reservation.estimate_usd:.4f} (accrued ${attempt.accrued_usd(now):.4f}) and budget "

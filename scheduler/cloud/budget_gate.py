@@ -3,8 +3,7 @@
 - Placement sees each budget as `cap` (rules store) with `spent_usd = spent + reserved` this month
   (`committed`), so its budget filter already drops what cannot fit.
 - Right before a launch on a paid pool the dispatcher calls `admit`: the ledger reserves the
-  placement's estimate (at least `min_reserve_s` of the pool's price: the spend enforcer's horizon)
-  atomically; a refused reservation keeps the task queued (on-prem may take it).
+  placement's estimate atomically; a refused reservation keeps the task queued (on-prem may take it).
 - While the run goes on, `scheduler.spend_enforcement` grows the reservation (`extend`) ahead of
   the accrued cost, or stops the run when the cap has no room.
 - The attempt ends in exactly one of: `on_finished` (settle: instance-seconds x the price placement
@@ -66,11 +65,9 @@ class BudgetGate:
         clock: Callable[[], float] = time.time,
         instance_of: Callable[[str], str] = lambda _agent_id: "",
         committed_ttl_s: float = 0.25,
-        min_reserve_s: float = 0.0,
         on_completed_run: Callable[[str, float, int], None] | None = None,
     ) -> None:
         self.ledger = ledger
-        self.min_reserve_s = min_reserve_s
         self._on_completed_run = on_completed_run
         self._clock = clock
         self._instance_of = instance_of
@@ -122,7 +119,7 @@ class BudgetGate:
                 f"rule {decision.rule} sends task to paid pool {decision.pool} but budget account "
                 f"{name or '(none)'} is not in the rules store; add it to budgets"
             )
-        amount = max(estimate.cost_usd, pool.price_per_hour * self.min_reserve_s / 3600.0)
+        amount = estimate.cost_usd
         reservation = self.ledger.reserve(account, task.id, amount, utc(now))
         self._forget_committed(account.name)
         if reservation is None:

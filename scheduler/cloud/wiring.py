@@ -167,7 +167,6 @@ def build_cloud(
         ledger,
         clock=clock,
         instance_of=instances.instance_of,
-        min_reserve_s=2 * cloud.spend_accrual_s,  # the enforcer's horizon (scheduler.spend_enforcement)
         on_completed_run=run_times.record,
     )
     burst: CloudBurst | None = None

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from facefleet.cli import app
 from facefleet.scheduler.ledger import budget_reservations, cloud_spend
 from facefleet.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
+from tests.cloud.burst_policy import cloud_pool_toml, write_burst_policy
 from tests.scheduler.fake_agents import HollowAgent, wait_for
 from tests.scheduler.scheduler_process import SchedulerProcess
 
@@ -32,27 +33,6 @@ STEP_S = 0.5  # cloud.spend_accrual_s (the default)
 STOP_S = 0.5  # allowance for a stopped run to end: CancelTask round trip and the CANCELLED report
 CLOUD_SLOTS = 4
 BOUND = CLOUD_SLOTS * PRICE / 3600 * (STEP_S + STOP_S)  # docs/finance.md: one step + stop time per running task
-
-RULES = """
-rules:
-  - id: burst
-    match: {sensitivity: [public]}
-    allow: ["onprem-*", "cloud-*"]
-    prefer: cost
-    budget: burst
-  - id: default
-    match: {}
-    allow: ["onprem-*"]
-"""
-CONFIG = f"""
-[[scheduler.pools]]
-name = "cloud-spot"
-provider = "aws"
-trust_zone = "cloud"
-price_per_hour = {PRICE}
-spot = true
-sec_per_frame = 0.5
-"""
 
 
 class MisreportingAgent(HollowAgent):
@@ -67,12 +47,9 @@ class MisreportingAgent(HollowAgent):
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[tuple[SchedulerProcess, HollowAgent, HollowAgent]]:
-    policy = tmp_path / "policy"
-    policy.mkdir()
-    (policy / "rules.yaml").write_text(RULES)
-    (policy / "budgets.yaml").write_text("budgets:\n  - {name: burst, monthly_cap_usd: 100, alert_pct: 80}\n")
-    (policy / "locks.yaml").write_text("locks:\n  - {project: vault, reason: legal hold, by: compliance}\n")
-    (tmp_path / "facefleet.toml").write_text(CONFIG)
+    locks = "locks:\n  - {project: vault, reason: legal hold, by: compliance}\n"
+    policy = write_burst_policy(tmp_path / "policy", cap=100, locks=locks)
+    (tmp_path / "facefleet.toml").write_text(cloud_pool_toml("cloud-spot", PRICE, sec_per_frame=0.5))
     scheduler = SchedulerProcess(f"sqlite:///{tmp_path / 'store.db'}", policy, tmp_path / "scheduler.log").start()
     onprem = HollowAgent(scheduler.address, "onprem-1", "onprem-a", "private", slots=2, frame_s=0.3).start()
     cloud = MisreportingAgent(scheduler.address, "spot-1", "cloud-spot", "cloud", slots=CLOUD_SLOTS, frame_s=2.5)

@@ -22,19 +22,11 @@ from facefleet.scheduler.rules_source.files import FileRuleSource
 from facefleet.security.audit import AuditLog
 from facefleet.security.roles import RoleGate
 from facefleet.v1 import admin_pb2, admin_pb2_grpc
+from tests.cloud.burst_policy import BURST_RULES
 
 runner = CliRunner()
 
-RULES = """
-rules:
-  - id: burst
-    match: {sensitivity: [public]}
-    allow: ["onprem-*", "cloud-*"]
-    budget: burst
-  - id: default
-    match: {}
-    allow: ["onprem-*"]
-"""
+RULES = BURST_RULES
 BUDGETS = "budgets:\n  - {name: burst, monthly_cap_usd: 1, alert_pct: 80}\n"
 WORLD = """
 pools:

@@ -19,7 +19,7 @@ PRICE_PER_S = 0.001  # the PAID pool: $3.60/h
 
 def make_gate(tmp_path: Path, clock: list[float], cap: float) -> BudgetGate:
     ledger = SpendLedger(sa.create_engine(f"sqlite:///{tmp_path / 'ledger.db'}"))
-    budgets = BudgetGate(ledger, clock=lambda: clock[0], min_reserve_s=2.0)
+    budgets = BudgetGate(ledger, clock=lambda: clock[0])
     budgets.observe_budgets("v1", {"burst": Budget("burst", cap)})
     return budgets
 
@@ -46,8 +46,9 @@ def test_reservation_grows_ahead_of_accrued_cost_then_the_run_is_stopped_at_the_
     assert enforcer.tick(NOW + 12.5) == []  # each short by $0.0005: 4 steps do not fit, what is short does
     assert abs(budgets.open_attempts()["t0"].reservation.estimate_usd - 0.0145) < 1e-12
     assert abs(budgets.open_attempts()["t1"].reservation.estimate_usd - 0.0055) < 1e-12
-    assert enforcer.tick(NOW + 13.5) == ["t0", "t1"]  # the cap is full: stop, once each
-    assert enforcer.tick(NOW + 14.5) == []
+    assert enforcer.tick(NOW + 13.5) == []  # no room, but each may still end within its reservation
+    assert enforcer.tick(NOW + 14.5) == ["t0", "t1"]  # reservations used up and no room: stop, once each
+    assert enforcer.tick(NOW + 15.5) == []
     assert [task_id for task_id, _why in stops] == ["t0", "t1"]
     why = stops[0][1]
     assert why.startswith(BUDGET_STOP) and "budget burst" in why and "aws-a" in why

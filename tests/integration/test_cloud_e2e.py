@@ -44,6 +44,7 @@ from facefleet.scheduler.dispatcher import DispatcherSettings
 from facefleet.scheduler.ledger import BudgetAccount, Usage, cloud_spend, month_of
 from facefleet.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 from tests.agent.conftest import FakePipeline, SwapJob, write_image
+from tests.cloud.burst_policy import BURST_RULES
 from tests.cloud.conftest import ec2, moto_endpoint  # noqa: F401  (fixtures)
 from tests.scheduler.fake_agents import HollowAgent, wait_for
 
@@ -266,17 +267,7 @@ def test_spot_notice_preempts_and_the_task_resumes_from_its_checkpoint_on_prem(
 
 # ---- budget -------------------------------------------------------------------------------------
 
-BUDGET_RULES = """
-rules:
-  - id: burst
-    match: {sensitivity: [public]}
-    allow: ["onprem-*", "cloud-*"]
-    prefer: cost
-    budget: burst
-  - id: default
-    match: {}
-    allow: ["onprem-*"]
-"""
+BUDGET_RULES = BURST_RULES
 PRICE = 36.0  # USD/hour = $0.01 per second
 FRAMES, FRAME_S = 50, 0.02  # each run takes at least 1.0 s: at least $0.01
 REPORTED_SEC_PER_FRAME = 0.022  # the estimate is 10% above the true cost: $0.011

@@ -1,0 +1,223 @@
+"""How well `facefleet simulate` replays a live run (issue #16): same pool per task, same spend.
+
+Records a live run: a real `facefleet scheduler run` process, an on-prem hollow agent (2 slots) and a
+cloud hollow agent (4 slots, spot, $7.20/h) with known run times, a cloud budget whose cap binds
+part-way through, public and private tasks of mixed priority and length arriving over time. Then
+turns the run's history into a workload exactly as `facefleet budget history` does, replays it
+through `scheduler.simulate` (the same pass planner as the live dispatcher) against a world with
+the same pools and cap, and compares: the share of tasks the simulator sends to the pool they ran
+on live, and simulated cloud spend vs the live ledger.
+
+    .venv/bin/python bench/replay_accuracy.py [--tasks 60] [--seconds 20] [--seed 7] [--output FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import grpc
+import sqlalchemy as sa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.machine import machine_facts
+from facefleet.scheduler.history_workload import historic_tasks, history_workload
+from facefleet.scheduler.ledger import SpendLedger
+from facefleet.scheduler.placement.model import World
+from facefleet.scheduler.placement.world import compose_world
+from facefleet.scheduler.rules_source.files import read_policy_dir
+from facefleet.scheduler.simulate import simulate
+from facefleet.scheduler.store import TaskStore
+from facefleet.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
+from tests.cloud.burst_policy import cloud_pool_toml, write_burst_policy
+from tests.scheduler.fake_agents import HollowAgent, wait_for
+from tests.scheduler.scheduler_process import SchedulerProcess
+
+PRICE = 7.20
+ONPREM_FRAME_S, CLOUD_FRAME_S = 0.5, 0.6
+ONPREM_SLOTS, CLOUD_SLOTS = 2, 4
+PRIORITIES = [types_pb2.PRIORITY_LOW, types_pb2.PRIORITY_NORMAL, types_pb2.PRIORITY_HIGH, types_pb2.PRIORITY_URGENT]
+
+
+class CloudAgent(HollowAgent):
+    def heartbeat_request(self) -> scheduler_pb2.HeartbeatRequest:
+        request = super().heartbeat_request()
+        request.instance_id = "i-bench-1"
+        return request
+
+
+def workload_plan(tasks: int, seconds: float, seed: int) -> list[tuple[float, types_pb2.Task]]:
+    rng = random.Random(seed)
+    plan = []
+    for _ in range(tasks):
+        private = rng.random() < 0.25
+        task = types_pb2.Task(
+            project=rng.choice(["promo", "trailer", "med"]),
+            sensitivity=types_pb2.SENSITIVITY_PRIVATE if private else types_pb2.SENSITIVITY_PUBLIC,
+            priority=rng.choice(PRIORITIES),
+            frames=rng.randint(2, 6),
+            source_uri="file:///data/face.jpg",
+            target_uri="file:///data/clip.mp4",
+        )
+        plan.append((rng.uniform(0, seconds), task))
+    return sorted(plan, key=lambda item: item[0])
+
+
+def record_live(directory: Path, cap: float, plan: list[tuple[float, types_pb2.Task]]) -> dict[str, Any]:
+    policy = write_burst_policy(directory / "policy", cap)
+    (directory / "facefleet.toml").write_text(cloud_pool_toml("cloud-spot", PRICE, CLOUD_FRAME_S))
+    store_url = f"sqlite:///{directory / 'store.db'}"
+    scheduler = SchedulerProcess(store_url, policy, directory / "scheduler.log").start()
+    onprem = HollowAgent(scheduler.address, "onprem-1", "onprem-a", "private", slots=ONPREM_SLOTS,
+                         frame_s=ONPREM_FRAME_S).start()  # fmt: skip
+    cloud = CloudAgent(scheduler.address, "spot-1", "cloud-spot", "cloud", slots=CLOUD_SLOTS, frame_s=CLOUD_FRAME_S)
+    cloud.start()
+    try:
+        channel = grpc.insecure_channel(scheduler.address)
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        admin = admin_pb2_grpc.AdminStub(channel)
+
+        def fleet_ready() -> bool:  # both pools known with every slot free before the first arrival
+            pools = admin.ListFleet(admin_pb2.ListFleetRequest(), timeout=10).pools
+            free = {pool.name: pool.free_slots for pool in pools}
+            return free.get("onprem-a") == ONPREM_SLOTS and free.get("cloud-spot") == CLOUD_SLOTS
+
+        wait_for(fleet_ready, 30, interval=0.2, what="both agents registered")
+        time.sleep(1.0)
+        ids: list[str] = []
+        lock = threading.Lock()
+        started = time.monotonic()
+
+        def submit(at: float, task: types_pb2.Task) -> None:
+            time.sleep(max(0.0, at - (time.monotonic() - started)))
+            reply = stub.SubmitTask(scheduler_pb2.SubmitTaskRequest(task=task), timeout=30)
+            with lock:
+                ids.append(reply.task_id)
+
+        threads = [threading.Thread(target=submit, args=item) for item in plan]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+        def all_done() -> bool:
+            states = [stub.GetTask(scheduler_pb2.GetTaskRequest(task_id=i), timeout=10).state for i in ids]
+            return all(state == types_pb2.TASK_STATE_SUCCEEDED for state in states)
+
+        wait_for(all_done, 600, interval=0.5, what="the live run to finish")
+        wall_s = time.monotonic() - started
+        channel.close()
+    finally:
+        onprem.kill()
+        cloud.kill()
+        scheduler.stop()
+    store = TaskStore(store_url)
+    ledger = SpendLedger(sa.create_engine(store_url))
+    try:
+        records = {task_id: store.get(task_id) for task_id in ids}
+        since = datetime.fromtimestamp(min(r.submitted_at for r in records.values()), UTC)
+        until = datetime.now(UTC) + timedelta(seconds=1)
+        workload = history_workload(ledger, since, until, historic_tasks(store, since, until), {"cloud-spot"})
+        rows = ledger.records(since - timedelta(minutes=1))
+    finally:
+        store.close()
+    stopped = sum(1 for r in rows if r["outcome"] != "completed")
+    return {
+        "pools": {task_id: record.pool for task_id, record in records.items()},
+        "spend_usd": sum(float(r["usd"]) for r in rows),
+        "cloud_runs": len(rows),
+        "budget_stops": stopped,
+        "workload": workload,
+        "wall_s": wall_s,
+    }
+
+
+def replay(policy_dir: Path, cap: float, workload: dict[str, Any]) -> Any:
+    ruleset, budgets, locks = read_policy_dir(policy_dir)
+    world = World.from_dict(
+        {
+            "pools": [
+                {"name": "onprem-a", "provider": "onprem", "trust_zone": "private", "free_slots": ONPREM_SLOTS,
+                 "sec_per_frame": ONPREM_FRAME_S},
+                {"name": "cloud-spot", "provider": "aws", "trust_zone": "cloud", "free_slots": CLOUD_SLOTS,
+                 "sec_per_frame": CLOUD_FRAME_S, "price_per_hour": PRICE, "spot": True},
+            ],
+            "budgets": [{"name": "burst", "monthly_cap_usd": cap}],
+        }
+    )  # fmt: skip
+    return simulate(ruleset, compose_world(world, budgets, locks), workload)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=60)
+    parser.add_argument("--seconds", type=float, default=20.0, help="arrivals spread over this long")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--cap-runs", type=float, default=14.5, help="cap as this many average cloud runs' cost")
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    plan = workload_plan(args.tasks, args.seconds, args.seed)
+    cap = round(args.cap_runs * 4 * CLOUD_FRAME_S * PRICE / 3600, 6)  # an average task has 4 frames
+    with tempfile.TemporaryDirectory(prefix="replay-") as tmp:
+        directory = Path(tmp)
+        live = record_live(directory, cap, plan)
+        sim = replay(directory / "policy", cap, live["workload"])
+    live_pools: dict[str, str] = live["pools"]
+    same = sum(1 for task_id, pool in live_pools.items() if sim.assignments.get(task_id) == pool)
+    spend_error = (sim.cloud_cost_usd - live["spend_usd"]) / live["spend_usd"] if live["spend_usd"] else 0.0
+    result = {
+        "bench": "replay_accuracy",
+        "machine": machine_facts(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "settings": {
+            "tasks": args.tasks,
+            "arrivals_over_s": args.seconds,
+            "seed": args.seed,
+            "cap_usd": cap,
+            "price_per_hour": PRICE,
+            "onprem": [ONPREM_SLOTS, ONPREM_FRAME_S],
+            "cloud": [CLOUD_SLOTS, CLOUD_FRAME_S],
+        },
+        "live": {
+            "wall_s": round(live["wall_s"], 2),
+            "spend_usd": round(live["spend_usd"], 6),
+            "cloud_runs": live["cloud_runs"],
+            "budget_stops": live["budget_stops"],
+            "per_pool": {p: list(live_pools.values()).count(p) for p in sorted(set(live_pools.values()))},
+        },
+        "simulated": {"spend_usd": round(sim.cloud_cost_usd, 6), "per_pool": sim.per_pool},
+        "same_pool_pct": round(100.0 * same / len(live_pools), 2),
+        "spend_error_pct": round(100.0 * spend_error, 2),
+        "mismatched": [
+            {
+                **{k: a[k] for k in ("id", "at", "priority", "sensitivity", "frames")},
+                "live": live_pools[a["id"]],
+                "simulated": sim.assignments.get(a["id"], "-"),
+            }
+            for a in live["workload"]["tasks"]
+            if sim.assignments.get(a["id"]) != live_pools[a["id"]]
+        ],
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output:
+        args.output.write_text(text + "\n")
+    print(
+        f"replay accuracy: same pool {result['same_pool_pct']}% of {len(live_pools)} tasks, spend "
+        f"${result['simulated']['spend_usd']:.4f} simulated vs ${result['live']['spend_usd']:.4f} live "
+        f"({result['spend_error_pct']:+.2f}%), {live['budget_stops']} budget stops live",
+        file=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    main()
