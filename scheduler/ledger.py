@@ -217,6 +217,14 @@ class SpendLedger:
         with self._engine.connect() as conn:
             return self._reserved(conn, budget, month)
 
+    def instance_seconds(self, instance_ids: Iterable[str]) -> float:
+        """Instance-seconds billed so far on these instance ids (facefleet's and the provider's)."""
+        query = sa.select(sa.func.coalesce(sa.func.sum(cloud_spend.c.instance_seconds), 0.0)).where(
+            cloud_spend.c.instance_id.in_(list(instance_ids))
+        )
+        with self._engine.connect() as conn:
+            return float(conn.execute(query).scalar_one())
+
     def _grouped(self, column: sa.Column[Any], month: str, budget: str | None) -> dict[str, float]:
         query = sa.select(column, sa.func.sum(cloud_spend.c.usd)).where(cloud_spend.c.month == month)
         if budget is not None:

@@ -3,9 +3,11 @@
 - `overlay(pools, now)`: every configured cloud pool gets price / price_stale from the PriceBook and
   `can_provision` from the Provisioner (`cloud_pool_state`); a pool with no agent yet is added, and
   is healthy while it may still launch one.
-- `no_agent(...)`: placement chose a cloud pool but no agent had a free slot: remember the demand.
-  The background `tick` turns recent demand into `provisioner.ensure_capacity` (so a slow provider
-  call never blocks the dispatch loop), reaps idle / never-registered instances and refreshes prices.
+- `no_agent(...)`: placement chose a cloud pool but no agent had a free slot: remember the demand
+  and its cause (the rule and budget account of the task). The background `tick` turns recent
+  demand into `provisioner.ensure_capacity` (so a slow provider call never blocks the dispatch
+  loop), reaps idle / never-registered instances (`on_instance_ended` books their boot and idle
+  time: scheduler.cloud.idle_cost) and refreshes prices.
 - `on_heartbeat(...)`: an agent reporting an `instance_id` registers that instance and reports load;
   a preempting one is forgotten (its instance is going away).
 """
@@ -24,7 +26,7 @@ import structlog
 from facefleet.config import CloudPoolConfig
 from facefleet.scheduler.cloud.pool_view import cloud_pool_state
 from facefleet.scheduler.cloud.prices import PriceBook
-from facefleet.scheduler.cloud.provisioner import Provisioner
+from facefleet.scheduler.cloud.provisioner import ProvisionCause, Provisioner, Teardown
 from facefleet.scheduler.placement.model import PoolState
 from facefleet.scheduler.placement_gateway import PlacementResult
 from facefleet.scheduler.store import TaskRecord
@@ -42,7 +44,10 @@ class CloudBurst:
         clock: Callable[[], float] = time.time,
         demand_window_s: float = 2.0,
         tick_s: float = 2.0,
+        on_instance_ended: Callable[[Teardown, float], object] | None = None,
     ) -> None:
+        self._on_instance_ended = on_instance_ended
+        self._causes: dict[str, ProvisionCause] = {}  # pool -> the latest task's rule and budget that wanted it
         self.provisioner = provisioner
         self.prices = prices
         self._pools = {pool.name: pool for pool in pools}
@@ -75,8 +80,10 @@ class CloudBurst:
     # ---- dispatch gate part ------------------------------------------------------------------
     def no_agent(self, task: TaskRecord, decision: PlacementResult, now: float) -> None:
         if decision.pool in self._pools:
+            cause = ProvisionCause(decision.decision.budget or "", decision.rule, task.project)
             with self._lock:
                 self._demand[decision.pool][task.id] = now
+                self._causes[decision.pool] = cause
 
     def satisfied(self, task_id: str) -> None:
         """The task got an agent after all: it no longer asks for a new instance."""
@@ -118,10 +125,16 @@ class CloudBurst:
         now = self._clock() if now is None else now
         self.prices.refresh(datetime.fromtimestamp(now, UTC))
         for pool, wanted in self.wanted_slots(now).items():
-            launched = self.provisioner.ensure_capacity(pool, wanted)
+            with self._lock:
+                cause = self._causes.get(pool)
+            launched = self.provisioner.ensure_capacity(pool, wanted, cause)
             if launched:
                 log.info("cloud capacity requested", pool=pool, wanted_slots=wanted, launched=launched)
-        self.provisioner.reap(now)
+        at = datetime.fromtimestamp(now, UTC)
+        for teardown in self.provisioner.reap(now):
+            config = self._pools.get(teardown.pool)
+            if self._on_instance_ended is not None and config is not None:
+                self._on_instance_ended(teardown, self._state(config, None, at).price_per_hour)
 
     def start(self) -> None:
         if self._thread is not None:

@@ -37,6 +37,16 @@ STATES: tuple[InstanceState, ...] = ("launching", "pending", "ready", "terminati
 
 
 @dataclass(frozen=True)
+class ProvisionCause:
+    """Who asked for an instance: the rule (and its budget account) of the task that found no slot.
+    Its boot and idle time are charged there (scheduler.cloud.idle_cost)."""
+
+    budget: str
+    rule: str = ""
+    project: str = ""
+
+
+@dataclass(frozen=True)
 class TrackedInstance:
     instance_id: str
     pool: str
@@ -47,6 +57,7 @@ class TrackedInstance:
     registered_at: float | None = None
     last_busy_at: float | None = None
     busy_slots: int = 0
+    cause: ProvisionCause | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +65,8 @@ class Teardown:
     instance_id: str
     pool: str
     reason: Literal["idle", "never_registered"]
+    instance: TrackedInstance | None = None  # as it was when terminated (launch time, provider id, cause)
+    ended_at: float = 0.0
 
 
 class UnknownPoolError(KeyError):
@@ -119,7 +132,7 @@ class Provisioner:
         return len(booting) * config.slots_per_instance
 
     # ---- launching -----------------------------------------------------------------------
-    def ensure_capacity(self, pool: str, wanted_slots: int) -> list[str]:
+    def ensure_capacity(self, pool: str, wanted_slots: int, cause: ProvisionCause | None = None) -> list[str]:
         """Launch enough instances for `wanted_slots` more slots, minus those already booting.
 
         Never exceeds the pool's max_instances. Returns the facefleet ids launched. A provider
@@ -135,7 +148,7 @@ class Provisioner:
             needed = math.ceil(max(0, wanted_slots - booting_slots) / config.slots_per_instance)
             count = min(needed, config.max_instances - len(live))
             claimed = [
-                TrackedInstance(f"ff-{uuid.uuid4().hex[:12]}", pool, config.provider, "launching", now)
+                TrackedInstance(f"ff-{uuid.uuid4().hex[:12]}", pool, config.provider, "launching", now, cause=cause)
                 for _ in range(max(0, count))
             ]
             for instance in claimed:
@@ -268,7 +281,7 @@ class Provisioner:
                 pool=instance.pool,
                 reason=teardown.reason,
             )
-            done.append(teardown)
+            done.append(replace(teardown, instance=instance, ended_at=now))
         self._export_metrics()
         return done
 

@@ -32,6 +32,7 @@ from facefleet.config import CloudPoolConfig, Settings
 from facefleet.scheduler.cloud.backend import CloudBackend
 from facefleet.scheduler.cloud.budget_gate import BudgetGate
 from facefleet.scheduler.cloud.burst import CloudBurst
+from facefleet.scheduler.cloud.idle_cost import book_instance_end
 from facefleet.scheduler.cloud.prices import AwsSpotPriceFeed, AzureRetailPriceFeed, PriceBook, PriceFeed
 from facefleet.scheduler.cloud.provisioner import Provisioner
 from facefleet.scheduler.ledger import SpendLedger
@@ -182,7 +183,14 @@ def build_cloud(
             agent_tls_dir=cloud.agent_tls_dir,
         )
         prices = PriceBook(feeds, cloud.price_refresh_s, cloud.price_stale_after_s)
-        burst = CloudBurst(provisioner, prices, cloud.pools, clock, tick_s=tick_s)
+        burst = CloudBurst(
+            provisioner,
+            prices,
+            cloud.pools,
+            clock,
+            tick_s=tick_s,
+            on_instance_ended=lambda teardown, price: book_instance_end(ledger, teardown, price),
+        )
         log.info(
             "cloud bursting enabled",
             pools=[pool.name for pool in cloud.pools],
