@@ -92,6 +92,14 @@ class DlibFaces:
         boxes = [np.array([r.left(), r.top(), r.right(), r.bottom()], np.float32) for r in found]
         return sorted(boxes, key=lambda b: -float((b[2] - b[0]) * (b[3] - b[1])))
 
+    def find(self, rgb: np.ndarray) -> list[np.ndarray]:
+        """Faces at native scale (≥ ~80 px, 35 ms on 512²); when none, frames up to 1080 px on the short
+        side are searched again at 2x (≥ ~40 px, about 8x the time)."""
+        found = self.detect(rgb, 0)
+        if not found and min(rgb.shape[:2]) <= 1080:
+            found = self.detect(rgb, 1)
+        return found
+
     def _rect(self, box: np.ndarray) -> Any:
         x1, y1, x2, y2 = (round(float(v)) for v in box[:4])
         return self._dlib.rectangle(x1, y1, x2, y2)

@@ -55,9 +55,8 @@ class LandmarkFaceDetector:
 
     def detect(self, image: np.ndarray) -> list[Face]:
         rgb = self.faces.rgb(image)
-        upsample = 1 if min(image.shape[:2]) <= 720 else 0  # 1: faces down to ~40 px on small frames
         found = []
-        for box in self.faces.detect(rgb, upsample):
+        for box in self.faces.find(rgb):
             landmarks = self.faces.landmarks68(rgb, box)
             found.append(Face(bbox=box, kps=keypoints_from_landmarks(landmarks), score=1.0, landmarks=landmarks))
         return found

@@ -65,7 +65,7 @@ class IdentityJudge:
         """`source_box`: where the engine found the source face, used when dlib's detector finds none."""
         self.faces = faces
         rgb = faces.rgb(source_bgr)
-        found = faces.detect(rgb, upsample=1)
+        found = faces.find(rgb)
         box = found[0] if found else source_box
         if box is None:
             raise InputRejected("no face found in the source image; use a clear, frontal, well-lit face photo")

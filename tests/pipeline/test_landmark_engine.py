@@ -54,7 +54,7 @@ def _distance(image: np.ndarray, other: np.ndarray) -> float:
     descriptors = []
     for picture in (image, other):
         rgb = faces.rgb(picture)
-        descriptors.append(faces.descriptor(rgb, faces.detect(rgb, 1)[0]))
+        descriptors.append(faces.descriptor(rgb, faces.find(rgb)[0]))
     return float(np.linalg.norm(descriptors[0] - descriptors[1]))
 
 
