@@ -29,6 +29,9 @@ from facefleet.agent.pipeline.errors import PipelineError
 
 MODELS_PACKAGE = "face_recognition_models"
 SAME_PERSON_DISTANCE = 0.6  # dlib's own threshold for its ResNet descriptors
+# HOG detection scores: frontal faces score about 1-1.6, look-alike textures (a mission patch on the
+# astronaut's suit) 0.05-0.17; dlib's default keeps everything above 0.
+MIN_FACE_SCORE = 0.3
 
 
 def models_dir() -> Path:
@@ -88,8 +91,12 @@ class DlibFaces:
     def detect(self, rgb: np.ndarray, upsample: int = 0) -> list[np.ndarray]:
         """Face boxes (x1, y1, x2, y2), largest first. `upsample` 1 finds faces down to ~40 px."""
         with self._models() as (detector, _):
-            found = detector(rgb, upsample)
-        boxes = [np.array([r.left(), r.top(), r.right(), r.bottom()], np.float32) for r in found]
+            found, scores, _ = detector.run(rgb, upsample, 0.0)
+        boxes = [
+            np.array([r.left(), r.top(), r.right(), r.bottom()], np.float32)
+            for r, score in zip(found, scores, strict=True)
+            if score >= MIN_FACE_SCORE
+        ]
         return sorted(boxes, key=lambda b: -float((b[2] - b[0]) * (b[3] - b[1])))
 
     def find(self, rgb: np.ndarray) -> list[np.ndarray]:

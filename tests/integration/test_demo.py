@@ -41,7 +41,7 @@ def test_up_runs_the_sample_workload_and_keeps_its_promises(tmp_path: Path) -> N
         assert output.shape == (512, 512, 3)
         assert row["engine"] == "landmark"
         # Grace Hopper's face on the astronaut: dlib scores the untouched astronaut 0.30 against her.
-        assert row["id_similarity"] is not None and row["id_similarity"] > 0.36, row
+        assert row["id_similarity"] is not None and row["id_similarity"] > 0.4, row  # dlib: same person
     first = next(r for r in rows if r["task"] == "hr-private-1")
     target = cv2.imread(str(demo_dir / "inputs" / "target-1.jpg")).astype(int)
     changed = np.abs(cv2.imread(first["output"]).astype(int) - target).sum(axis=2) > 40
