@@ -41,7 +41,7 @@ from facefleet.agent.pipeline.runner import ProgressUpdate, SwapJob, SwapResult
 from facefleet.agent.run_journal import JournaledRun, RunJournal
 from facefleet.config import AgentConfig
 from facefleet.domain import PRIVATE, TERMINAL_PROTO, residency_allows, sensitivity_from_proto, sensitivity_known
-from facefleet.grpc_server import SERVICE_NAMES, ServerHandle, build_server
+from facefleet.grpc_server import SERVICE_NAMES, ServerHandle, add_tolerant_service, build_server
 from facefleet.rpc_errors import abort
 from facefleet.v1 import agent_pb2, agent_pb2_grpc, scheduler_pb2, types_pb2
 
@@ -799,7 +799,7 @@ def serve_agent(
     holder = _LateServicer()
 
     def add(server: grpc.Server) -> None:
-        agent_pb2_grpc.add_AgentServicer_to_server(holder, server)
+        add_tolerant_service(holder, agent_pb2.DESCRIPTOR.services_by_name["Agent"], server)
 
     server = build_server(config.listen, [(SERVICE_NAMES["Agent"], add)], credentials, interceptors)
     host = config.listen.rsplit(":", 1)[0] or "127.0.0.1"

@@ -10,10 +10,14 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from facefleet.v1 import admin_pb2, agent_pb2, scheduler_pb2
+from facefleet.rpc_errors import abort
+from facefleet.v1 import admin_pb2, agent_pb2, scheduler_pb2, types_pb2
 
 SERVICE_NAMES = {
     "Scheduler": scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name,
@@ -212,4 +216,79 @@ def build_aio_server(
 
     handle = loop.run(build(), timeout=30)
     handle.set_serving(True)
+    return handle
+
+
+# ---- tolerant decoding: bytes that are no message get INVALID_ARGUMENT, not UNKNOWN/INTERNAL --------
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A request as it came off the wire: parsed, or why it could not be."""
+
+    message: Any
+    size: int
+    error: str = ""
+
+
+def tolerant_decoder(message_class: Any) -> Callable[[bytes], Decoded]:
+    """A request deserializer that never raises: gRPC answers a raising one with a bare INTERNAL
+    (sync servers) or UNKNOWN (grpc.aio) and logs a traceback."""
+
+    def decode(raw: bytes) -> Decoded:
+        try:
+            return Decoded(message_class.FromString(raw), len(raw))
+        except DecodeError as error:
+            return Decoded(None, len(raw), str(error) or "corrupt wire format")
+
+    return decode
+
+
+def corrupt_request(decoded: Decoded, method: str) -> tuple[int, str, str]:
+    """The (reason, message, field) a handler aborts with for bytes that are no message."""
+    message = (
+        f"{method}: the request bytes are not a valid protobuf message ({decoded.error}); "
+        "send a message built from the facefleet.v1 contract"
+    )
+    return types_pb2.INVALID_TASK, message, "request"
+
+
+def refuse_corrupt(decoded: Decoded, method: str, context: grpc.ServicerContext) -> None:
+    if decoded.error:
+        abort(context, grpc.StatusCode.INVALID_ARGUMENT, *corrupt_request(decoded, method))
+
+
+def add_tolerant_service(servicer: Any, service: ServiceDescriptor, server: grpc.Server | AioServices) -> None:
+    """Like a generated `add_*Servicer_to_server` for plain (thread-pool) handlers, with tolerant
+    decoding: every method of `service` is served by `servicer`'s method of the same name."""
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method in service.methods:
+        decode = tolerant_decoder(message_factory.GetMessageClass(method.input_type))
+        serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
+        behaviour = getattr(servicer, method.name)
+        if method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                _stream_method(behaviour, method.name), request_deserializer=decode, response_serializer=serialize
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _unary_method(behaviour, method.name), request_deserializer=decode, response_serializer=serialize
+            )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[union-attr]
+
+
+def _unary_method(behaviour: Callable[[Any, grpc.ServicerContext], Any], name: str) -> Callable[..., Any]:
+    def handle(decoded: Decoded, context: grpc.ServicerContext) -> Any:
+        refuse_corrupt(decoded, name, context)
+        return behaviour(decoded.message, context)
+
+    return handle
+
+
+def _stream_method(behaviour: Callable[[Any, grpc.ServicerContext], Iterable[Any]], name: str) -> Callable[..., Any]:
+    def handle(decoded: Decoded, context: grpc.ServicerContext) -> Iterable[Any]:
+        refuse_corrupt(decoded, name, context)
+        yield from behaviour(decoded.message, context)
+
     return handle

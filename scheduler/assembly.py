@@ -17,7 +17,7 @@ import grpc
 import structlog
 
 from facefleet.config import Settings
-from facefleet.grpc_server import SERVICE_NAMES
+from facefleet.grpc_server import SERVICE_NAMES, add_tolerant_service
 from facefleet.rpc_errors import TaskInputError
 from facefleet.scheduler import metrics
 from facefleet.scheduler.admin_service import AdminServicer
@@ -36,10 +36,10 @@ from facefleet.security.audit import AuditLog
 from facefleet.security.residency import ResidencyViolation, check_storage
 from facefleet.security.roles import AioRoleGate
 from facefleet.security.tls import secure_aio_channel, server_credentials_unless_insecure
-from facefleet.v1 import types_pb2
-from facefleet.v1.admin_pb2_grpc import add_AdminServicer_to_server as add_admin
+from facefleet.v1 import admin_pb2, types_pb2
 
 log = structlog.get_logger()
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
 
 def rules_source_from(settings: Settings) -> Any:
     """The configured rules source. Raises ConsulSettingsError (a ValueError) for Consul settings
@@ -126,7 +126,7 @@ def build_scheduler(
 ) -> AssembledScheduler:
     """Assemble (not start) the production scheduler. Raises TLSMaterialError when certificates are
     missing (and `tls.insecure` is off), FileNotFoundError/ValueError for a bad audit signing key,
-    StoreUnavailable for a store URL that names no usable or reachable database."""
+    StoreUnusable for a store URL that names no usable or reachable database."""
     check_store(settings.scheduler.store_url)
     credentials = server_credentials_unless_insecure(settings.tls, "scheduler")
     audit = AuditLog(
@@ -161,7 +161,12 @@ def build_scheduler(
         admin=admin,
         credentials=credentials,
         interceptors=[AioRoleGate(audit, insecure=settings.tls.insecure, on_denial=metrics.count_denial)],
-        extra_services=[(SERVICE_NAMES["Admin"], lambda server: add_admin(admin, server))],
+        extra_services=[
+            (
+                SERVICE_NAMES["Admin"],
+                lambda server: add_tolerant_service(admin, ADMIN_SERVICE, server),
+            )
+        ],
         rules_source=rules,
         listeners=[trail],
         channel_for=channel_for or agent_channel_factory(settings),

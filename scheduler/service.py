@@ -10,16 +10,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
 import structlog
-from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from facefleet.domain import CANCELLED, IN_FLIGHT, QUEUED, TERMINAL, state_from_proto, state_to_proto
-from facefleet.grpc_server import AioServices
+from facefleet.grpc_server import AioServices, Decoded, corrupt_request, refuse_corrupt, tolerant_decoder
 from facefleet.rpc_errors import TaskInputError, abort, abort_async
 from facefleet.scheduler import metrics
 from facefleet.scheduler.group_commit import GroupCommitter, StoreUnavailable
@@ -398,38 +396,6 @@ class _Watch:
 # ---- registration with tolerant decoding ---------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Decoded:
-    """A request as it came off the wire: parsed, or why it could not be."""
-
-    message: Any
-    size: int
-    error: str = ""
-
-
-def _tolerant(message_class: Any) -> Callable[[bytes], Decoded]:
-    def decode(raw: bytes) -> Decoded:
-        try:
-            return Decoded(message_class.FromString(raw), len(raw))
-        except DecodeError as error:
-            return Decoded(None, len(raw), str(error) or "corrupt wire format")
-
-    return decode
-
-
-def _refuse_corrupt(decoded: Decoded, method: str, context: grpc.ServicerContext) -> None:
-    if decoded.error:
-        abort(context, grpc.StatusCode.INVALID_ARGUMENT, *_corrupt(decoded, method))
-
-
-def _corrupt(decoded: Decoded, method: str) -> tuple[int, str, str]:
-    message = (
-        f"{method}: the request bytes are not a valid protobuf message ({decoded.error}); "
-        "send a message built from the facefleet.v1 contract"
-    )
-    return types_pb2.INVALID_TASK, message, "request"
-
-
 def add_scheduler_service(servicer: SchedulerServicer, server: grpc.Server | AioServices) -> None:
     """Like the generated add_SchedulerServicer_to_server, but corrupt request bytes get
     INVALID_ARGUMENT with a message (not gRPC's bare INTERNAL) and SubmitTask sees the wire size.
@@ -459,7 +425,7 @@ def add_scheduler_service(servicer: SchedulerServicer, server: grpc.Server | Aio
             "Heartbeat": scheduler_pb2.HeartbeatResponse,
         }[name]
         assert methods[name].output_type.full_name == response_class.DESCRIPTOR.full_name
-        decode = _tolerant(request_class)
+        decode = tolerant_decoder(request_class)
         if name == "WatchTask":
             handlers[name] = grpc.unary_stream_rpc_method_handler(
                 _async_watch_handler(servicer) if on_loop else _stream_handler(servicer, name),
@@ -478,7 +444,7 @@ def add_scheduler_service(servicer: SchedulerServicer, server: grpc.Server | Aio
 
 def _unary_handler(servicer: SchedulerServicer, name: str) -> Callable[[Decoded, grpc.ServicerContext], Any]:
     def handle(decoded: Decoded, context: grpc.ServicerContext) -> Any:
-        _refuse_corrupt(decoded, name, context)
+        refuse_corrupt(decoded, name, context)
         if name == "SubmitTask":
             return servicer.submit(decoded.message, context, wire_size=decoded.size)
         return getattr(servicer, name)(decoded.message, context)
@@ -488,7 +454,7 @@ def _unary_handler(servicer: SchedulerServicer, name: str) -> Callable[[Decoded,
 
 def _stream_handler(servicer: SchedulerServicer, name: str) -> Callable[[Decoded, grpc.ServicerContext], Iterator[Any]]:
     def handle(decoded: Decoded, context: grpc.ServicerContext) -> Iterator[Any]:
-        _refuse_corrupt(decoded, name, context)
+        refuse_corrupt(decoded, name, context)
         yield from getattr(servicer, name)(decoded.message, context)
 
     return handle
@@ -497,7 +463,7 @@ def _stream_handler(servicer: SchedulerServicer, name: str) -> Callable[[Decoded
 def _async_submit_handler(servicer: SchedulerServicer) -> Callable[..., Any]:
     async def handle(decoded: Decoded, context: grpc.aio.ServicerContext) -> Any:
         if decoded.error:
-            await abort_async(context, grpc.StatusCode.INVALID_ARGUMENT, *_corrupt(decoded, "SubmitTask"))
+            await abort_async(context, grpc.StatusCode.INVALID_ARGUMENT, *corrupt_request(decoded, "SubmitTask"))
         return await servicer.submit_async(decoded.message, context, wire_size=decoded.size)
 
     return handle
@@ -506,7 +472,7 @@ def _async_submit_handler(servicer: SchedulerServicer) -> Callable[..., Any]:
 def _async_watch_handler(servicer: SchedulerServicer) -> Callable[..., AsyncIterator[Any]]:
     async def handle(decoded: Decoded, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         if decoded.error:
-            await abort_async(context, grpc.StatusCode.INVALID_ARGUMENT, *_corrupt(decoded, "WatchTask"))
+            await abort_async(context, grpc.StatusCode.INVALID_ARGUMENT, *corrupt_request(decoded, "WatchTask"))
         async for event in servicer.watch_async(decoded.message, context):
             yield event
 

@@ -290,7 +290,7 @@ def decode_page_token(token: str) -> tuple[float, str]:
         raise ValueError("page_token is not one this server issued; pass next_page_token unchanged") from exc
 
 
-class StoreUnavailable(RuntimeError):
+class StoreUnusable(RuntimeError):
     """The store URL names no database this scheduler can use, or the database cannot be reached."""
 
 
@@ -303,11 +303,11 @@ def check_store(url: str, connect_timeout_s: int = 5) -> None:
         parsed.get_dialect()
     except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ValueError) as exc:
         without_secret = re.sub(r"//[^/@]*@", "//***@", url[:120])
-        raise StoreUnavailable(
+        raise StoreUnusable(
             f"store URL {without_secret!r} is not usable ({exc}); use sqlite:///PATH or postgresql+psycopg://USER@HOST/DB"
         ) from None
     except ImportError as exc:
-        raise StoreUnavailable(f"store {shown}: its database driver is not installed ({exc})") from None
+        raise StoreUnusable(f"store {shown}: its database driver is not installed ({exc})") from None
     if parsed.get_backend_name() == "sqlite":
         return
     engine = sa.create_engine(parsed, connect_args={"connect_timeout": connect_timeout_s}, poolclass=sa.pool.NullPool)
@@ -316,7 +316,7 @@ def check_store(url: str, connect_timeout_s: int = 5) -> None:
             pass
     except sa.exc.SQLAlchemyError as exc:
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise StoreUnavailable(f"cannot reach the store {shown}: {reason}") from None
+        raise StoreUnusable(f"cannot reach the store {shown}: {reason}") from None
     finally:
         engine.dispose()
 

@@ -111,7 +111,7 @@ def register(app: typer.Typer) -> None:
         """Run the scheduler: intake, durable queue, placement, dispatch (leader), /metrics."""
         from facefleet.scheduler.assembly import build_scheduler
         from facefleet.scheduler.rules_source import ConsulSettingsError
-        from facefleet.scheduler.store import StoreUnavailable
+        from facefleet.scheduler.store import StoreUnusable
         from facefleet.security.tls import TLSMaterialError
         from facefleet.structured_logs import configure_logging
 
@@ -135,7 +135,7 @@ def register(app: typer.Typer) -> None:
             fail(str(error), hint="create certificates with `facefleet certs init` or pass --insecure")
         except ConsulSettingsError as error:
             fail(str(error), hint="fix the consul_* settings under [policy] or the CONSUL_* environment variables")
-        except StoreUnavailable as error:
+        except StoreUnusable as error:
             fail(str(error), hint="fix --store or [scheduler] store_url; is the database server running?")
         except (FileNotFoundError, ValueError) as error:
             fail(str(error), hint="fix [audit] signing_key (or remove it) in the config")
