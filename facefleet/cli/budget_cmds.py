@@ -55,14 +55,14 @@ def _ledger(store: str | None, config: Path | None) -> Any:
     from sqlalchemy.exc import ArgumentError, OperationalError
 
     from facefleet.scheduler.ledger import SpendLedger
+    from facefleet.scheduler.store import StoreUnusable, check_store
 
     url = store or _settings(config).scheduler.store_url
     try:
         parsed = sa.engine.make_url(url)
-    except ArgumentError:
-        fail(
-            f"--store {url!r} is not a database URL", hint="e.g. sqlite:///var/facefleet.db or postgresql+psycopg://..."
-        )
+        check_store(url)
+    except (ArgumentError, StoreUnusable) as error:
+        fail(str(error), hint="e.g. --store sqlite:///var/facefleet.db or postgresql+psycopg://USER@HOST/DB")
     if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).exists():
         fail(
             f"no store at {parsed.database}: nothing has been recorded there",
@@ -70,7 +70,7 @@ def _ledger(store: str | None, config: Path | None) -> Any:
         )
     try:
         return SpendLedger(sa.create_engine(url))
-    except OperationalError as error:
+    except OperationalError as error:  # reachable a moment ago
         fail(f"cannot open the store {parsed.render_as_string(hide_password=True)}: {error.orig}",
              hint="check that the database is reachable and the URL is right")  # fmt: skip
 

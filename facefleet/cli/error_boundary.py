@@ -4,6 +4,7 @@ Commands report the failures they expect with `output.fail` (one `error:` line, 
 exit 1). What still escapes a command ends here instead of in a traceback:
 - usage errors (bad option values, unknown commands, `typer.BadParameter`): `error:` + `hint:`, exit 2;
 - the operating system's refusals (missing file, permission, disk full): `error:` + `hint:`, exit 1;
+- text that cannot be encoded (an argument holding undecodable bytes, sent where UTF-8 is required): exit 1;
 - anything else is a bug: `error: internal error ...` with a hint to rerun with `--debug`, exit 1.
 `--debug` (or FACEFLEET_DEBUG=1) lets the exception through with its traceback.
 """
@@ -17,7 +18,7 @@ from typer._click import Context  # typer >= 0.29 vendors click: its exceptions,
 from typer._click.exceptions import ClickException, UsageError
 from typer.core import TyperGroup
 
-from facefleet.cli.output import print_error
+from facefleet.cli.output import print_error, printable
 
 INTERNAL_ERROR = "internal error"  # the words that mark a bug, never an expected failure (tests look for them)
 DEBUG_HINT = "this is a bug in facefleet: rerun with --debug for the traceback and report it"
@@ -50,6 +51,9 @@ class GuardedGroup(TyperGroup):
                 raise
             if isinstance(error, OSError):
                 print_error(describe_os_error(error), "check the path, its permissions and free disk space")
+            elif isinstance(error, UnicodeEncodeError):
+                bad = printable(error.object[error.start : error.end])
+                print_error(f"an argument holds {bad}, which is not UTF-8 text", "pass names and reasons as UTF-8 text")
             else:
                 print_error(f"{INTERNAL_ERROR} ({type(error).__name__}: {error})", DEBUG_HINT)
             raise typer.Exit(1) from None

@@ -35,9 +35,10 @@ def material_paths(tls: TLSConfig, name: str) -> tuple[Path, Path, Path]:
 def _read(path: Path, what: str, name: str) -> bytes:
     try:
         return path.read_bytes()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
         raise TLSMaterialError(
-            f"{what} for {name!r} not readable at {path} ({exc.strerror or exc}); run `facefleet certs init "
+            f"{what} for {name!r} not readable at {path} ({reason}); run `facefleet certs init "
             f"--dir {path.parent}` for the demo CA, `facefleet certs issue {name} --role ROLE` for one more "
             "certificate, or set [tls] ca/cert/key to your own CA's files"
         ) from exc

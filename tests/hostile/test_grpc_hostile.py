@@ -206,7 +206,12 @@ def test_generated_requests_end_cleanly(
         assert build(method.input_type, base).IsInitialized()
         requests = st.one_of(requests, mutated(base, method.input_type), mutated(base, method.input_type))
 
-    @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        derandomize=True,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
     @given(values=requests)
     def call(values: dict[str, Any]) -> None:
         invoke(stack, method, build(method.input_type, values))
