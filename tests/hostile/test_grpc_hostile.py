@@ -41,6 +41,7 @@ CLIENT_SIDE = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.ALREADY_EXISTS,
     grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.ABORTED,  # a dispatch fenced as stale (older leader term)
 }
 STREAM_DEADLINE_S = 3.0
 EXAMPLES = 12  # per method; about 240 generated calls in all
@@ -120,7 +121,7 @@ def valid_bases(stack: HostileStack) -> dict[str, dict[str, Any]]:
     return {
         "SubmitTask": {"task": task},
         "Explain": {"task": task},
-        "RunTask": {"task": {**task, "id": "fuzz-run"}, "attempt": 1},
+        "RunTask": {"task": {**task, "id": "fuzz-run"}, "attempt": 1, "leader_term": stack.scheduler.dispatcher.term},
         "Heartbeat": beat,
         "LockProject": {"project": "fuzz-project", "reason": "fuzzing"},
         "UnlockProject": {"project": "fuzz-project", "reason": "fuzzing"},
@@ -300,7 +301,8 @@ def test_a_video_task_on_an_agent_without_ffprobe_fails_with_a_reason(
             agent_pb2.RunTaskRequest.SerializeToString,
             types_pb2.Progress.FromString,
         )
-        last = list(call(agent_pb2.RunTaskRequest(task=task, attempt=1), timeout=30))[-1]
+        request = agent_pb2.RunTaskRequest(task=task, attempt=1, leader_term=stack.scheduler.dispatcher.term)
+        last = list(call(request, timeout=30))[-1]
     assert last.state == types_pb2.TASK_STATE_FAILED
     assert last.error.reason == types_pb2.PROVIDER_UNAVAILABLE and "ffprobe is not installed" in last.error.message
     logs = capfd.readouterr()
