@@ -197,6 +197,7 @@ def main() -> None:
         "simulated": {"spend_usd": round(sim.cloud_cost_usd, 6), "per_pool": sim.per_pool},
         "same_pool_pct": round(100.0 * same / len(live_pools), 2),
         "spend_error_pct": round(100.0 * spend_error, 2),
+        "replayed_workload": live["workload"],
         "mismatched": [
             {
                 **{k: a[k] for k in ("id", "at", "priority", "sensitivity", "frames")},
