@@ -4,7 +4,8 @@ Poisson blend (the classic landmark face swap), with landmarks smoothed over vid
 For each selected target face: the source face is warped triangle by triangle (a Delaunay
 triangulation of the source's 68 landmarks, reused for every frame so the mesh never flips) onto the
 target's landmarks; a face-shaped mask is the convex hull of the target's landmarks, pulled in a
-little so the seam sits on skin; the warped face gets the target's LAB mean and spread inside the
+little so the seam sits on skin, less the inside of the target's mouth (its teeth and expression
+stay); the warped face gets the target's LAB mean and spread inside the
 mask (Reinhard colour transfer); cv2.seamlessClone blends it, and only pixels inside the mask are
 taken from the result, so everything outside the face mask stays byte-identical.
 
@@ -26,6 +27,7 @@ from facefleet.agent.pipeline.stage import Face, FrameState
 
 # 68-point indices (iBUG 300-W layout): eye centres, nose tip, mouth corners → the 5 keypoints.
 RIGHT_EYE, LEFT_EYE, NOSE_TIP, MOUTH_RIGHT, MOUTH_LEFT = slice(36, 42), slice(42, 48), 30, 48, 54
+INNER_MOUTH = slice(60, 68)
 MASK_SHRINK = 0.04  # of the face width: the seam stays inside the face outline
 
 
@@ -143,9 +145,11 @@ def triangulate(points: np.ndarray) -> np.ndarray:
 
 def warp_triangles(
     source: np.ndarray, source_points: np.ndarray, target_points: np.ndarray, triangles: np.ndarray, shape: tuple
-) -> np.ndarray:
-    """The source image warped piecewise-affinely so `source_points` land on `target_points`."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """The source image warped piecewise-affinely so `source_points` land on `target_points`, and the
+    uint8 mask of the pixels some triangle covered (a fold in the target mesh can leave gaps)."""
     out = np.zeros(shape, np.uint8)
+    covered = np.zeros(shape[:2], np.uint8)
     height, width = shape[:2]
     for tri in triangles:
         src, dst = source_points[tri].astype(np.float32), target_points[tri].astype(np.float32)
@@ -160,14 +164,17 @@ def warp_triangles(
         cv2.fillConvexPoly(mask, np.round(local).astype(np.int32), 255, cv2.LINE_8)
         region = out[y0:y1, x0:x1]
         region[mask > 0] = patch[mask > 0]
-    return out
+        covered[y0:y1, x0:x1] |= mask
+    return out, covered
 
 
 def face_mask(landmarks: np.ndarray, shape: tuple) -> np.ndarray:
-    """uint8 0/255: the landmarks' convex hull, shrunk by MASK_SHRINK of the face width, off the border."""
+    """uint8 0/255: the landmarks' convex hull, shrunk by MASK_SHRINK of the face width, off the border,
+    without the inside of the target's mouth (its teeth and expression stay; empty when it is closed)."""
     height, width = shape[:2]
     mask = np.zeros((height, width), np.uint8)
     cv2.fillConvexPoly(mask, cv2.convexHull(np.round(landmarks).astype(np.int32)), 255)
+    cv2.fillPoly(mask, [np.round(landmarks[INNER_MOUTH]).astype(np.int32)], 0)
     face_width = float(np.ptp(landmarks[:, 0]))
     shrink = max(1, round(face_width * MASK_SHRINK))
     mask = cv2.erode(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * shrink + 1, 2 * shrink + 1)))
@@ -203,10 +210,10 @@ class LandmarkSwapStage:
 
     def swap_face(self, frame: np.ndarray, face: Face) -> bool:
         assert face.landmarks is not None
-        mask = face_mask(face.landmarks, frame.shape)
+        warped, covered = warp_triangles(self.source, self.source_points, face.landmarks, self.triangles, frame.shape)
+        mask = face_mask(face.landmarks, frame.shape) & covered
         if cv2.countNonZero(mask) < 64:
             return False
-        warped = warp_triangles(self.source, self.source_points, face.landmarks, self.triangles, frame.shape)
         warped = match_colour(warped, frame, mask)
         x, y, w, h = cv2.boundingRect(mask)
         # seamlessClone erodes the mask it is given in place: hand it a copy, composite with the original
