@@ -428,5 +428,12 @@ def test_burst_launches_a_tagged_spot_instance_registers_it_and_tears_it_down_wh
     with parts.ledger._engine.connect() as conn:
         row = conn.execute(sa.select(cloud_spend).where(cloud_spend.c.task_id == burst)).mappings().one()
     assert (row["pool"], row["instance_id"], row["usd_per_hour"]) == ("aws-use1-g5", tags[TAG_INSTANCE], 0.5)
-    assert parts.ledger.spent("burst", month) == pytest.approx(row["usd"])
+    # The budget pays for the task and for the instance's boot and idle time (booked as the
+    # instance's own `idle` rows once the reaper has seen it end), and for nothing else.
+    with parts.ledger._engine.connect() as conn:
+        rows = conn.execute(sa.select(cloud_spend).where(cloud_spend.c.budget == "burst")).mappings().all()
+    idle = (f"instance:{tags[TAG_INSTANCE]}", "idle")
+    assert {(r["task_id"], r["outcome"]) for r in rows} <= {(burst, row["outcome"]), idle}
+    assert {r["instance_id"] for r in rows} <= {tags[TAG_INSTANCE], instance["InstanceId"]}, [dict(r) for r in rows]
+    assert parts.ledger.spent("burst", month) == pytest.approx(sum(r["usd"] for r in rows))
     onprem.kill()
