@@ -124,7 +124,8 @@ def record_live(directory: Path, cap: float, plan: list[tuple[float, types_pb2.T
     ledger = SpendLedger(sa.create_engine(store_url))
     try:
         records = {task_id: store.get(task_id) for task_id in ids}
-        since = datetime.fromtimestamp(min(r.submitted_at for r in records.values()), UTC)
+        # A millisecond early: a datetime rounds to microseconds and must not cut off the first task.
+        since = datetime.fromtimestamp(min(r.submitted_at for r in records.values()) - 0.001, UTC)
         until = datetime.now(UTC) + timedelta(seconds=1)
         workload = history_workload(ledger, since, until, historic_tasks(store, since, until), {"cloud-spot"})
         rows = ledger.records(since - timedelta(minutes=1))
@@ -172,6 +173,8 @@ def main() -> None:
         live = record_live(directory, cap, plan)
         sim = replay(directory / "policy", cap, live["workload"])
     live_pools: dict[str, str] = live["pools"]
+    replayed = {task["id"] for task in live["workload"]["tasks"]}
+    assert replayed == set(live_pools), f"history lost {len(set(live_pools) - replayed)} task(s)"
     same = sum(1 for task_id, pool in live_pools.items() if sim.assignments.get(task_id) == pool)
     spend_error = (sim.cloud_cost_usd - live["spend_usd"]) / live["spend_usd"] if live["spend_usd"] else 0.0
     result = {
