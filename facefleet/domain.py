@@ -8,6 +8,7 @@ helpers map them to and from the gRPC contract's enums.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Literal, get_args
@@ -27,6 +28,16 @@ INTERNAL = "internal"
 PRIVATE = "private"
 SENSITIVITIES = (PUBLIC, INTERNAL, PRIVATE)
 DEFAULT_SENSITIVITY = PRIVATE
+
+# Project names: tasks, locks and spend are keyed by them. Lowercase, so `Film-X` and `film-x`
+# cannot be two projects (a lock on the first would never apply to tasks of the second).
+PROJECT_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")
+PROJECT_NAME_RULE = "lowercase letters, digits, '.', '_', '-'; 1-63 characters, starting with a letter or digit"
+
+
+def is_project_name(name: str) -> bool:
+    return PROJECT_NAME.fullmatch(name) is not None
+
 
 # Priorities, lowest first (queue order and preemption compare their positions).
 PRIORITIES = ("low", "normal", "high", "urgent")

@@ -14,9 +14,10 @@ import grpc
 import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from facefleet.domain import PROJECT_NAME_RULE, is_project_name
 from facefleet.money import PERCENT, USD, AmountError
 from facefleet.rpc_errors import abort
-from facefleet.scheduler.intake import CONTROL_CHARS, PROJECT_RE
+from facefleet.scheduler.intake import CONTROL_CHARS
 from facefleet.security.audit import AuditLog
 from facefleet.security.roles import current_identity
 from facefleet.v1 import admin_pb2, admin_pb2_grpc, types_pb2
@@ -67,13 +68,9 @@ def _check_name(field: str, value: str, what: str) -> str:
 
 def _check_project(value: str) -> str:
     """The same project-name rule as task intake: a lock on a name no task can carry would never apply."""
-    if not PROJECT_RE.fullmatch(value):
-        hint = f"; did you mean {value.lower()!r}?" if PROJECT_RE.fullmatch(value.lower()) else ""
-        raise _Rejected(
-            "project",
-            f"project {value[:80]!r} is not a valid project name (lowercase letters, digits, '.', '_', '-'; "
-            f"1-63 characters, starting with a letter or digit){hint}",
-        )
+    if not is_project_name(value):
+        hint = f"; did you mean {value.lower()!r}?" if is_project_name(value.lower()) else ""
+        raise _Rejected("project", f"project {value[:80]!r} is not a valid project name ({PROJECT_NAME_RULE}){hint}")
     return value
 
 

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
+from facefleet.domain import PROJECT_NAME_RULE, is_project_name
 from facefleet.rpc_errors import TaskInputError
 from facefleet.scheduler.placement.model import MAX_FRAMES
 from facefleet.scheduler.store import NewTask
@@ -30,7 +31,6 @@ MAX_IDEMPOTENCY_KEY_CHARS = 128
 MAX_CHECKPOINT_EVERY = 100_000
 DEFAULT_CHECKPOINT_EVERY = 48
 
-PROJECT_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
 LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 URI_SCHEMES = ("file", "s3")
@@ -66,11 +66,9 @@ def validate_task(task: types_pb2.Task, path: str = "task") -> types_pb2.Task:
         raise TaskInputError(f"{path}.id", "must be empty: the scheduler assigns task ids")
     if not clean.project:
         raise TaskInputError(f"{path}.project", "missing: every task belongs to a project")
-    if not PROJECT_RE.fullmatch(clean.project):
+    if not is_project_name(clean.project):
         raise TaskInputError(
-            f"{path}.project",
-            f"{clean.project[:80]!r} is not a valid project name "
-            "(lowercase letters, digits, '.', '_', '-'; 1-63 characters, starting with a letter or digit)",
+            f"{path}.project", f"{clean.project[:80]!r} is not a valid project name ({PROJECT_NAME_RULE})"
         )
     sensitivity = _enum_value(types_pb2.Sensitivity, clean.sensitivity, f"{path}.sensitivity", "SENSITIVITY_")
     clean.sensitivity = sensitivity or types_pb2.SENSITIVITY_PRIVATE  # type: ignore[assignment]

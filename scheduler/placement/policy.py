@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from fnmatch import translate
 from typing import Any
 
-from facefleet.domain import PRIORITIES, PRIVATE_ZONE, SENSITIVITIES
+from facefleet.domain import PRIORITIES, PRIVATE_ZONE, PROJECT_NAME_RULE, SENSITIVITIES, is_project_name
 from facefleet.money import PERCENT, SECONDS, USD, USD_PER_HOUR, AmountError, Quantity
 from facefleet.scheduler.placement.model import (
     GLOB_CHARS,
@@ -333,6 +333,9 @@ def load_locks(text_or_mapping: str | bytes | Mapping[str, Any], source: str) ->
             continue
         if not isinstance(raw.get("reason", ""), str):
             issues.append(PolicyIssue(source, raw["project"], "reason", "expected a string"))
+            continue
+        if not is_project_name(raw["project"]):
+            issues.append(PolicyIssue(source, raw["project"], "project", f"not a project name ({PROJECT_NAME_RULE})"))
             continue
         locks[raw["project"]] = str(raw.get("reason") or "locked")
     if issues:

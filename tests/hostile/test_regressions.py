@@ -276,6 +276,14 @@ def test_audit_proof_trusts_the_configured_zone_over_the_record(tmp_path: Path) 
         assert "pool cloud-aws is configured cloud, record says private" in shown
 
 
+def test_a_lock_on_file_under_a_name_no_task_can_carry_is_a_policy_error(tmp_path: Path) -> None:
+    (tmp_path / "rules.yaml").write_text(RULES)
+    (tmp_path / "locks.yaml").write_text("locks:\n  - {project: Film-X, reason: talent contract, by: alice}\n")
+    result = run_cli(["policy", "validate", str(tmp_path)])
+    assert_clean(result)
+    assert result.exit_code == 1 and "'Film-X'" in result.output and "not a project name" in result.output
+
+
 def test_record_hash_covers_the_signed_marker(tmp_path: Path) -> None:
     log = AuditLog(tmp_path / "a.jsonl", Signer(secret=b"0123456789abcdef-secret"))
     record = log.admin("alice", "whoami", {})
