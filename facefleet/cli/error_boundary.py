@@ -15,7 +15,7 @@ from typing import Any
 
 import typer
 from typer._click import Context  # typer >= 0.29 vendors click: its exceptions, not click's, reach here
-from typer._click.exceptions import ClickException, UsageError
+from typer._click.exceptions import ClickException, NoArgsIsHelpError, UsageError
 from typer.core import TyperGroup
 
 from facefleet.cli.output import print_error, printable
@@ -33,10 +33,20 @@ def describe_os_error(error: OSError) -> str:
 class GuardedGroup(TyperGroup):
     """The root command group: turns exceptions that escape a command into `error:`/`hint:` lines."""
 
+    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
+        """The root's own options (`facefleet --bogus`) are parsed before `invoke`: same rule."""
+        try:
+            return super().parse_args(ctx, args)
+        except NoArgsIsHelpError:
+            raise
+        except UsageError as error:
+            print_error(error.format_message(), f"see `{ctx.command_path} --help`")
+            raise typer.Exit(2) from None
+
     def invoke(self, ctx: Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (typer.Exit, typer.Abort):
+        except (typer.Exit, typer.Abort, NoArgsIsHelpError):
             raise
         except UsageError as error:
             if ctx.params.get("debug"):

@@ -67,6 +67,28 @@ def test_audit_verify_names_a_markup_seq_as_a_bad_record(tmp_path: Path) -> None
     assert result.exit_code == 1 and "line 1: seq '[/x]'" in one_line(result.output)
 
 
+def test_usage_errors_are_an_error_and_a_hint_with_exit_2() -> None:
+    for args in (["--bogus"], ["nosuch"], ["audit", "verify", "--bogus"], ["tasks", "--limit", "lots"]):
+        result = run_cli(args)
+        assert_clean(result, args)
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: see `facefleet")
+
+
+def test_an_unexpected_exception_is_one_line_unless_debug(monkeypatch: pytest.MonkeyPatch) -> None:
+    from facefleet.security import audit
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("boom")
+
+    monkeypatch.setattr(audit, "verify", broken)
+    quiet = run_cli(["audit", "verify", "x.jsonl"])
+    assert quiet.exit_code == 1 and "internal error (KeyError: 'boom')" in quiet.output and "--debug" in quiet.output
+    assert "Traceback" not in quiet.output and isinstance(quiet.exception, SystemExit)
+    loud = run_cli(["--debug", "audit", "verify", "x.jsonl"])
+    assert isinstance(loud.exception, KeyError)
+
+
 def test_help_texts_with_brackets_render() -> None:
     for command in ("verify", "proof", "query"):
         result = run_cli(["audit", command, "--help"])
