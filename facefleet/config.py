@@ -9,6 +9,7 @@ Each section belongs to one concern; add fields to your own section only.
 from __future__ import annotations
 
 import os
+import tomllib
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Literal
@@ -222,7 +223,14 @@ def load_settings(path: Path | None = None, **overrides: object) -> Settings:
     if path is not None and not path.exists():
         raise FileNotFoundError(f"config file {path} does not exist; create it or drop --config")
     token = _CONFIG_PATH.set(path)
+    where = path or Path(os.environ.get(CONFIG_ENV, DEFAULT_CONFIG_FILE))
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"config file {where}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x})"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"config file {where}: not valid TOML: {exc}") from None
     finally:
         _CONFIG_PATH.reset(token)

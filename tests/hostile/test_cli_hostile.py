@@ -243,6 +243,8 @@ FILE_COMMANDS: dict[str, Callable[[HostileStack, Path], Args]] = {
     "audit query": lambda s, f: ["audit", "query", "--path", str(f)],
     "audit proof": lambda s, f: ["audit", "proof", "--project", "film-x", "--path", str(f), "--world", str(f)],
     "swap": lambda s, f: ["swap", "--source", str(f), "--target", str(f), "--output", str(s.root / "o.png")],
+    "tasks --config": lambda s, f: ["tasks", "--config", str(f)],
+    "audit verify --config": lambda s, f: ["audit", "verify", "--config", str(f)],
 }
 
 

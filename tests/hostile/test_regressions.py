@@ -163,6 +163,18 @@ def test_policy_validate_and_the_watcher_reject_rules_that_are_not_utf8(tmp_path
     assert source.current().ruleset.rules[0].id == "default"  # last known good stays active
 
 
+def test_a_config_file_that_is_not_utf8_or_toml_is_named(tmp_path: Path) -> None:
+    for content, words in (
+        (b"[audit]\npath = 'caf\xe9'\n", "not UTF-8 text (byte 19 is 0xe9)"),
+        (b"[[[", "not valid TOML"),
+    ):
+        config = tmp_path / "facefleet.toml"
+        config.write_bytes(content)
+        result = run_cli(["audit", "verify", "--config", str(config)])
+        assert_clean(result)
+        assert result.exit_code == 1 and f"config file {config}: {words}" in one_line(result.output)
+
+
 def test_scheduler_run_with_an_unusable_store_is_an_error(tmp_path: Path) -> None:
     for store, words in (
         ("nosuch://x", "is not usable"),
