@@ -25,7 +25,7 @@ DEBUG_HINT = "this is a bug in facefleet: rerun with --debug for the traceback a
 
 
 def describe_os_error(error: OSError) -> str:
-    """`cannot open /x/y: No such file or directory` from an OSError, without its errno prefix."""
+    """`cannot use /x/y: No such file or directory` from an OSError, without its errno prefix."""
     where = f" {error.filename}" if error.filename is not None else ""
     return f"cannot use{where}: {error.strerror or error}"
 
