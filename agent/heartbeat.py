@@ -41,13 +41,15 @@ class HeartbeatLoop:
         channel_factory: Callable[[], grpc.Channel],
         interval_s: float,
         rpc_timeout_s: float = 5.0,
-        max_backoff_s: float = 30.0,
+        max_backoff_s: float | None = None,
     ) -> None:
         self._source = source
         self._channel_factory = channel_factory
         self.interval_s = interval_s
         self._rpc_timeout_s = rpc_timeout_s
-        self._max_backoff_s = max_backoff_s
+        # After a scheduler restart the new leader waits for this agent's inventory and declares it
+        # lost after a few silent intervals: retries stay within two intervals, not 30 s.
+        self._max_backoff_s = max_backoff_s if max_backoff_s is not None else 2 * interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="agent-heartbeat", daemon=True)
         self._channel: grpc.Channel | None = None

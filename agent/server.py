@@ -264,6 +264,8 @@ class AgentRuntime:
         return [run.task_id for run in runs]
 
     def heartbeat_request(self) -> scheduler_pb2.HeartbeatRequest:
+        term = self.journal.leader_term  # read before the inventory: it lists all that term's predecessors got
+        runs = [run.report() for run in self.journal.inventory()]
         gpu_name, _ = self.gpu.describe()
         return scheduler_pb2.HeartbeatRequest(
             agent_id=self.identity.agent_id,
@@ -281,8 +283,8 @@ class AgentRuntime:
             sec_per_frame=self.sec_per_frame,
             preempting=self.preempting,
             instance_id=self.identity.instance_id,
-            runs=[run.report() for run in self.journal.inventory()],
-            known_leader_term=self.journal.leader_term,
+            runs=runs,
+            known_leader_term=term,
         )
 
     def apply_leader(self, term: int, acknowledged: Sequence[types_pb2.RunRef]) -> None:

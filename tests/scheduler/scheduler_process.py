@@ -12,6 +12,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from facefleet.config import TLSConfig
+from facefleet.security.tls import secure_channel
 from tests.fixtures.ports import free_port
 
 FACEFLEET = str(Path(sys.executable).with_name("facefleet"))
@@ -25,12 +27,15 @@ class SchedulerProcess:
         log_path: Path,
         port: int | None = None,
         extra_env: dict[str, str] | None = None,
+        tls_dir: Path | None = None,
     ) -> None:
+        """`tls_dir`: serve mTLS with this PKI (`certs.init_demo_pki`); None: plaintext."""
         self.store_url = store_url
         self.policy_dir = policy_dir
         self.log_path = log_path
         self.port = port or free_port()
         self.extra_env = extra_env or {}
+        self.tls_dir = tls_dir
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -43,6 +48,7 @@ class SchedulerProcess:
             "FACEFLEET_LOG_LEVEL": "warning",
             "FACEFLEET_SCHEDULER__HEARTBEAT_TIMEOUT_S": "2",
             "FACEFLEET_SCHEDULER__LOST_GRACE_S": "1",
+            **({"FACEFLEET_TLS__DIR": str(self.tls_dir)} if self.tls_dir is not None else {}),
             **self.extra_env,
         }
         env.pop("FACEFLEET_CONFIG", None)
@@ -60,7 +66,7 @@ class SchedulerProcess:
                 str(self.policy_dir),
                 "--metrics-port",
                 "0",
-                "--insecure",
+                *(["--insecure"] if self.tls_dir is None else []),
             ],
             stdout=log,
             stderr=log,
@@ -72,7 +78,7 @@ class SchedulerProcess:
 
     def wait_serving(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.address) as channel:
+        with self.channel("operator") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 assert self.process is not None
@@ -86,16 +92,32 @@ class SchedulerProcess:
                     time.sleep(0.1)
         raise TimeoutError(f"scheduler on {self.address} not serving after {timeout}s; see {self.log_path}")
 
+    def channel(self, identity: str) -> grpc.Channel:
+        """A client channel to this scheduler as `identity` (a certificate name in the PKI)."""
+        if self.tls_dir is None:
+            return grpc.insecure_channel(self.address)
+        return secure_channel(self.address, TLSConfig(dir=self.tls_dir), identity)
+
     def kill9(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=10)
+        kill9(self.process)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        terminate(self.process)
+
+
+def kill9(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGKILL, as a crash would, and reap it."""
+    assert process is not None
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=10)
+
+
+def terminate(process: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM (a clean stop), SIGKILL after 15 s."""
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
