@@ -41,6 +41,7 @@ from facefleet.v1 import admin_pb2, types_pb2
 log = structlog.get_logger()
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
 
+
 def rules_source_from(settings: Settings) -> Any:
     """The configured rules source. Raises ConsulSettingsError (a ValueError) for Consul settings
     that cannot work; Consul being down or refusing is never an error here (fallback rules)."""
@@ -94,9 +95,7 @@ class AssembledScheduler(SchedulerApp):
             lock_gate,
             self.dispatcher,
             self.registry,
-            pool_zones=lambda: {
-                pool.name: pool.trust_zone for pool in self.capacity.snapshot(audit_log.clock()).pools
-            },
+            pool_zones=lambda: {pool.name: pool.trust_zone for pool in self.capacity.snapshot(audit_log.clock()).pools},
             audit=audit_trail,
             unknown_wait_s=settings.scheduler.heartbeat_timeout_s + settings.scheduler.lost_grace_s,
         )
@@ -129,9 +128,7 @@ def build_scheduler(
     StoreUnusable for a store URL that names no usable or reachable database."""
     check_store(settings.scheduler.store_url)
     credentials = server_credentials_unless_insecure(settings.tls, "scheduler")
-    audit = AuditLog(
-        settings.audit.path, settings.audit.signing_key, on_record=metrics.count_audit_record
-    )
+    audit = AuditLog(settings.audit.path, settings.audit.signing_key, on_record=metrics.count_audit_record)
     rules: Any = rules_source or rules_source_from(settings)
     gate = LockGate(rules)
     trail = AuditTrail(audit)

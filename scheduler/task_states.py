@@ -33,4 +33,3 @@ ALLOWED_FROM: dict[str, frozenset[str]] = {
 
 def is_legal(from_state: str, to_state: str) -> bool:
     return from_state in ALLOWED_FROM.get(to_state, frozenset())
-
