@@ -11,7 +11,8 @@ is refused (fencing). `note_term` and `accept` serialize on one lock, so an inve
 `note_term(t)` lists every run accepted from a term older than `t`.
 
 A run found unfinished when the journal opens was cut short by an agent restart: it is closed as
-PREEMPTED (resume from its checkpoint), an outcome like any other.
+PREEMPTED (resume from its checkpoint), an outcome like any other. Acknowledged runs older than
+`retention_days` are dropped when the journal opens: the scheduler has recorded them long ago.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from facefleet.v1 import types_pb2
 
 JOURNAL_FILE = "run-journal.db"
 RESTART_MESSAGE = "the agent restarted during the run; resume from the checkpoint"
+RETENTION_DAYS = 30.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -69,7 +71,7 @@ class JournaledRun:
 
 
 class RunJournal:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, retention_days: float = RETENTION_DAYS) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
@@ -79,6 +81,9 @@ class RunJournal:
         self._db.executescript(_SCHEMA)
         self.leader_term = int(self._db.execute("SELECT leader_term FROM fence").fetchone()[0])
         self.interrupted = self._close_interrupted()
+        self._db.execute(
+            "DELETE FROM runs WHERE acknowledged = 1 AND accepted_at < ?", (time.time() - retention_days * 86400,)
+        )
 
     @classmethod
     def in_dir(cls, directory: Path) -> RunJournal:

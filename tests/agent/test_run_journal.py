@@ -99,3 +99,14 @@ def test_acknowledged_outcomes_leave_the_heartbeat_inventory(make_agent) -> None
     # Still never run again after the acknowledgement.
     final = list(env.stub.RunTask(agent_pb2.RunTaskRequest(task=env.task("t-ack"), attempt=1, leader_term=2)))
     assert final[-1].state == SUCCEEDED and env.pipeline.calls == ["t-ack"]
+
+
+def test_acknowledged_runs_past_the_retention_are_dropped_on_open(tmp_path: Path) -> None:
+    journal = RunJournal.in_dir(tmp_path)
+    for task_id in ("old-acked", "old-unacked"):
+        journal.accept(task_id, 1, 1)
+        journal.finish(task_id, 1, outcome(task_id))
+    journal.acknowledge([("old-acked", 1)])
+    journal.close()
+    kept = RunJournal(tmp_path / "run-journal.db", retention_days=-1)  # everything counts as old
+    assert {run.task_id for run in kept.all_runs()} == {"old-unacked"}  # unacknowledged: kept
