@@ -33,7 +33,7 @@ import structlog
 
 from facefleet.domain import PLACED, PRIVATE_ZONE, QUEUED, state_to_proto
 from facefleet.scheduler.dispatcher import AuditHook
-from facefleet.scheduler.store import TaskRecord, TaskStore
+from facefleet.scheduler.store import IllegalTransition, TaskRecord, TaskStore
 from facefleet.security.residency import LockActionKind, TaskLocation, lock_actions
 
 log = structlog.get_logger()
@@ -227,15 +227,18 @@ class LockEnforcer:
 
     def _stop_and_rerun(self, record: TaskRecord, reason: str) -> None:
         now = self.clock()
-        moved = self.store.transition(
-            record.id,
-            QUEUED,
-            f"stopped to re-run on-prem from the start: {reason}",
-            now,
-            expect_agent=record.agent_id,  # not expect_from: it may have gone dispatched -> running meanwhile
-            agent_id="",  # the old agent's late answers no longer match this task
-            not_before=now,
-        )
+        try:
+            moved = self.store.transition(
+                record.id,
+                QUEUED,
+                f"stopped to re-run on-prem from the start: {reason}",
+                now,
+                expect_agent=record.agent_id,  # not expect_from: it may have gone dispatched -> running meanwhile
+                agent_id="",  # the old agent's late answers no longer match this task
+                not_before=now,
+            )
+        except IllegalTransition:  # back in the queue meanwhile (reconciled, agent lost): placement pins it
+            moved = False
         if not moved:
             log.info("lock_stop_skipped", task_id=record.id, reason="finished or moved to another agent meanwhile")
             return
