@@ -774,9 +774,20 @@ class Dispatcher:
         """Record one progress message; True when it ends the run on this agent."""
         task_id = record.id
         state = message.state
-        if state == types_pb2.TASK_STATE_CANCELLED and task_id in self._stopping:  # stop_run: keep the task
+        if state == types_pb2.TASK_STATE_CANCELLED:
+            # A user's cancel is recorded in the store before the agent hears of it, so an agent's
+            # CANCELLED for a task still in flight is a stopped run, never the task's end: a budget
+            # stop (stop_run), a fencing cancel that reached a later attempt, an agent shutting down.
+            # The task goes back to the queue.
             self.store.record_progress(task_id, message, now)
-            self._requeue(self.store.get(task_id), self._stopping[task_id], "budget_stop", now, agent_id)
+            current = self.store.get(task_id)
+            if current.attempts == attempt:
+                why = self._stopping.get(task_id)
+                if why is not None:
+                    self._requeue(current, why, "budget_stop", now, agent_id)
+                else:
+                    stopped = f"agent {agent_id} stopped the run: {message.message or 'cancelled'}"
+                    self._requeue(current, stopped, "run_cancelled", now, agent_id)
             self.agents.acknowledge(agent_id, task_id, attempt)
             return True
         if state == types_pb2.TASK_STATE_PREEMPTED:

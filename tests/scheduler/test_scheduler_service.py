@@ -129,6 +129,22 @@ def test_cancel_reaches_the_running_agent(start_scheduler, start_agent, client) 
     assert events[-1].state == types_pb2.TASK_STATE_CANCELLED
 
 
+def test_a_run_the_agent_stops_on_its_own_is_not_the_end_of_the_task(start_scheduler, start_agent, client) -> None:  # type: ignore[no-untyped-def]
+    """An agent's CANCELLED for a task nobody cancelled (a fencing cancel that reached a later attempt,
+    an agent shutting down) stops that run only: the task goes back to the queue and still finishes."""
+    app = start_scheduler()
+    agent = start_agent(app.port, "onprem-1", "onprem-a", "private", slots=1, frame_s=0.05)
+    stub = client(app.port)
+    wait_for(lambda: len(app.registry.agents()) == 1, 5, what="agent heartbeat")
+    reply = stub.SubmitTask(scheduler_pb2.SubmitTaskRequest(task=task(types_pb2.SENSITIVITY_PRIVATE, frames=20)))
+    wait_for(lambda: app.store.get(reply.task_id).state == "running", 10, what="task running")
+    assert agent._cancel(reply.task_id)  # as a heartbeat-carried cancel for this task id would
+    events = watch_until_terminal(stub, reply.task_id)
+    assert events[-1].state == types_pb2.TASK_STATE_SUCCEEDED
+    assert agent.completed[reply.task_id] == 1 and agent.executions[reply.task_id] == 2
+    assert app.store.get(reply.task_id).attempts == 2
+
+
 def test_locked_project_and_private_work_never_leave_the_private_zone(start_scheduler, start_agent, client) -> None:  # type: ignore[no-untyped-def]
     app = start_scheduler()
     start_agent(app.port, "cloud-1", "cloud-b", "cloud")
