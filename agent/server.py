@@ -40,7 +40,14 @@ from facefleet.agent.models.verify import ModelStatus
 from facefleet.agent.pipeline.runner import ProgressUpdate, SwapJob, SwapResult
 from facefleet.agent.run_journal import JournaledRun, RunJournal
 from facefleet.config import AgentConfig
-from facefleet.domain import PRIVATE, TERMINAL_PROTO, residency_allows, sensitivity_from_proto, sensitivity_known
+from facefleet.domain import (
+    PRIVATE,
+    TERMINAL_PROTO,
+    residency_allows,
+    sensitivity_from_proto,
+    sensitivity_known,
+    state_name,
+)
 from facefleet.grpc_server import SERVICE_NAMES, ServerHandle, add_tolerant_service, build_server
 from facefleet.rpc_errors import abort
 from facefleet.v1 import agent_pb2, agent_pb2_grpc, scheduler_pb2, types_pb2
@@ -660,7 +667,7 @@ class AgentRuntime:
             while len(self._finished) > FINISHED_RUNS_KEPT:
                 self._finished.popitem(last=False)
         run.publish(final)  # after the slot is free: a client seeing the end may dispatch again at once
-        outcome = types_pb2.TaskState.Name(final.state).removeprefix("TASK_STATE_").lower()
+        outcome = state_name(final.state)
         metrics.TASKS.labels(pool=self.identity.pool, outcome=outcome).inc()
         self._update_slot_gauges()
         log.info(

@@ -26,6 +26,7 @@ from typing import Any
 import cv2
 import grpc
 
+from facefleet.domain import state_name
 from facefleet.scheduler.rules_source.files import default_policy_dir
 from facefleet.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
@@ -444,7 +445,7 @@ def summary_rows(layout: DemoLayout, statuses: dict[str, scheduler_pb2.TaskStatu
                 "id": status.task.id,
                 "project": task.project,
                 "sensitivity": task.sensitivity,
-                "state": types_pb2.TaskState.Name(status.state).removeprefix("TASK_STATE_").lower(),
+                "state": state_name(status.state),
                 "pool": status.pool,
                 "rule": status.rule,
                 "why": why(status.placement),

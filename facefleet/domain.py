@@ -107,6 +107,11 @@ def state_to_proto(state: str) -> int:
     return _STATE_TO_PROTO[state]
 
 
+def state_name(value: int) -> str:
+    """TASK_STATE_RUNNING -> 'running' for display; 'unspecified' for anything else."""
+    return _STATE_BY_PROTO.get(value, "unspecified")
+
+
 def state_from_proto(value: int) -> str:
     """TASK_STATE_RUNNING -> 'running'; ValueError for UNSPECIFIED or unknown numbers."""
     try:

@@ -61,7 +61,6 @@ from facefleet.v1 import agent_pb2, types_pb2
 
 log = structlog.get_logger()
 
-PRIORITY_LABELS = {value: name.removeprefix("PRIORITY_").lower() for name, value in types_pb2.Priority.items()}
 
 
 class AgentDirectory(Protocol):

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from facefleet.domain import DEFAULT_PRIORITY, priority_from_proto, sensitivity_from_proto
 from facefleet.scheduler.ledger import SpendLedger
 
 
@@ -37,7 +38,6 @@ class TaskPages(Protocol):
 
 def historic_tasks(store: TaskPages, since: datetime, until: datetime | None = None) -> Iterator[HistoricTask]:
     """Every task submitted in [since, until) from the task store, decoded from its stored proto."""
-    from facefleet.v1 import types_pb2
 
     low, high = since.timestamp(), until.timestamp() if until else float("inf")
     token = ""
@@ -51,12 +51,8 @@ def historic_tasks(store: TaskPages, since: datetime, until: datetime | None = N
                 id=record.id,
                 submitted_at=datetime.fromtimestamp(record.submitted_at, UTC),
                 project=record.project,
-                sensitivity=types_pb2.Sensitivity.Name(task.sensitivity).removeprefix("SENSITIVITY_").lower()
-                if task.sensitivity
-                else "public",
-                priority=types_pb2.Priority.Name(task.priority).removeprefix("PRIORITY_").lower()
-                if task.priority
-                else "normal",
+                sensitivity=sensitivity_from_proto(task.sensitivity),
+                priority=priority_from_proto(task.priority) or DEFAULT_PRIORITY,
                 frames=max(1, int(task.frames)),
                 sla_seconds=float(task.sla_seconds),
             )

@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from facefleet.cli.output import JSON_OPTION, console, err_console, fail, line, print_json, styled
+from facefleet.domain import state_name
 
 
 def register(app: typer.Typer) -> None:
@@ -97,7 +98,6 @@ def register(app: typer.Typer) -> None:
 def _progress_table(demo: Any, statuses: dict[str, Any]) -> Any:
     from rich.table import Table
 
-    from facefleet.v1 import types_pb2
 
     table = Table(title="workload", expand=False)
     for column in ("task", "state", "pool", "progress"):
@@ -105,7 +105,7 @@ def _progress_table(demo: Any, statuses: dict[str, Any]) -> Any:
     for name, status in statuses.items():
         progress = status.last_progress
         done = f"{progress.frames_done}/{progress.frames_total}" if progress.frames_total else ""
-        state = types_pb2.TaskState.Name(status.state).removeprefix("TASK_STATE_").lower()
+        state = state_name(status.state)
         table.add_row(name, state, status.pool or "-", done)
     return table
 

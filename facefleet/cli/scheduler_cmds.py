@@ -10,6 +10,7 @@ from typing import Any
 import typer
 
 from facefleet.cli.output import JSON_OPTION, console, fail, print_json
+from facefleet.domain import state_name
 
 SCHEDULER_OPTION = typer.Option(None, "--scheduler", help="Scheduler host:port (default: scheduler.listen).")
 INSECURE_OPTION = typer.Option(False, "--insecure", help="Plaintext gRPC: local development only.")
@@ -87,12 +88,6 @@ def _status_dict(status: Any) -> dict[str, Any]:
     from google.protobuf.json_format import MessageToDict
 
     return MessageToDict(status, preserving_proto_field_name=True)
-
-
-def _short_state(value: int) -> str:
-    from facefleet.v1 import types_pb2
-
-    return types_pb2.TaskState.Name(value).removeprefix("TASK_STATE_").lower()  # type: ignore[arg-type]
 
 
 def register(app: typer.Typer) -> None:
@@ -173,7 +168,7 @@ def register(app: typer.Typer) -> None:
                 channel, "SubmitTask", scheduler_pb2.SubmitTaskRequest(task=task, idempotency_key=idempotency_key)
             )
             if json_output and not wait:
-                print_json({"task_id": reply.task_id, "created": reply.created, "state": _short_state(reply.state)})
+                print_json({"task_id": reply.task_id, "created": reply.created, "state": state_name(reply.state)})
                 return
             if not json_output:
                 console.print(f"{reply.task_id} {'created' if reply.created else 'already submitted'}")
@@ -198,12 +193,12 @@ def register(app: typer.Typer) -> None:
             print_json(_status_dict(status))
             return
         console.print(
-            f"{task_id} {_short_state(status.state)} pool={status.pool or '-'} rule={status.rule or '-'} "
+            f"{task_id} {state_name(status.state)} pool={status.pool or '-'} rule={status.rule or '-'} "
             f"agent={status.agent_id or '-'} attempts={status.attempts}"
         )
         for transition in status.transitions:
             console.print(
-                f"  {transition.at.ToDatetime().isoformat()}  {_short_state(transition.to_state):<10} "
+                f"  {transition.at.ToDatetime().isoformat()}  {state_name(transition.to_state):<10} "
                 f"{transition.reason}"
             )
 
@@ -236,9 +231,9 @@ def register(app: typer.Typer) -> None:
         with _channel(scheduler, insecure, config, identity) as channel:
             reply = _call(channel, "CancelTask", scheduler_pb2.CancelTaskRequest(task_id=task_id, reason=reason))
         if json_output:
-            print_json({"task_id": task_id, "state": _short_state(reply.state)})
+            print_json({"task_id": task_id, "state": state_name(reply.state)})
         else:
-            console.print(f"{task_id} {_short_state(reply.state)}")
+            console.print(f"{task_id} {state_name(reply.state)}")
 
     @app.command("tasks")
     def tasks_cmd(
@@ -277,7 +272,7 @@ def register(app: typer.Typer) -> None:
             table.add_row(
                 status.task.id,
                 status.task.project,
-                _short_state(status.state),
+                state_name(status.state),
                 status.pool,
                 status.agent_id,
                 str(status.attempts),
@@ -296,7 +291,7 @@ def _follow(channel: Any, task_id: str, json_output: bool) -> None:
     last = ""
     try:
         for event in stub.WatchTask(scheduler_pb2.WatchTaskRequest(task_id=task_id)):
-            last = _short_state(event.state)
+            last = state_name(event.state)
             if json_output:
                 print_json(_status_dict(event))
             elif event.HasField("progress"):
