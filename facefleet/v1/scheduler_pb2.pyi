@@ -1,5 +1,6 @@
 import datetime
 
+from facefleet.v1 import agent_pb2 as _agent_pb2
 from facefleet.v1 import types_pb2 as _types_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -177,3 +178,43 @@ class HeartbeatResponse(_message.Message):
     leader_term: int
     acknowledged: _containers.RepeatedCompositeFieldContainer[_types_pb2.RunRef]
     def __init__(self, drain: _Optional[bool] = ..., cancel_task_ids: _Optional[_Iterable[str]] = ..., heartbeat_interval_s: _Optional[int] = ..., server_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., leader_term: _Optional[int] = ..., acknowledged: _Optional[_Iterable[_Union[_types_pb2.RunRef, _Mapping]]] = ...) -> None: ...
+
+class AgentMessage(_message.Message):
+    __slots__ = ("heartbeat", "updates", "refusals")
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    REFUSALS_FIELD_NUMBER: _ClassVar[int]
+    heartbeat: HeartbeatRequest
+    updates: _containers.RepeatedCompositeFieldContainer[RunUpdate]
+    refusals: _containers.RepeatedCompositeFieldContainer[RunRefusal]
+    def __init__(self, heartbeat: _Optional[_Union[HeartbeatRequest, _Mapping]] = ..., updates: _Optional[_Iterable[_Union[RunUpdate, _Mapping]]] = ..., refusals: _Optional[_Iterable[_Union[RunRefusal, _Mapping]]] = ...) -> None: ...
+
+class RunUpdate(_message.Message):
+    __slots__ = ("task_id", "attempt", "progress")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    attempt: int
+    progress: _types_pb2.Progress
+    def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., progress: _Optional[_Union[_types_pb2.Progress, _Mapping]] = ...) -> None: ...
+
+class RunRefusal(_message.Message):
+    __slots__ = ("task_id", "attempt", "error", "retry")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    RETRY_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    attempt: int
+    error: _types_pb2.Error
+    retry: bool
+    def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., error: _Optional[_Union[_types_pb2.Error, _Mapping]] = ..., retry: _Optional[bool] = ...) -> None: ...
+
+class SchedulerMessage(_message.Message):
+    __slots__ = ("control", "assignments")
+    CONTROL_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
+    control: HeartbeatResponse
+    assignments: _containers.RepeatedCompositeFieldContainer[_agent_pb2.RunTaskRequest]
+    def __init__(self, control: _Optional[_Union[HeartbeatResponse, _Mapping]] = ..., assignments: _Optional[_Iterable[_Union[_agent_pb2.RunTaskRequest, _Mapping]]] = ...) -> None: ...

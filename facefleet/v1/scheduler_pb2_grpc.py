@@ -71,6 +71,11 @@ class SchedulerStub:
                 request_serializer=facefleet_dot_v1_dot_scheduler__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=facefleet_dot_v1_dot_scheduler__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.AgentSession = channel.stream_stream(
+                '/facefleet.v1.Scheduler/AgentSession',
+                request_serializer=facefleet_dot_v1_dot_scheduler__pb2.AgentMessage.SerializeToString,
+                response_deserializer=facefleet_dot_v1_dot_scheduler__pb2.SchedulerMessage.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -122,6 +127,18 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AgentSession(self, request_iterator, context):
+        """One long-lived session per agent and scheduler replica, opened by the agent (so cloud instances
+        need no inbound port; the agent's mTLS identity names it). The agent's first message carries its
+        identity, free slots, health and inventory; then the session is also its heartbeat. Assignments
+        go one way in batches, progress, outcomes and refusals the other; acknowledgements, cancels,
+        drain and the leader term ride on `control`. Replaces Agent.RunTask and Scheduler.Heartbeat for
+        agents that open one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -159,6 +176,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=facefleet_dot_v1_dot_scheduler__pb2.HeartbeatRequest.FromString,
                     response_serializer=facefleet_dot_v1_dot_scheduler__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'AgentSession': grpc.stream_stream_rpc_method_handler(
+                    servicer.AgentSession,
+                    request_deserializer=facefleet_dot_v1_dot_scheduler__pb2.AgentMessage.FromString,
+                    response_serializer=facefleet_dot_v1_dot_scheduler__pb2.SchedulerMessage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +373,33 @@ class Scheduler:
             '/facefleet.v1.Scheduler/Heartbeat',
             facefleet_dot_v1_dot_scheduler__pb2.HeartbeatRequest.SerializeToString,
             facefleet_dot_v1_dot_scheduler__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AgentSession(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/facefleet.v1.Scheduler/AgentSession',
+            facefleet_dot_v1_dot_scheduler__pb2.AgentMessage.SerializeToString,
+            facefleet_dot_v1_dot_scheduler__pb2.SchedulerMessage.FromString,
             options,
             channel_credentials,
             insecure,
