@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from facefleet.v1 import types_pb2 as facefleet_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x61\x63\x65\x66leet/v1/agent.proto\x12\x0c\x66\x61\x63\x65\x66leet.v1\x1a\x18\x66\x61\x63\x65\x66leet/v1/types.proto\"\xa3\x01\n\x0eRunTaskRequest\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.facefleet.v1.Task\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x19\n\x11resume_from_frame\x18\x03 \x01(\r\x12\x16\n\x0e\x63heckpoint_uri\x18\x04 \x01(\t\x12\x16\n\x0eproject_locked\x18\x05 \x01(\x08\x12\x13\n\x0bleader_term\x18\x06 \x01(\x04\"5\n\x12\x41gentCancelRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"*\n\x13\x41gentCancelResponse\x12\x13\n\x0bwas_running\x18\x01 \x01(\x08\"\x11\n\x0f\x44\x65scribeRequest\"X\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x10\n\x08verified\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\x9c\x02\n\x10\x41gentDescription\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x12\n\ntrust_zone\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\x0e\n\x06region\x18\x05 \x01(\t\x12\x1b\n\x13\x65xecution_providers\x18\x06 \x03(\t\x12\'\n\x06models\x18\x07 \x03(\x0b\x32\x17.facefleet.v1.ModelInfo\x12\x0b\n\x03gpu\x18\x08 \x01(\t\x12\x15\n\rgpu_memory_mb\x18\t \x01(\x04\x12\x0e\n\x06\x65ngine\x18\n \x01(\t\x12\x13\n\x0btotal_slots\x18\x0b \x01(\r\x12\x12\n\nfree_slots\x18\x0c \x01(\r\x12\x0f\n\x07version\x18\r \x01(\t2\xe8\x01\n\x05\x41gent\x12\x41\n\x07RunTask\x12\x1c.facefleet.v1.RunTaskRequest\x1a\x16.facefleet.v1.Progress0\x01\x12Q\n\nCancelTask\x12 .facefleet.v1.AgentCancelRequest\x1a!.facefleet.v1.AgentCancelResponse\x12I\n\x08\x44\x65scribe\x12\x1d.facefleet.v1.DescribeRequest\x1a\x1e.facefleet.v1.AgentDescriptionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x66\x61\x63\x65\x66leet/v1/agent.proto\x12\x0c\x66\x61\x63\x65\x66leet.v1\x1a\x18\x66\x61\x63\x65\x66leet/v1/types.proto\"\xb6\x01\n\x0eRunTaskRequest\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.facefleet.v1.Task\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x19\n\x11resume_from_frame\x18\x03 \x01(\r\x12\x16\n\x0e\x63heckpoint_uri\x18\x04 \x01(\t\x12\x16\n\x0eproject_locked\x18\x05 \x01(\x08\x12\x13\n\x0bleader_term\x18\x06 \x01(\x04\x12\x11\n\tmax_run_s\x18\x07 \x01(\x01\"5\n\x12\x41gentCancelRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"*\n\x13\x41gentCancelResponse\x12\x13\n\x0bwas_running\x18\x01 \x01(\x08\"\x11\n\x0f\x44\x65scribeRequest\"X\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x10\n\x08verified\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"\x9c\x02\n\x10\x41gentDescription\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x12\n\ntrust_zone\x18\x03 \x01(\t\x12\x10\n\x08provider\x18\x04 \x01(\t\x12\x0e\n\x06region\x18\x05 \x01(\t\x12\x1b\n\x13\x65xecution_providers\x18\x06 \x03(\t\x12\'\n\x06models\x18\x07 \x03(\x0b\x32\x17.facefleet.v1.ModelInfo\x12\x0b\n\x03gpu\x18\x08 \x01(\t\x12\x15\n\rgpu_memory_mb\x18\t \x01(\x04\x12\x0e\n\x06\x65ngine\x18\n \x01(\t\x12\x13\n\x0btotal_slots\x18\x0b \x01(\r\x12\x12\n\nfree_slots\x18\x0c \x01(\r\x12\x0f\n\x07version\x18\r \x01(\t2\xe8\x01\n\x05\x41gent\x12\x41\n\x07RunTask\x12\x1c.facefleet.v1.RunTaskRequest\x1a\x16.facefleet.v1.Progress0\x01\x12Q\n\nCancelTask\x12 .facefleet.v1.AgentCancelRequest\x1a!.facefleet.v1.AgentCancelResponse\x12I\n\x08\x44\x65scribe\x12\x1d.facefleet.v1.DescribeRequest\x1a\x1e.facefleet.v1.AgentDescriptionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,17 +33,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'facefleet.v1.agent_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RUNTASKREQUEST']._serialized_start=69
-  _globals['_RUNTASKREQUEST']._serialized_end=232
-  _globals['_AGENTCANCELREQUEST']._serialized_start=234
-  _globals['_AGENTCANCELREQUEST']._serialized_end=287
-  _globals['_AGENTCANCELRESPONSE']._serialized_start=289
-  _globals['_AGENTCANCELRESPONSE']._serialized_end=331
-  _globals['_DESCRIBEREQUEST']._serialized_start=333
-  _globals['_DESCRIBEREQUEST']._serialized_end=350
-  _globals['_MODELINFO']._serialized_start=352
-  _globals['_MODELINFO']._serialized_end=440
-  _globals['_AGENTDESCRIPTION']._serialized_start=443
-  _globals['_AGENTDESCRIPTION']._serialized_end=727
-  _globals['_AGENT']._serialized_start=730
-  _globals['_AGENT']._serialized_end=962
+  _globals['_RUNTASKREQUEST']._serialized_end=251
+  _globals['_AGENTCANCELREQUEST']._serialized_start=253
+  _globals['_AGENTCANCELREQUEST']._serialized_end=306
+  _globals['_AGENTCANCELRESPONSE']._serialized_start=308
+  _globals['_AGENTCANCELRESPONSE']._serialized_end=350
+  _globals['_DESCRIBEREQUEST']._serialized_start=352
+  _globals['_DESCRIBEREQUEST']._serialized_end=369
+  _globals['_MODELINFO']._serialized_start=371
+  _globals['_MODELINFO']._serialized_end=459
+  _globals['_AGENTDESCRIPTION']._serialized_start=462
+  _globals['_AGENTDESCRIPTION']._serialized_end=746
+  _globals['_AGENT']._serialized_start=749
+  _globals['_AGENT']._serialized_end=981
 # @@protoc_insertion_point(module_scope)

@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RunTaskRequest(_message.Message):
-    __slots__ = ("task", "attempt", "resume_from_frame", "checkpoint_uri", "project_locked", "leader_term")
+    __slots__ = ("task", "attempt", "resume_from_frame", "checkpoint_uri", "project_locked", "leader_term", "max_run_s")
     TASK_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     RESUME_FROM_FRAME_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_URI_FIELD_NUMBER: _ClassVar[int]
     PROJECT_LOCKED_FIELD_NUMBER: _ClassVar[int]
     LEADER_TERM_FIELD_NUMBER: _ClassVar[int]
+    MAX_RUN_S_FIELD_NUMBER: _ClassVar[int]
     task: _types_pb2.Task
     attempt: int
     resume_from_frame: int
     checkpoint_uri: str
     project_locked: bool
     leader_term: int
-    def __init__(self, task: _Optional[_Union[_types_pb2.Task, _Mapping]] = ..., attempt: _Optional[int] = ..., resume_from_frame: _Optional[int] = ..., checkpoint_uri: _Optional[str] = ..., project_locked: _Optional[bool] = ..., leader_term: _Optional[int] = ...) -> None: ...
+    max_run_s: float
+    def __init__(self, task: _Optional[_Union[_types_pb2.Task, _Mapping]] = ..., attempt: _Optional[int] = ..., resume_from_frame: _Optional[int] = ..., checkpoint_uri: _Optional[str] = ..., project_locked: _Optional[bool] = ..., leader_term: _Optional[int] = ..., max_run_s: _Optional[float] = ...) -> None: ...
 
 class AgentCancelRequest(_message.Message):
     __slots__ = ("task_id", "reason")

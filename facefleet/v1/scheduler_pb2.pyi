@@ -164,20 +164,32 @@ class HeartbeatRequest(_message.Message):
     def __init__(self, agent_id: _Optional[str] = ..., address: _Optional[str] = ..., pool: _Optional[str] = ..., trust_zone: _Optional[str] = ..., provider: _Optional[str] = ..., region: _Optional[str] = ..., total_slots: _Optional[int] = ..., free_slots: _Optional[int] = ..., healthy: _Optional[bool] = ..., running_task_ids: _Optional[_Iterable[str]] = ..., execution_providers: _Optional[_Iterable[str]] = ..., gpu: _Optional[str] = ..., sec_per_frame: _Optional[float] = ..., preempting: _Optional[bool] = ..., instance_id: _Optional[str] = ..., runs: _Optional[_Iterable[_Union[_types_pb2.RunReport, _Mapping]]] = ..., known_leader_term: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("drain", "cancel_task_ids", "heartbeat_interval_s", "server_time", "leader_term", "acknowledged")
+    __slots__ = ("drain", "cancel_task_ids", "heartbeat_interval_s", "server_time", "leader_term", "acknowledged", "run_limits")
     DRAIN_FIELD_NUMBER: _ClassVar[int]
     CANCEL_TASK_IDS_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     SERVER_TIME_FIELD_NUMBER: _ClassVar[int]
     LEADER_TERM_FIELD_NUMBER: _ClassVar[int]
     ACKNOWLEDGED_FIELD_NUMBER: _ClassVar[int]
+    RUN_LIMITS_FIELD_NUMBER: _ClassVar[int]
     drain: bool
     cancel_task_ids: _containers.RepeatedScalarFieldContainer[str]
     heartbeat_interval_s: int
     server_time: _timestamp_pb2.Timestamp
     leader_term: int
     acknowledged: _containers.RepeatedCompositeFieldContainer[_types_pb2.RunRef]
-    def __init__(self, drain: _Optional[bool] = ..., cancel_task_ids: _Optional[_Iterable[str]] = ..., heartbeat_interval_s: _Optional[int] = ..., server_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., leader_term: _Optional[int] = ..., acknowledged: _Optional[_Iterable[_Union[_types_pb2.RunRef, _Mapping]]] = ...) -> None: ...
+    run_limits: _containers.RepeatedCompositeFieldContainer[RunLimit]
+    def __init__(self, drain: _Optional[bool] = ..., cancel_task_ids: _Optional[_Iterable[str]] = ..., heartbeat_interval_s: _Optional[int] = ..., server_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., leader_term: _Optional[int] = ..., acknowledged: _Optional[_Iterable[_Union[_types_pb2.RunRef, _Mapping]]] = ..., run_limits: _Optional[_Iterable[_Union[RunLimit, _Mapping]]] = ...) -> None: ...
+
+class RunLimit(_message.Message):
+    __slots__ = ("task_id", "attempt", "max_run_s")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    MAX_RUN_S_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    attempt: int
+    max_run_s: float
+    def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., max_run_s: _Optional[float] = ...) -> None: ...
 
 class AgentMessage(_message.Message):
     __slots__ = ("heartbeat", "updates", "refusals")
