@@ -23,8 +23,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from facefleet.domain import TERMINAL_PROTO
 from facefleet.v1 import types_pb2
 
+# A run ends on this agent when its task is terminal or was preempted (it may resume elsewhere):
+# its final Progress is the outcome the journal keeps.
+RUN_ENDED_STATES = frozenset(TERMINAL_PROTO | {types_pb2.TASK_STATE_PREEMPTED})
 JOURNAL_FILE = "run-journal.db"
 RESTART_MESSAGE = "the agent restarted during the run; resume from the checkpoint"
 RETENTION_DAYS = 30.0

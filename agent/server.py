@@ -1,14 +1,20 @@
-"""The agent service: runs swap tasks pushed by the scheduler, one per slot.
+"""The agent service: runs swap tasks the scheduler assigns, one per slot.
 
-`AgentRuntime` owns slots and runs, keyed by task id (the idempotency key): a repeated RunTask for a
-running task re-attaches to the same run's progress, one for a finished task replays the final
-progress, and completion is recorded once. Every run and its outcome are in the run journal
-(`agent.run_journal`) before anyone hears of them, so this holds across agent restarts: a task that
-succeeded here never runs again, and outcomes stay in the heartbeat's inventory until the
-scheduler acknowledges them. A dispatch from a leader term older than the newest seen is refused.
-Runs live in their own threads, so a dispatcher that disconnects does not stop the work. Refusals
-before any work starts are gRPC statuses with a `facefleet-reason`; anything that fails once work
-started is a final Progress (FAILED + Error).
+Work arrives on the agent's session with each scheduler replica (`agent.session`: assignments in,
+batched updates and refusals out), or, from a scheduler that predates sessions, as `Agent.RunTask`
+streams this gRPC server still serves (with `CancelTask` and `Describe`): the rolling-upgrade path.
+
+`AgentRuntime` owns slots and runs, keyed by task id (the idempotency key): a repeated assignment for
+a running task re-attaches to the same run, one for a finished task replays the outcome, and
+completion is recorded once. Every run and its outcome are in the run journal (`agent.run_journal`)
+before anyone hears of them, so this holds across agent restarts: a task that succeeded here never
+runs again, and outcomes stay in the heartbeat's inventory until the scheduler acknowledges them. A
+dispatch from a leader term older than the newest seen is refused. A session's assignment beyond the
+free slots waits in a FIFO (at most `max_waiting`, journaled as accepted) and starts when a slot
+frees; a cancel ends a waiting run before it starts. Runs live in their own threads, so a scheduler
+that disconnects does not stop the work; a run publishes its updates to its session's listener.
+Refusals before any work starts are RunRefusals (session) or gRPC statuses with a
+`facefleet-reason` (RunTask); anything that fails once work started is a final Progress (FAILED + Error).
 
 Residency, third layer: an agent in the cloud trust zone refuses any private or project-locked task.
 """
@@ -34,15 +40,14 @@ from prometheus_client import start_http_server
 
 from facefleet.agent import metrics
 from facefleet.agent.gpu_stats import GpuProbe
-from facefleet.agent.heartbeat import HeartbeatLoop, heartbeat_loops
 from facefleet.agent.inputs import InputRejected, InputResolver
 from facefleet.agent.models.verify import ModelStatus
 from facefleet.agent.pipeline.runner import ProgressUpdate, SwapJob, SwapResult
-from facefleet.agent.run_journal import JournaledRun, RunJournal
+from facefleet.agent.run_journal import RUN_ENDED_STATES, JournaledRun, RunJournal
+from facefleet.agent.session import SchedulerSession, scheduler_sessions
 from facefleet.config import AgentConfig
 from facefleet.domain import (
     PRIVATE,
-    TERMINAL_PROTO,
     residency_allows,
     sensitivity_from_proto,
     sensitivity_known,
@@ -56,9 +61,8 @@ from facefleet.v1 import agent_pb2, agent_pb2_grpc, scheduler_pb2, types_pb2
 CANCEL_BEFORE_START_WINDOW_S = 30.0
 log = structlog.get_logger()
 
-# A run ends on this agent when its task is terminal or was preempted (it may resume elsewhere).
-RUN_ENDED_STATES = frozenset(TERMINAL_PROTO | {types_pb2.TASK_STATE_PREEMPTED})
 FINISHED_RUNS_KEPT = 4096
+WAITING_STAGE = "waiting"  # Progress.stage of a run accepted beyond the free slots, not started yet
 SEC_PER_FRAME_SMOOTHING = 0.3
 
 try:
@@ -86,6 +90,7 @@ class Pipeline(Protocol):
 
 JobFactory = Callable[..., SwapJob]
 default_job_factory: JobFactory = SwapJob
+RunListener = Callable[[types_pb2.Progress], None]
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,7 @@ class TaskRun:
     preempted: bool = False
     cancel_reason: str = ""
     started_at: float = field(default_factory=time.monotonic)
+    listener: RunListener | None = None  # the session that was assigned this run (agent.session)
 
     @property
     def finished(self) -> bool:
@@ -167,6 +173,16 @@ class TaskRun:
             self.latest = progress
             self.sequence += 1
             self.changed.notify_all()
+            if self.listener is not None:
+                _tell(self.listener, progress)
+
+    def subscribe(self, listener: RunListener) -> None:
+        """Send every update from now on to `listener`, starting with the current one (in order: both
+        under the run's lock). A newer subscriber replaces the previous one."""
+        with self.changed:
+            self.listener = listener
+            if self.sequence > 0:
+                _tell(listener, self.latest)
 
     def follow(self, is_active: Callable[[], bool], poll_s: float = 0.5) -> Iterator[types_pb2.Progress]:
         """Yield the current snapshot, then every newer one, until a terminal state or the caller leaves."""
@@ -184,8 +200,21 @@ class TaskRun:
                 return
 
 
+def _tell(listener: RunListener, progress: types_pb2.Progress) -> None:
+    try:
+        listener(progress)
+    except Exception as error:  # a listener's fault never stops the run that publishes
+        log.error("run_listener_failed", task_id=progress.task_id, exc_info=error)
+
+
+# Refusals after which the task may go to another agent now (the scheduler re-queues it); any other
+# refusal is about the task itself (bad input, residency, models) and fails it.
+RETRY_CODES = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED, grpc.StatusCode.INTERNAL})
+
+
 class Refusal(Exception):
-    """Admission refused before work starts: becomes a gRPC status with a facefleet-reason."""
+    """Admission refused before work starts: a gRPC status with a facefleet-reason (RunTask) or a
+    RunRefusal (session)."""
 
     def __init__(self, code: grpc.StatusCode, reason: int, message: str, field: str = "") -> None:
         super().__init__(message)
@@ -193,6 +222,23 @@ class Refusal(Exception):
         self.reason = reason
         self.message = message
         self.field = field
+
+    def run_refusal(self, request: agent_pb2.RunTaskRequest) -> scheduler_pb2.RunRefusal:
+        return scheduler_pb2.RunRefusal(
+            task_id=request.task.id,
+            attempt=request.attempt,
+            error=types_pb2.Error(reason=self.reason, message=self.message, field=self.field),  # type: ignore[arg-type]
+            retry=self.code in RETRY_CODES,
+        )
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    """An accepted run that waits for a free slot (prefetch); it has not started."""
+
+    run: TaskRun
+    request: agent_pb2.RunTaskRequest
+    checkpoint_dir: Path
 
 
 class AgentRuntime:
@@ -210,9 +256,12 @@ class AgentRuntime:
         job_factory: JobFactory = default_job_factory,
         pipeline_error: BaseException | None = None,
         journal: RunJournal | None = None,
+        max_waiting: int = 0,
     ) -> None:
         if slots < 1:
             raise ValueError(f"slots must be at least 1, got {slots}")
+        if max_waiting < 0:
+            raise ValueError(f"max_waiting must be 0 or more, got {max_waiting}")
         self.identity = identity
         self.pipeline = pipeline
         self.pipeline_error = pipeline_error
@@ -220,6 +269,7 @@ class AgentRuntime:
         self.work_dir = Path(work_dir)
         self.checkpoint_root = Path(checkpoint_root)
         self.total_slots = slots
+        self.max_waiting = max_waiting
         self.gpu = gpu or GpuProbe()
         self.job_factory = job_factory
         self.draining = False
@@ -227,6 +277,7 @@ class AgentRuntime:
         self.sec_per_frame = 0.0
         self._lock = threading.Lock()
         self._running: dict[str, TaskRun] = {}
+        self._waiting: OrderedDict[str, _Waiting] = OrderedDict()  # accepted beyond the free slots, FIFO
         self._finished: OrderedDict[str, TaskRun] = OrderedDict()
         # CancelTask that arrived before its RunTask (the two race on separate connections):
         # task id -> when. A RunTask for it shortly after is refused instead of started.
@@ -243,11 +294,16 @@ class AgentRuntime:
     @property
     def free_slots(self) -> int:
         with self._lock:
-            return self.total_slots - len(self._running)
+            return max(0, self.total_slots - len(self._running) - len(self._waiting))
 
     def running_task_ids(self) -> list[str]:
+        """Every run this agent holds: started, or accepted and waiting for a slot."""
         with self._lock:
-            return sorted(self._running)
+            return sorted([*self._running, *self._waiting])
+
+    def waiting_task_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._waiting)
 
     @property
     def healthy(self) -> bool:
@@ -262,13 +318,18 @@ class AgentRuntime:
         """Spot interruption notice: take nothing new, stop the runs as PREEMPTED (checkpoints stay)."""
         self.preempting = True
         metrics.PREEMPTION_NOTICES.labels(provider=self.identity.provider).inc()
+        reason = "spot interruption notice: resume from the checkpoint elsewhere"
         with self._lock:
             runs = list(self._running.values())
+            waiting = list(self._waiting.values())
+            self._waiting.clear()
         for run in runs:
             run.preempted = True
-            run.cancel_reason = "spot interruption notice: resume from the checkpoint elsewhere"
+            run.cancel_reason = reason
             run.cancelled.set()
-        return [run.task_id for run in runs]
+        for entry in waiting:
+            self._end_unstarted(entry, types_pb2.TASK_STATE_PREEMPTED, reason)
+        return [run.task_id for run in runs] + [entry.run.task_id for entry in waiting]
 
     def heartbeat_request(self) -> scheduler_pb2.HeartbeatRequest:
         term = self.journal.leader_term  # read before the inventory: it lists all that term's predecessors got
@@ -375,13 +436,29 @@ class AgentRuntime:
             return chosen
         return (self.checkpoint_root / request.task.id).resolve()
 
-    def start_or_attach(self, request: agent_pb2.RunTaskRequest) -> TaskRun:
-        """The run for this task: an existing one (re-attach / replay) or a new one; raises Refusal."""
+    def assign(self, request: agent_pb2.RunTaskRequest, listener: RunListener) -> scheduler_pb2.RunRefusal | None:
+        """A session's assignment: start it, queue it for a slot (up to `max_waiting`), re-attach to
+        it or replay its outcome; its updates go to `listener`. A refusal is returned, not raised."""
+        try:
+            run = self.start_or_attach(request, may_wait=True)
+        except Refusal as refusal:
+            return refusal.run_refusal(request)
+        except Exception as error:  # never crash on input: refuse, the scheduler places it again
+            log.error("assignment_admission_crashed", task_id=request.task.id, exc_info=error)
+            message = f"agent failed to admit task {request.task.id}: {type(error).__name__}: {error}"
+            return Refusal(grpc.StatusCode.INTERNAL, types_pb2.INTERNAL, message).run_refusal(request)
+        run.subscribe(listener)
+        return None
+
+    def start_or_attach(self, request: agent_pb2.RunTaskRequest, may_wait: bool = False) -> TaskRun:
+        """The run for this task: an existing one (re-attach / replay) or a new one; raises Refusal.
+        `may_wait`: with every slot busy, queue it (accepted, not started) while fewer than
+        `max_waiting` wait, instead of refusing."""
         self._validate(request)
         task_id = request.task.id
         self.journal.note_term(request.leader_term)  # a newer leader speaks: fence the older ones
         with self._lock:
-            existing = self._running.get(task_id) or self._finished.get(task_id)
+            existing = self._running.get(task_id) or self._waiting_run(task_id) or self._finished.get(task_id)
             if existing is not None and not self._rerun_allowed(existing, request.attempt):
                 return existing
         if existing is None and (journaled := self._journaled_outcome(task_id, request.attempt)) is not None:
@@ -404,7 +481,7 @@ class AgentRuntime:
         self._precheck_inputs(request)
         checkpoint_dir = self._checkpoint_dir(request)
         with self._lock:
-            existing = self._running.get(task_id)  # a concurrent duplicate may have won the race
+            existing = self._running.get(task_id) or self._waiting_run(task_id)  # a concurrent duplicate won
             if existing is not None:
                 return existing
             cancelled_at = self._cancelled_unstarted.pop(task_id, None)
@@ -416,38 +493,95 @@ class AgentRuntime:
                     f"task {task_id} was cancelled on agent {self.identity.agent_id} before it started; "
                     "not starting it (the scheduler re-queues it)",
                 )
-            if len(self._running) >= self.total_slots:
+            waits = len(self._running) >= self.total_slots
+            if waits and (not may_wait or len(self._waiting) >= self.max_waiting):
                 metrics.REFUSALS.labels(reason="NO_CAPACITY").inc()
+                queue = f" and {len(self._waiting)} of {self.max_waiting} waiting" if may_wait else ""
                 raise Refusal(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     types_pb2.NO_CAPACITY,
                     f"agent {self.identity.agent_id} is full ({self.total_slots} of "
-                    f"{self.total_slots} slots busy); requeue the task",
+                    f"{self.total_slots} slots busy{queue}); requeue the task",
                 )
             stale = self.journal.accept(task_id, request.attempt, request.leader_term)
             if stale:
                 metrics.REFUSALS.labels(reason="STALE_LEADER_TERM").inc()
                 raise Refusal(grpc.StatusCode.ABORTED, types_pb2.STALE_LEADER_TERM, f"task {task_id}: {stale}")
             run = TaskRun(task_id=task_id, attempt=request.attempt)
+            if waits:
+                stage, message = WAITING_STAGE, f"accepted; waiting for a free slot ({len(self._waiting)} ahead)"
+                self._waiting[task_id] = _Waiting(run, request, checkpoint_dir)
+            else:
+                stage, message = "accepted", ""
+                self._running[task_id] = run
             run.publish(
                 self._progress(
                     run,
                     request,
                     checkpoint_dir,
                     state=types_pb2.TASK_STATE_RUNNING,
+                    stage=stage,
+                    message=message,
+                    frames_done=request.resume_from_frame,
+                )
+            )
+            self._finished.pop(task_id, None)
+        self._update_slot_gauges()
+        if waits:
+            log.info("task_waiting", task_id=task_id, attempt=request.attempt)
+        else:
+            self._launch(run, request, checkpoint_dir)
+        return run
+
+    def _waiting_run(self, task_id: str) -> TaskRun | None:
+        entry = self._waiting.get(task_id)
+        return entry.run if entry is not None else None
+
+    def _launch(self, run: TaskRun, request: agent_pb2.RunTaskRequest, checkpoint_dir: Path) -> None:
+        thread = threading.Thread(
+            target=self._execute, args=(run, request, checkpoint_dir), name=f"task-{run.task_id}", daemon=True
+        )
+        thread.start()
+        log.info("task_started", task_id=run.task_id, attempt=request.attempt, resume_from=request.resume_from_frame)
+
+    def _start_waiting(self) -> None:
+        """Start waiting runs, oldest first, while slots are free."""
+        started: list[_Waiting] = []
+        with self._lock:
+            while self._waiting and len(self._running) < self.total_slots and not self.preempting:
+                task_id, entry = self._waiting.popitem(last=False)
+                self._running[task_id] = entry.run
+                started.append(entry)
+        for entry in started:
+            run, request = entry.run, entry.request
+            run.started_at = time.monotonic()
+            run.publish(
+                self._progress(
+                    run,
+                    request,
+                    entry.checkpoint_dir,
+                    state=types_pb2.TASK_STATE_RUNNING,
                     stage="accepted",
                     frames_done=request.resume_from_frame,
                 )
             )
-            self._running[task_id] = run
-            self._finished.pop(task_id, None)
-        self._update_slot_gauges()
-        thread = threading.Thread(
-            target=self._execute, args=(run, request, checkpoint_dir), name=f"task-{task_id}", daemon=True
+            self._launch(run, request, entry.checkpoint_dir)
+
+    def _end_unstarted(self, entry: _Waiting, state: int, reason: str) -> None:
+        """A waiting run ends before it started (cancel, preemption): journaled, then published."""
+        preempted = state == types_pb2.TASK_STATE_PREEMPTED
+        message = f"{reason} (before it started)"
+        final = self._progress(
+            entry.run,
+            entry.request,
+            entry.checkpoint_dir,
+            state=state,
+            stage=WAITING_STAGE,
+            frames_done=entry.request.resume_from_frame,
+            message=message,
+            error=types_pb2.Error(reason=types_pb2.PREEMPTED if preempted else types_pb2.CANCELLED, message=message),
         )
-        thread.start()
-        log.info("task_started", task_id=task_id, attempt=request.attempt, resume_from=request.resume_from_frame)
-        return run
+        self._finish(entry.run, final)
 
     def _journaled_outcome(self, task_id: str, attempt: int) -> TaskRun | None:
         """A run this agent finished before (maybe before a restart) that answers this request: a
@@ -470,13 +604,18 @@ class AgentRuntime:
 
     def cancel(self, task_id: str, reason: str) -> bool:
         with self._lock:
+            waiting = self._waiting.pop(task_id, None)
             run = self._running.get(task_id)
-            if run is None and task_id not in self._finished:  # never seen here: its RunTask may be in flight
+            if waiting is None and run is None and task_id not in self._finished:  # its RunTask may be in flight
                 now = time.monotonic()
                 self._cancelled_unstarted = {
                     tid: at for tid, at in self._cancelled_unstarted.items() if now - at < CANCEL_BEFORE_START_WINDOW_S
                 }
                 self._cancelled_unstarted[task_id] = now
+        if waiting is not None:  # it never starts
+            self._end_unstarted(waiting, types_pb2.TASK_STATE_CANCELLED, reason or "cancelled")
+            log.info("waiting_task_cancelled", task_id=task_id)
+            return True
         if run is None:
             return False
         run.cancel_reason = reason or "cancelled"
@@ -667,6 +806,7 @@ class AgentRuntime:
             while len(self._finished) > FINISHED_RUNS_KEPT:
                 self._finished.popitem(last=False)
         run.publish(final)  # after the slot is free: a client seeing the end may dispatch again at once
+        self._start_waiting()
         outcome = state_name(final.state)
         metrics.TASKS.labels(pool=self.identity.pool, outcome=outcome).inc()
         self._update_slot_gauges()
@@ -729,15 +869,15 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
 
 @dataclass
 class AgentHandle:
-    """A running agent: gRPC server, heartbeat, metrics endpoint, GPU sampler."""
+    """A running agent: gRPC server, scheduler sessions, metrics endpoint, GPU sampler."""
 
     runtime: AgentRuntime
     grpc: ServerHandle
     metrics_port: int
-    heartbeat: HeartbeatLoop | None  # to the first scheduler; `heartbeats` has one per replica
+    session: SchedulerSession | None  # to the first scheduler; `sessions` has one per replica
     _metrics_server: Any
     _stop_sampler: threading.Event
-    heartbeats: list[HeartbeatLoop] = field(default_factory=list)
+    sessions: list[SchedulerSession] = field(default_factory=list)
     interruption: Any = None  # agent.interruption.InterruptionMonitor on cloud agents
 
     @property
@@ -748,8 +888,8 @@ class AgentHandle:
         self._stop_sampler.set()
         if self.interruption is not None:
             self.interruption.stop()
-        for loop in self.heartbeats or ([self.heartbeat] if self.heartbeat is not None else []):
-            loop.stop()
+        for session in self.sessions:
+            session.stop()
         for task_id in self.runtime.running_task_ids():
             self.runtime.cancel(task_id, "agent shutting down")
         self.grpc.stop(grace)
@@ -791,8 +931,8 @@ def serve_agent(
     gpu_sample_interval_s: float = 5.0,
 ) -> AgentHandle:
     """Start an agent: gRPC server on `config.listen`, /metrics on `config.metrics_port` (0 = free port),
-    and heartbeats to the scheduler through `scheduler_channel_factory` (None: no heartbeats), or to
-    every replica in `scheduler_channel_factories`. `pipeline=None` loads `SwapPipeline` from
+    and a session (agent.session) with the scheduler through `scheduler_channel_factory` (None: no
+    scheduler), or with every replica in `scheduler_channel_factories`. `pipeline=None` loads `SwapPipeline` from
     `config.models_dir`. `interruption_watcher` (agent.interruption, cloud agents) is polled
     every `interruption_poll_s`; a spot notice preempts the runs (see `preempt_on_notice`).
     """
@@ -832,6 +972,7 @@ def serve_agent(
         gpu=gpu,
         job_factory=job_factory,
         pipeline_error=pipeline_error,
+        max_waiting=config.max_waiting,
     )
     holder.target = AgentServicer(runtime)
     metrics_server, _thread = start_http_server(config.metrics_port)
@@ -846,10 +987,9 @@ def serve_agent(
     threading.Thread(target=sample_gpu, name="agent-gpu-sampler", daemon=True).start()
     factories = [scheduler_channel_factory] if scheduler_channel_factory is not None else []
     factories += list(scheduler_channel_factories)
-    loops = heartbeat_loops(runtime, factories, config.heartbeat_interval_s) if factories else []
-    for loop in loops:
-        loop.start()
-    heartbeat = loops[0] if loops else None
+    sessions = scheduler_sessions(runtime, factories, config.heartbeat_interval_s)
+    for session in sessions:
+        session.start()
     monitor = None
     if interruption_watcher is not None:
         from facefleet.agent.interruption import InterruptionMonitor
@@ -870,7 +1010,8 @@ def serve_agent(
         engine=pipeline.engine if pipeline is not None else None,
         pipeline_error=str(pipeline_error) if pipeline_error else None,
     )
-    return AgentHandle(runtime, server, metrics_port, heartbeat, metrics_server, stop_sampler, loops, monitor)
+    first = sessions[0] if sessions else None
+    return AgentHandle(runtime, server, metrics_port, first, metrics_server, stop_sampler, sessions, monitor)
 
 
 def preempt_on_notice(runtime: AgentRuntime, watcher: Any, notice: Any, drain_timeout_s: float = 25.0) -> None:

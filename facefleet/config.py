@@ -97,6 +97,9 @@ class AgentConfig(Section):
     provider: str = "onprem"
     region: str = "local"
     slots: int = 1
+    # Runs accepted beyond the free slots (the scheduler's pool `prefetch`) wait in a FIFO, at most
+    # this many; further assignments are refused with retry. 0: none wait.
+    max_waiting: int = Field(default=4, ge=0)
     models_dir: Path = Path("models")
     work_dir: Path = Path("var/agent")
     allowed_roots: list[Path] = Field(default_factory=lambda: [Path("var/data")])

@@ -1,7 +1,9 @@
-"""Agent test fixtures: a fake swap pipeline, a fake scheduler receiving heartbeats, real gRPC servers."""
+"""Agent test fixtures: a fake swap pipeline, fake schedulers (unary heartbeats only, as before
+sessions; or the scheduler's side of AgentSession), real gRPC servers."""
 
 from __future__ import annotations
 
+import queue
 import shutil
 import threading
 import time
@@ -18,6 +20,7 @@ import pytest
 from facefleet.agent.models.verify import ModelStatus
 from facefleet.agent.pipeline.quality import QualityReport
 from facefleet.agent.pipeline.runner import ProgressUpdate, SwapJob, SwapResult
+from facefleet.agent.run_journal import RUN_ENDED_STATES
 from facefleet.agent.server import AgentHandle, serve_agent
 from facefleet.config import AgentConfig
 from facefleet.v1 import agent_pb2, agent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
@@ -102,6 +105,105 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         return True
 
 
+class SessionScheduler(FakeScheduler):
+    """The scheduler's side of AgentSession as the contract in docs/agent.md states it: the first
+    message must carry a heartbeat; each heartbeat is answered with a `control` (drain, cancels the
+    test set, the leader term, and acknowledgements of the outcomes received so far, as the real
+    scheduler acknowledges what it recorded); the test sends assignments and controls of its own
+    at any time. Unary heartbeats still work (a scheduler serves both)."""
+
+    def __init__(self, leader_term: int = 1) -> None:
+        super().__init__()
+        self.leader_term = leader_term
+        self.messages: list[scheduler_pb2.AgentMessage] = []  # every message received, in order
+        self.updates: list[scheduler_pb2.RunUpdate] = []
+        self.refusals: list[scheduler_pb2.RunRefusal] = []
+        self.violations: list[str] = []
+        self.unary_heartbeats = 0
+        self.sessions_opened = 0
+        self._outgoing: queue.Queue[scheduler_pb2.SchedulerMessage | None] | None = None
+        self._recorded: list[types_pb2.RunRef] = []  # outcomes to acknowledge in the next control
+
+    def Heartbeat(self, request: scheduler_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> Any:
+        self.unary_heartbeats += 1
+        return super().Heartbeat(request, context)
+
+    def AgentSession(self, request_iterator: Iterator[scheduler_pb2.AgentMessage], context: Any) -> Any:
+        outgoing: queue.Queue[scheduler_pb2.SchedulerMessage | None] = queue.Queue()
+        with self.received:
+            self._outgoing = outgoing
+            self.sessions_opened += 1
+        threading.Thread(target=self._read, args=(request_iterator, outgoing), daemon=True).start()
+        while (message := outgoing.get()) is not None:
+            yield message
+
+    def _read(self, requests: Iterator[scheduler_pb2.AgentMessage], outgoing: queue.Queue[Any]) -> None:
+        first = True
+        try:
+            for message in requests:
+                with self.received:
+                    if first and not message.HasField("heartbeat"):
+                        self.violations.append("the session's first message carries no heartbeat")
+                    first = False
+                    self.messages.append(message)
+                    self.updates.extend(message.updates)
+                    self.refusals.extend(message.refusals)
+                    for update in message.updates:
+                        if update.progress.state in RUN_ENDED_STATES:
+                            self._recorded.append(types_pb2.RunRef(task_id=update.task_id, attempt=update.attempt))
+                    if message.HasField("heartbeat"):
+                        self.heartbeats.append(message.heartbeat)
+                        self._recorded += [
+                            types_pb2.RunRef(task_id=run.task_id, attempt=run.attempt)
+                            for run in message.heartbeat.runs
+                            if run.finished
+                        ]
+                    self.received.notify_all()
+                if message.HasField("heartbeat"):
+                    outgoing.put(scheduler_pb2.SchedulerMessage(control=self._control()))
+        except grpc.RpcError:
+            pass
+        finally:
+            outgoing.put(None)
+
+    def _control(self) -> scheduler_pb2.HeartbeatResponse:
+        with self.received:
+            cancel, self.cancel_task_ids = self.cancel_task_ids, []
+            recorded, self._recorded = self._recorded, []
+        return scheduler_pb2.HeartbeatResponse(
+            drain=self.drain, cancel_task_ids=cancel, leader_term=self.leader_term, acknowledged=recorded
+        )
+
+    def send(self, message: scheduler_pb2.SchedulerMessage) -> None:
+        """Send on the open session, at once (not as a reply)."""
+        assert self._outgoing is not None, "no session is open"
+        self._outgoing.put(message)
+
+    def assign(self, *requests: agent_pb2.RunTaskRequest) -> None:
+        self.send(scheduler_pb2.SchedulerMessage(assignments=requests))
+
+    def updates_of(self, task_id: str) -> list[scheduler_pb2.RunUpdate]:
+        with self.received:
+            return [update for update in self.updates if update.task_id == task_id]
+
+    def ended(self, task_id: str) -> types_pb2.Progress | None:
+        ends = [u.progress for u in self.updates_of(task_id) if u.progress.state in RUN_ENDED_STATES]
+        return ends[-1] if ends else None
+
+    def wait_until(self, condition: Callable[[], bool], timeout: float = 10) -> bool:
+        return self.wait_for(lambda _beats: condition(), timeout)
+
+
+def serve_scheduler(servicer: FakeScheduler, address: str = "127.0.0.1:0") -> Any:
+    from facefleet.grpc_server import SERVICE_NAMES, build_server
+
+    return build_server(
+        address,
+        [(SERVICE_NAMES["Scheduler"], lambda s: scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, s))],
+        None,
+    )
+
+
 def write_image(path: Path, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,20 +235,25 @@ class AgentEnv:
         fields.update(overrides)
         return types_pb2.Task(**fields)
 
+    def request(self, task_id: str, attempt: int = 1, leader_term: int = 1, **task: Any) -> agent_pb2.RunTaskRequest:
+        return agent_pb2.RunTaskRequest(task=self.task(task_id, **task), attempt=attempt, leader_term=leader_term)
+
     def run(self, task: types_pb2.Task, **request: Any) -> list[types_pb2.Progress]:
         return list(self.stub.RunTask(agent_pb2.RunTaskRequest(task=task, **request), timeout=30))
 
 
 @pytest.fixture
 def fake_scheduler() -> Iterator[tuple[FakeScheduler, int]]:
-    from facefleet.grpc_server import SERVICE_NAMES, build_server
-
     servicer = FakeScheduler()
-    handle = build_server(
-        "127.0.0.1:0",
-        [(SERVICE_NAMES["Scheduler"], lambda s: scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, s))],
-        None,
-    )
+    handle = serve_scheduler(servicer)
+    yield servicer, handle.port
+    handle.stop(0)
+
+
+@pytest.fixture
+def session_scheduler() -> Iterator[tuple[SessionScheduler, int]]:
+    servicer = SessionScheduler()
+    handle = serve_scheduler(servicer)
     yield servicer, handle.port
     handle.stop(0)
 
@@ -159,6 +266,7 @@ def make_agent(tmp_path: Path) -> Iterator[Callable[..., AgentEnv]]:
     def make(
         pipeline: Any = None,
         scheduler_port: int | None = None,
+        scheduler_ports: tuple[int, ...] = (),
         job_factory: Any = SwapJob,
         name: str = "agent",
         **config: Any,
@@ -187,6 +295,9 @@ def make_agent(tmp_path: Path) -> Iterator[Callable[..., AgentEnv]]:
             agent_config,
             None,
             scheduler_channel_factory=channel_factory,
+            scheduler_channel_factories=[
+                (lambda port=port: grpc.insecure_channel(f"127.0.0.1:{port}")) for port in scheduler_ports
+            ],
             pipeline=pipeline,
             job_factory=job_factory,
             gpu_sample_interval_s=0.5,

@@ -81,7 +81,7 @@ def free_port() -> int:
 def test_heartbeat_survives_a_scheduler_that_is_down_then_comes_up(make_agent) -> None:  # type: ignore[no-untyped-def]
     port = free_port()
     env = make_agent(scheduler_port=port)
-    heartbeat = env.handle.heartbeat
+    heartbeat = env.handle.session
     assert heartbeat is not None
 
     def failed_a_few_times() -> bool:
