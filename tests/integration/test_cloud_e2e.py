@@ -235,7 +235,7 @@ def test_spot_notice_preempts_and_the_task_resumes_from_its_checkpoint_on_prem(
             interruption_poll_s=0.1,
         )
         agent("onprem-1", "onprem-a", "private", "onprem", onprem_pipeline)
-        assert len(cloud.heartbeats) == 2
+        assert len(cloud.sessions) == 2
         wait_for(lambda: len(app.registry.agents()) == 2, 10, what="both agents heartbeating")
 
         source = write_image(data / "face.png", 1)
