@@ -109,7 +109,13 @@ class AgentRecord:
         return "ready"
 
     def snapshot(self) -> AgentRecord:
-        return replace(self, in_flight=dict(self.in_flight), runs=dict(self.runs))
+        # A field-for-field copy with its own dicts. Not dataclasses.replace: every dispatch pass
+        # snapshots every agent, and replace's re-run of __init__ was most of that pass's set-up.
+        copy = object.__new__(AgentRecord)
+        copy.__dict__.update(self.__dict__)
+        copy.in_flight = dict(self.in_flight)
+        copy.runs = dict(self.runs)
+        return copy
 
 
 @dataclass(frozen=True)

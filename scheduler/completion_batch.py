@@ -62,6 +62,7 @@ class CompletionBatcher:
         self._attempts = attempts
         self._linger_s = linger_s
         self._pending: list[Completion] = []
+        self._holding: dict[str, int] = {}  # task id -> its completions put and not yet recorded
         self._busy = False
         self._closed = False
         self._cond = threading.Condition()
@@ -73,8 +74,16 @@ class CompletionBatcher:
             if self._closed:
                 raise RuntimeError("the dispatcher is stopping; the completion is recorded on the next run")
             self._pending.append(completion)
+            task_id = completion.record.id
+            self._holding[task_id] = self._holding.get(task_id, 0) + 1
             if len(self._pending) in (1, self._max_batch):  # wake the thread: asleep, or lingering on a full batch
                 self._cond.notify()
+
+    def holds(self, task_id: str) -> bool:
+        """A completion of `task_id` is waiting for (or in) its commit: the same outcome arriving
+        another way (an agent's inventory) needs no second recording; it is acknowledged once recorded."""
+        with self._cond:
+            return task_id in self._holding
 
     def drain(self, timeout: float = 10.0) -> bool:
         """Wait until everything put so far is recorded (tests, shutdown)."""
@@ -102,6 +111,11 @@ class CompletionBatcher:
                 self._record(batch)
             finally:
                 with self._cond:
+                    for completion in batch:
+                        task_id = completion.record.id
+                        left = self._holding.pop(task_id, 1) - 1
+                        if left > 0:
+                            self._holding[task_id] = left
                     self._busy = False
                     self._cond.notify_all()
 

@@ -342,7 +342,9 @@ class Dispatcher:
             if record is not None and this_run and record.state in IN_FLIGHT:
                 with self._calls_lock:
                     streaming = record.id in self._calls
-                if not streaming:  # else the stream delivers it (or goes unresolved if it breaks)
+                # Else the stream delivers it (or goes unresolved if it breaks), or delivered it and
+                # its completion waits for the batch commit (which acknowledges it).
+                if not streaming and not self._completions.holds(record.id):
                     with self._unresolved_lock:
                         self._unresolved.pop(record.id, None)
                     self._record_outcome(agent_id, record, report, now)

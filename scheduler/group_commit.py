@@ -88,6 +88,28 @@ class _LoopPending(_Pending):
             self.loop.call_soon_threadsafe(_settle, self.future, value, error)
 
 
+def _release(batch: list[_Pending], outcomes: dict[int, tuple[bool, Any]]) -> None:
+    """Wake every caller of a committed batch: threads one by one, coroutines with one hop onto
+    each caller loop for all of its futures (one self-pipe write per loop and batch, not per submit)."""
+    on_loops: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+    for pending in batch:
+        ok, value = outcomes[id(pending)]
+        if isinstance(pending, _LoopPending):
+            on_loops.setdefault(pending.loop, []).append((pending.future, ok, value))
+        elif ok:
+            pending.set_result(value)
+        else:
+            pending.set_exception(value)
+    for loop, settled in on_loops.items():
+        with contextlib.suppress(RuntimeError):  # the callers' loop is closed (they left): nobody to tell
+            loop.call_soon_threadsafe(_settle_all, settled)
+
+
+def _settle_all(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for future, ok, value in settled:
+        _settle(future, None if not ok else value, None if ok else value)
+
+
 def _commit_timeout(timeout: float) -> TimeoutError:
     return TimeoutError(f"the task store did not commit within {timeout}s; retry")
 
@@ -197,17 +219,11 @@ class GroupCommitter:
         except Exception as error:
             log.error("group commit failed", size=len(batch), error=str(error))
             failure = StoreUnavailable(f"could not write to the task store ({type(error).__name__}); retry")
-            for pending in batch:
-                pending.set_exception(failure)
-            return
-        if inserts:
-            metrics.SUBMIT_BATCH_SIZE.observe(len(inserts))
-        for pending in batch:
-            ok, value = outcomes[id(pending)]
-            if ok:
-                pending.set_result(value)
-            else:
-                pending.set_exception(value)
+            outcomes = {id(pending): (False, failure) for pending in batch}
+        else:
+            if inserts:
+                metrics.SUBMIT_BATCH_SIZE.observe(len(inserts))
+        _release(batch, outcomes)
 
     def _transaction(self, inserts: list[_Pending], ops: list[_Pending], now: float) -> dict[int, tuple[bool, Any]]:
         outcomes: dict[int, tuple[bool, Any]] = {}

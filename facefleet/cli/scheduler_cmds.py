@@ -104,6 +104,7 @@ def register(app: typer.Typer) -> None:
         insecure: bool = INSECURE_OPTION,
     ) -> None:
         """Run the scheduler: intake, durable queue, placement, dispatch (leader), /metrics."""
+        from facefleet.scheduler import cpu_profile
         from facefleet.scheduler.assembly import build_scheduler
         from facefleet.scheduler.rules_source import ConsulSettingsError
         from facefleet.scheduler.store import StoreUnusable
@@ -124,6 +125,7 @@ def register(app: typer.Typer) -> None:
             }
         )
         configure_logging(settings.log_level, settings.log_format)
+        profile = cpu_profile.from_environment()  # FACEFLEET_PROFILE=out.pstats: bench profiling only
         try:
             scheduler = build_scheduler(settings).start()
         except TLSMaterialError as error:
@@ -142,6 +144,8 @@ def register(app: typer.Typer) -> None:
         console.print(f"scheduler listening on port {scheduler.port} (metrics :{scheduler.metrics_port})")
         stopped.wait()
         scheduler.stop()
+        if profile is not None:
+            profile.stop()
 
     @app.command("submit")
     def submit_cmd(

@@ -114,3 +114,22 @@ def test_lingering_gathers_completions_that_arrive_close_together_into_one_commi
     batcher.close()  # does not sit out the linger: close commits what is pending at once
     assert time.monotonic() - close_started < 0.4
     assert apply.calls == [12, 1] and store.get(closing[0]).state == "succeeded"
+
+
+def test_a_task_is_held_from_its_put_until_its_commit_has_finished(store: TaskStore) -> None:
+    # The dispatcher asks this before recording an outcome an agent's inventory reports: while the
+    # stream's completion of the same run waits for its commit, a second recording would be wasted.
+    first, other = dispatched(store, 2)
+    apply = CountingApply(store)
+    batcher = CompletionBatcher(apply, lambda c: None)
+    assert not batcher.holds(first)
+    apply.gate.clear()
+    batcher.put(completion(store, first))
+    assert apply.entered.wait(5)
+    assert batcher.holds(first) and not batcher.holds(other)  # in its commit
+    batcher.put(completion(store, first))  # a repeat, queued behind the commit
+    apply.gate.set()
+    assert batcher.drain()
+    assert not batcher.holds(first)  # both recorded (the repeat as the store's no-op)
+    batcher.close()
+    assert store.get(first).state == "succeeded"

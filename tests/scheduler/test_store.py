@@ -12,7 +12,17 @@ import sqlalchemy as sa
 from facefleet.domain import TASK_STATES as ALL_STATES
 from facefleet.scheduler import metrics
 from facefleet.scheduler.group_commit import GroupCommitter
-from facefleet.scheduler.store import IllegalTransition, NewTask, Placement, Step, TaskStore, UnknownTask, transitions
+from facefleet.scheduler.store import (
+    IllegalTransition,
+    NewTask,
+    Placement,
+    Step,
+    TaskRecord,
+    TaskStore,
+    UnknownTask,
+    tasks,
+    transitions,
+)
 from facefleet.scheduler.task_states import ALLOWED_FROM, is_legal
 from facefleet.v1 import types_pb2
 
@@ -79,6 +89,24 @@ def test_placement_is_kept_for_explain(store: TaskStore) -> None:
     assert record.placement == {"outcome": "dispatch", "reason": "fits"}
     assert record.placement_decision() == decision
     assert (record.pool, record.rule) == ("onprem-a", "r1")
+
+
+def test_reads_by_id_match_the_rows_as_sqlalchemy_reads_them(store: TaskStore) -> None:
+    # get/get_many read through the driver (the dispatch path's fast read): same records as a
+    # plain Core read, placement JSON and bytes included, on both databases; many ids in chunks.
+    placed, plain = submit(store), submit(store, key="k")
+    decision = types_pb2.PlacementDecision(pool="onprem-a", rule="r1", reason="fits")
+    placement = Placement("onprem-a", "r1", {"outcome": "dispatch", "n": [1, 2]}, decision.SerializeToString())
+    assert store.transition(placed, "placed", "placed", time.time(), placement=placement)
+    many = store.insert_batch([NewTask(make_task(), "") for _ in range(600)], time.time())
+    ids = [placed, plain, *(result.task_id for result in many)]
+    with store.engine.connect() as conn:
+        rows = {row.id: TaskRecord(**row._mapping) for row in conn.execute(sa.select(tasks))}
+    assert store.get(placed) == rows[placed] and store.get(plain) == rows[plain]
+    assert store.get_many([*ids, "no-such-task", placed]) == {task_id: rows[task_id] for task_id in ids}
+    assert store.get_many([]) == {}
+    with pytest.raises(UnknownTask):
+        store.get("no-such-task")
 
 
 def test_illegal_transitions_are_refused(store: TaskStore) -> None:
