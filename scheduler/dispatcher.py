@@ -1,9 +1,11 @@
 """Leader-only dispatch loop: queue -> placement -> agent RunTask -> progress -> completion.
 
-One loop thread picks runnable tasks in queue order (within per-project limits), asks placement,
-records the decision, re-checks residency, reserves a slot on an agent of the chosen pool and
-hands the RunTask stream to the agent-streams event loop (`scheduler.agent_streams`, one loop for
-every stream). Progress is recorded from the worker pool; terminal states go to the completion
+One loop thread runs dispatch passes: the pass planner (`scheduler.pass_planner`, the same one
+`facefleet simulate` runs) plans each pass over a world snapshot (queue order with aging, project
+limits, placement, the budget gate, slot accounting), and the dispatcher applies its plan: records
+decisions, re-checks residency, reserves an agent slot of the chosen pool and the ledger's budget,
+and hands the RunTask stream to the agent-streams event loop (`scheduler.agent_streams`, one loop
+for every stream). Progress is recorded from the worker pool; terminal states go to the completion
 batcher (`scheduler.completion_batch`: one commit for every completion pending, recorded once: the
 store ignores a second completion). Failures go back to the queue with an
 exponential backoff (tenacity's wait strategy computes `not_before`) and resume from the latest
@@ -52,15 +54,23 @@ from facefleet.scheduler import metrics, queue
 from facefleet.scheduler.agent_streams import AgentStreams, AioChannelFactory
 from facefleet.scheduler.completion_batch import Completion, CompletionBatcher
 from facefleet.scheduler.leader import DEFAULT_LOCK_NAME
-from facefleet.scheduler.pass_planner import PassWorld
-from facefleet.scheduler.placement.model import TaskSpec
+from facefleet.scheduler.pass_planner import (
+    MAX_MISSES_PER_PASS,
+    MAX_TASKS_PER_PASS,
+    Action,
+    PassPlanner,
+    PassRules,
+    PassWorld,
+    Planned,
+    Waiting,
+)
+from facefleet.scheduler.placement.model import World
 from facefleet.scheduler.placement.proto_codec import task_spec_from_proto
 from facefleet.scheduler.placement_gateway import PlacementResult, Placer, WorldSnapshot, residency_violation
 from facefleet.scheduler.store import Change, IllegalTransition, Placement, Step, TaskRecord, TaskStore
 from facefleet.v1 import agent_pb2, types_pb2
 
 log = structlog.get_logger()
-
 
 
 class AgentDirectory(Protocol):
@@ -113,12 +123,12 @@ class DispatcherSettings:
     lost_grace_s: float = 20.0
     max_attempts: int = 10
     workers: int = 256
-    batch: int = 256
+    batch: int = MAX_TASKS_PER_PASS  # queued tasks one pass considers at most
     idle_sleep_s: float = 0.05
-    max_misses_per_pass: int = 16
+    max_misses_per_pass: int = MAX_MISSES_PER_PASS  # tasks in a row that did not launch before a pass ends
     # After gaining leadership, capacity knows only agents that have heartbeated since: a `reject`
     # ("no known pool may run this") is not final until every live agent has had time to report.
-    warmup_s: float = 10.0  # tasks in a row that could not be placed before a pass ends
+    warmup_s: float = 10.0
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 30.0
     rpc_connect_timeout_s: float = 5.0
@@ -158,6 +168,14 @@ class _Launch:
     address: str
     request: agent_pb2.RunTaskRequest
     change: Change
+
+
+@dataclass(frozen=True)
+class _Queued:
+    """A queued task as the pass read it (the planner's `Waiting.handle`)."""
+
+    record: TaskRecord
+    task: types_pb2.Task
 
 
 class Dispatcher:
@@ -391,62 +409,55 @@ class Dispatcher:
     # ---- dispatch ---------------------------------------------------------------------------------
 
     def dispatch_pass(self, now: float, pipelined: bool = False) -> int:
-        """Place runnable tasks in queue order; commit every decision of the pass in one transaction,
-        then start the RPCs. Stops early after `max_misses_per_pass` tasks in a row could not go
-        anywhere (the cluster is full: the rest of the queue waits for the next pass).
+        """Plan one pass (`scheduler.pass_planner`, the planner `facefleet simulate` runs) over a
+        snapshot of the world and apply the plan; commit every decision of the pass in one
+        transaction, then start the RPCs.
+
+        The plan is made lazily, one queued task at a time, from the queue read a few rows at a
+        time: the pass ends when nothing is free anywhere or after `max_misses_per_pass` tasks in a
+        row that did not launch (the rest of the queue waits for the next pass).
 
         `pipelined` (the loop's mode): the commit and the RPCs run on a worker while this thread
         places the next pass; tasks of passes not yet committed are left out of later passes (and
         counted against their project limits) until their commit is done."""
         active, world = self.placer.world(now)
-        # The pass's own World (scheduler.pass_planner, shared with `facefleet simulate`): later tasks
-        # of the pass see slots taken, pools found full and reservations charged to their budgets.
-        state = PassWorld(world)
-        snapshot = WorldSnapshot(active, state.world)
+        state = PassWorld(world, self.settings.project_limits)
         free = state.free_anywhere()
         if free <= 0:
             return 0  # nothing can start anywhere: skip placing the whole queue again
         with self._uncommitted_lock:
             uncommitted = dict(self._uncommitted)
-        in_flight: dict[str, int] = {}
         if self.settings.project_limits:  # the in-flight count is a GROUP BY per pass: only when needed
-            in_flight = self.store.in_flight_by_project()
+            state.in_flight = self.store.in_flight_by_project()
             for project in uncommitted.values():
                 if project:  # launches of uncommitted passes are in flight already
-                    in_flight[project] = in_flight.get(project, 0) + 1
-        full_pools: set[str] = set()
-        waiting: set[TaskSpec] = set()  # placement inputs already known to wait for a slot this pass
+                    state.in_flight[project] = state.in_flight.get(project, 0) + 1
+        rules = PassRules(
+            max_misses=self.settings.max_misses_per_pass,
+            max_tasks=self.settings.batch,
+            warmup=now - self._leader_since < self.settings.warmup_s,
+        )
+
+        def place_live(waiting: Waiting, pass_world: World) -> PlacementResult:
+            result = self.placer.decide(waiting.handle.task, now, WorldSnapshot(active, pass_world))
+            metrics.PLACEMENTS.labels(pool=result.pool or "-", rule=result.rule or "-", outcome=result.outcome).inc()
+            return result
+
+        planner = PassPlanner(self._queue_head(now, free, uncommitted), place_live, state, rules)
         changes: list[Change] = []
         queued: list[tuple[str, Placement]] = []
         launches: list[_Launch] = []
-        misses = 0
-        for record in self._queue_head(now, free, uncommitted, in_flight):
-            if misses >= self.settings.max_misses_per_pass or self._stop.is_set() or free <= 0:
-                break  # `free <= 0`: every slot is taken; the rest of the queue waits for one to free
-            was_full = len(full_pools)
-            planned = self._plan(record, now, snapshot, full_pools, waiting)
-            # Local accounting: later tasks of this pass see the slot taken (or the pool full) and the
-            # reservation charged, so placement does not keep choosing a pool without slot or budget.
-            if isinstance(planned, _Launch):
-                state.take_slot(planned.result.pool)
-                decision = planned.result.decision
-                state.charge(decision.budget, state.reservation(decision))
-            elif len(full_pools) != was_full:
-                for pool_name in full_pools:
-                    state.fill(pool_name)
-            if isinstance(planned, _Launch) or len(full_pools) != was_full:
-                snapshot = WorldSnapshot(active, state.world)
-                free = state.free_anywhere()
-            if isinstance(planned, _Launch):
-                launches.append(planned)
-                changes.append(planned.change)
-                misses = 0
-                continue
-            misses += 1
-            if isinstance(planned, Change):
-                changes.append(planned)
-            elif planned is not None:
-                queued.append((record.id, planned))
+        for planned in planner:
+            if self._stop.is_set():
+                break
+            applied = self._apply(planned, now, planner)
+            if isinstance(applied, _Launch):
+                launches.append(applied)
+                changes.append(applied.change)
+            elif isinstance(applied, Change):
+                changes.append(applied)
+            elif applied is not None:
+                queued.append((planned.waiting.handle.record.id, applied))
         if not changes and not queued:
             self._flush_audit()
             return 0
@@ -466,13 +477,11 @@ class Dispatcher:
             self._workers.submit(self._commit_and_launch, changes, launches, [], now, True)
         return len(launching)
 
-    def _queue_head(
-        self, now: float, free: int, uncommitted: Mapping[str, str], in_flight: dict[str, int]
-    ) -> Iterator[TaskRecord]:
-        """Runnable tasks in queue order within the project limits, read a few at a time: most
-        passes fill one or two freed slots, so reading (and decoding) a long prefix of the queue
-        every pass was wasted work. Reads on while the pass keeps asking, up to `batch` rows."""
-        limits = self.settings.project_limits
+    def _queue_head(self, now: float, free: int, uncommitted: Mapping[str, str]) -> Iterator[Waiting]:
+        """Runnable tasks in queue order (the store computes `queue.order_key` in SQL), read a few
+        at a time: most passes fill one or two freed slots, so reading (and decoding) a long prefix
+        of the queue every pass was wasted work. Reads on while the planner keeps asking, up to
+        `batch` rows past the uncommitted ones."""
         seen: set[str] = set()
         offset, size = 0, free + len(uncommitted) + 2
         while offset < self.settings.batch + len(uncommitted):
@@ -481,8 +490,8 @@ class Dispatcher:
                 if record.id in uncommitted or record.id in seen:  # a row may move between reads
                     continue
                 seen.add(record.id)
-                if queue.admit(record.project, in_flight, limits):
-                    yield record
+                task = record.task()
+                yield Waiting(task_spec_from_proto(task), record.priority, record.submitted_at, _Queued(record, task))
             if len(rows) < size:
                 return  # the end of the runnable queue
             offset, size = offset + size, max(size, self.settings.max_misses_per_pass)
@@ -560,34 +569,39 @@ class Dispatcher:
             if flush is not None:
                 _safe(flush)
 
-    def _plan(
-        self, record: TaskRecord, now: float, snapshot: WorldSnapshot, full_pools: set[str], waiting: set[TaskSpec]
+    def _apply(
+        self, planned: Planned[PlacementResult], now: float, planner: PassPlanner[PlacementResult]
     ) -> _Launch | Change | Placement | None:
-        """What to do with one queued task: launch it, fail it (Change), keep it queued (Placement to
-        record when the decision is new) or nothing.
+        """Apply one planned entry: a launch (agent reserved, ledger admitted), a failure (Change),
+        a decision to record while the task stays queued (Placement), or nothing.
 
-        `waiting`: placement inputs (the task minus its id) that this pass already found waiting for
-        a slot only. Placement is pure and free slots only shrink within a pass, so a task with the
-        same inputs waits too: it is not placed again. When one class of work fills its pools, the
-        head of the queue is that class, and placing it over and over was most of a pass."""
-        task = record.task()
-        inputs = replace(task_spec_from_proto(task), id="")
-        if inputs in waiting:
+        A planned launch is re-checked for residency (a placement bug fails the task) and may
+        deviate from the plan only through I/O races, each counted in
+        `facefleet_pass_plan_deviations_total` and told to the planner, which plans the rest of the
+        pass against the corrected World: no agent slot left on the pool after all (the task stays
+        queued and asks for capacity, as any task that found its pool full), or the ledger's atomic
+        reservation refused (the task stays queued with the ledger's reason recorded)."""
+        if planned.action is Action.NOTHING or planned.placed is None:
             return None
-        result = self.placer.decide(task, now, snapshot)
-        metrics.PLACEMENTS.labels(pool=result.pool or "-", rule=result.rule or "-", outcome=result.outcome).inc()
+        queued: _Queued = planned.waiting.handle
+        record, task, result = queued.record, queued.task, planned.placed
         placement = Placement(result.pool, result.rule, result.summary, result.proto.SerializeToString())
-        if result.outcome == "reject" and now - self._leader_since < self.settings.warmup_s:
-            return None  # maybe only "unknown yet": agents are still re-registering with this leader
-        if result.outcome == "reject":
+        if planned.action is Action.REJECT:
             self._audit_placement(record, result)
             return Change(
                 record.id, (Step(FAILED, f"rejected by placement: {result.reason}", placement=placement),), QUEUED
             )
-        violation = ""
-        if result.outcome == "dispatch":
-            violation = residency_violation(task, None, result.pool_trust_zone, result.project_locked)
+        if planned.action is Action.KEEP:
+            if planned.refusal:
+                return _kept_queued(placement, planned.refusal, record)
+            previous = record.placement or {}
+            if (previous.get("outcome"), previous.get("reason")) == (result.outcome, result.reason):
+                return None
+            self._audit_placement(record, result)
+            return placement
+        violation = residency_violation(task, None, result.pool_trust_zone, result.project_locked)
         if violation:
+            planner.not_launched(planned)
             if self.audit is not None:
                 self.audit(
                     "residency_refused",
@@ -595,28 +609,24 @@ class Dispatcher:
                 )
             log.error("residency re-check refused a dispatch", task_id=record.id, pool=result.pool, detail=violation)
             return Change(record.id, (Step(FAILED, f"RESIDENCY_VIOLATION: {violation}", placement=placement),), QUEUED)
-        agent = None
-        if result.outcome == "dispatch" and result.pool not in full_pools:
-            agent = self.agents.reserve(result.pool, record.id, now)
-            if agent is None:
-                full_pools.add(result.pool)
-        if agent is not None and self.gate is not None:
-            refusal = self.gate.admit(record, result, now)
-            if refusal:  # e.g. the budget reservation did not fit: stay queued, free the slot
-                self.agents.note_finished(agent.agent_id, record.id)
-                return _kept_queued(placement, refusal, record)
-        if agent is None and result.outcome == "dispatch" and self.gate is not None:
-            self.gate.no_agent(record, result, now)
-        if agent is None and _waits_for_a_slot_only(result):
-            if result.outcome == "queue":  # ("dispatch" to a full pool: the provisioning gate sees each)
-                waiting.add(inputs)
-            return None  # nothing to explain beyond "busy": not recorded (Explain answers live)
+        if planned.provision:  # no free slot: the instance this launch needs is asked for; the task waits
+            if self.gate is not None:
+                self.gate.no_agent(record, result, now)
+            return None
+        agent = self.agents.reserve(result.pool, record.id, now)
         if agent is None:
-            previous = record.placement or {}
-            new_decision = (previous.get("outcome"), previous.get("reason")) != (result.outcome, result.reason)
-            if new_decision:
-                self._audit_placement(record, result)
-            return placement if new_decision else None
+            self._deviated(planned, "no_agent")
+            planner.not_launched(planned, pool_full=True)
+            if self.gate is not None:
+                self.gate.no_agent(record, result, now)
+            return None
+        if self.gate is not None:
+            refusal = self.gate.admit(record, result, now)
+            if refusal:
+                self.agents.note_finished(agent.agent_id, record.id)
+                self._deviated(planned, "ledger")
+                planner.not_launched(planned)
+                return _kept_queued(placement, refusal, record)
         request = self._request(record, record.attempts + 1, result.project_locked, task)
         change = Change(
             record.id,
@@ -627,6 +637,11 @@ class Dispatcher:
             QUEUED,
         )
         return _Launch(record, result, agent.agent_id, agent.address, request, change)
+
+    @staticmethod
+    def _deviated(planned: Planned[PlacementResult], race: str) -> None:
+        metrics.PASS_PLAN_DEVIATIONS.labels(race=race).inc()
+        log.debug("launch deviated from the pass plan", task_id=planned.waiting.task.id, race=race)
 
     def _request(
         self, record: TaskRecord, attempt: int, project_locked: bool = False, task: types_pb2.Task | None = None
@@ -964,25 +979,10 @@ class Dispatcher:
 # Progress states after which the agent runs nothing more for this attempt (handled without blocking).
 _ENDS_THE_RUN = frozenset({types_pb2.TASK_STATE_SUCCEEDED, types_pb2.TASK_STATE_FAILED, types_pb2.TASK_STATE_CANCELLED})
 
-# Filters whose failure does not change while a task waits: they only rule pools out.
-_STANDING_FILTERS = frozenset({"residency", "lock", "rule_allow"})
-
 
 def _as_dispatched(record: TaskRecord) -> TaskRecord:
     """A stored in-flight record as the launch path holds it (attempts before this run counted)."""
     return replace(record, attempts=max(0, record.attempts - 1))
-
-
-def _waits_for_a_slot_only(result: PlacementResult) -> bool:
-    """The task would run now but for a free slot: its pool has no agent slot left in this pass, or
-    every pool the rule allows failed only the capacity filter. Recording (and auditing) such a
-    decision for every task that waits behind a full pool cost more than the placement itself."""
-    if result.outcome == "dispatch":
-        return True
-    if result.outcome != "queue":
-        return False
-    failed = {c.failed_filter for c in result.decision.candidates if not c.feasible}
-    return "capacity" in failed and failed <= _STANDING_FILTERS | {"capacity"}
 
 
 def _kept_queued(placement: Placement, why: str, record: TaskRecord) -> Placement | None:

@@ -21,6 +21,12 @@ QUEUE_WAIT = Histogram(
     "Time from submission to dispatch.",
     buckets=(0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800),
 )
+PASS_PLAN_DEVIATIONS = Counter(
+    "facefleet_pass_plan_deviations_total",
+    "Planned launches the dispatcher could not apply, by I/O race (no_agent: the pool had no agent slot "
+    "left; ledger: the budget ledger refused the reservation).",
+    ["race"],
+)
 REQUEUES = Counter("facefleet_requeues_total", "Tasks sent back to the queue, by reason.", ["reason"])
 TASKS_FINISHED = Counter("facefleet_tasks_finished_total", "Tasks reaching a terminal state.", ["state", "pool"])
 DUPLICATE_COMPLETIONS = Counter(

@@ -1,11 +1,15 @@
 """Discrete-event simulation of placement over a workload, with an injected clock (Armada-style).
 
-Every scheduling pass is `scheduler.pass_planner.plan_pass`, the planner the live dispatcher uses
-(queue order with aging, project limits, the budget gate's reservations, slot accounting), over
-world snapshots built from the simulator's own state (free slots, in-flight work, provisioned
-instances, spend, spot price traces). What it does not model: dispatch latency, run times other
-than `sec_per_frame`, spend enforcement stops and failures; bench/replay_accuracy.py measures how
-close a replay of a live run comes (docs/finance.md). Deterministic for a given workload seed.
+Every scheduling pass is `scheduler.pass_planner.plan_pass`, the planner the live dispatcher runs
+(queue order with aging, project limits, the waits-for-a-slot memo, misses in a row, the budget
+gate's reservations, slot accounting; the same `PassRules`), over world snapshots built from the
+simulator's own state (free slots, in-flight work, provisioned instances, spend, spot price traces),
+placing with the pure `place()`. The plan is applied as planned: the simulator has none of the live
+side's I/O races (an agent slot gone, the ledger refusing). What it does not model: dispatch
+latency, run times other than `sec_per_frame`, spend enforcement stops and failures; passes run at
+events (arrivals, finishes, price changes), live ones continuously. bench/replay_accuracy.py
+measures how close a replay of a live run comes (docs/finance.md). Deterministic for a given
+workload seed.
 
 Workload YAML:
     duration_s: 3600          # arrivals stop here; the run continues until the queue drains
@@ -32,7 +36,17 @@ from typing import Any
 
 from facefleet.domain import PRIORITIES, PRIVATE_ZONE, residency_allows
 from facefleet.money import SECONDS, SWEEP_POINTS_MAX, USD, USD_PER_HOUR, AmountError, Quantity
-from facefleet.scheduler.pass_planner import PassWorld, Waiting, plan_pass
+from facefleet.scheduler.pass_planner import (
+    Action,
+    PassRules,
+    PassWorld,
+    Planned,
+    PurePlacement,
+    Waiting,
+    plan_pass,
+    pure_placement,
+    queue_order,
+)
 from facefleet.scheduler.placement.model import Budget, PoolState, RuleSet, TaskSpec, World
 from facefleet.scheduler.placement.policy import RuleIndex
 from facefleet.scheduler.queue import DEFAULT_AGING_S
@@ -182,6 +196,7 @@ def simulate(
     workload: Mapping[str, Any],
     clock: SimClock | None = None,
     aging_s: float = DEFAULT_AGING_S,
+    rules: PassRules | None = None,
 ) -> SimReport:
     """Replay `workload`: every pass is `scheduler.pass_planner.plan_pass`, as in the live dispatcher."""
     clock = clock or SimClock()
@@ -228,17 +243,17 @@ def simulate(
     def schedule() -> None:
         if not queue:
             return
-        state = PassWorld(snapshot(), limits, dict(running_by_project))
         by_id = {arrival.task.id: arrival for arrival in queue}
         waiting = [Waiting(a.task, PRIORITY_RANK[a.task.priority], a.at) for a in queue]
-        for planned in plan_pass(waiting, ruleset, state, aging_s):
-            decision = planned.decision
-            if decision.outcome == "reject":
+        state = PassWorld(snapshot(), limits, dict(running_by_project))
+        for planned in plan_snapshot(ruleset, state, waiting, aging_s, rules):
+            if planned.action is Action.REJECT:
                 report.rejected += 1
                 del by_id[planned.waiting.task.id]
                 continue
             if not planned.launch:
                 continue
+            decision = planned.decision
             assert decision.pool is not None and decision.estimate is not None
             arrival = by_id.pop(planned.waiting.task.id)
             sim = pools[decision.pool]
@@ -248,15 +263,14 @@ def simulate(
             if not residency_allows(sim.base.trust_zone, task.sensitivity, task.project in world.locks):
                 report.residency_violations += 1
             run = task.frames * sim.base.sec_per_frame
-            if sim.free_slots() > 0:
-                end = clock.now + run
-                heapq.heappush(sim.running_ends, end)
-                provisioned = False
-            else:
+            provisioned = planned.provision
+            if provisioned:  # starts when its instance is up
                 sim.provisioned += 1
                 run += sim.base.provision_s
                 end = clock.now + run
-                provisioned = True
+            else:
+                end = clock.now + run
+                heapq.heappush(sim.running_ends, end)
             cost = sim.price * run / 3600.0
             heapq.heappush(events, (end, next(seq), "finish", (decision.pool, arrival, provisioned)))
             if decision.budget and cost > 0:  # reserved now (the budget gate), settled at the finish
@@ -306,6 +320,17 @@ def simulate(
         report.completion_mean_s = sum(completions) / len(completions)
         report.completion_p95_s = completions[min(len(completions) - 1, math.ceil(0.95 * len(completions)) - 1)]
     return report
+
+
+def plan_snapshot(
+    ruleset: RuleSet,
+    state: PassWorld,
+    waiting: list[Waiting],
+    aging_s: float = DEFAULT_AGING_S,
+    rules: PassRules | None = None,
+) -> list[Planned[PurePlacement]]:
+    """One simulated pass: the waiting tasks in queue order through `plan_pass`, placed by `place()`."""
+    return plan_pass(queue_order(waiting, aging_s), pure_placement(ruleset), state, rules)
 
 
 def _project_limits(raw: Any) -> dict[str, int]:

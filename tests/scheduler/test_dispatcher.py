@@ -10,12 +10,16 @@ from typing import Any
 
 from facefleet.scheduler.capacity import AgentRegistry
 from facefleet.scheduler.dispatcher import Dispatcher, DispatcherSettings
+from facefleet.scheduler.pass_planner import Action, PassWorld, Waiting
 from facefleet.scheduler.placement import RuleSet, TaskSpec, load_ruleset, place
-from facefleet.scheduler.placement.model import Decision, PoolState, World
+from facefleet.scheduler.placement.model import Budget, Decision, PoolState, World
+from facefleet.scheduler.placement.proto_codec import task_spec_from_proto
 from facefleet.scheduler.placement_gateway import LivePlacement, PlacementResult, WorldSnapshot
 from facefleet.scheduler.rules_source.base import ActiveConfig
+from facefleet.scheduler.simulate import plan_snapshot
 from facefleet.scheduler.store import NewTask, TaskStore
 from facefleet.v1 import scheduler_pb2, types_pb2
+from tests.cloud.burst_policy import BURST_RULES
 
 
 class FixedPlacer:
@@ -169,6 +173,73 @@ def test_a_pass_places_each_kind_of_waiting_task_once(tmp_path: Path) -> None:
         assert any(step.to_state == "dispatched" for step in store.transitions_of(public))
         for task_id in private:  # waiting for a slot: nothing recorded for them
             assert store.get(task_id).state == "queued" and store.get(task_id).placement is None
+    finally:
+        dispatcher.stop()
+        store.close()
+
+
+def test_the_live_pass_applies_the_plan_simulate_makes_for_the_same_snapshot(tmp_path: Path) -> None:
+    """One planner: the dispatcher's pass over the real store, placement gateway and agent registry,
+    and `facefleet simulate`'s pass over the same snapshot, place the same tasks in the same order
+    and launch the same tasks on the same pools (aging, a project limit, a budget cap that binds, a
+    locked project, private work, a task no pool can ever run)."""
+    now = time.time()
+    rules = load_ruleset(BURST_RULES, "rules.yaml")
+    active = ActiveConfig(rules, budgets={"burst": Budget("burst", 0.25)}, locks={"secret": "audit"})
+    pools = (
+        PoolState(name="onprem-a", provider="onprem", trust_zone="private", free_slots=2, sec_per_frame=1.0),
+        PoolState(name="cloud-a", provider="aws", trust_zone="cloud", free_slots=3, sec_per_frame=1.0,
+                  price_per_hour=36.0),
+    )  # fmt: skip
+    capacity = SimpleNamespace(snapshot=lambda now: SimpleNamespace(pools=pools, notes=()))
+    live_calls: list[tuple[str, str, str | None]] = []
+
+    def recorded(task: TaskSpec, ruleset: RuleSet, world: World) -> Decision:
+        decision = place(task, ruleset, world)
+        live_calls.append((task.id, decision.outcome, decision.pool))
+        return decision
+
+    placer = LivePlacement(SimpleNamespace(current=lambda: active), capacity, place_fn=recorded)
+    store = TaskStore(f"sqlite:///{tmp_path}/d.db")
+    registry = AgentRegistry(heartbeat_timeout_s=30)
+    register(registry, "onprem-1", "onprem-a", "private", slots=2)
+    register(registry, "cloud-1", "cloud-a", "cloud", slots=3)
+    public, private = types_pb2.SENSITIVITY_PUBLIC, types_pb2.SENSITIVITY_PRIVATE
+    normal, urgent, low = types_pb2.PRIORITY_NORMAL, types_pb2.PRIORITY_URGENT, types_pb2.PRIORITY_LOW
+    for project, sensitivity, priority, age, frames, sla in [
+        ("promo", public, normal, 30, 10, 0),
+        ("promo", public, normal, 29, 10, 0),
+        ("promo", public, normal, 28, 10, 0),  # over promo's limit of 2
+        ("films", private, urgent, 5, 10, 0),
+        ("films", private, urgent, 4, 10, 0),
+        ("films", private, urgent, 3, 10, 0),  # on-prem is full by now: waits
+        ("ads", public, low, 400, 10, 0),  # aged ahead of everything
+        ("secret", public, urgent, 2, 10, 0),  # locked: on-prem only
+        ("late", public, normal, 1, 100, 1),  # no pool can do 100 frames in 1 s: rejected
+        ("batch", public, normal, 0, 10, 0),
+        ("batch", public, normal, 0, 10, 0),  # the cap ($0.25, $0.10 a run) binds before this one
+    ]:
+        task = types_pb2.Task(project=project, sensitivity=sensitivity, priority=priority, frames=frames,
+                              sla_seconds=sla, source_uri="file:///a.jpg", target_uri="file:///b.jpg")  # fmt: skip
+        store.insert_batch([NewTask(task, "")], now - age)
+    settings = DispatcherSettings(project_limits={"promo": 2}, warmup_s=0, backoff_initial_s=60)
+    queued = store.runnable(now, 100, settings.aging_s)
+    waiting = [Waiting(task_spec_from_proto(r.task()), r.priority, r.submitted_at) for r in queued]
+    simulated = plan_snapshot(
+        rules, PassWorld(placer.world(now).world, settings.project_limits), waiting, settings.aging_s
+    )
+    dispatcher = Dispatcher(store, placer, registry, settings)
+    try:
+        dispatcher.dispatch_pass(now)
+        placed = [p for p in simulated if p.placed is not None]
+        assert live_calls == [(p.waiting.task.id, p.decision.outcome, p.decision.pool) for p in placed]
+        live_launches = {
+            t.id: step.pool for t in queued for step in store.transitions_of(t.id) if step.to_state == "dispatched"
+        }
+        assert live_launches == {p.waiting.task.id: p.pool for p in simulated if p.launch}
+        assert sorted(live_launches.values()) == ["cloud-a", "cloud-a", "onprem-a", "onprem-a"]
+        rejected = {t.id for t in queued if store.get(t.id).state == "failed"}
+        assert rejected == {p.waiting.task.id for p in simulated if p.action is Action.REJECT} != set()
     finally:
         dispatcher.stop()
         store.close()
