@@ -28,7 +28,7 @@ class HeartbeatSource(Protocol):
 
     def set_draining(self, draining: bool) -> None: ...
 
-    def cancel(self, task_id: str, reason: str) -> bool: ...
+    def cancel_runs(self, task_ids: Sequence[str], reason: str) -> list[str]: ...
 
     def apply_leader(self, term: int, acknowledged: Sequence[types_pb2.RunRef]) -> None: ...
 
@@ -42,9 +42,10 @@ def obey(source: HeartbeatSource, control: scheduler_pb2.HeartbeatResponse) -> N
     source.set_draining(control.drain)
     if control.leader_term or control.acknowledged:
         source.apply_leader(control.leader_term, control.acknowledged)
-    for task_id in control.cancel_task_ids:
-        if source.cancel(task_id, "cancelled by the scheduler"):
-            log.info("scheduler_cancel", task_id=task_id)
+    if control.cancel_task_ids:
+        stopped = source.cancel_runs(control.cancel_task_ids, "cancelled by the scheduler")
+        if stopped:
+            log.info("scheduler_cancel", task_ids=stopped)
 
 
 class DrainVotes:
@@ -81,8 +82,8 @@ class _DrainVoter:
     def set_draining(self, draining: bool) -> None:
         self._votes.vote(self._index, draining)
 
-    def cancel(self, task_id: str, reason: str) -> bool:
-        return self._votes.source.cancel(task_id, reason)
+    def cancel_runs(self, task_ids: Sequence[str], reason: str) -> list[str]:
+        return self._votes.source.cancel_runs(task_ids, reason)
 
     def apply_leader(self, term: int, acknowledged: Sequence[types_pb2.RunRef]) -> None:
         self._votes.source.apply_leader(term, acknowledged)

@@ -603,24 +603,33 @@ class AgentRuntime:
         )
 
     def cancel(self, task_id: str, reason: str) -> bool:
+        return bool(self.cancel_runs([task_id], reason))
+
+    def cancel_runs(self, task_ids: Sequence[str], reason: str) -> list[str]:
+        """Stop these runs; returns those there were to stop. Waiting ones leave the FIFO first, all
+        under one lock: a slot freed by a run cancelled here never starts another one cancelled here
+        (a lock recalls a cloud agent's prefetched work before it starts)."""
+        reason = reason or "cancelled"
         with self._lock:
-            waiting = self._waiting.pop(task_id, None)
-            run = self._running.get(task_id)
-            if waiting is None and run is None and task_id not in self._finished:  # its RunTask may be in flight
-                now = time.monotonic()
-                self._cancelled_unstarted = {
-                    tid: at for tid, at in self._cancelled_unstarted.items() if now - at < CANCEL_BEFORE_START_WINDOW_S
-                }
-                self._cancelled_unstarted[task_id] = now
-        if waiting is not None:  # it never starts
-            self._end_unstarted(waiting, types_pb2.TASK_STATE_CANCELLED, reason or "cancelled")
-            log.info("waiting_task_cancelled", task_id=task_id)
-            return True
-        if run is None:
-            return False
-        run.cancel_reason = reason or "cancelled"
-        run.cancelled.set()
-        return True
+            waiting = [entry for task_id in task_ids if (entry := self._waiting.pop(task_id, None)) is not None]
+            running = [run for task_id in task_ids if (run := self._running.get(task_id)) is not None]
+            known = {entry.run.task_id for entry in waiting} | {run.task_id for run in running}
+            now = time.monotonic()
+            for task_id in task_ids:  # never seen here: its RunTask may be in flight
+                if task_id not in known and task_id not in self._finished:
+                    self._cancelled_unstarted = {
+                        tid: at
+                        for tid, at in self._cancelled_unstarted.items()
+                        if now - at < CANCEL_BEFORE_START_WINDOW_S
+                    }
+                    self._cancelled_unstarted[task_id] = now
+        for entry in waiting:  # they never start
+            self._end_unstarted(entry, types_pb2.TASK_STATE_CANCELLED, reason)
+            log.info("waiting_task_cancelled", task_id=entry.run.task_id)
+        for run in running:
+            run.cancel_reason = reason
+            run.cancelled.set()
+        return [entry.run.task_id for entry in waiting] + [run.task_id for run in running]
 
     def wait_idle(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
