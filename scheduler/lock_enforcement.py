@@ -53,6 +53,8 @@ class Canceller(Protocol):
 class ZoneDirectory(Protocol):
     def get(self, agent_id: str) -> Any: ...  # AgentRecord | None (.trust_zone, .pool)
 
+    def request_cancel(self, agent_id: str, task_id: str) -> None: ...  # carried by its next control
+
 
 class LockGate:
     """Writer-preferring readers-writer lock plus the live lock lookup the dispatcher uses."""
@@ -181,12 +183,21 @@ class LockEnforcer:
                 state = _proto_state(record.state)
                 locations.append(TaskLocation(record.id, record.project, state, zone, record.pool or "", sensitivity))
             actions = lock_actions(locked, locations)
+            stopped: list[tuple[TaskRecord, str]] = []
             for action in actions:
                 record = records[action.task_id]
                 if action.kind == LockActionKind.REPLACE:
                     self._replace(record, action.reason)
-                else:
-                    self._stop_and_rerun(record, action.reason)
+                elif self._stop(record, action.reason):
+                    stopped.append((record, action.reason))
+            # Every stop is queued for its agent before any is sent, so the first control an agent
+            # gets recalls all of them at once: a slot freed by one recalled run never starts
+            # another one the agent holds waiting (prefetch).
+            for record, _reason in stopped:
+                if record.agent_id:
+                    self.agents.request_cancel(record.agent_id, record.id)
+            for record, reason in stopped:
+                self._recall(record, reason)
                 if self.audit is not None:
                     try:
                         self.audit(
@@ -226,6 +237,11 @@ class LockEnforcer:
         log.info("lock_replace", task_id=record.id, project=record.project, moved=moved)
 
     def _stop_and_rerun(self, record: TaskRecord, reason: str) -> None:
+        if self._stop(record, reason):
+            self._recall(record, reason)
+
+    def _stop(self, record: TaskRecord, reason: str) -> bool:
+        """Back to the queue, pinned on-prem by the lock; False when it finished or moved meanwhile."""
         now = self.clock()
         try:
             moved = self.store.transition(
@@ -241,8 +257,12 @@ class LockEnforcer:
             moved = False
         if not moved:
             log.info("lock_stop_skipped", task_id=record.id, reason="finished or moved to another agent meanwhile")
-            return
+            return False
         self.store.discard_checkpoint(record.id)
+        return True
+
+    def _recall(self, record: TaskRecord, reason: str) -> None:
+        """Stop the run on its agent (the task is queued already)."""
         reached = self.canceller.cancel_on_agent(record.id, record.agent_id, f"compliance: {reason}")
         log.warning(
             "lock_stop_and_rerun",
