@@ -71,6 +71,9 @@ class PoolConfig(Section):
     sec_per_frame: Seconds = Field(default=0.05, gt=0)
     price_per_hour: UsdPerHour = 0.0
     spot: bool = False
+    # Assignments a session agent of this pool may hold beyond its slots, waiting in its own queue
+    # (docs/operations.md): outstanding work per agent never exceeds slots + prefetch.
+    prefetch: int = Field(default=0, ge=0)
 
 
 class SchedulerConfig(Section):

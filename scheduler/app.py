@@ -122,6 +122,7 @@ class SchedulerApp:
             cancel_hook=self._cancel_on_agent,
             intake_check=intake_check,
             intake_refused=intake_refused,
+            sessions=self.dispatcher.sessions,
         )
         self._credentials = credentials
         self._interceptors = list(interceptors)

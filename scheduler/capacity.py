@@ -91,9 +91,19 @@ class AgentRecord:
     # (task id -> newest report), and how many such heartbeats arrived: the reconciliation clock.
     runs: dict[str, types_pb2.RunReport] = field(default_factory=dict)
     inventories: int = 0
+    # An agent with an open AgentSession (scheduler.agent_sessions): every assignment it holds is
+    # in `in_flight` until its ending update, refusal or the session's end, and it may hold
+    # `prefetch` more than it has slots (its pool's setting), waiting in its own queue.
+    session: bool = False  # it has opened one with this replica (and is dispatched to through one)
+    session_open: bool = False
+    prefetch: int = 0
 
     @property
     def effective_free_slots(self) -> int:
+        """Assignments this agent may take now. Never more outstanding than total_slots + prefetch
+        for a session agent; a RunTask agent: its reported free slots less those sent since."""
+        if self.session:
+            return max(0, self.total_slots + self.prefetch - len(self.running | self.in_flight.keys()))
         return max(0, self.free_slots - len(self.in_flight))
 
     @property
@@ -134,8 +144,10 @@ class AgentRegistry:
         heartbeat_timeout_s: float = 10.0,
         heartbeat_interval_s: float = 2.0,
         in_flight_grace_s: float | None = None,
+        prefetch: Mapping[str, int] | None = None,
     ) -> None:
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.prefetch = dict(prefetch or {})  # pool -> assignments a session agent may hold beyond its slots
         self.heartbeat_interval_s = heartbeat_interval_s
         # A dispatched task that heartbeats sampled later than this still do not list has either
         # finished or been refused; the dispatcher normally reports that through note_finished.
@@ -153,7 +165,11 @@ class AgentRegistry:
 
     @classmethod
     def from_config(cls, config: SchedulerConfig, heartbeat_interval_s: float = 2.0) -> AgentRegistry:
-        return cls(heartbeat_timeout_s=config.heartbeat_timeout_s, heartbeat_interval_s=heartbeat_interval_s)
+        return cls(
+            heartbeat_timeout_s=config.heartbeat_timeout_s,
+            heartbeat_interval_s=heartbeat_interval_s,
+            prefetch={pool.name: pool.prefetch for pool in config.pools if pool.prefetch},
+        )
 
     def record_heartbeat(self, req: scheduler_pb2.HeartbeatRequest, now: float) -> scheduler_pb2.HeartbeatResponse:
         """Store a heartbeat; answer with the agent's pending instructions.
@@ -193,19 +209,37 @@ class AgentRegistry:
             record.running = running
             record.last_seen = now
             record.lost_at = None
+            record.prefetch = self.prefetch.get(req.pool, 0)
             # Listed as running: the reported free slots already count it. Not listed and sent long
             # before this heartbeat: it finished or was refused. Otherwise it may still be on the wire.
-            record.in_flight = {
-                task_id: sent_at
-                for task_id, sent_at in record.in_flight.items()
-                if task_id not in running and now - sent_at <= self.in_flight_grace_s
-            }
-            acknowledged = self._take_inventory_locked(record, req)
-            instructions = self._instructions_locked(record)
+            # (A session agent's assignments leave `in_flight` only when the session says they ended.)
+            if not record.session:
+                record.in_flight = {
+                    task_id: sent_at
+                    for task_id, sent_at in record.in_flight.items()
+                    if task_id not in running and now - sent_at <= self.in_flight_grace_s
+                }
+            response = self._control_locked(record, self._take_inventory_locked(record, req))
             # Cancels stay queued while the task may still be on the agent (at-least-once delivery).
             pending = self._cancels.get(req.agent_id)
             if pending:
                 pending &= record.task_ids
+            return response
+
+    def control(self, agent_id: str) -> scheduler_pb2.HeartbeatResponse:
+        """What a heartbeat response would tell the agent now (pushed on its session: cancels)."""
+        with self._lock:
+            record = self._agents.get(agent_id)
+            if record is None:
+                return scheduler_pb2.HeartbeatResponse(
+                    cancel_task_ids=sorted(self._cancels.get(agent_id, ())), leader_term=self.leader_term
+                )
+            return self._control_locked(record, sorted(self._acks.get(agent_id, ())))
+
+    def _control_locked(
+        self, record: AgentRecord, acknowledged: Sequence[tuple[str, int]]
+    ) -> scheduler_pb2.HeartbeatResponse:
+        instructions = self._instructions_locked(record)
         return scheduler_pb2.HeartbeatResponse(
             drain=instructions.drain,
             cancel_task_ids=list(instructions.cancel_task_ids),
@@ -214,6 +248,15 @@ class AgentRegistry:
             leader_term=self.leader_term,
             acknowledged=[types_pb2.RunRef(task_id=task_id, attempt=attempt) for task_id, attempt in acknowledged],
         )
+
+    def note_session(self, agent_id: str, is_open: bool) -> None:
+        """The agent opened (or closed) its AgentSession with this replica: no work goes to it while
+        closed (it reconnects, or falls back to heartbeats and RunTask: then it joins as before)."""
+        with self._lock:
+            record = self._agents.get(agent_id)
+            if record is not None:
+                record.session = record.session or is_open
+                record.session_open = is_open
 
     def _take_inventory_locked(self, record: AgentRecord, req: scheduler_pb2.HeartbeatRequest) -> list[tuple[str, int]]:
         """Keep the agent's inventory when it was built under this leader's term (the agent fences
@@ -327,7 +370,7 @@ class AgentRegistry:
             record = self._agents.get(agent_id)
             if record is None:
                 return
-            if record.in_flight.pop(task_id, None) is None and task_id in record.running:
+            if (record.in_flight.pop(task_id, None) is None or record.session) and task_id in record.running:
                 # The agent's free slots counted it as busy; it is free now until the next heartbeat.
                 record.running = record.running - {task_id}
                 record.free_slots = min(record.total_slots, record.free_slots + 1)
@@ -388,6 +431,7 @@ class AgentRegistry:
     def _dispatchable(self, record: AgentRecord, now: float) -> bool:
         return (
             record.healthy
+            and (record.session_open or not record.session)
             and not record.draining
             and not record.preempting
             and record.lost_at is None

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import structlog
 import tenacity
 
+from facefleet.domain import RUNNING
 from facefleet.scheduler.store import Change, Step, TaskRecord
 from facefleet.v1 import types_pb2
 
@@ -35,9 +36,12 @@ class Completion:
     message: types_pb2.Progress
     at: float
     attempt: int = 0  # the run's attempt (acknowledged to the agent once recorded)
+    started: str = ""  # the agent's start, not yet recorded: recorded first, in the same change
 
     def change(self) -> Change:
-        return Change(self.record.id, (Step(self.to_state, self.reason),), None, self.agent_id, self.message)
+        end = Step(self.to_state, self.reason)
+        steps = (Step(RUNNING, self.started), end) if self.started else (end,)
+        return Change(self.record.id, steps, None, self.agent_id, self.message)
 
 
 ApplyChanges = Callable[[Sequence[Change], float], list[bool | Exception]]

@@ -1,11 +1,15 @@
-"""Leader-only dispatch loop: queue -> placement -> agent RunTask -> progress -> completion.
+"""Leader-only dispatch loop: queue -> placement -> agent session -> progress -> completion.
 
 One loop thread runs dispatch passes: the pass planner (`scheduler.pass_planner`, the same one
 `facefleet simulate` runs) plans each pass over a world snapshot (queue order with aging, project
 limits, placement, the budget gate, slot accounting), and the dispatcher applies its plan: records
 decisions, re-checks residency, reserves an agent slot of the chosen pool and the ledger's budget,
-and hands the RunTask stream to the agent-streams event loop (`scheduler.agent_streams`, one loop
-for every stream). Progress is recorded from the worker pool; terminal states go to the completion
+and sends the pass's launches to each agent's session (`scheduler.agent_sessions`) as one message
+of assignments per agent. The agent's batched updates and refusals arrive on the sessions' inbox
+thread: running marks and progress of a batch are one store transaction, ending states go to the
+completion batcher. An agent that only heartbeats (no session: an older agent during a rolling
+upgrade) gets one RunTask stream per task on the agent-streams event loop
+(`scheduler.agent_streams`) instead. Terminal states go to the completion
 batcher (`scheduler.completion_batch`: one commit for every completion pending, recorded once: the
 store ignores a second completion). Failures go back to the queue with an
 exponential backoff (tenacity's wait strategy computes `not_before`) and resume from the latest
@@ -51,6 +55,7 @@ from facefleet.domain import (
 )
 from facefleet.grpc_server import LoopThread
 from facefleet.scheduler import metrics, queue
+from facefleet.scheduler.agent_sessions import AgentSession, AgentSessions
 from facefleet.scheduler.agent_streams import AgentStreams, AioChannelFactory
 from facefleet.scheduler.completion_batch import Completion, CompletionBatcher
 from facefleet.scheduler.leader import DEFAULT_LOCK_NAME
@@ -68,7 +73,7 @@ from facefleet.scheduler.placement.model import World
 from facefleet.scheduler.placement.proto_codec import task_spec_from_proto
 from facefleet.scheduler.placement_gateway import PlacementResult, Placer, WorldSnapshot, residency_violation
 from facefleet.scheduler.store import Change, IllegalTransition, Placement, Step, TaskRecord, TaskStore
-from facefleet.v1 import agent_pb2, types_pb2
+from facefleet.v1 import agent_pb2, scheduler_pb2, types_pb2
 
 log = structlog.get_logger()
 
@@ -86,6 +91,8 @@ class AgentDirectory(Protocol):
     def inventory(self, agent_id: str) -> tuple[int, dict[str, types_pb2.RunReport]] | None: ...
     def take_outcomes(self) -> list[tuple[str, types_pb2.RunReport]]: ...
     def acknowledge(self, agent_id: str, task_id: str, attempt: int) -> None: ...
+    def control(self, agent_id: str) -> scheduler_pb2.HeartbeatResponse: ...
+    def note_session(self, agent_id: str, is_open: bool) -> None: ...
 
 
 class DispatchListener(Protocol):
@@ -160,6 +167,17 @@ class _Unresolved:
     inventories_at: int  # the agent's inventory count then: two more and one was built after
 
 
+@dataclass
+class _Assignment:
+    """A run sent on an agent's session, until its ending update, refusal or the session's end."""
+
+    record: TaskRecord  # as dispatched
+    attempt: int
+    placed_at: float
+    admitting: Any  # the lock gate's admission, held until the agent's first word on it (None: released)
+    running: bool  # the store has it RUNNING
+
+
 @dataclass(frozen=True)
 class _Launch:
     record: TaskRecord
@@ -205,7 +223,11 @@ class Dispatcher:
         self.gate = gate
         self.admission = admission
         self._streams = AgentStreams(channel_for or grpc.aio.insecure_channel, loop)
-        self._calls: dict[str, tuple[Any, str]] = {}  # task id -> (RunTask call, agent id)
+        # Agents' sessions (the gRPC service serves them; this dispatcher listens on their inbox).
+        self.sessions = AgentSessions(self)
+        self._session_agents: set[str] = set()  # agents that opened one: never sent a RunTask
+        # task id -> (RunTask call or _Assignment, agent id): the runs this dispatcher follows.
+        self._calls: dict[str, tuple[Any, str]] = {}
         self._stopping: dict[str, str] = {}  # task id -> why: its CANCELLED report re-queues it (stop_run)
         self._calls_lock = threading.Lock()
         self._lost_agents: dict[str, float] = {}
@@ -244,6 +266,7 @@ class Dispatcher:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self._streams.close()  # cancels every stream; their clean-up hands work to the pool
+        self.sessions.close()  # ends the sessions; what agents sent so far is handled first
         self._workers.shutdown(wait=True, cancel_futures=True)
         self._completions.close()  # records what the streams handed over
 
@@ -345,7 +368,8 @@ class Dispatcher:
             self._requeue(record, f"agent {agent_id} is unknown", "reconcile", now, agent_id)
             return
         log.info("re-attaching to a run its agent reports", task_id=record.id, agent_id=agent_id)
-        self._launch(_as_dispatched(record), agent_id, agent.address, self._request(record, record.attempts), now)
+        request = self._request(record, record.attempts)
+        self._launch_all([(_as_dispatched(record), agent_id, agent.address, request)], now)
 
     def handle_outcomes(self, now: float) -> int:
         """Outcomes agents reported in their inventories (each once): record the ones whose stream
@@ -553,9 +577,8 @@ class Dispatcher:
             for listener in self.listeners:
                 _safe(listener.on_dispatched, sent, launch.result)
             sending.append((sent, launch))
-        self._flush_audit()  # the pass's placement/dispatch records are durable before any RunTask
-        for sent, launch in sending:
-            self._launch(sent, launch.agent_id, launch.address, launch.request, now)
+        self._flush_audit()  # the pass's placement/dispatch records are durable before any assignment
+        self._launch_all([(sent, launch.agent_id, launch.address, launch.request) for sent, launch in sending], now)
         for change in changes:
             if change.steps[-1].to_state == FAILED and results.get(change.task_id) is True:
                 self._finished(change.task_id)
@@ -676,6 +699,161 @@ class Dispatcher:
         request.project_locked = request.project_locked or self.admission.project_locked(record.project)
         zone = getattr(self.agents.get(agent_id), "trust_zone", "") or "unknown"
         return residency_violation(request.task, None, zone, request.project_locked)
+
+    def _launch_all(
+        self, launches: Sequence[tuple[TaskRecord, str, str, agent_pb2.RunTaskRequest]], placed_at: float
+    ) -> None:
+        """Send committed launches: one message of assignments per session agent, a RunTask stream
+        per task to an agent without a session. The lock gate's admission is taken for each (it
+        may wait while a lock change is enforced) and released once the agent has answered."""
+        batches: dict[str, tuple[AgentSession, list[agent_pb2.RunTaskRequest]]] = {}
+        for record, agent_id, address, request in launches:
+            session = self.sessions.get(agent_id)
+            if session is None and agent_id not in self._session_agents:
+                self._launch(record, agent_id, address, request, placed_at)
+                continue
+            admitting = self.admission.admitting() if self.admission is not None else contextlib.nullcontext()
+            admitting.__enter__()
+            if self.admission is not None and (violation := self._lock_race_refusal(record, agent_id, request)):
+                admitting.__exit__(None, None, None)
+                self._refuse_late(record, agent_id, violation)
+                self.agents.note_finished(agent_id, record.id)
+                continue
+            assignment = _Assignment(record, request.attempt, placed_at, admitting, record.state == RUNNING)
+            registered = False
+            if session is not None:
+                with session.lock:
+                    if not session.closed:
+                        session.runs[record.id] = assignment
+                        registered = True
+            if not registered:  # the session ended before this launch went out: nothing was sent
+                self._release(assignment)
+                self.agents.note_finished(agent_id, record.id)
+                self._lost_stream(record.id, agent_id, request.attempt)
+                continue
+            assert session is not None
+            with self._calls_lock:
+                self._calls[record.id] = (assignment, agent_id)
+            batches.setdefault(agent_id, (session, []))[1].append(request)
+        for session, requests in batches.values():
+            # If the session ends before this goes out, its end hands these runs to reconciliation.
+            session.send(scheduler_pb2.SchedulerMessage(assignments=requests))
+
+    @staticmethod
+    def _release(assignment: _Assignment) -> None:
+        """The agent answered an assignment (or its session ended): a lock change sees it now."""
+        admitting, assignment.admitting = assignment.admitting, None
+        if admitting is not None:
+            admitting.__exit__(None, None, None)
+
+    # ---- agent sessions (scheduler.agent_sessions calls these on its inbox thread) --------------
+
+    def session_opened(self, session: AgentSession) -> None:
+        self._session_agents.add(session.agent_id)
+        self.agents.note_session(session.agent_id, True)
+
+    def session_closed(self, session: AgentSession) -> None:
+        """The runs of an ended session are unresolved: the agent's next inventory settles them."""
+        self.agents.note_session(session.agent_id, False)
+        with session.lock:
+            runs, session.runs = dict(session.runs), {}
+        for task_id, assignment in runs.items():
+            self._end_assignment(session.agent_id, task_id, assignment)
+            self._lost_stream(task_id, session.agent_id, assignment.attempt)
+        self._wake.set()
+
+    def session_messages(self, batch: list[tuple[AgentSession, scheduler_pb2.AgentMessage]]) -> None:
+        """Updates and refusals of one or more agents: running marks and progress as one store
+        transaction, ending states to the completion batcher, refusals as RunTask's errors were."""
+        now = self.clock()
+        marks: dict[str, Change] = {}  # running marks not yet written
+        progress: dict[str, types_pb2.Progress] = {}  # newest progress per run
+        ended = False
+        for session, message in batch:
+            agent_id = session.agent_id
+            for update in message.updates:
+                assignment = self._assignment(session, update.task_id, update.attempt)
+                if assignment is None:
+                    continue  # not followed here (cancelled, superseded): its inventory reports it
+                task_id = update.task_id
+                if assignment.admitting is not None:
+                    self._release(assignment)
+                    metrics.DISPATCH_LATENCY.observe(max(0.0, now - assignment.placed_at))
+                state = update.progress.state
+                if state in (types_pb2.TASK_STATE_RUNNING, types_pb2.TASK_STATE_UNSPECIFIED):
+                    if not assignment.running:
+                        assignment.running = True
+                        step = Step(RUNNING, f"agent {agent_id} started")
+                        marks[task_id] = Change(task_id, (step,), DISPATCHED, agent_id, update.progress)
+                    elif task_id in marks:
+                        marks[task_id] = replace(marks[task_id], progress=update.progress)
+                    else:
+                        progress[task_id] = update.progress
+                    continue
+                progress.pop(task_id, None)
+                mark = marks.pop(task_id, None)
+                if state in _COMPLETES_THE_TASK:
+                    started = mark.steps[0].reason if mark is not None else ""
+                    completion = Completion(
+                        assignment.record, agent_id, *_ending(update.progress), now, assignment.attempt, started
+                    )
+                    self._completions.put(completion)
+                else:  # a stopped run, a preemption: the store moves it back to the queue
+                    if mark is not None:
+                        self.store.apply_changes([mark], now)
+                    self._on_progress(assignment.record, agent_id, update.progress, now, assignment.attempt)
+                self._finish_assignment(session, task_id)
+                ended = True
+            for refusal in message.refusals:
+                assignment = self._assignment(session, refusal.task_id, refusal.attempt)
+                if assignment is None:
+                    continue
+                self._release(assignment)
+                marks.pop(refusal.task_id, None)
+                progress.pop(refusal.task_id, None)
+                self._on_refusal(refusal, agent_id, now)
+                self._finish_assignment(session, refusal.task_id)
+                ended = True
+        if marks:
+            self.store.apply_changes(list(marks.values()), now)
+        if progress:
+            self.store.record_progress_many(list(progress.items()), now)
+        if ended:
+            self._wake.set()
+
+    @staticmethod
+    def _assignment(session: AgentSession, task_id: str, attempt: int) -> _Assignment | None:
+        with session.lock:
+            assignment = session.runs.get(task_id)
+        return assignment if assignment is not None and assignment.attempt == attempt else None
+
+    def _finish_assignment(self, session: AgentSession, task_id: str) -> None:
+        with session.lock:
+            assignment = session.runs.pop(task_id, None)
+        if assignment is not None:
+            self._end_assignment(session.agent_id, task_id, assignment)
+
+    def _end_assignment(self, agent_id: str, task_id: str, assignment: _Assignment) -> None:
+        self._release(assignment)
+        with self._calls_lock:
+            entry = self._calls.get(task_id)
+            if entry is not None and entry[0] is assignment:
+                del self._calls[task_id]
+                self._stopping.pop(task_id, None)
+        self.agents.note_finished(agent_id, task_id)
+
+    def _on_refusal(self, refusal: scheduler_pb2.RunRefusal, agent_id: str, now: float) -> None:
+        """An assignment the agent did not start: as RunTask's refusing status codes were handled."""
+        record = self.store.get(refusal.task_id)
+        if record.state in TERMINAL or record.agent_id != agent_id or record.attempts != refusal.attempt:
+            return  # cancelled or moved on meanwhile
+        reason = types_pb2.ErrorReason.Name(refusal.error.reason) if refusal.error.reason else "REFUSED"
+        detail = f"agent {agent_id} refused: {reason}: {refusal.error.message}"
+        if refusal.retry:
+            why = "stale_term" if refusal.error.reason == types_pb2.STALE_LEADER_TERM else "no_capacity"
+            self._requeue(record, detail, why, now, agent_id)
+        elif self.store.transition(refusal.task_id, FAILED, detail, now, expect_agent=agent_id):
+            self._finished(refusal.task_id)
 
     def _launch(
         self, record: TaskRecord, agent_id: str, address: str, request: agent_pb2.RunTaskRequest, placed_at: float
@@ -819,11 +997,9 @@ class Dispatcher:
             self.agents.acknowledge(agent_id, task_id, attempt)
             return True
         if state in _ENDS_THE_RUN:
-            to_state = state_from_proto(state)
-            reason = message.message or (message.error.message if message.HasField("error") else "") or to_state
             # Recorded by the completion batcher (one commit for many); this worker's `finally`
             # frees the agent slot now: the agent has said it is done.
-            self._completions.put(Completion(record, agent_id, to_state, reason, message, now, attempt))
+            self._completions.put(Completion(record, agent_id, *_ending(message), now, attempt))
             return True
         self.store.record_progress(task_id, message, now)
         return False
@@ -928,6 +1104,10 @@ class Dispatcher:
         if not agent_id:
             return False
         self.agents.request_cancel(agent_id, task_id)
+        if agent_id in self._session_agents:  # pushed on its session now (and in each control after)
+            reached = self._push_control(agent_id)
+            self._cancel_local_call(task_id)
+            return reached
         agent = self.agents.get(agent_id)
         reached = False
         if agent is not None and agent.address:
@@ -954,10 +1134,19 @@ class Dispatcher:
             self._stopping[task_id] = why
         agent_id = entry[1]
         self.agents.request_cancel(agent_id, task_id)  # the heartbeat carries it if the RPC is lost
+        if isinstance(entry[0], _Assignment):
+            self._push_control(agent_id)
+            return True
         agent = self.agents.get(agent_id)
         if agent is not None and agent.address:
             self._streams.spawn(self._stop_rpc(agent.address, task_id, why))
         return True
+
+    def _push_control(self, agent_id: str) -> bool:
+        """Send the agent its control now (pending cancels, run limits) on its session."""
+        session = self.sessions.get(agent_id)
+        control = scheduler_pb2.SchedulerMessage(control=self.agents.control(agent_id))
+        return session is not None and session.send(control)
 
     async def _stop_rpc(self, address: str, task_id: str, why: str) -> None:
         try:
@@ -970,14 +1159,31 @@ class Dispatcher:
         await self._streams.stub(address).CancelTask(request, timeout=2.0)
 
     def _cancel_local_call(self, task_id: str) -> None:
+        """Stop following the task's run here (its stream, or its assignment on a session)."""
         with self._calls_lock:
             entry = self._calls.get(task_id)
-        if entry is not None:
-            self._streams.call_soon(entry[0].cancel)
+        if entry is None:
+            return
+        if isinstance(entry[0], _Assignment):
+            session = self.sessions.get(entry[1])
+            if session is not None:
+                self.sessions.call(lambda: self._finish_assignment(session, task_id))
+            return
+        self._streams.call_soon(entry[0].cancel)
 
 
 # Progress states after which the agent runs nothing more for this attempt (handled without blocking).
 _ENDS_THE_RUN = frozenset({types_pb2.TASK_STATE_SUCCEEDED, types_pb2.TASK_STATE_FAILED, types_pb2.TASK_STATE_CANCELLED})
+
+# Ending states that finish the task (CANCELLED and PREEMPTED from an agent re-queue it).
+_COMPLETES_THE_TASK = frozenset({types_pb2.TASK_STATE_SUCCEEDED, types_pb2.TASK_STATE_FAILED})
+
+
+def _ending(message: types_pb2.Progress) -> tuple[str, str, types_pb2.Progress]:
+    """(state, reason, message) of a Completion for an ending progress message."""
+    to_state = state_from_proto(message.state)
+    reason = message.message or (message.error.message if message.HasField("error") else "") or to_state
+    return to_state, reason, message
 
 
 def _as_dispatched(record: TaskRecord) -> TaskRecord:

@@ -20,6 +20,7 @@ from facefleet.domain import CANCELLED, IN_FLIGHT, QUEUED, TERMINAL, state_from_
 from facefleet.grpc_server import AioServices, Decoded, corrupt_request, refuse_corrupt, tolerant_decoder
 from facefleet.rpc_errors import TaskInputError, abort, abort_async
 from facefleet.scheduler import metrics
+from facefleet.scheduler.agent_sessions import AgentSessions
 from facefleet.scheduler.group_commit import GroupCommitter, StoreUnavailable
 from facefleet.scheduler.intake import validate_submit, validate_task
 from facefleet.scheduler.placement_gateway import Placer
@@ -114,8 +115,10 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         clock: Callable[[], float] = time.time,
         intake_check: IntakeCheck | None = None,
         intake_refused: IntakeRefused | None = None,
+        sessions: AgentSessions | None = None,
     ) -> None:
         self.store = store
+        self.sessions = sessions
         self.committer = committer
         self.placer = placer
         self.heartbeats = heartbeats
@@ -336,7 +339,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         if self.heartbeats is None:
             abort(context, grpc.StatusCode.UNAVAILABLE, types_pb2.INTERNAL, "this scheduler takes no heartbeats")
         try:
-            response = self.heartbeats.record_heartbeat(request, self.clock())
+            return self.heartbeat_response(request)
         except ValueError as error:
             abort(
                 context,
@@ -345,12 +348,29 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                 str(error),
                 getattr(error, "field", ""),
             )
+
+    def heartbeat_response(self, request: scheduler_pb2.HeartbeatRequest) -> scheduler_pb2.HeartbeatResponse:
+        """Register a heartbeat (unary Heartbeat, or an AgentSession's) and build the answer.
+        Raises ValueError (HeartbeatRejected) for a heartbeat the registry cannot use."""
+        assert self.heartbeats is not None
+        response = self.heartbeats.record_heartbeat(request, self.clock())
         # Anything the agent still runs that the store says is finished (cancelled elsewhere, or
         # completed on another agent) should stop: the heartbeat is the fallback path for cancels.
         finished = self.store.terminal_among(list(request.running_task_ids))
         extra = [task_id for task_id in finished if task_id not in response.cancel_task_ids]
         response.cancel_task_ids.extend(extra)
         return response
+
+    async def agent_session(
+        self, requests: AsyncIterator[Decoded], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scheduler_pb2.SchedulerMessage]:
+        """Scheduler.AgentSession (scheduler.agent_sessions): heartbeats, assignments, updates."""
+        if self.heartbeats is None or self.sessions is None:
+            await abort_async(
+                context, grpc.StatusCode.UNIMPLEMENTED, types_pb2.INTERNAL, "this scheduler opens no agent sessions"
+            )
+        async for message in self.sessions.serve(requests, context, self.heartbeat_response):
+            yield message
 
 
 class _Watch:
@@ -438,6 +458,13 @@ def add_scheduler_service(servicer: SchedulerServicer, server: grpc.Server | Aio
                 request_deserializer=decode,
                 response_serializer=response_class.SerializeToString,
             )
+    if on_loop:  # a coroutine on the loop; a sync server answers UNIMPLEMENTED (agents fall back)
+        assert methods["AgentSession"].output_type.full_name == scheduler_pb2.SchedulerMessage.DESCRIPTOR.full_name
+        handlers["AgentSession"] = grpc.stream_stream_rpc_method_handler(
+            servicer.agent_session,
+            request_deserializer=tolerant_decoder(scheduler_pb2.AgentMessage),
+            response_serializer=scheduler_pb2.SchedulerMessage.SerializeToString,
+        )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("facefleet.v1.Scheduler", handlers),))
     server.add_registered_method_handlers("facefleet.v1.Scheduler", handlers)  # type: ignore[union-attr]
 

@@ -832,6 +832,16 @@ class TaskStore:
         """Keep the latest progress per task and the highest checkpoint any agent reported."""
         self._execute_write(lambda conn: self._write_progress(conn, task_id, message, now))
 
+    def record_progress_many(self, progress: Sequence[tuple[str, types_pb2.Progress]], now: float) -> None:
+        """`record_progress` for many tasks in one transaction (an agent session's batch)."""
+
+        def run(conn: Connection) -> None:
+            cursor = _driver_cursor(conn)
+            for task_id, message in progress:
+                self._write_progress(conn, task_id, message, now, cursor)
+
+        self._execute_write(run)
+
     def discard_checkpoint(self, task_id: str) -> None:
         """Forget the task's checkpoint: its next run starts from frame 0 (compliance re-run on-prem)."""
         self._execute_write(

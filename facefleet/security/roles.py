@@ -35,6 +35,7 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     "/facefleet.v1.Scheduler/WatchTask": _READERS,
     "/facefleet.v1.Scheduler/Explain": _READERS,
     "/facefleet.v1.Scheduler/Heartbeat": frozenset({"agent"}),
+    "/facefleet.v1.Scheduler/AgentSession": frozenset({"agent"}),
     "/facefleet.v1.Agent/RunTask": frozenset({"scheduler"}),
     "/facefleet.v1.Agent/CancelTask": frozenset({"scheduler"}),
     "/facefleet.v1.Agent/Describe": frozenset({"scheduler", "operator"}),

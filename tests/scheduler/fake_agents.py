@@ -1,26 +1,39 @@
-"""In-test agents that speak the real Agent gRPC contract and heartbeat to a real scheduler.
+"""In-test agents that speak the real agent contract to a real scheduler.
 
 `HollowAgent` completes tasks instantly (kubemark-style hollow node) or slowly, frame by frame
-with checkpoints. It is idempotent on the task id as the contract demands: a repeat RunTask while
-running re-attaches; after completion it replays the final progress, except that a later attempt
-of a run that ended without success runs again, as the real agent does. Like a real agent's run
-journal (in memory here) it reports its runs and unacknowledged outcomes in each heartbeat and
-refuses a dispatch from a leader term older than the newest it has seen. `executions` counts how many
-times each task actually ran here, so tests can assert "never ran twice".
+with checkpoints. By default it opens one `Scheduler.AgentSession` per scheduler address (the
+session is its heartbeat; assignments come in, batched updates and refusals go out) on an event
+loop shared by every hollow agent of the process, so a hundred of them cost a few threads, not
+hundreds. `session=False` keeps the older protocol: unary heartbeats and an Agent gRPC server
+whose RunTask streams each task (what an agent of the previous release does).
+
+It is idempotent on the task id as the contract demands: a repeat assignment while running
+re-attaches; after completion it replays the final progress, except that a later attempt of a run
+that ended without success runs again, as the real agent does. Like a real agent's run journal (in
+memory here) it reports its runs and unacknowledged outcomes in each heartbeat and refuses a
+dispatch from a leader term older than the newest it has seen. On a session it accepts up to
+`max_waiting` assignments beyond its free slots into a FIFO (the pool's prefetch), starts them as
+slots free and drops a waiting one that is cancelled before it starts. `executions` counts how many
+times each task actually ran here and `most_held` the most runs it ever held at once (running and
+waiting), so tests can assert "never ran twice" and "never over-dispatched".
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import grpc
 
-from facefleet.grpc_server import SERVICE_NAMES, ServerHandle, build_server
+from facefleet.grpc_server import SERVICE_NAMES, LoopThread, ServerHandle, build_server
 from facefleet.v1 import agent_pb2, agent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
+
+UPDATE_LINGER_S = 0.005  # updates wait this long for company before they are sent
 
 
 @dataclass
@@ -34,6 +47,45 @@ class Run:
     done: threading.Event = field(default_factory=threading.Event)
     cancelled: threading.Event = field(default_factory=threading.Event)
     changed: threading.Condition = field(default_factory=threading.Condition)
+    started: bool = False
+    session: _Session | None = None  # where its updates go (the session that assigned it)
+
+
+_shared_loop: LoopThread | None = None
+_shared_loop_lock = threading.Lock()
+
+
+def hollow_loop() -> LoopThread:
+    """The event loop every session-speaking hollow agent of this process runs on."""
+    global _shared_loop
+    with _shared_loop_lock:
+        if _shared_loop is None or not _shared_loop.thread.is_alive():
+            _shared_loop = LoopThread("hollow-agents")
+        return _shared_loop
+
+
+class _Session:
+    """One open AgentSession (on the hollow loop): updates and refusals waiting to be sent."""
+
+    def __init__(self) -> None:
+        self.updates: list[scheduler_pb2.RunUpdate] = []
+        self.refusals: list[scheduler_pb2.RunRefusal] = []
+        self.wake = asyncio.Event()
+        self.open = True
+
+    def update(self, run: Run, progress: types_pb2.Progress) -> None:
+        if self.open:
+            self.updates.append(scheduler_pb2.RunUpdate(task_id=run.task.id, attempt=run.attempt, progress=progress))
+            self.wake.set()
+
+    def refuse(self, request: agent_pb2.RunTaskRequest, reason: int, message: str, retry: bool) -> None:
+        if self.open:
+            error = types_pb2.Error(reason=reason, message=message)  # type: ignore[arg-type]
+            refusal = scheduler_pb2.RunRefusal(
+                task_id=request.task.id, attempt=request.attempt, error=error, retry=retry
+            )
+            self.refusals.append(refusal)
+            self.wake.set()
 
 
 class HollowAgent(agent_pb2_grpc.AgentServicer):
@@ -48,6 +100,8 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
         checkpoint_every: int = 5,
         heartbeat_s: float = 0.2,
         refuse_residency: bool = True,
+        session: bool = True,
+        max_waiting: int = 64,
     ) -> None:
         self.scheduler_address = scheduler_address
         self.agent_id = agent_id
@@ -58,20 +112,31 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
         self.checkpoint_every = checkpoint_every
         self.heartbeat_s = heartbeat_s
         self.refuse_residency = refuse_residency
+        self.session = session
+        self.max_waiting = max_waiting
         self.runs: dict[str, Run] = {}
         self.executions: Counter[str] = Counter()
         self.completed: Counter[str] = Counter()
         self.cancel_requests: list[str] = []
         self.resumed_from: dict[str, int] = {}
+        self.most_held = 0  # the most runs held at once (running + waiting for a slot)
         self.leader_term = 0
+        self._waiting: deque[Run] = deque()
+        self._active = 0  # runs started and not finished
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._server: ServerHandle | None = None
         self._heartbeat: threading.Thread | None = None
+        self._loop: LoopThread | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> HollowAgent:
+        if self.session:
+            self._loop = hollow_loop()
+            self._loop.call_soon(self._start_sessions)
+            return self
         self._server = build_server(
             "127.0.0.1:0",
             [(SERVICE_NAMES["Agent"], lambda server: agent_pb2_grpc.add_AgentServicer_to_server(self, server))],
@@ -84,7 +149,8 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
 
     @property
     def address(self) -> str:
-        assert self._server is not None
+        if self._server is None:
+            return f"hollow-session:{self.agent_id}"  # never dialled: work comes over the session
         return f"127.0.0.1:{self._server.port}"
 
     def kill(self) -> None:
@@ -92,12 +158,18 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
         self._stop.set()
         if self._server is not None:
             self._server.server.stop(grace=None)
+        if self._loop is not None:
+            for task in self._tasks:
+                self._loop.call_soon(task.cancel)
 
     stop = kill
 
     def busy(self) -> list[str]:
         with self._lock:
-            return [task_id for task_id, run in self.runs.items() if not run.done.is_set()]
+            return self.busy_unlocked()
+
+    def busy_unlocked(self) -> list[str]:
+        return [task_id for task_id, run in self.runs.items() if not run.done.is_set()]
 
     # ---- heartbeats ----------------------------------------------------------------------------
 
@@ -117,6 +189,7 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
 
     def heartbeat_request(self) -> scheduler_pb2.HeartbeatRequest:
         running = self.busy()
+        busy_slots = self._active if self.session else len(running)
         return scheduler_pb2.HeartbeatRequest(
             runs=self.inventory(),
             known_leader_term=self.leader_term,
@@ -127,11 +200,22 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
             provider="onprem" if self.trust_zone == "private" else "aws",
             region="local",
             total_slots=self.slots,
-            free_slots=max(0, self.slots - len(running)),
+            free_slots=max(0, self.slots - busy_slots),
             healthy=True,
             running_task_ids=running,
             sec_per_frame=max(self.frame_s, 0.001),
         )
+
+    def _apply_control(self, reply: scheduler_pb2.HeartbeatResponse) -> None:
+        for task_id in reply.cancel_task_ids:
+            if self._cancel(task_id):
+                self.cancel_requests.append(task_id)
+        with self._lock:
+            self.leader_term = max(self.leader_term, reply.leader_term)
+            for ref in reply.acknowledged:
+                run = self.runs.get(ref.task_id)
+                if run is not None and run.attempt == ref.attempt and run.done.is_set():
+                    run.acknowledged = True
 
     def _heartbeat_loop(self) -> None:
         # Several addresses (comma-separated) = every scheduler replica hears the heartbeat.
@@ -139,55 +223,151 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
         stubs = [scheduler_pb2_grpc.SchedulerStub(channel) for channel in channels]
         while not self._stop.is_set():
             for stub in stubs:
-                try:
-                    reply = stub.Heartbeat(self.heartbeat_request(), timeout=2)
-                    for task_id in reply.cancel_task_ids:
-                        self._cancel(task_id)
-                    with self._lock:
-                        self.leader_term = max(self.leader_term, reply.leader_term)
-                        for ref in reply.acknowledged:
-                            run = self.runs.get(ref.task_id)
-                            if run is not None and run.attempt == ref.attempt and run.done.is_set():
-                                run.acknowledged = True
-                except grpc.RpcError:
-                    pass  # scheduler down or restarting: keep trying
+                with contextlib.suppress(grpc.RpcError):  # scheduler down or restarting: keep trying
+                    self._apply_control(stub.Heartbeat(self.heartbeat_request(), timeout=2))
             self._stop.wait(self.heartbeat_s)
         for channel in channels:
             channel.close()
 
-    # ---- Agent service -------------------------------------------------------------------------
+    # ---- AgentSession (on the hollow loop) -------------------------------------------------------
+
+    def _start_sessions(self) -> None:
+        assert self._loop is not None
+        for address in self.scheduler_address.split(","):  # one session per scheduler replica
+            self._tasks.append(self._loop.loop.create_task(self._keep_session(address)))
+
+    async def _keep_session(self, address: str) -> None:
+        while not self._stop.is_set():
+            async with grpc.aio.insecure_channel(address) as channel:
+                session = _Session()
+                try:
+                    await self._run_session(scheduler_pb2_grpc.SchedulerStub(channel), session)
+                except grpc.RpcError:
+                    pass  # scheduler down or restarting: reconnect
+                finally:
+                    session.open = False
+            await asyncio.sleep(min(self.heartbeat_s, 0.5))
+
+    async def _run_session(self, stub: scheduler_pb2_grpc.SchedulerStub, session: _Session) -> None:
+        call = stub.AgentSession()
+        await call.write(scheduler_pb2.AgentMessage(heartbeat=self.heartbeat_request()))
+        sender = asyncio.get_running_loop().create_task(self._send(call, session))
+        try:
+            while True:
+                message = await call.read()
+                if message is grpc.aio.EOF:
+                    return
+                if message.HasField("control"):
+                    self._apply_control(message.control)
+                for request in message.assignments:
+                    self._assigned(request, session)
+        finally:
+            sender.cancel()
+
+    async def _send(self, call: grpc.aio.StreamStreamCall, session: _Session) -> None:
+        """Batched updates and refusals (at most UPDATE_LINGER_S late), and a heartbeat each interval."""
+        loop = asyncio.get_running_loop()
+        next_heartbeat = loop.time() + self.heartbeat_s
+        while True:
+            try:
+                await asyncio.wait_for(session.wake.wait(), max(0.0, next_heartbeat - loop.time()))
+                await asyncio.sleep(UPDATE_LINGER_S)
+            except TimeoutError:
+                pass
+            session.wake.clear()
+            message = scheduler_pb2.AgentMessage(updates=session.updates, refusals=session.refusals)
+            session.updates, session.refusals = [], []
+            if loop.time() >= next_heartbeat:
+                message.heartbeat.CopyFrom(self.heartbeat_request())
+                next_heartbeat = loop.time() + self.heartbeat_s
+            if message.updates or message.refusals or message.HasField("heartbeat"):
+                await call.write(message)
+
+    def _assigned(self, request: agent_pb2.RunTaskRequest, session: _Session) -> None:
+        """One assignment, as RunTask handles its request: start, queue, re-attach or refuse."""
+        refusal = self._refusal(request)
+        if refusal is not None:
+            session.refuse(request, *refusal)
+            return
+        task = request.task
+        with self._lock:
+            run = self._journaled(request)
+            if run is not None:  # re-attach: updates go to this session now; a finished run replays
+                run.session = session
+                if run.history:
+                    session.update(run, run.history[-1])
+                elif run.started:
+                    session.update(run, types_pb2.Progress(task_id=task.id, state=types_pb2.TASK_STATE_RUNNING))
+                return
+            if self._active >= self.slots and len(self._waiting) >= self.max_waiting:
+                session.refuse(request, types_pb2.NO_CAPACITY, f"agent {self.agent_id} has no free slot", True)
+                return
+            run = self._new_run(request)
+            run.session = session
+            self._waiting.append(run)
+            self.most_held = max(self.most_held, len(self.busy_unlocked()))
+        self._start_waiting()
+
+    def _start_waiting(self) -> None:
+        """Start waiting runs while slots are free (an instant run frees its slot at once)."""
+        assert self._loop is not None
+        while True:
+            with self._lock:
+                if not self._waiting or self._active >= self.slots:
+                    return
+                run = self._waiting.popleft()
+                run.started = True
+                self._active += 1
+                self.executions[run.task.id] += 1
+                self.resumed_from[run.task.id] = run.resume_from
+            if run.session is not None:
+                run.session.update(run, types_pb2.Progress(task_id=run.task.id, state=types_pb2.TASK_STATE_RUNNING))
+            if self.frame_s > 0:
+                self._tasks.append(self._loop.loop.create_task(self._execute_async(run)))
+                continue
+            self._publish(run, self._final_progress(run, run.resume_from))
+            with self._lock:
+                self._active -= 1
+
+    async def _execute_async(self, run: Run) -> None:
+        total, frame = max(1, run.task.frames), run.resume_from
+        while frame < total and not run.cancelled.is_set() and not self._stop.is_set():
+            await asyncio.sleep(self.frame_s)
+            if run.cancelled.is_set():
+                break
+            frame += 1
+            self._publish(run, self._frame_progress(run, frame, total))
+        if not self._stop.is_set():  # else "crashed": never finishes here
+            self._finish(run, frame)
+
+    def _finish(self, run: Run, frame: int) -> None:
+        self._publish(run, self._final_progress(run, frame))
+        with self._lock:
+            self._active -= 1
+        self._start_waiting()
+
+    # ---- RunTask (agents without a session) ------------------------------------------------------
 
     def RunTask(self, request: agent_pb2.RunTaskRequest, context: grpc.ServicerContext) -> Iterator[types_pb2.Progress]:
-        task = request.task
-        private = task.sensitivity == types_pb2.SENSITIVITY_PRIVATE or request.project_locked
-        if self.refuse_residency and private and self.trust_zone != "private":
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "RESIDENCY_VIOLATION: private task on a cloud agent")
+        refusal = self._refusal(request)
+        if refusal is not None:
+            code = {
+                types_pb2.RESIDENCY_VIOLATION: grpc.StatusCode.FAILED_PRECONDITION,
+                types_pb2.STALE_LEADER_TERM: grpc.StatusCode.ABORTED,
+            }.get(refusal[0], grpc.StatusCode.RESOURCE_EXHAUSTED)
+            context.abort(code, refusal[1])
         with self._lock:
-            run = self.runs.get(task.id)
-            if run is not None and run.done.is_set() and request.attempt > run.attempt:
-                final = run.history[-1].state if run.history else types_pb2.TASK_STATE_UNSPECIFIED
-                if final != types_pb2.TASK_STATE_SUCCEEDED:
-                    run = None  # cancelled or preempted before: this attempt runs again
+            run = self._journaled(request)
             if run is None:
-                if request.leader_term < self.leader_term:
-                    context.abort(grpc.StatusCode.ABORTED, f"stale leader term {request.leader_term}")
                 if len(self.busy_unlocked()) >= self.slots:
                     context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"agent {self.agent_id} has no free slot")
-                self.leader_term = max(self.leader_term, request.leader_term)
-                run = Run(
-                    task=task,
-                    resume_from=request.resume_from_frame,
-                    attempt=request.attempt,
-                    leader_term=request.leader_term,
-                )
-                self.runs[task.id] = run
-                self.executions[task.id] += 1
-                self.resumed_from[task.id] = request.resume_from_frame
+                run = self._new_run(request)
+                run.started = True
+                self.executions[run.task.id] += 1
+                self.resumed_from[run.task.id] = request.resume_from_frame
+                self.most_held = max(self.most_held, len(self.busy_unlocked()))
                 threading.Thread(target=self._execute, args=(run,), daemon=True).start()
         yield from self._follow(run, context)
-
-    def busy_unlocked(self) -> list[str]:
-        return [task_id for task_id, run in self.runs.items() if not run.done.is_set()]
 
     def CancelTask(
         self, request: agent_pb2.AgentCancelRequest, context: grpc.ServicerContext
@@ -198,12 +378,52 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
     def Describe(self, request: agent_pb2.DescribeRequest, context: grpc.ServicerContext) -> agent_pb2.AgentDescription:
         return agent_pb2.AgentDescription(agent_id=self.agent_id, pool=self.pool, trust_zone=self.trust_zone)
 
+    # ---- the run journal (in memory) -------------------------------------------------------------
+
+    def _refusal(self, request: agent_pb2.RunTaskRequest) -> tuple[int, str, bool] | None:
+        """(reason, message, retry) when this agent refuses the request before looking it up."""
+        task = request.task
+        private = task.sensitivity == types_pb2.SENSITIVITY_PRIVATE or request.project_locked
+        if self.refuse_residency and private and self.trust_zone != "private":
+            return types_pb2.RESIDENCY_VIOLATION, "RESIDENCY_VIOLATION: private task on a cloud agent", False
+        with self._lock:
+            known = task.id in self.runs
+            if not known and request.leader_term < self.leader_term:
+                return types_pb2.STALE_LEADER_TERM, f"stale leader term {request.leader_term}", True
+        return None
+
+    def _journaled(self, request: agent_pb2.RunTaskRequest) -> Run | None:
+        """The journaled run a request re-attaches to (None: run it). Call with the lock held."""
+        run = self.runs.get(request.task.id)
+        if run is not None and run.done.is_set() and request.attempt > run.attempt:
+            final = run.history[-1].state if run.history else types_pb2.TASK_STATE_UNSPECIFIED
+            if final != types_pb2.TASK_STATE_SUCCEEDED:
+                return None  # cancelled or preempted before: this attempt runs again
+        return run
+
+    def _new_run(self, request: agent_pb2.RunTaskRequest) -> Run:
+        """Journal a new run (call with the lock held)."""
+        self.leader_term = max(self.leader_term, request.leader_term)
+        run = Run(
+            task=request.task,
+            resume_from=request.resume_from_frame,
+            attempt=request.attempt,
+            leader_term=request.leader_term,
+        )
+        self.runs[request.task.id] = run
+        return run
+
     def _cancel(self, task_id: str) -> bool:
         with self._lock:
             run = self.runs.get(task_id)
-        if run is None or run.done.is_set():
-            return False
-        run.cancelled.set()
+            if run is None or run.done.is_set():
+                return False
+            run.cancelled.set()
+            waiting = run in self._waiting
+            if waiting:  # recalled before it started: it never runs
+                self._waiting.remove(run)
+        if waiting:
+            self._publish(run, self._final_progress(run, run.resume_from))
         return True
 
     def _publish(self, run: Run, progress: types_pb2.Progress) -> None:
@@ -212,46 +432,49 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
             if progress.state != types_pb2.TASK_STATE_RUNNING:
                 run.done.set()
             run.changed.notify_all()
+        if run.session is not None:
+            run.session.update(run, progress)
 
-    def _execute(self, run: Run) -> None:
+    def _frame_progress(self, run: Run, frame: int, total: int) -> types_pb2.Progress:
+        checkpoint = frame - frame % self.checkpoint_every
+        return types_pb2.Progress(
+            task_id=run.task.id,
+            frames_done=frame,
+            frames_total=total,
+            stage="swap",
+            checkpoint_frame=checkpoint,
+            checkpoint_uri=f"file:///ckpt/{run.task.id}" if checkpoint else "",
+            state=types_pb2.TASK_STATE_RUNNING,
+        )
+
+    def _final_progress(self, run: Run, frame: int) -> types_pb2.Progress:
         task = run.task
         total = max(1, task.frames)
+        state = types_pb2.TASK_STATE_CANCELLED if run.cancelled.is_set() else types_pb2.TASK_STATE_SUCCEEDED
+        if state == types_pb2.TASK_STATE_SUCCEEDED:
+            with self._lock:
+                self.completed[task.id] += 1
+        return types_pb2.Progress(
+            task_id=task.id,
+            frames_done=total if state == types_pb2.TASK_STATE_SUCCEEDED else frame,
+            frames_total=total,
+            stage="done",
+            state=state,
+            output_uri=task.output_uri,
+        )
+
+    def _execute(self, run: Run) -> None:
+        total = max(1, run.task.frames)
         frame = run.resume_from
         if self.frame_s > 0:
             while frame < total:
                 if run.cancelled.wait(self.frame_s) or self._stop.is_set():
                     break
                 frame += 1
-                checkpoint = frame - frame % self.checkpoint_every
-                self._publish(
-                    run,
-                    types_pb2.Progress(
-                        task_id=task.id,
-                        frames_done=frame,
-                        frames_total=total,
-                        stage="swap",
-                        checkpoint_frame=checkpoint,
-                        checkpoint_uri=f"file:///ckpt/{task.id}" if checkpoint else "",
-                        state=types_pb2.TASK_STATE_RUNNING,
-                    ),
-                )
+                self._publish(run, self._frame_progress(run, frame, total))
         if self._stop.is_set():
             return  # "crashed": never finishes here
-        state = types_pb2.TASK_STATE_CANCELLED if run.cancelled.is_set() else types_pb2.TASK_STATE_SUCCEEDED
-        if state == types_pb2.TASK_STATE_SUCCEEDED:
-            with self._lock:
-                self.completed[task.id] += 1
-        self._publish(
-            run,
-            types_pb2.Progress(
-                task_id=task.id,
-                frames_done=total if state == types_pb2.TASK_STATE_SUCCEEDED else frame,
-                frames_total=total,
-                stage="done",
-                state=state,
-                output_uri=task.output_uri,
-            ),
-        )
+        self._publish(run, self._final_progress(run, frame))
 
     def _follow(self, run: Run, context: grpc.ServicerContext) -> Iterator[types_pb2.Progress]:
         sent = 0

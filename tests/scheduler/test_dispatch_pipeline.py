@@ -123,7 +123,8 @@ class Recorder:
 def test_audit_is_flushed_before_the_rpc_and_the_slot_is_free_before_listeners_run(tmp_path: Path) -> None:
     store = TaskStore(f"sqlite:///{tmp_path}/d.db")
     registry = AgentRegistry(heartbeat_timeout_s=30)
-    agent = HollowAgent("127.0.0.1:9", "onprem-1", "onprem-a", "private", slots=1, heartbeat_s=60).start()
+    agent = HollowAgent("127.0.0.1:9", "onprem-1", "onprem-a", "private", slots=1, heartbeat_s=60, session=False)
+    agent.start()
     registry.record_heartbeat(
         scheduler_pb2.HeartbeatRequest(
             agent_id="onprem-1",
