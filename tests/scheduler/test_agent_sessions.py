@@ -1,0 +1,113 @@
+"""Scheduler.AgentSession end to end: a real scheduler, hollow agents that speak the session (or
+only heartbeat and serve RunTask, as an agent of the previous release), and the pool's prefetch
+as the agents' own records see it."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from facefleet.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
+from tests.scheduler.fake_agents import wait_for
+from tests.scheduler.test_scheduler_service import task, watch_until_terminal
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def submit_many(stub, count: int, sensitivity: int, frames: int = 1) -> list[str]:  # type: ignore[no-untyped-def]
+    return [
+        stub.SubmitTask(scheduler_pb2.SubmitTaskRequest(task=task(sensitivity, frames=frames))).task_id
+        for _ in range(count)
+    ]
+
+
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_an_agent_never_holds_more_than_its_slots_plus_the_pools_prefetch(
+    prefetch, start_scheduler, start_agent, client
+) -> None:  # type: ignore[no-untyped-def]
+    pools = [{"name": "onprem-a", "provider": "onprem", "trust_zone": "private", "prefetch": prefetch}]
+    app = start_scheduler(pools=pools)
+    agents = [
+        start_agent(app.port, f"onprem-{i}", "onprem-a", "private", slots=2, frame_s=0.01, heartbeat_s=0.2)
+        for i in range(2)
+    ]
+    stub = client(app.port)
+    wait_for(lambda: len(app.registry.agents()) == 2, 5, what="both agents in session")
+    ids = submit_many(stub, 30, types_pb2.SENSITIVITY_PRIVATE, frames=4)
+    wait_for(lambda: all(app.store.get(i).state in TERMINAL for i in ids), 60, what="every task finished")
+    assert all(app.store.get(i).state == "succeeded" for i in ids)
+    ran = sum((agent.completed for agent in agents), start=type(agents[0].completed)())
+    assert sorted(ran) == sorted(ids) and set(ran.values()) == {1}  # each ran once, from the agents' own counts
+    # The agents' own records: never more assignments held (running + waiting) than slots + prefetch,
+    # and with a backlog the prefetch is used.
+    assert max(agent.most_held for agent in agents) == 2 + prefetch
+
+
+def test_a_cancelled_prefetched_assignment_never_starts(start_scheduler, start_agent, client) -> None:  # type: ignore[no-untyped-def]
+    """What a compliance lock relies on to recall prefetched cloud work: the cancel pushed on the
+    session removes a waiting assignment before it starts."""
+    app = start_scheduler(pools=[{"name": "cloud-b", "trust_zone": "cloud", "prefetch": 2}])
+    cloud = start_agent(app.port, "cloud-1", "cloud-b", "cloud", slots=1, frame_s=0.05)
+    stub = client(app.port)
+    wait_for(lambda: len(app.registry.agents()) == 1, 5, what="agent in session")
+    ids = submit_many(stub, 3, types_pb2.SENSITIVITY_PUBLIC, frames=200)
+    wait_for(lambda: len(cloud.busy()) == 3, 10, what="one running and two prefetched")
+    waiting = [i for i in ids if cloud.executions[i] == 0]
+    assert len(waiting) == 2
+    for task_id in waiting:
+        stub.CancelTask(scheduler_pb2.CancelTaskRequest(task_id=task_id, reason="recalled"))
+    wait_for(lambda: len(cloud.busy()) == 1, 5, what="the waiting assignments dropped")
+    assert all(cloud.executions[i] == 0 and i in cloud.cancel_requests for i in waiting)
+    assert all(app.store.get(i).state == "cancelled" for i in waiting)
+
+
+def test_an_agent_without_a_session_still_gets_work_over_runtask(start_scheduler, start_agent, client) -> None:  # type: ignore[no-untyped-def]
+    app = start_scheduler()
+    legacy = start_agent(app.port, "onprem-old", "onprem-a", "private", slots=2, session=False)
+    current = start_agent(app.port, "onprem-new", "onprem-a", "private", slots=2)
+    stub = client(app.port)
+    wait_for(lambda: len(app.registry.agents()) == 2, 5, what="both agents heartbeating")
+    ids = submit_many(stub, 40, types_pb2.SENSITIVITY_PRIVATE)
+    for task_id in ids:
+        assert watch_until_terminal(stub, task_id)[-1].state == types_pb2.TASK_STATE_SUCCEEDED
+    assert sum(legacy.completed.values()) > 0 and sum(current.completed.values()) > 0
+    assert sum(legacy.completed.values()) + sum(current.completed.values()) == len(ids)
+    assert app.registry.get("onprem-new").session and not app.registry.get("onprem-old").session  # type: ignore[union-attr]
+
+
+def test_a_refused_assignment_goes_back_to_the_queue_or_fails_the_task(start_scheduler, start_agent, client) -> None:  # type: ignore[no-untyped-def]
+    app = start_scheduler()
+    agent = start_agent(app.port, "onprem-1", "onprem-a", "private", slots=1)
+    stub = client(app.port)
+    wait_for(lambda: len(app.registry.agents()) == 1, 5, what="agent in session")
+    own = agent._refusal
+
+    def refusal(request):  # type: ignore[no-untyped-def]
+        if request.task.frames == 2:  # the task itself is refused: it fails
+            return types_pb2.MODEL_VERIFICATION_FAILED, "model hash mismatch", False
+        if request.attempt == 1:  # busy: back to the queue, then it runs
+            return types_pb2.NO_CAPACITY, "busy for a moment", True
+        return own(request)
+
+    agent._refusal = refusal  # type: ignore[method-assign]
+    retried = stub.SubmitTask(scheduler_pb2.SubmitTaskRequest(task=task(types_pb2.SENSITIVITY_PRIVATE)))
+    assert watch_until_terminal(stub, retried.task_id)[-1].state == types_pb2.TASK_STATE_SUCCEEDED
+    status = stub.GetTask(scheduler_pb2.GetTaskRequest(task_id=retried.task_id))
+    assert any("refused: NO_CAPACITY: busy for a moment" in t.reason for t in status.transitions)
+    assert agent.completed[retried.task_id] == 1
+    failed = stub.SubmitTask(scheduler_pb2.SubmitTaskRequest(task=task(types_pb2.SENSITIVITY_PRIVATE, frames=2)))
+    events = watch_until_terminal(stub, failed.task_id)
+    assert events[-1].state == types_pb2.TASK_STATE_FAILED
+    assert "agent onprem-1 refused: MODEL_VERIFICATION_FAILED: model hash mismatch" in events[-1].reason
+    assert agent.executions[failed.task_id] == 0
+
+
+def test_a_session_must_open_with_a_heartbeat(start_scheduler) -> None:  # type: ignore[no-untyped-def]
+    app = start_scheduler()
+    with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        stub = scheduler_pb2_grpc.SchedulerStub(channel)
+        replies = stub.AgentSession(iter([scheduler_pb2.AgentMessage()]), timeout=5)
+        with pytest.raises(grpc.RpcError) as raised:
+            list(replies)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "first AgentSession message must carry the agent's heartbeat" in (raised.value.details() or "")
