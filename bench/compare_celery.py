@@ -35,7 +35,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,13 +62,12 @@ class TimedHollowAgent(HollowAgent):
         self.starts = starts
         self.starts_lock = lock
 
-    def RunTask(self, request: agent_pb2.RunTaskRequest, context: grpc.ServicerContext) -> Iterator[types_pb2.Progress]:
+    def on_assignment(self, request: agent_pb2.RunTaskRequest) -> None:
         task_id = request.task.id
         if request.task.target_uri.startswith("file://") and "/payload/" in request.task.target_uri:
             Path(request.task.target_uri.removeprefix("file://")).read_bytes()
         with self.starts_lock:
             self.starts.setdefault(task_id, time.time())
-        yield from super().RunTask(request, context)
 
 
 def run_agents(address: str, slots: int, pipe: multiprocessing.connection.Connection) -> None:

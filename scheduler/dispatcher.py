@@ -295,6 +295,8 @@ class Dispatcher:
         if not self._was_leader:
             self.term = self.store.next_leader_term(self.settings.leader_lock_name, now)
             self.agents.set_leader_term(self.term)
+            for agent_id in list(self._session_agents):  # the new term now: their next inventories count
+                self._push_control(agent_id)
             log.info("leading", leader_term=self.term)
             self._was_leader = True
             self._leader_since = now

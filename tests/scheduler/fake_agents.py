@@ -49,6 +49,7 @@ class Run:
     changed: threading.Condition = field(default_factory=threading.Condition)
     started: bool = False
     session: _Session | None = None  # where its updates go (the session that assigned it)
+    wake: asyncio.Event | None = None  # set on cancel (a session run's frames wait on it)
 
 
 _shared_loop: LoopThread | None = None
@@ -283,8 +284,12 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
             if message.updates or message.refusals or message.HasField("heartbeat"):
                 await call.write(message)
 
+    def on_assignment(self, request: agent_pb2.RunTaskRequest) -> None:
+        """Called as each assignment or RunTask arrives (benchmarks time and read inputs here)."""
+
     def _assigned(self, request: agent_pb2.RunTaskRequest, session: _Session) -> None:
         """One assignment, as RunTask handles its request: start, queue, re-attach or refuse."""
+        self.on_assignment(request)
         refusal = self._refusal(request)
         if refusal is not None:
             session.refuse(request, *refusal)
@@ -331,8 +336,10 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
 
     async def _execute_async(self, run: Run) -> None:
         total, frame = max(1, run.task.frames), run.resume_from
+        run.wake = asyncio.Event()
         while frame < total and not run.cancelled.is_set() and not self._stop.is_set():
-            await asyncio.sleep(self.frame_s)
+            with contextlib.suppress(TimeoutError):  # a frame's time, or a cancel
+                await asyncio.wait_for(run.wake.wait(), self.frame_s)
             if run.cancelled.is_set():
                 break
             frame += 1
@@ -349,6 +356,7 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
     # ---- RunTask (agents without a session) ------------------------------------------------------
 
     def RunTask(self, request: agent_pb2.RunTaskRequest, context: grpc.ServicerContext) -> Iterator[types_pb2.Progress]:
+        self.on_assignment(request)
         refusal = self._refusal(request)
         if refusal is not None:
             code = {
@@ -419,6 +427,8 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
             if run is None or run.done.is_set():
                 return False
             run.cancelled.set()
+            if run.wake is not None and self._loop is not None:
+                self._loop.call_soon(run.wake.set)
             waiting = run in self._waiting
             if waiting:  # recalled before it started: it never runs
                 self._waiting.remove(run)
