@@ -1,7 +1,8 @@
 """What the agent's heartbeat says and how it obeys the scheduler's `control` (a HeartbeatResponse):
 the heartbeat tells who the agent is, what it can take and what it holds (the run journal's
 inventory: runs going or waiting, outcomes not yet acknowledged); the control says drain, cancel
-these, this is the leader's term (fence older leaders), these outcomes are recorded.
+these, raise these runs' run-time limits, this is the leader's term (fence older leaders), these
+outcomes are recorded.
 
 The transport (one AgentSession per scheduler replica, or unary Heartbeat calls to an older
 scheduler) is `agent.session`. With several replicas, `DrainVotes` makes the agent drain while any
@@ -32,6 +33,8 @@ class HeartbeatSource(Protocol):
 
     def apply_leader(self, term: int, acknowledged: Sequence[types_pb2.RunRef]) -> None: ...
 
+    def raise_run_limit(self, task_id: str, attempt: int, max_run_s: float) -> bool: ...
+
     def assign(
         self, request: agent_pb2.RunTaskRequest, listener: Callable[[types_pb2.Progress], None]
     ) -> scheduler_pb2.RunRefusal | None: ...
@@ -46,6 +49,8 @@ def obey(source: HeartbeatSource, control: scheduler_pb2.HeartbeatResponse) -> N
         stopped = source.cancel_runs(control.cancel_task_ids, "cancelled by the scheduler")
         if stopped:
             log.info("scheduler_cancel", task_ids=stopped)
+    for limit in control.run_limits:  # the scheduler extended the run's reservation
+        source.raise_run_limit(limit.task_id, limit.attempt, limit.max_run_s)
 
 
 class DrainVotes:
@@ -87,6 +92,9 @@ class _DrainVoter:
 
     def apply_leader(self, term: int, acknowledged: Sequence[types_pb2.RunRef]) -> None:
         self._votes.source.apply_leader(term, acknowledged)
+
+    def raise_run_limit(self, task_id: str, attempt: int, max_run_s: float) -> bool:
+        return self._votes.source.raise_run_limit(task_id, attempt, max_run_s)
 
     def assign(
         self, request: agent_pb2.RunTaskRequest, listener: Callable[[types_pb2.Progress], None]

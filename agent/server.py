@@ -17,10 +17,17 @@ Refusals before any work starts are RunRefusals (session) or gRPC statuses with 
 `facefleet-reason` (RunTask); anything that fails once work started is a final Progress (FAILED + Error).
 
 Residency, third layer: an agent in the cloud trust zone refuses any private or project-locked task.
+
+Hard run-time limit (RunTaskRequest.max_run_s, seconds since this agent started the run): a timer
+stops the run when it reaches it, the cooperative way a cancel does, and the run ends CANCELLED
+with a message that begins "run-time limit reached" (checkpoint kept, journaled like any outcome).
+The scheduler's cloud reservation covers the limit; when it extends the reservation it raises the
+limit (HeartbeatResponse.run_limits, `raise_run_limit`). A limit is only ever raised.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 import socket
 import threading
@@ -48,12 +55,14 @@ from facefleet.agent.session import SchedulerSession, scheduler_sessions
 from facefleet.config import AgentConfig
 from facefleet.domain import (
     PRIVATE,
+    RUN_LIMIT_REACHED,
     residency_allows,
     sensitivity_from_proto,
     sensitivity_known,
     state_name,
 )
 from facefleet.grpc_server import SERVICE_NAMES, ServerHandle, add_tolerant_service, build_server
+from facefleet.money import SECONDS
 from facefleet.rpc_errors import abort
 from facefleet.v1 import agent_pb2, agent_pb2_grpc, scheduler_pb2, types_pb2
 
@@ -63,6 +72,7 @@ log = structlog.get_logger()
 
 FINISHED_RUNS_KEPT = 4096
 WAITING_STAGE = "waiting"  # Progress.stage of a run accepted beyond the free slots, not started yet
+MAX_RUN_S_CEILING = SECONDS.ceiling  # a run-time limit above a month is a unit mix-up
 SEC_PER_FRAME_SMOOTHING = 0.3
 
 try:
@@ -163,10 +173,58 @@ class TaskRun:
     cancel_reason: str = ""
     started_at: float = field(default_factory=time.monotonic)
     listener: RunListener | None = None  # the session that was assigned this run (agent.session)
+    max_run_s: float = 0.0  # hard run-time limit from started_at (0 = none); armed by start_limit
+    _limit_timer: threading.Timer | None = field(default=None, repr=False)
+    _limit_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def finished(self) -> bool:
         return self.latest.state in RUN_ENDED_STATES
+
+    def start_limit(self) -> None:
+        """Arm the hard run-time limit as the run starts (a waiting run: when its slot frees)."""
+        with self._limit_lock:
+            if self.max_run_s > 0:
+                self._arm_locked(self.max_run_s)
+
+    def raise_limit(self, max_run_s: float) -> bool:
+        """Raise the limit of a run that has one and has not reached it; never lowers it."""
+        with self._limit_lock:
+            if self.max_run_s <= 0 or max_run_s <= self.max_run_s or self.cancelled.is_set() or self.finished:
+                return False
+            if self._limit_timer is None:  # still waiting for a slot: armed with it when it starts
+                self.max_run_s = max_run_s
+            else:
+                self._arm_locked(max_run_s)
+            return True
+
+    def end_limit(self) -> None:
+        with self._limit_lock:
+            if self._limit_timer is not None:
+                self._limit_timer.cancel()
+
+    def _arm_locked(self, max_run_s: float) -> None:
+        if self._limit_timer is not None:
+            self._limit_timer.cancel()
+        self.max_run_s = max_run_s
+        delay = max(0.0, self.started_at + max_run_s - time.monotonic())
+        self._limit_timer = threading.Timer(delay, self._limit_reached, (max_run_s,))
+        self._limit_timer.daemon = True
+        self._limit_timer.start()
+
+    def _limit_reached(self, armed_s: float) -> None:
+        """Stop the run the way a cancel does (the pipeline checks `cancelled` between frames)."""
+        with self._limit_lock:
+            if self.max_run_s != armed_s or self.cancelled.is_set() or self.finished:
+                return  # raised meanwhile (a newer timer runs), or the run ended or was stopped already
+            elapsed = time.monotonic() - self.started_at
+            self.cancel_reason = (
+                f"{RUN_LIMIT_REACHED}: the run used its whole {armed_s:g} s limit (the scheduler's "
+                f"reservation for it); stopped after {elapsed:.1f} s at frame {self.latest.frames_done}, "
+                f"checkpoint kept at frame {self.latest.checkpoint_frame}"
+            )
+            self.cancelled.set()
+        log.warning("run_limit_reached", task_id=self.task_id, attempt=self.attempt, max_run_s=armed_s)
 
     def publish(self, progress: types_pb2.Progress) -> None:
         with self.changed:
@@ -401,6 +459,14 @@ class AgentRuntime:
                 "task.id is empty; the scheduler assigns an id before dispatch",
                 "task.id",
             )
+        if not (math.isfinite(request.max_run_s) and 0 <= request.max_run_s <= MAX_RUN_S_CEILING):
+            raise Refusal(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                types_pb2.INVALID_TASK,
+                f"max_run_s {request.max_run_s!r} is not a run-time limit: expected seconds in "
+                f"[0, {MAX_RUN_S_CEILING:g}] (0 = none)",
+                "max_run_s",
+            )
         refusal = residency_refusal(self.identity, request)
         if refusal is not None:
             metrics.REFUSALS.labels(reason="RESIDENCY_VIOLATION").inc()
@@ -460,6 +526,8 @@ class AgentRuntime:
         with self._lock:
             existing = self._running.get(task_id) or self._waiting_run(task_id) or self._finished.get(task_id)
             if existing is not None and not self._rerun_allowed(existing, request.attempt):
+                if existing.attempt == request.attempt:  # re-attach: the dispatcher's limit may be newer
+                    existing.raise_limit(request.max_run_s)
                 return existing
         if existing is None and (journaled := self._journaled_outcome(task_id, request.attempt)) is not None:
             return journaled
@@ -507,7 +575,7 @@ class AgentRuntime:
             if stale:
                 metrics.REFUSALS.labels(reason="STALE_LEADER_TERM").inc()
                 raise Refusal(grpc.StatusCode.ABORTED, types_pb2.STALE_LEADER_TERM, f"task {task_id}: {stale}")
-            run = TaskRun(task_id=task_id, attempt=request.attempt)
+            run = TaskRun(task_id=task_id, attempt=request.attempt, max_run_s=request.max_run_s)
             if waits:
                 stage, message = WAITING_STAGE, f"accepted; waiting for a free slot ({len(self._waiting)} ahead)"
                 self._waiting[task_id] = _Waiting(run, request, checkpoint_dir)
@@ -538,6 +606,7 @@ class AgentRuntime:
         return entry.run if entry is not None else None
 
     def _launch(self, run: TaskRun, request: agent_pb2.RunTaskRequest, checkpoint_dir: Path) -> None:
+        run.start_limit()
         thread = threading.Thread(
             target=self._execute, args=(run, request, checkpoint_dir), name=f"task-{run.task_id}", daemon=True
         )
@@ -601,6 +670,18 @@ class AgentRuntime:
         return (
             existing.finished and attempt > existing.attempt and existing.latest.state != types_pb2.TASK_STATE_SUCCEEDED
         )
+
+    def raise_run_limit(self, task_id: str, attempt: int, max_run_s: float) -> bool:
+        """Raise the hard run-time limit of a running or waiting (task, attempt) (the scheduler
+        extended its reservation); never lowers it. False when no such run is here or it has no limit."""
+        with self._lock:
+            run = self._running.get(task_id) or self._waiting_run(task_id)
+        if run is None or run.attempt != attempt or not math.isfinite(max_run_s):
+            return False
+        raised = run.raise_limit(min(max_run_s, MAX_RUN_S_CEILING))
+        if raised:
+            log.info("run_limit_raised", task_id=task_id, attempt=attempt, max_run_s=round(max_run_s, 3))
+        return raised
 
     def cancel(self, task_id: str, reason: str) -> bool:
         return bool(self.cancel_runs([task_id], reason))
@@ -808,6 +889,7 @@ class AgentRuntime:
         )
 
     def _finish(self, run: TaskRun, final: types_pb2.Progress) -> None:
+        run.end_limit()
         self.journal.finish(run.task_id, run.attempt, final)  # durable before anyone hears of it
         with self._lock:
             self._running.pop(run.task_id, None)

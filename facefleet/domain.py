@@ -59,6 +59,11 @@ IN_FLIGHT = frozenset({PLACED, DISPATCHED, RUNNING})
 PENDING = frozenset({QUEUED, PLACED, PREEMPTED})  # not yet started on an agent
 ON_AGENT = frozenset({DISPATCHED, RUNNING})  # an agent holds it
 
+# A run its agent stopped at its hard run-time limit (RunTaskRequest.max_run_s): how the run's
+# CANCELLED message begins, and the reason the scheduler re-queues the task with.
+RUN_LIMIT_REACHED = "run-time limit reached"
+RUN_LIMIT = "run_limit"
+
 
 def must_stay_private(sensitivity: str, project_locked: bool) -> bool:
     """Invariant 1: private sensitivity or a compliance lock pins a task to the private zone."""

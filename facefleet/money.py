@@ -51,8 +51,10 @@ USD = Quantity("USD", 1e9)  # budget caps, spend: a billion dollars a month
 USD_PER_HOUR = Quantity("USD/h", 1e4)  # an instance-hour's price
 SECONDS = Quantity("s", 31 * 86400.0)  # durations: waits, run times, boot, SLAs (a month)
 PERCENT = Quantity("%", 100.0)
+RUN_MARGIN = Quantity("x", 100.0, minimum=1.0)  # a paid run's time limit over its estimate (run bound)
 SWEEP_POINTS_MAX = 1000  # a what-if sweep evaluates at most this many values
 
 # The same checks for pydantic models (facefleet.toml, environment).
 UsdPerHour = Annotated[float, AfterValidator(USD_PER_HOUR.validate)]
 Seconds = Annotated[float, AfterValidator(SECONDS.validate)]
+RunMargin = Annotated[float, AfterValidator(RUN_MARGIN.validate)]

@@ -110,6 +110,9 @@ class SchedulerApp:
                 settings.cloud.spend_accrual_s,
                 audit=audit,
                 progress_of=self._progress_of,
+                raise_limit=self.dispatcher.raise_run_limit,
+                # A raised limit reaches a session agent at once, another with its next heartbeat reply.
+                limit_lead_s=float(self.registry.heartbeat_interval_s),
             )
             if cloud is not None
             else None

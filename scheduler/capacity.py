@@ -154,6 +154,9 @@ class AgentRegistry:
         self.in_flight_grace_s = in_flight_grace_s if in_flight_grace_s is not None else heartbeat_timeout_s
         self._agents: dict[str, AgentRecord] = {}
         self._cancels: dict[str, set[str]] = defaultdict(set)
+        # Raised hard run-time limits (spend enforcement extended the reservation): task id ->
+        # (attempt, seconds). Sent to whichever agent holds the task until the run leaves it.
+        self._run_limits: dict[str, tuple[int, float]] = {}
         # Reconciliation with the agents' run journals (see the dispatcher): the leader's term
         # (0 = not leading), outcomes reported and not yet handed to the dispatcher, and outcomes
         # recorded that each agent is told about (acknowledged) until it stops reporting them.
@@ -240,6 +243,7 @@ class AgentRegistry:
         self, record: AgentRecord, acknowledged: Sequence[tuple[str, int]]
     ) -> scheduler_pb2.HeartbeatResponse:
         instructions = self._instructions_locked(record)
+        limits = [(task, *self._run_limits[task]) for task in record.task_ids if task in self._run_limits]
         return scheduler_pb2.HeartbeatResponse(
             drain=instructions.drain,
             cancel_task_ids=list(instructions.cancel_task_ids),
@@ -247,6 +251,10 @@ class AgentRegistry:
             server_time=_timestamp(time.time()),
             leader_term=self.leader_term,
             acknowledged=[types_pb2.RunRef(task_id=task_id, attempt=attempt) for task_id, attempt in acknowledged],
+            run_limits=[
+                scheduler_pb2.RunLimit(task_id=task_id, attempt=attempt, max_run_s=max_run_s)
+                for task_id, attempt, max_run_s in sorted(limits)
+            ],
         )
 
     def note_session(self, agent_id: str, is_open: bool) -> None:
@@ -377,6 +385,7 @@ class AgentRegistry:
             cancels = self._cancels.get(agent_id)
             if cancels:
                 cancels.discard(task_id)
+            self._run_limits.pop(task_id, None)
 
     def drain(self, agent_id: str) -> bool:
         """Stop sending new tasks to the agent and tell it so; False when the agent is unknown."""
@@ -389,6 +398,14 @@ class AgentRegistry:
         """Ask the agent to stop `task_id` in its next heartbeat responses until it no longer has it."""
         with self._lock:
             self._cancels[agent_id].add(task_id)
+
+    def raise_run_limit(self, task_id: str, attempt: int, max_run_s: float) -> None:
+        """Send the run's raised hard run-time limit in the heartbeat responses of the agent that
+        holds the task, until the run leaves it (agents only ever raise a limit)."""
+        with self._lock:
+            current = self._run_limits.get(task_id)
+            if current is None or current[0] != attempt or current[1] < max_run_s:
+                self._run_limits[task_id] = (attempt, max_run_s)
 
     def pending_instructions(self, agent_id: str) -> AgentInstructions:
         with self._lock:

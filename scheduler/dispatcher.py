@@ -48,6 +48,8 @@ from facefleet.domain import (
     PLACED,
     PREEMPTED,
     QUEUED,
+    RUN_LIMIT,
+    RUN_LIMIT_REACHED,
     RUNNING,
     TERMINAL,
     state_from_proto,
@@ -87,6 +89,7 @@ class AgentDirectory(Protocol):
     def lost_since(self, agent_id: str) -> float | None: ...
     def get(self, agent_id: str) -> Any: ...
     def request_cancel(self, agent_id: str, task_id: str) -> None: ...
+    def raise_run_limit(self, task_id: str, attempt: int, max_run_s: float) -> None: ...
     def set_leader_term(self, term: int) -> None: ...
     def inventory(self, agent_id: str) -> tuple[int, dict[str, types_pb2.RunReport]] | None: ...
     def take_outcomes(self) -> list[tuple[str, types_pb2.RunReport]]: ...
@@ -108,6 +111,7 @@ class DispatchGate(Protocol):
     def admit(self, task: TaskRecord, decision: PlacementResult, now: float) -> str: ...  # "" = go, else why not
     def withdraw(self, task_id: str) -> None: ...  # an admitted launch that did not happen after all
     def no_agent(self, task: TaskRecord, decision: PlacementResult, now: float) -> None: ...  # pool chosen, no agent
+    def run_limit_s(self, task_id: str) -> float: ...  # the run bound an admitted launch reserved (0 = none)
 
 
 AuditHook = Callable[[str, dict[str, Any]], None]
@@ -678,6 +682,9 @@ class Dispatcher:
             checkpoint_uri=record.checkpoint_uri,
             project_locked=project_locked,
             leader_term=self.term,
+            # The run bound the gate reserved (a paid pool): the agent stops the run there, so the
+            # reservation bounds what it bills (docs/finance.md). 0 = no limit (a free pool).
+            max_run_s=self.gate.run_limit_s(record.id) if self.gate is not None else 0.0,
         )
 
     def _audit_placement(self, record: TaskRecord, result: PlacementResult) -> None:
@@ -981,6 +988,8 @@ class Dispatcher:
                 why = self._stopping.get(task_id)
                 if why is not None:
                     self._requeue(current, why, "budget_stop", now, agent_id)
+                elif message.message.startswith(RUN_LIMIT_REACHED):  # the agent's own stop at the run bound
+                    self._requeue(current, f"agent {agent_id}: {message.message}", RUN_LIMIT, now, agent_id)
                 else:
                     stopped = f"agent {agent_id} stopped the run: {message.message or 'cancelled'}"
                     self._requeue(current, stopped, "run_cancelled", now, agent_id)
@@ -1143,6 +1152,15 @@ class Dispatcher:
         if agent is not None and agent.address:
             self._streams.spawn(self._stop_rpc(agent.address, task_id, why))
         return True
+
+    def raise_run_limit(self, task_id: str, attempt: int, max_run_s: float) -> None:
+        """A run's hard run-time limit was raised (spend enforcement extended its reservation): every
+        control to its agent carries it; a session agent gets one at once."""
+        self.agents.raise_run_limit(task_id, attempt, max_run_s)
+        with self._calls_lock:
+            entry = self._calls.get(task_id)
+        if entry is not None and isinstance(entry[0], _Assignment):
+            self._push_control(entry[1])
 
     def _push_control(self, agent_id: str) -> bool:
         """Send the agent its control now (pending cancels, run limits) on its session."""

@@ -101,11 +101,11 @@ class PassWorld:
         return ""
 
     def reservation(self, decision: Decision) -> float:
-        """What the budget gate reserves for the launch: the estimate on a paid pool, else 0."""
+        """What the budget gate reserves for the launch: the run bound's cost on a paid pool, else 0."""
         pool = self.pool(decision.pool or "")
         if pool is None or pool.price_per_hour <= 0 or decision.estimate is None:
             return 0.0
-        return max(0.0, decision.estimate.cost_usd)
+        return max(0.0, decision.estimate.reserve_usd)
 
     def charge(self, budget: str | None, usd: float) -> None:
         """Count a reservation against `budget` for the rest of the pass (negative: give it back)."""

@@ -1,20 +1,26 @@
 """Spend enforced while a cloud run goes on (the budget's hard cap, invariant 3; cf. Slurm GrpTRESMins).
 
-Every `step_s` the enforcer looks at each open cloud attempt (scheduler.cloud.budget_gate): its
-accrued cost is price x seconds since its reservation. The reservation should cover the accrued
-cost plus what the run still needs: two steps ahead, or less when the agent's progress says the run
-ends sooner (remaining frames at the pace so far). When it does not, the enforcer extends it in the
-ledger under the same atomic cap check as a new reservation. When the account has no room left and
-the run has used up its reservation, it stops the run (a run that may still end within its
-reservation goes on): the agent is told to cancel (CancelTask), and its CANCELLED report re-queues the task with the
-reason (on-prem may take it; placement's budget filter keeps it off the paid pool while the cap is
-full). The stop is audited (`budget_stop`) and recorded in the task's history, which `facefleet
-explain` shows.
+Every `step_s` the enforcer looks at each open cloud attempt (scheduler.cloud.budget_gate). Its
+reservation is price x (its hard run-time limit + slack), and its agent stops the run at that
+limit (RunTaskRequest.max_run_s). The limit should stay ahead of the run: by what the run still
+needs (two steps, or less when the agent's progress says the run ends sooner: remaining frames at
+the pace so far) plus `limit_lead_s`, the time a raised limit takes to reach the agent (a
+heartbeat interval). When it is not, the enforcer extends the reservation in the ledger under the
+same atomic cap check as a new reservation, which raises the limit by the seconds the added dollars
+buy, and sends the new limit to the agent (`raise_limit`: the heartbeat reply's `run_limits`).
 
-Bound: reservations never exceed the cap, and a run is stopped at the first step at which its
-accrued cost has reached its reservation, so it accrues beyond its reservation for at most one step
-plus the time its agent takes to stop: spend <= cap + sum over running cloud tasks of price x (step
-+ stop time) (docs/finance.md).
+When the account has no room left, the agent stops the run itself at its limit (CANCELLED, "run-time
+limit reached"; the dispatcher re-queues the task: on-prem may take it, placement's budget filter
+keeps it off the paid pool while the cap is full). Backstop, for an agent that does not stop: once
+the run has accrued its whole reservation the enforcer stops it (CancelTask, heartbeat fallback);
+its CANCELLED report re-queues the task with the reason, audited (`budget_stop`) and recorded in
+the task's history, which `facefleet explain` shows.
+
+Bound (docs/finance.md): reservations never exceed the cap, and a run bills from its reservation
+to its recorded end: at most its limit plus the latency its agent's clock does not see (dispatch
+before the start, stop and report after), which the reservation's slack covers. Beyond the slack,
+the backstop stops it within one step plus its stop time: spend <= cap + sum over running cloud
+tasks of price x min(max(0, dispatch + stop latency - slack), step + stop time).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ log = structlog.get_logger()
 
 BUDGET_STOP = "budget stop"  # how a stop's reason begins (history, explain)
 StopRun = Callable[[str, str], bool]  # (task id, why) -> stop sent (False: no live run of it here)
+RaiseLimit = Callable[[str, int, float], None]  # (task id, attempt, new max_run_s) -> sent to its agent
 AuditHook = Callable[[str, dict[str, Any]], None]
 ProgressOf = Callable[[str], tuple[int, int] | None]  # task id -> (frames done, frames total) of its run
 
@@ -45,8 +52,12 @@ class SpendEnforcer:
         clock: Callable[[], float] = time.time,
         audit: AuditHook | None = None,
         progress_of: ProgressOf = lambda _task_id: None,
+        raise_limit: RaiseLimit = lambda _task_id, _attempt, _max_run_s: None,
+        limit_lead_s: float = 0.0,
     ) -> None:
         self.budgets = budgets
+        self._raise_limit = raise_limit
+        self.limit_lead_s = limit_lead_s
         self._progress_of = progress_of
         self.step_s = step_s
         self._stop_run = stop_run
@@ -82,12 +93,19 @@ class SpendEnforcer:
             if task_id in self._stopping:
                 continue
             rate = attempt.usd_per_hour / 3600.0
-            needed = attempt.accrued_usd(now) + self._ahead_s(task_id, now - attempt.admitted_at) * rate
-            short = needed - attempt.reservation.estimate_usd
+            elapsed = now - attempt.admitted_at  # >= the agent's own clock, which starts after this
+            ahead = self._ahead_s(task_id, elapsed)
+            if attempt.max_run_s > 0:  # the limit must stay ahead, and a raise must reach the agent first
+                short = (elapsed + ahead + self.limit_lead_s - attempt.max_run_s) * rate
+            else:
+                short = attempt.accrued_usd(now) + ahead * rate - attempt.reservation.estimate_usd
             if short <= 0:
                 continue
             # Grow by a few steps at once (fewer ledger transactions for a long run), else by what is short.
             if self.budgets.extend(task_id, max(short, 4 * self.step_s * rate)) or self.budgets.extend(task_id, short):
+                grown = self.budgets.open_attempts().get(task_id)
+                if grown is not None and grown.max_run_s > 0:
+                    self._raise_limit(task_id, grown.attempt, grown.max_run_s)
                 continue
             if attempt.accrued_usd(now) < attempt.reservation.estimate_usd:
                 continue  # no room to grow, but the run may still end within its reservation

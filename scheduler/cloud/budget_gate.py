@@ -3,9 +3,13 @@
 - Placement sees each budget as `cap` (rules store) with `spent_usd = spent + reserved` this month
   (`committed`), so its budget filter already drops what cannot fit.
 - Right before a launch on a paid pool the dispatcher calls `admit`: the ledger reserves the
-  placement's estimate atomically; a refused reservation keeps the task queued (on-prem may take it).
-- While the run goes on, `scheduler.spend_enforcement` grows the reservation (`extend`) ahead of
-  the accrued cost, or stops the run when the cap has no room.
+  placement's run bound atomically (`Estimate.reserve_usd` = price x (provision + the hard run-time
+  limit + slack), scheduler.placement.filters.run_bound_s); a refused reservation keeps the task
+  queued (on-prem may take it). The dispatcher sends that limit to the agent (`run_limit_s`), which
+  stops the run when it reaches it: the reservation is an upper bound of what the run can bill.
+- While the run goes on, `scheduler.spend_enforcement` grows the reservation (`extend`, which raises
+  the run's limit by the time the added dollars buy) ahead of the limit, or, when the cap has no
+  room, lets the agent stop the run at its limit (and stops it itself as a backstop).
 - The attempt ends in exactly one of: `on_finished` (settle: instance-seconds x the price placement
   used, attributed to task/project/rule/pool/budget), `on_requeued` (settle the partial run:
   preemption, lost agent, budget stop), `withdraw` (the launch never happened: release). A
@@ -22,7 +26,7 @@ from datetime import UTC, datetime
 
 import structlog
 
-from facefleet.domain import CANCELLED, FAILED, SUCCEEDED
+from facefleet.domain import CANCELLED, FAILED, RUN_LIMIT, SUCCEEDED
 from facefleet.scheduler.ledger import Reservation, SpendLedger, Usage, month_of
 from facefleet.scheduler.placement.model import Budget
 from facefleet.scheduler.placement_gateway import PlacementResult
@@ -46,6 +50,8 @@ class Attempt:
     admitted_at: float
     agent_id: str = ""
     frames: int = 1
+    attempt: int = 0  # the run's attempt number (RunTaskRequest.attempt)
+    max_run_s: float = 0.0  # the hard run-time limit the reservation covers (raised by `extend`)
 
     def accrued_usd(self, now: float) -> float:
         """Cost of this attempt so far (billed from the reservation on)."""
@@ -105,7 +111,7 @@ class BudgetGate:
     def admit(self, task: TaskRecord, decision: PlacementResult, now: float) -> str:
         estimate = decision.decision.estimate
         pool = decision.pool_state
-        if estimate is None or estimate.cost_usd <= 0 or pool is None or pool.price_per_hour <= 0:
+        if estimate is None or estimate.reserve_usd <= 0 or pool is None or pool.price_per_hour <= 0:
             return ""  # a free pool (on-prem): nothing to reserve
         self._release_orphans_once()
         name = decision.decision.budget
@@ -119,7 +125,7 @@ class BudgetGate:
                 f"rule {decision.rule} sends task to paid pool {decision.pool} but budget account "
                 f"{name or '(none)'} is not in the rules store; add it to budgets"
             )
-        amount = estimate.cost_usd
+        amount = estimate.reserve_usd
         reservation = self.ledger.reserve(account, task.id, amount, utc(now))
         self._forget_committed(account.name)
         if reservation is None:
@@ -132,19 +138,26 @@ class BudgetGate:
                 pool=decision.pool,
             )
             return (
-                f"budget {account.name}: estimate ${amount:.4f} does not fit under the cap "
+                f"budget {account.name}: reservation ${amount:.4f} (run bound) does not fit under the cap "
                 f"${account.monthly_cap_usd:.4f} (spent + reserved this month); waiting for other capacity"
             )
         attempt = Attempt(
             reservation, task.project, decision.rule, decision.pool, pool.provider, pool.price_per_hour, now,
-            frames=max(1, task.task().frames),
+            frames=max(1, task.task().frames), attempt=task.attempts + 1, max_run_s=estimate.max_run_s,
         )  # fmt: skip
         with self._lock:
             self._attempts[task.id] = attempt
         return ""
 
+    def run_limit_s(self, task_id: str) -> float:
+        """The hard run-time limit the task's open attempt has reserved (0: none, e.g. a free pool)."""
+        with self._lock:
+            attempt = self._attempts.get(task_id)
+        return attempt.max_run_s if attempt is not None else 0.0
+
     def extend(self, task_id: str, add_usd: float) -> bool:
-        """Grow a running attempt's reservation under the cap; False when the account has no room."""
+        """Grow a running attempt's reservation under the cap, and its run limit by the seconds the
+        added dollars buy; False when the account has no room."""
         with self._lock:
             attempt = self._attempts.get(task_id)
             account = self._accounts.get(attempt.reservation.budget) if attempt is not None else None
@@ -157,7 +170,8 @@ class BudgetGate:
         with self._lock:
             current = self._attempts.get(task_id)
             if current is not None and current.reservation.id == grown.id:
-                self._attempts[task_id] = replace(current, reservation=grown)
+                raised = current.max_run_s + add_usd * 3600.0 / current.usd_per_hour if current.max_run_s > 0 else 0.0
+                self._attempts[task_id] = replace(current, reservation=grown, max_run_s=raised)
         return True
 
     def withdraw(self, task_id: str) -> None:
@@ -183,6 +197,10 @@ class BudgetGate:
     def on_requeued(self, task: TaskRecord, reason: str) -> None:
         self._settle(task.id, "preempted" if reason == "preempted" else f"requeued:{reason}", self._clock())
 
+    # Outcomes whose billed seconds per frame teach the estimate: a completed run, and a run the
+    # agent stopped at its limit (a lower bound of its true time: the next bound grows by the margin).
+    TEACHING_OUTCOMES = frozenset({"completed", f"requeued:{RUN_LIMIT}"})
+
     def _settle(self, task_id: str, outcome: str, ended: float) -> None:
         with self._lock:
             attempt = self._attempts.pop(task_id, None)
@@ -204,7 +222,7 @@ class BudgetGate:
         )
         usd = self.ledger.settle(attempt.reservation, usage, account)
         self._forget_committed(attempt.reservation.budget)
-        if outcome == "completed" and self._on_completed_run is not None:
+        if outcome in self.TEACHING_OUTCOMES and self._on_completed_run is not None:
             self._on_completed_run(attempt.pool, usage.instance_seconds, attempt.frames)
         log.info(
             "cloud spend settled",

@@ -103,6 +103,9 @@ class CloudGate:
     def withdraw(self, task_id: str) -> None:
         self._budgets.withdraw(task_id)
 
+    def run_limit_s(self, task_id: str) -> float:
+        return self._budgets.run_limit_s(task_id)
+
     def no_agent(self, task: TaskRecord, decision: PlacementResult, now: float) -> None:
         if self._burst is not None:
             self._burst.no_agent(task, decision, now)

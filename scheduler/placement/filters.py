@@ -121,17 +121,17 @@ def spot_price(ctx: FilterContext, pool: PoolState, _est: Estimate | None) -> st
 
 def budget(ctx: FilterContext, _pool: PoolState, est: Estimate | None) -> str | None:
     assert est is not None
-    if est.cost_usd <= 0:
+    if est.reserve_usd <= 0:
         return None
     name = ctx.rule.budget
     if name is None:
-        return f"estimated cost ${est.cost_usd:.6f} but rule {ctx.rule.id} names no budget account"
+        return f"reservation ${est.reserve_usd:.6f} but rule {ctx.rule.id} names no budget account"
     account = ctx.budget
     if account is None:
         return f"budget account {name} is not defined (add it to budgets)"
     remaining = account.remaining_usd
-    if est.cost_usd > remaining:
-        return f"estimate ${est.cost_usd:.6f} > remaining ${remaining:.4f} of budget {name}"
+    if est.reserve_usd > remaining:
+        return f"reservation ${est.reserve_usd:.6f} (run bound) > remaining ${remaining:.4f} of budget {name}"
     return None
 
 
@@ -172,11 +172,30 @@ PERMANENT_FILTERS = frozenset({"residency", "lock", "rule_allow"})
 
 
 def estimate(task: TaskSpec, pool: PoolState) -> Estimate:
-    """Cost and completion time on `pool`: wait + provision (when no free slot) + frames x sec_per_frame."""
+    """Cost and completion time on `pool`: wait + provision (when no free slot) + frames x sec_per_frame;
+    on a paid pool also the run bound: what the budget reserves and the limit the agent enforces."""
     run_s = task.frames * pool.sec_per_frame
     provision_s = pool.provision_s if pool.free_slots <= 0 else 0.0
-    billed_s = run_s + provision_s
+    price_per_s = pool.price_per_hour / 3600.0
+    max_run_s = run_bound_s(task, pool) if price_per_s > 0 else 0.0
     return Estimate(
-        cost_usd=pool.price_per_hour * billed_s / 3600.0,
+        cost_usd=price_per_s * (run_s + provision_s),
         completion_s=pool.queue_wait_s + provision_s + run_s,
+        reserve_usd=price_per_s * (provision_s + max_run_s + pool.run_slack_s) if price_per_s > 0 else 0.0,
+        max_run_s=max_run_s,
     )
+
+
+def run_bound_s(task: TaskSpec, pool: PoolState) -> float:
+    """The run bound: the hard limit (seconds from the agent's start) of a run of `task` on `pool`.
+
+    `run_margin` x the estimated run time (frames x the pool's sec_per_frame, which the live
+    scheduler raises to the p95 of billed seconds per frame, scheduler.run_estimates), capped by the
+    task's SLA (a run past its SLA is not worth paying for) but never below the estimated run time.
+    The reservation is price x (provision + this bound + `run_slack_s`), the slack covering what the
+    agent's clock does not see (dispatch before the agent starts, the stop and its report after)."""
+    run_s = task.frames * pool.sec_per_frame
+    bound = run_s * pool.run_margin
+    if task.sla_seconds > 0:
+        bound = max(run_s, min(bound, task.sla_seconds))
+    return bound

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 from facefleet.domain import DEFAULT_PRIORITY, DEFAULT_SENSITIVITY, PRIORITIES, SENSITIVITIES
-from facefleet.money import PERCENT, SECONDS, USD, USD_PER_HOUR
+from facefleet.money import PERCENT, RUN_MARGIN, SECONDS, USD, USD_PER_HOUR
 
 PREFERENCES = ("cost", "latency", "order")
 
@@ -76,6 +76,10 @@ class PoolState:
     provision_s: float = 0.0  # time for a new instance to become ready
     healthy: bool = True
     price_stale: bool = False
+    # The run bound on a paid pool (filters.estimate): the agent stops a run at run_margin x its
+    # estimated run time; the reservation adds run_slack_s for dispatch and stop latency.
+    run_margin: float = 1.5
+    run_slack_s: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +102,8 @@ _POOL_QUANTITIES = {
     "sec_per_frame": (SECONDS, 0.05),
     "price_per_hour": (USD_PER_HOUR, 0.0),
     "provision_s": (SECONDS, 0.0),
+    "run_margin": (RUN_MARGIN, 1.5),
+    "run_slack_s": (SECONDS, 2.0),
 }
 
 
@@ -236,8 +242,10 @@ class RuleSet:
 
 
 class Estimate(NamedTuple):  # NamedTuple: built hundreds of times per decision, cheaply
-    cost_usd: float
+    cost_usd: float  # expected: price x (provision + run time); what scoring compares
     completion_s: float
+    reserve_usd: float = 0.0  # the upper bound the budget reserves (paid pools; filters.estimate)
+    max_run_s: float = 0.0  # the hard run-time limit the agent enforces (0 = none: a free pool)
 
     def to_dict(self) -> dict[str, float]:
         return {"cost_usd": round(self.cost_usd, 6), "completion_s": round(self.completion_s, 3)}

@@ -85,6 +85,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         self.heartbeats: list[scheduler_pb2.HeartbeatRequest] = []
         self.drain = False
         self.cancel_task_ids: list[str] = []
+        self.run_limits: list[scheduler_pb2.RunLimit] = []  # sent in every reply while set
         self.received = threading.Condition()
 
     def Heartbeat(self, request: scheduler_pb2.HeartbeatRequest, context: grpc.ServicerContext) -> Any:
@@ -92,7 +93,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
             self.heartbeats.append(request)
             self.received.notify_all()
         cancel, self.cancel_task_ids = self.cancel_task_ids, []
-        return scheduler_pb2.HeartbeatResponse(drain=self.drain, cancel_task_ids=cancel)
+        return scheduler_pb2.HeartbeatResponse(drain=self.drain, cancel_task_ids=cancel, run_limits=self.run_limits)
 
     def wait_for(self, predicate: Callable[[list[scheduler_pb2.HeartbeatRequest]], bool], timeout: float = 10) -> bool:
         deadline = time.monotonic() + timeout

@@ -187,3 +187,20 @@ def test_free_slots_above_total_are_refused() -> None:
 def test_note_dispatched_to_unknown_agent_says_so() -> None:
     with pytest.raises(KeyError, match="never sent a heartbeat"):
         AgentRegistry().note_dispatched("ghost", "t1", now=1.0)
+
+
+def test_raised_run_limits_go_to_the_agent_holding_the_run_until_it_leaves() -> None:
+    registry = AgentRegistry(heartbeat_timeout_s=10)
+    registry.record_heartbeat(beat("a1", free=2), now=100.0)
+    registry.record_heartbeat(beat("a2", free=2), now=100.0)
+    registry.note_dispatched("a1", "t1", now=100.5)
+    registry.raise_run_limit("t1", 1, 12.0)
+    registry.raise_run_limit("t1", 1, 9.0)  # an older, lower limit arriving late: the higher stays
+    registry.raise_run_limit("t9", 1, 5.0)  # a task no agent holds: nobody is told
+    sent = registry.record_heartbeat(beat("a1", free=1, running=("t1",)), now=101.0).run_limits
+    assert [(r.task_id, r.attempt, r.max_run_s) for r in sent] == [("t1", 1, 12.0)]
+    assert not registry.record_heartbeat(beat("a2"), now=101.0).run_limits
+    # Repeated while the run goes on (a heartbeat reply may be lost); gone once it left the agent.
+    assert registry.record_heartbeat(beat("a1", free=1, running=("t1",)), now=102.0).run_limits
+    registry.note_finished("a1", "t1")
+    assert not registry.record_heartbeat(beat("a1", free=2), now=103.0).run_limits

@@ -26,9 +26,12 @@ def record(task_id: str, state: str = DISPATCHED, agent_id: str | None = None) -
                       b"", NOW, NOW, 0.0, None, "")  # fmt: skip
 
 
-def result(cost: float, pool: PoolState | None = PAID, budget: str | None = "burst") -> PlacementResult:
-    decision = Decision("dispatch", pool.name if pool else None, "burst", "ok", (), Estimate(cost, 10.0),
-                        budget=budget)  # fmt: skip
+def result(
+    cost: float, pool: PoolState | None = PAID, budget: str | None = "burst", max_run_s: float = 0.0
+) -> PlacementResult:
+    """A placement on `pool` whose run bound reserves `cost` (and limits the run to `max_run_s`)."""
+    estimate = Estimate(cost, 10.0, reserve_usd=cost, max_run_s=max_run_s)
+    decision = Decision("dispatch", pool.name if pool else None, "burst", "ok", (), estimate, budget=budget)
     return PlacementResult("dispatch", decision.pool or "", "burst", "ok", {}, types_pb2.PlacementDecision(),
                            "cloud", False, decision, pool)  # fmt: skip
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
+from facefleet.domain import RUN_LIMIT, SUCCEEDED
 from facefleet.scheduler.cloud.budget_gate import BudgetGate
 from facefleet.scheduler.ledger import SpendLedger, month_of
 from facefleet.scheduler.placement.model import Budget, PoolState
@@ -96,3 +98,46 @@ def test_learned_run_time_is_a_high_percentile_never_below_the_configured_and_su
     assert restarted.learned("cloud-a") == expected
     with engine.connect() as conn:  # pruned to about two windows a pool
         assert conn.execute(sa.text("SELECT count(*) FROM run_time_samples WHERE pool='cloud-a'")).scalar_one() <= 100
+
+
+def test_an_extension_raises_the_run_limit_ahead_of_the_agent_and_no_room_leaves_the_stop_to_it(
+    tmp_path: Path,
+) -> None:
+    clock = [NOW]
+    budgets = make_gate(tmp_path, clock, cap=0.014)
+    stops: list[str] = []
+    raised: list[tuple[str, int, float]] = []
+    enforcer = SpendEnforcer(
+        budgets,
+        lambda task_id, why: stops.append(task_id) or True,
+        step_s=1.0,
+        raise_limit=lambda task_id, attempt, limit: raised.append((task_id, attempt, limit)),
+        limit_lead_s=1.0,  # a raised limit reaches the agent within a heartbeat interval
+    )
+    # The run bound: 8 s limit + 2 s slack at $0.001/s.
+    assert budgets.admit(record("t0"), result(0.010, max_run_s=8.0), NOW) == ""
+    attempt = budgets.open_attempts()["t0"].attempt
+    assert attempt == record("t0").attempts + 1 and budgets.run_limit_s("t0") == 8.0
+    assert enforcer.tick(NOW + 4.5) == [] and raised == []  # 4.5 s + 2 ahead + 1 lead < 8 s
+    assert enforcer.tick(NOW + 5.5) == []  # 8.5 s > 8 s: grown by 4 steps ($0.004 buys 4 s)
+    assert raised == [("t0", attempt, 12.0)] and budgets.run_limit_s("t0") == 12.0
+    assert abs(budgets.open_attempts()["t0"].reservation.estimate_usd - 0.014) < 1e-12
+    # The cap is full: the limit stays; the agent stops the run at 12 s, within the reservation.
+    assert enforcer.tick(NOW + 9.5) == [] and raised == [("t0", attempt, 12.0)] and stops == []
+    # Backstop: an agent that did not stop is stopped once the whole reservation has accrued.
+    assert enforcer.tick(NOW + 13.5) == [] and enforcer.tick(NOW + 14.5) == ["t0"] and stops == ["t0"]
+
+
+def test_a_run_stopped_at_its_limit_teaches_the_estimate_a_lower_bound(tmp_path: Path) -> None:
+    clock = [NOW]
+    ledger = SpendLedger(sa.create_engine(f"sqlite:///{tmp_path / 'ledger.db'}"))
+    samples: list[tuple[str, float, int]] = []
+    budgets = BudgetGate(ledger, clock=lambda: clock[0], on_completed_run=lambda *sample: samples.append(sample))
+    budgets.observe_budgets("v1", {"burst": Budget("burst", 1.0)})
+    for task_id in ("t-limit", "t-lost", "t-done"):
+        assert budgets.admit(record(task_id), result(0.010, max_run_s=8.0), NOW) == ""
+    clock[0] = NOW + 9.0
+    budgets.on_requeued(record("t-limit"), RUN_LIMIT)  # billed 9 s for its one frame: at least 9 s a frame
+    budgets.on_requeued(record("t-lost"), "agent_lost")  # says nothing about the run's time
+    budgets.on_finished(replace(record("t-done", SUCCEEDED), finished_at=NOW + 6.0))
+    assert samples == [("aws-a", 9.0, 1), ("aws-a", 6.0, 1)]

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import replace
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -59,16 +60,17 @@ def test_queue_order_ages_low_priority_ahead_of_later_urgent_work() -> None:
 
 
 def test_slots_budget_and_project_limits_are_counted_within_the_pass() -> None:
-    state = PassWorld(world(cap=0.25), limits={"q": 1})
+    state = PassWorld(world(cap=0.35), limits={"q": 1})
     waiting = [Waiting(task(n), 2, float(n)) for n in range(5)] + [Waiting(task(9, project="q"), 2, 9.0),
                                                                    Waiting(task(10, project="q"), 2, 10.0)]  # fmt: skip
     plan = plan_pass(waiting, PLACE, state)
-    # One on-prem slot; $0.10 per 10-frame cloud run: two fit under $0.25, the third not.
+    # One on-prem slot; a 10-frame cloud run reserves its run bound, $0.01/s x (10 s x margin 1.5 +
+    # slack 2 s) = $0.17: two fit under $0.35, the third not.
     assert entries(plan, Action.LAUNCH) == [("t0", "onprem-a"), ("t1", "cloud-a"), ("t2", "cloud-a")]
     kept = [p for p in plan if p.action is Action.KEEP]
     assert kept[0].waiting.task.id == "t3" and "budget x1" in kept[0].decision.reason  # placement saw the charge
-    assert [p.reserved_usd for p in plan if p.launch] == [0.0, 0.1, 0.1]
-    assert state.world.budgets["burst"].spent_usd == 0.2
+    assert [p.reserved_usd for p in plan if p.launch] == pytest.approx([0.0, 0.17, 0.17])
+    assert state.world.budgets["burst"].spent_usd == pytest.approx(0.34)
     assert {p.name: p.free_slots for p in state.world.pools} == {"onprem-a": 0, "cloud-a": 1}
     assert "t10" not in {p.waiting.task.id for p in plan}  # project q's limit: t9 was admitted, t10 not
 
@@ -136,7 +138,7 @@ def test_a_launch_that_deviates_is_taken_back_and_the_rest_replanned() -> None:
         ("t0", Action.LAUNCH, False),
         ("t1", Action.LAUNCH, True),
     ]
-    assert state.world.budgets["burst"].spent_usd == 0.1  # t1's reservation only
+    assert state.world.budgets["burst"].spent_usd == pytest.approx(0.17)  # t1's reservation (run bound) only
     assert state.pool("cloud-a") == replace(cloud, free_slots=0, can_provision=0)
 
 
@@ -147,8 +149,9 @@ def test_the_simulator_runs_the_same_pass_and_settles_reservations() -> None:
         "tasks": [{"at": 0, "id": f"t{n}", "project": "p", "sensitivity": "public", "priority": "normal",
                    "frames": 10} for n in range(6)],
     }  # fmt: skip
-    report = simulate(RULES, world(cap=0.25), workload)
-    # At t=0: three in flight at most (limit), two of them on cloud within the cap; the rest follow on-prem.
+    report = simulate(RULES, world(cap=0.35), workload)
+    # At t=0: three in flight at most (limit), two of them on cloud within the cap (each reserves its
+    # run bound, $0.17, and is billed $0.10); the rest follow on-prem.
     assert report.per_pool == {"onprem-a": 4, "cloud-a": 2}
     assert round(report.cloud_cost_usd, 6) == 0.2 and report.unfinished == 0
     assert set(report.assignments) == {f"t{n}" for n in range(6)}
