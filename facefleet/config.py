@@ -176,6 +176,9 @@ class CloudConfig(Section):
     price_stale_after_s: float = Field(default=900.0, gt=0)
     # Spend enforcement (docs/finance.md): how often running cloud attempts accrue and extend.
     spend_accrual_s: Seconds = Field(default=0.5, gt=0)
+    # Off: reservations are never extended, and the agents' run limits alone bound spend (a run
+    # longer than its bound is stopped and re-queued; docs/finance.md states the bound either way).
+    spend_enforcement: bool = True
     azure_price_api: str = "https://prices.azure.com/api/retail/prices"
     aws: AwsCloudConfig = Field(default_factory=AwsCloudConfig)
     azure: AzureCloudConfig = Field(default_factory=AzureCloudConfig)

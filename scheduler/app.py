@@ -114,7 +114,7 @@ class SchedulerApp:
                 # A raised limit reaches a session agent at once, another with its next heartbeat reply.
                 limit_lead_s=float(self.registry.heartbeat_interval_s),
             )
-            if cloud is not None
+            if cloud is not None and settings.cloud.spend_enforcement
             else None
         )
         self.servicer = SchedulerServicer(

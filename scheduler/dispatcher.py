@@ -989,7 +989,7 @@ class Dispatcher:
                 if why is not None:
                     self._requeue(current, why, "budget_stop", now, agent_id)
                 elif message.message.startswith(RUN_LIMIT_REACHED):  # the agent's own stop at the run bound
-                    self._requeue(current, f"agent {agent_id}: {message.message}", RUN_LIMIT, now, agent_id)
+                    self._requeue(current, f"{message.message} (agent {agent_id}); re-queued", RUN_LIMIT, now, agent_id)
                 else:
                     stopped = f"agent {agent_id} stopped the run: {message.message or 'cancelled'}"
                     self._requeue(current, stopped, "run_cancelled", now, agent_id)

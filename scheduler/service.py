@@ -24,7 +24,7 @@ from facefleet.scheduler.agent_sessions import AgentSessions
 from facefleet.scheduler.group_commit import GroupCommitter, StoreUnavailable
 from facefleet.scheduler.intake import validate_submit, validate_task
 from facefleet.scheduler.placement_gateway import Placer
-from facefleet.scheduler.spend_enforcement import BUDGET_STOP
+from facefleet.scheduler.spend_enforcement import MONEY_STOPS
 from facefleet.scheduler.store import IllegalTransition, NewTask, SubmitResult, TaskRecord, TaskStore, UnknownTask
 from facefleet.security.roles import current_identity
 from facefleet.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
@@ -310,8 +310,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     "ask again once it is placed, or explain the task body for a dry run",
                     "task_id",
                 )
-            stops = [t.reason for t in self.store.transitions_of(record.id) if t.reason.startswith(BUDGET_STOP)]
-            if stops:  # the run was stopped at the cap (scheduler.spend_enforcement): say so
+            stops = [t.reason for t in self.store.transitions_of(record.id) if t.reason.startswith(MONEY_STOPS)]
+            if stops:  # a run was stopped at its limit or at the cap (scheduler.spend_enforcement): say so
                 decision.notes.append(stops[-1])
             return decision
         if subject == "task":

@@ -32,11 +32,15 @@ from typing import Any
 
 import structlog
 
+from facefleet.domain import RUN_LIMIT_REACHED
 from facefleet.scheduler.cloud.budget_gate import BudgetGate
 
 log = structlog.get_logger()
 
 BUDGET_STOP = "budget stop"  # how a stop's reason begins (history, explain)
+# How the history of a run stopped for money begins (`facefleet explain` shows the latest): its
+# agent reached the run's limit (the reservation could not grow), or this backstop stopped it.
+MONEY_STOPS = (RUN_LIMIT_REACHED, BUDGET_STOP)
 StopRun = Callable[[str, str], bool]  # (task id, why) -> stop sent (False: no live run of it here)
 RaiseLimit = Callable[[str, int, float], None]  # (task id, attempt, new max_run_s) -> sent to its agent
 AuditHook = Callable[[str, dict[str, Any]], None]
