@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from facefleet.domain import CLOUD_ZONE, PRIVATE_ZONE, TrustZone
-from facefleet.money import Seconds, UsdPerHour
+from facefleet.money import RunMargin, Seconds, UsdPerHour
 
 CONFIG_ENV = "FACEFLEET_CONFIG"
 DEFAULT_CONFIG_FILE = Path("facefleet.toml")
@@ -74,6 +74,10 @@ class PoolConfig(Section):
     # Assignments a session agent of this pool may hold beyond its slots, waiting in its own queue
     # (docs/operations.md): outstanding work per agent never exceeds slots + prefetch.
     prefetch: int = Field(default=0, ge=0)
+    # The run bound on a paid pool (docs/finance.md): the agent stops a run at run_margin x its
+    # estimate (capped by the task's SLA); the reservation adds run_slack_s for dispatch and stop.
+    run_margin: RunMargin = 1.5
+    run_slack_s: Seconds = 2.0
 
 
 class SchedulerConfig(Section):

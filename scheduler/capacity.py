@@ -736,4 +736,6 @@ def pool_state_from_config(pool: PoolConfig) -> PoolState:
         can_provision=pool.max_instances,
         provision_s=pool.provision_s,
         healthy=True,
+        run_margin=pool.run_margin,
+        run_slack_s=pool.run_slack_s,
     )

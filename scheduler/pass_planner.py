@@ -11,9 +11,9 @@ sorts with `queue_order`) and, for each one:
    (placement is pure and slots only shrink within a pass: it would wait too);
 3. places it against the pass's World (the caller's placement function: live, the placer's decide
    with its explain trace, pool overlays and locks; simulate, the pure `place()`);
-4. on a dispatch, applies the budget gate (on a paid pool the reservation is the estimate, and must
-   fit under the cap) and takes a slot: a free one (`Planned.provision` false) or else one instance
-   of the pool's provisioning headroom (true).
+4. on a dispatch, applies the budget gate (on a paid pool the reservation is the run bound,
+   `Estimate.reserve_usd`, and must fit under the cap) and takes a slot: a free one
+   (`Planned.provision` false) or else one instance of the pool's provisioning headroom (true).
 
 Later tasks of the pass see the slot taken, the budget charged and the project counted. The pass
 ends when no slot is free or provisionable anywhere, after `PassRules.max_misses` tasks in a row

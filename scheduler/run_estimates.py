@@ -3,8 +3,10 @@
 A pool's configured (or heartbeat-reported) `sec_per_frame` is what the agents say one frame takes;
 what the ledger bills is the whole attempt, from the reservation to the run's end (dispatch, model
 load, encode, stream turnarounds). For every paid pool this book keeps the billed seconds per frame
-of its last `window` completed runs and answers a high percentile of them; placement's World then
-uses `max(configured, learned)` as the pool's `sec_per_frame`, so estimates and reservations grow
+of its last `window` runs that completed or were stopped at their hard run-time limit (a lower
+bound of their true time) and answers a high percentile of them; placement's World then uses
+`max(configured, learned)` as the pool's `sec_per_frame`, so estimates and the run bound
+(scheduler.placement.filters.run_bound_s: the limit the agent enforces and the reservation) grow
 to what runs really cost and never fall below the configured value. Samples live in the scheduler's
 database (`run_time_samples`), so a restarted or newly elected leader starts from them.
 """
