@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from facefleet.agent.server import TaskRun
 from facefleet.domain import RUN_LIMIT_REACHED
 from facefleet.rpc_errors import reason_of
-from facefleet.v1 import scheduler_pb2, types_pb2
+from facefleet.v1 import agent_pb2, scheduler_pb2, types_pb2
 from tests.agent.conftest import FakePipeline
 from tests.agent.test_agent_service import wait_until
 
@@ -111,3 +111,22 @@ def test_the_enforced_limit_is_the_largest_sent_and_never_below_the_first(start:
         assert run.max_run_s == expected
     finally:
         run.end_limit()
+
+
+def test_a_waiting_run_s_limit_counts_from_its_start_and_may_be_raised_while_it_waits(make_agent) -> None:  # type: ignore[no-untyped-def]
+    pipeline = FakePipeline(frames=FRAMES, frame_seconds=FRAME_S)
+    pipeline.gate.clear()  # the first run holds the only slot
+    env = make_agent(pipeline=pipeline, slots=1, max_waiting=1)
+    runtime = env.handle.runtime
+    first = runtime.start_or_attach(agent_pb2.RunTaskRequest(task=env.task("t-first", frames=FRAMES), attempt=1))
+    waiting = runtime.start_or_attach(
+        agent_pb2.RunTaskRequest(task=env.task("t-wait", frames=FRAMES), attempt=1, max_run_s=0.3), may_wait=True
+    )
+    time.sleep(0.6)  # longer than its limit, but it has not started: nothing to stop
+    assert waiting.latest.stage == "waiting" and not waiting.cancelled.is_set()
+    assert runtime.raise_run_limit("t-wait", 1, 30.0)  # an extension reaches it while it waits
+    runtime.cancel("t-first", "make room")
+    pipeline.gate.set()
+    assert wait_until(lambda: waiting.finished, 20)
+    assert first.latest.state == types_pb2.TASK_STATE_CANCELLED
+    assert waiting.latest.state == types_pb2.TASK_STATE_SUCCEEDED, waiting.latest.message
