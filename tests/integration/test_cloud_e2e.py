@@ -295,7 +295,16 @@ def test_burst_sends_exactly_the_affordable_tasks_to_the_paid_pool(
         BUDGET_RULES,
         f"budgets:\n  - {{name: burst, monthly_cap_usd: {CAP}, alert_pct: 80}}\n",
         static_pools=(
-            PoolConfig(name="cloud-spot", provider="aws", trust_zone="cloud", price_per_hour=PRICE, spot=True),
+            # The run bound without margin or slack: each reservation is the estimate, $0.011.
+            PoolConfig(
+                name="cloud-spot",
+                provider="aws",
+                trust_zone="cloud",
+                price_per_hour=PRICE,
+                spot=True,
+                run_margin=1.0,
+                run_slack_s=0.0,
+            ),
         ),
     )
     app, parts = start_scheduler(settings)
