@@ -435,15 +435,20 @@ class AgentRegistry:
         return record
 
     def _best_agent_locked(self, pool: str, now: float) -> AgentRecord | None:
-        candidates = [
-            record
-            for record in self._agents.values()
-            if record.pool == pool and self._dispatchable(record, now) and record.effective_free_slots > 0
-        ]
-        if not candidates:
-            return None
         # Most free slots first; among equals the one that waited longest for work, then by id.
-        return min(candidates, key=lambda r: (-r.effective_free_slots, r.last_dispatch, r.agent_id))
+        # One pass, each agent's free slots computed once: this runs for every task launched.
+        best: AgentRecord | None = None
+        best_key: tuple[int, float, str] | None = None
+        for record in self._agents.values():
+            if record.pool != pool or not self._dispatchable(record, now):
+                continue
+            free = record.effective_free_slots
+            if free <= 0:
+                continue
+            key = (-free, record.last_dispatch, record.agent_id)
+            if best_key is None or key < best_key:
+                best, best_key = record, key
+        return best
 
     def _dispatchable(self, record: AgentRecord, now: float) -> bool:
         return (

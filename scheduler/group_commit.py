@@ -29,6 +29,12 @@ log = structlog.get_logger()
 
 T = TypeVar("T")
 
+# A batch that starts with a submit waits this long for more before it commits: submits come in
+# bursts from many clients, and each commit's fsync and set-up cost more CPU than the 2 ms. With
+# 32 clients it took batches from ~6 to ~11 submits and 0.59-0.67 -> 0.53-0.58 ms of scheduler CPU
+# per submit (docs/benchmarks.md). Dispatch and completion writes do not wait.
+INTAKE_LINGER_S = 0.002
+
 
 class StoreUnavailable(RuntimeError):
     """The batch could not be committed; callers answer UNAVAILABLE and the client retries."""
@@ -129,9 +135,12 @@ def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None
 
 
 class GroupCommitter:
-    def __init__(self, store: TaskStore, max_batch: int = 512, attach: bool = True) -> None:
+    def __init__(
+        self, store: TaskStore, max_batch: int = 512, attach: bool = True, intake_linger_s: float = INTAKE_LINGER_S
+    ) -> None:
         self._store = store
         self._max_batch = max_batch
+        self._intake_linger_s = intake_linger_s
         self._pending: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
@@ -189,6 +198,8 @@ class GroupCommitter:
                 return
             batch = [first]
             stop = False
+            if first.insert is not None and self._intake_linger_s > 0:
+                time.sleep(self._intake_linger_s)  # submits arriving meanwhile share this commit's fsync
             while len(batch) < self._max_batch:
                 try:
                     nxt = self._pending.get_nowait()

@@ -48,13 +48,18 @@ class AuditLogCorrupt(RuntimeError):
     """The log's last record cannot be read, so a new record cannot be chained to it."""
 
 
+# One encoder for every record: json.dumps with options builds a new encoder per call.
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def canonical_json(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return _CANONICAL.encode(record).encode()
 
 
 def record_hash(record: dict[str, Any]) -> str:
-    body = {key: value for key, value in record.items() if key not in ("hash", "sig")}
-    return hashlib.sha256(canonical_json(body)).hexdigest()
+    if "hash" in record or "sig" in record:
+        record = {key: value for key, value in record.items() if key not in ("hash", "sig")}
+    return hashlib.sha256(canonical_json(record)).hexdigest()
 
 
 class Signer:

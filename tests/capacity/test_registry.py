@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from facefleet.scheduler.capacity import AgentRegistry, HeartbeatRejected
 from facefleet.v1 import scheduler_pb2
@@ -204,3 +206,34 @@ def test_raised_run_limits_go_to_the_agent_holding_the_run_until_it_leaves() -> 
     assert registry.record_heartbeat(beat("a1", free=1, running=("t1",)), now=102.0).run_limits
     registry.note_finished("a1", "t1")
     assert not registry.record_heartbeat(beat("a1", free=2), now=103.0).run_limits
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["onprem-a", "cloud-b"]),
+            st.integers(0, 4),  # free slots reported
+            st.integers(0, 3),  # tasks reserved on it since
+            st.booleans(),  # healthy
+            st.sampled_from([100.0, 100.5, 101.0]),  # last dispatch
+        ),
+        max_size=12,
+    )
+)
+def test_the_chosen_agent_has_the_most_free_slots_then_waited_longest_then_lowest_id(
+    agents: list[tuple[str, int, int, bool, float]],
+) -> None:
+    registry = AgentRegistry(heartbeat_timeout_s=10.0)
+    for index, (pool, free, reserved, healthy, last_dispatch) in enumerate(agents):
+        agent_id = f"agent-{index:02d}"
+        registry.record_heartbeat(beat(agent_id, pool=pool, free=free, total=4, healthy=healthy), now=100.0)
+        for task in range(reserved):
+            registry.note_dispatched(agent_id, f"{agent_id}-t{task}", now=100.0)
+        registry._agents[agent_id].last_dispatch = last_dispatch
+    records = [registry._agents[f"agent-{index:02d}"] for index in range(len(agents))]
+    for pool in ("onprem-a", "cloud-b"):
+        candidates = [r for r in records if r.pool == pool and r.healthy and r.effective_free_slots > 0]
+        expected = min(candidates, key=lambda r: (-r.effective_free_slots, r.last_dispatch, r.agent_id), default=None)
+        chosen = registry.pick_agent(pool, now=101.0)
+        assert (chosen.agent_id if chosen else None) == (expected.agent_id if expected else None)
