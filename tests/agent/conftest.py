@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 import shutil
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ import pytest
 from facefleet.agent.models.verify import ModelStatus
 from facefleet.agent.pipeline.quality import QualityReport
 from facefleet.agent.pipeline.runner import ProgressUpdate, SwapJob, SwapResult
-from facefleet.agent.run_journal import RUN_ENDED_STATES
+from facefleet.agent.run_journal import JOURNAL_FILE, RUN_ENDED_STATES
 from facefleet.agent.server import AgentHandle, serve_agent
 from facefleet.config import AgentConfig
 from facefleet.v1 import agent_pb2, agent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
@@ -203,6 +204,13 @@ def serve_scheduler(servicer: FakeScheduler, address: str = "127.0.0.1:0") -> An
         [(SERVICE_NAMES["Scheduler"], lambda s: scheduler_pb2_grpc.add_SchedulerServicer_to_server(servicer, s))],
         None,
     )
+
+
+def journal_outcomes(work_dir: Path) -> dict[str, types_pb2.Progress | None]:
+    """An agent's own record, read-only from its run journal file: task id -> outcome (None: going)."""
+    with sqlite3.connect(f"file:{work_dir / JOURNAL_FILE}?mode=ro", uri=True) as db:
+        rows = db.execute("SELECT task_id, outcome FROM runs").fetchall()
+    return {task_id: types_pb2.Progress.FromString(blob) if blob else None for task_id, blob in rows}
 
 
 def write_image(path: Path, seed: int = 0) -> Path:

@@ -5,7 +5,6 @@ fallback to unary heartbeats + RunTask for a scheduler without sessions."""
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from facefleet.agent.run_journal import RUN_ENDED_STATES, RunJournal
 from facefleet.agent.server import WAITING_STAGE
 from facefleet.agent.session import SESSION, UNARY, Outbox
 from facefleet.v1 import scheduler_pb2, types_pb2
-from tests.agent.conftest import FakePipeline, SessionScheduler, serve_scheduler
+from tests.agent.conftest import FakePipeline, SessionScheduler, journal_outcomes, serve_scheduler
 from tests.agent.test_heartbeat import free_port
 
 RUNNING = types_pb2.TASK_STATE_RUNNING
@@ -44,13 +43,6 @@ class GatedPipeline(FakePipeline):
 
                 raise FakePipelineError("cancelled", "CANCELLED")
         return super().run(job, on_progress, cancelled)
-
-
-def journal_outcomes(work_dir: Path) -> dict[str, types_pb2.Progress | None]:
-    """The agent's own record, read straight from its journal file: task id -> outcome (None: going)."""
-    with sqlite3.connect(f"file:{work_dir / 'run-journal.db'}?mode=ro", uri=True) as db:
-        rows = db.execute("SELECT task_id, outcome FROM runs").fetchall()
-    return {task_id: types_pb2.Progress.FromString(blob) if blob else None for task_id, blob in rows}
 
 
 def test_session_opens_with_the_inventory_then_heartbeats_and_obeys_controls(make_agent, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -23,6 +23,7 @@ from facefleet.config import (
     AgentConfig,
     AuditConfig,
     PolicyConfig,
+    PoolConfig,
     ResidencyConfig,
     SchedulerConfig,
     Settings,
@@ -36,7 +37,15 @@ from facefleet.security.audit import query, verify
 from facefleet.security.roles import RoleGate
 from facefleet.security.tls import secure_channel, server_credentials
 from facefleet.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
-from tests.agent.conftest import FakePipelineError, ProgressUpdate, QualityReport, SwapJob, SwapResult, write_image
+from tests.agent.conftest import (
+    FakePipelineError,
+    ProgressUpdate,
+    QualityReport,
+    SwapJob,
+    SwapResult,
+    journal_outcomes,
+    write_image,
+)
 from tests.scheduler.fake_agents import wait_for
 
 TIMEOUT = 10
@@ -129,7 +138,7 @@ def other_pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class Cluster:
-    def __init__(self, tmp: Path, pki: Path) -> None:
+    def __init__(self, tmp: Path, pki: Path, pools: tuple[PoolConfig, ...] = ()) -> None:
         self.tmp = tmp
         self.tls = TLSConfig(dir=pki)
         self.data = tmp / "data"
@@ -145,6 +154,7 @@ class Cluster:
                 store_url=f"sqlite:///{tmp}/scheduler.db",
                 metrics_port=-1,
                 heartbeat_timeout_s=3.0,
+                pools=list(pools),
             ),
             policy=PolicyConfig(dir=policy),
             audit=AuditConfig(path=tmp / "audit.jsonl"),
@@ -157,7 +167,9 @@ class Cluster:
         self.source = write_image(self.data / "source.png", 1)
         self.target = write_image(self.data / "target.png", 2)
 
-    def start_agent(self, agent_id: str, pool: str, zone: str, pipeline: RecordingPipeline, slots: int = 1) -> None:
+    def start_agent(
+        self, agent_id: str, pool: str, zone: str, pipeline: RecordingPipeline, slots: int = 1, **agent: Any
+    ) -> AgentHandle:
         config = AgentConfig(
             listen="127.0.0.1:0",
             pool=pool,
@@ -170,6 +182,7 @@ class Cluster:
             allowed_roots=[self.data],
             metrics_port=0,
             heartbeat_interval_s=0.2,
+            **agent,
         )
         handle = serve_agent(
             config,
@@ -181,6 +194,7 @@ class Cluster:
         )
         self.agents.append(handle)
         wait_for(lambda: self.app.registry.get(agent_id) is not None, 10, what=f"agent {agent_id} to heartbeat")
+        return handle
 
     def channel(self, identity: str, tls: TLSConfig | None = None) -> grpc.Channel:
         channel = secure_channel(self.address, tls or self.tls, identity)
@@ -415,3 +429,44 @@ def test_fuzzed_flow_with_random_locks_never_runs_private_or_locked_work_on_the_
     private_ids = {t for t, (_, s) in meta.items() if s == PRIVATE}
     assert all(completions[t]["trust_zone"] == "private" for t in private_ids)
     print(json.dumps({"tasks": len(meta), "cloud_runs": len(cloud.runs), "locks": lock_intervals}))
+
+
+def test_lock_recalls_prefetched_cloud_assignments_before_they_start(tmp_path: Path, pki: Path) -> None:
+    """Prefetch 2 on the cloud pool: its one-slot agent holds one run and two waiting assignments, never
+    more (its own bound is looser); a lock recalls all three and the waiting ones never start."""
+    cloud_pool = PoolConfig(name="cloud-a", provider="aws", trust_zone="cloud", prefetch=2)
+    onprem_pool = PoolConfig(name="onprem-a", provider="onprem", trust_zone="private")  # its agent comes later
+    cluster = Cluster(tmp_path, pki, pools=(cloud_pool, onprem_pool))
+    try:
+        onprem, cloud = RecordingPipeline(), RecordingPipeline()
+        cloud.gate.clear()
+        agent = cluster.start_agent("cloud-1", "cloud-a", "cloud", cloud, max_waiting=5)
+        tasks = [cluster.submit(cluster.task("promo-q", PUBLIC, f"q{i}")) for i in range(4)]
+        wait_for(lambda: len(agent.runtime.running_task_ids()) == 3, 10, what="1 running + 2 prefetched on the cloud")
+        time.sleep(0.5)  # several dispatch passes: slots + prefetch is the bound
+        held = agent.runtime.running_task_ids()
+        assert len(held) == 3 and len(agent.runtime.waiting_task_ids()) == 2 and len(cloud.runs) == 1
+        (left_queued,) = set(tasks) - set(held)
+        assert cluster.state(left_queued) == "queued"
+        cluster.admin().LockProject(
+            admin_pb2.LockProjectRequest(project="promo-q", reason="talent contract"), timeout=TIMEOUT
+        )
+        wait_for(lambda: not agent.runtime.running_task_ids(), 10, what="the lock to recall the cloud work")
+        cloud.gate.set()
+        cluster.start_agent("onprem-1", "onprem-a", "private", onprem, slots=4)
+        wait_for(lambda: all(cluster.state(t) == "succeeded" for t in tasks), 20, what="promo-q to finish on-prem")
+
+        # From the cloud agent's own records: one run reached the pipeline and was stopped; the two
+        # prefetched ones ended in its journal as cancelled before they started.
+        assert len(cloud.runs) == 1 and cloud.runs[0].outcome == "cancelled"
+        outcomes = journal_outcomes(tmp_path / "cloud-1" / "work")
+        assert set(outcomes) == set(held)
+        waited = [t for t in held if t != cloud.runs[0].task_id]
+        for task_id in waited:
+            outcome = outcomes[task_id]
+            assert outcome is not None and outcome.state == types_pb2.TASK_STATE_CANCELLED
+            assert outcome.stage == "waiting" and "before it started" in outcome.message
+        assert set(tasks) <= onprem.ran()
+        assert all(cluster.app.store.get(t).pool == "onprem-a" for t in tasks)
+    finally:
+        cluster.stop()
