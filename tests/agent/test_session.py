@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -314,3 +315,48 @@ def test_a_batch_goes_out_after_the_linger_or_once_full() -> None:
     assert message is not None and len(message.updates) == 3
     threading.Timer(0.05, outbox.close).start()
     assert outbox.take(time.monotonic() + 30) is None
+
+
+def test_with_the_real_scheduler_outcomes_finished_while_it_was_down_are_recorded_once(make_agent, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The session against the real SchedulerApp: work arrives over the session, the scheduler stops
+    while a run goes on, the run finishes meanwhile, and the restarted scheduler (same port, same
+    store) records that outcome from the new session's inventory; the agent ran it once."""
+    from facefleet.scheduler.app import SchedulerApp
+    from facefleet.v1 import scheduler_pb2_grpc
+    from tests.scheduler.conftest import FAST_DISPATCH, make_settings
+    from tests.scheduler.fake_agents import wait_for
+
+    port = free_port()
+    config = make_settings(tmp_path / "scheduler", listen=f"127.0.0.1:{port}", metrics_port=-1)
+    app = SchedulerApp(config, dispatcher_settings=FAST_DISPATCH).start()
+    pipeline = FakePipeline()
+    env = make_agent(pipeline=pipeline, scheduler_port=port, slots=2)
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = scheduler_pb2_grpc.SchedulerStub(channel)
+
+    def submit(name: str) -> str:
+        task = env.task(name, sensitivity=types_pb2.SENSITIVITY_PRIVATE)
+        task.ClearField("id")
+        return str(stub.SubmitTask(scheduler_pb2.SubmitTaskRequest(task=task), timeout=10).task_id)
+
+    try:
+        first = submit("first")
+        wait_for(lambda: app.store.get(first).state == "succeeded", 15, what="a task over the session")
+        session = env.handle.session
+        assert session is not None and session.mode == SESSION and session.sessions == 1
+        pipeline.gate.clear()
+        held = submit("held")
+        wait_for(lambda: held in env.handle.runtime.running_task_ids(), 15, what="the held task to start")
+        app.stop()
+        pipeline.gate.set()  # it finishes while no scheduler listens
+        wait_for(lambda: not env.handle.runtime.running_task_ids(), 15, what="the run to finish")
+        app = SchedulerApp(config, dispatcher_settings=FAST_DISPATCH).start()
+        wait_for(lambda: app.store.get(held).state == "succeeded", 20, what="the outcome from the inventory")
+        assert session.sessions == 2
+        assert pipeline.calls.count(held) == 1 and pipeline.calls.count(first) == 1
+        recorded = journal_outcomes(env.work_dir)
+        assert recorded[held] is not None and recorded[held].state == SUCCEEDED
+        assert app.store.get(held).agent_id == env.handle.runtime.identity.agent_id
+    finally:
+        channel.close()
+        app.stop()
