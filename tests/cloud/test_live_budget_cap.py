@@ -52,6 +52,7 @@ class CloudAgent:
     """A real agent in the cloud trust zone; what it ran comes from its own run journal."""
 
     handle: AgentHandle
+    raised: list[tuple[str, int, float]]  # limits raised on this agent (spend enforcement extended)
 
     def runs(self) -> Counter[str]:
         return Counter(run.task_id for run in self.handle.runtime.journal.all_runs())
@@ -97,7 +98,17 @@ def start_cloud_agent(scheduler_address: str, tmp_path: Path, data: Path) -> Clo
         return request
 
     runtime.heartbeat_request = misreported  # type: ignore[method-assign]
-    return CloudAgent(handle)
+    raised: list[tuple[str, int, float]] = []
+    own_raise = runtime.raise_run_limit
+
+    def noted_raise(task_id: str, attempt: int, max_run_s: float) -> bool:
+        applied = own_raise(task_id, attempt, max_run_s)
+        if applied:
+            raised.append((task_id, attempt, max_run_s))
+        return applied
+
+    runtime.raise_run_limit = noted_raise  # type: ignore[method-assign]
+    return CloudAgent(handle, raised)
 
 
 @pytest.fixture(params=[True, False], ids=["enforcement-on", "enforcement-off"])
@@ -125,9 +136,10 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[Sche
 
 
 def test_parallel_burst_bills_each_cloud_run_within_its_reservation_so_spend_stays_within_the_cap(
-    stack: tuple[SchedulerProcess, HollowAgent, CloudAgent], tmp_path: Path
+    stack: tuple[SchedulerProcess, HollowAgent, CloudAgent], tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     scheduler, onprem, cloud = stack
+    enforcement: bool = request.node.callspec.params["stack"]
     data = tmp_path / "data"
     source, target = write_image(data / "face.png", 1), write_image(data / "photo.png", 2)
     args = ["budget", "set", "burst", "--monthly-cap", str(CAP), "--reason", "FIN-16 binding cap",
@@ -184,12 +196,14 @@ def test_parallel_burst_bills_each_cloud_run_within_its_reservation_so_spend_sta
     worst = max((row["usd"] - row["estimate_usd"] for row in rows), default=0.0)
     print(f"\nlive ledger: ${spent:.6f} (cap ${CAP}); {len(rows)} cloud attempts, {len(stopped)} stopped "
           f"({len(cloud.stopped_at_limit())} by the agent at their limit), {sum(completed.values())} completed "
-          f"on cloud; closest run to its reservation: ${worst:+.6f}")  # fmt: skip
+          f"on cloud; closest run to its reservation: ${worst:+.6f}; {len(cloud.raised)} limits raised")  # fmt: skip
     # The run bound: each cloud run billed (reservation -> recorded end) at most its reservation,
     # price x (its limit, as raised, + slack); reservations never pass the cap, so neither does spend.
     over = [(row["task_id"], row["usd"], row["estimate_usd"]) for row in rows if row["usd"] > row["estimate_usd"]]
     assert not over, f"cloud runs billed beyond their reservation: {over}"
     assert spent <= CAP + 1e-9, f"live spend ${spent:.6f} passed cap ${CAP}"
+    # Extensions raised the runs' limits on the agent itself (its control), and only with enforcement.
+    assert bool(cloud.raised) == enforcement, cloud.raised
     # The cap was binding: cloud work happened, and not all of the burst fitted.
     assert rows and sum(1 for t in kinds if runs[t]) < 40
     # Invariant 1, from the cloud agent's own records.

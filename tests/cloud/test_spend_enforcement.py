@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from facefleet.domain import RUN_LIMIT, SUCCEEDED
 from facefleet.scheduler.cloud.budget_gate import BudgetGate
@@ -141,3 +145,20 @@ def test_a_run_stopped_at_its_limit_teaches_the_estimate_a_lower_bound(tmp_path:
     budgets.on_requeued(record("t-lost"), "agent_lost")  # says nothing about the run's time
     budgets.on_finished(replace(record("t-done", SUCCEEDED), finished_at=NOW + 6.0))
     assert samples == [("aws-a", 9.0, 1), ("aws-a", 6.0, 1)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(limit=st.floats(0.1, 1000.0), slack=st.floats(0.0, 10.0), grows=st.lists(st.floats(1e-6, 0.5), max_size=6))
+def test_extensions_keep_the_limit_inside_the_reservation(limit: float, slack: float, grows: list[float]) -> None:
+    """Whatever extensions happen, price x (the run's limit + slack) stays within its reservation:
+    the dollars added buy exactly the seconds the limit is raised by."""
+    with tempfile.TemporaryDirectory() as directory:
+        clock = [NOW]
+        budgets = make_gate(Path(directory), clock, cap=1e6)
+        reserved = PRICE_PER_S * (limit + slack)
+        assert budgets.admit(record("t0"), result(reserved, max_run_s=limit), NOW) == ""
+        for add in grows:
+            assert budgets.extend("t0", add)
+            attempt = budgets.open_attempts()["t0"]
+            assert PRICE_PER_S * (attempt.max_run_s + slack) <= attempt.reservation.estimate_usd * (1 + 1e-9)
+            assert attempt.max_run_s == pytest.approx(budgets.run_limit_s("t0"))
