@@ -119,6 +119,7 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
         self.executions: Counter[str] = Counter()
         self.completed: Counter[str] = Counter()
         self.cancel_requests: list[str] = []
+        self.run_limits: dict[tuple[str, int], float] = {}  # raised limits received: (task, attempt) -> s
         self.resumed_from: dict[str, int] = {}
         self.most_held = 0  # the most runs held at once (running + waiting for a slot)
         self.leader_term = 0
@@ -213,6 +214,9 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
                 self.cancel_requests.append(task_id)
         with self._lock:
             self.leader_term = max(self.leader_term, reply.leader_term)
+            for limit in reply.run_limits:
+                key = (limit.task_id, limit.attempt)
+                self.run_limits[key] = max(self.run_limits.get(key, 0.0), limit.max_run_s)
             for ref in reply.acknowledged:
                 run = self.runs.get(ref.task_id)
                 if run is not None and run.attempt == ref.attempt and run.done.is_set():

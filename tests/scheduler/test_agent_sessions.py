@@ -111,3 +111,19 @@ def test_a_session_must_open_with_a_heartbeat(start_scheduler) -> None:  # type:
             list(replies)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "first AgentSession message must carry the agent's heartbeat" in (raised.value.details() or "")
+
+
+def test_a_raised_run_limit_is_pushed_on_the_session_at_once(start_scheduler, start_agent, client) -> None:  # type: ignore[no-untyped-def]
+    """Spend enforcement extended a run's reservation: its new limit reaches a session agent now,
+    not with its next heartbeat (every 5 s here), and goes on in every control while the run lasts."""
+    app = start_scheduler(pools=[{"name": "onprem-a", "provider": "onprem", "trust_zone": "private"}])
+    agent = start_agent(app.port, "onprem-1", "onprem-a", "private", slots=1, frame_s=0.05, heartbeat_s=5.0)
+    stub = client(app.port)
+    wait_for(lambda: len(app.registry.agents()) == 1, 10, what="agent in session")
+    [task_id] = submit_many(stub, 1, types_pb2.SENSITIVITY_PRIVATE, frames=400)  # 20 s
+    wait_for(lambda: agent.busy() == [task_id], 10, what="the run started")
+    attempt = app.store.get(task_id).attempts
+    app.dispatcher.raise_run_limit(task_id, attempt, 42.0)
+    wait_for(lambda: agent.run_limits.get((task_id, attempt)) == 42.0, 1.5, what="the raised limit, pushed")
+    assert app.registry.control("onprem-1").run_limits[0].max_run_s == 42.0  # and in every control after
+    stub.CancelTask(scheduler_pb2.CancelTaskRequest(task_id=task_id, reason="test done"))
