@@ -13,7 +13,8 @@ sorts with `queue_order`) and, for each one:
    with its explain trace, pool overlays and locks; simulate, the pure `place()`);
 4. on a dispatch, applies the budget gate (on a paid pool the reservation is the run bound,
    `Estimate.reserve_usd`, and must fit under the cap) and takes a slot: a free one
-   (`Planned.provision` false) or else one instance of the pool's provisioning headroom (true).
+   (`Planned.provision` false) or else a slot of an instance to provision from the pool's headroom
+   (true; `slots_per_instance` tasks share one instance).
 
 Later tasks of the pass see the slot taken, the budget charged and the project counted. The pass
 ends when no slot is free or provisionable anywhere, after `PassRules.max_misses` tasks in a row
@@ -52,6 +53,9 @@ class PassWorld:
     world: World
     limits: Mapping[str, int] = field(default_factory=dict)
     in_flight: dict[str, int] = field(default_factory=dict)  # project -> tasks placed/dispatched/running
+    # pool -> untaken slots of the instance this pass last provisioned (slots_per_instance > 1); the
+    # instance stays in `can_provision` until they are taken, so placement still sees the pool open.
+    booting: dict[str, int] = field(default_factory=dict)
 
     def free_anywhere(self) -> int:
         """Slots free or provisionable across every pool."""
@@ -70,15 +74,18 @@ class PassWorld:
         return pool is not None and pool.free_slots <= 0 and pool.can_provision > 0
 
     def take_slot(self, pool_name: str) -> None:
-        """A launch on `pool_name`: a free slot, or else one instance of its provisioning headroom."""
-        self._replace_pool(
-            pool_name,
-            lambda p: (
-                replace(p, free_slots=p.free_slots - 1)
-                if p.free_slots > 0
-                else replace(p, can_provision=max(0, p.can_provision - 1))
-            ),
-        )
+        """A launch on `pool_name`: a free slot, or else a slot of an instance to provision (of the
+        one provisioned last while it has untaken slots, else of a new one from the headroom)."""
+        pool = self.pool(pool_name)
+        if pool is None:
+            return
+        if pool.free_slots > 0:
+            self._replace_pool(pool_name, lambda p: replace(p, free_slots=p.free_slots - 1))
+            return
+        booting = self.booting.get(pool_name, 0) or max(1, pool.slots_per_instance)  # 0: a new instance
+        self.booting[pool_name] = booting - 1
+        if booting == 1:  # the instance's last slot: it leaves the headroom
+            self._replace_pool(pool_name, lambda p: replace(p, can_provision=max(0, p.can_provision - 1)))
 
     def give_back_slot(self, pool_name: str) -> None:
         """A launch on a free slot that did not happen: the slot is free again."""

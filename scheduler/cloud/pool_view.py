@@ -37,5 +37,6 @@ def cloud_pool_state(
         price_per_hour=price if price is not None else (config.max_price_usd_per_hour or math.inf),
         price_stale=stale,
         can_provision=provisioner.can_provision(config.name, now.timestamp()),
+        slots_per_instance=config.slots_per_instance,
         provision_s=provision_s,
     )

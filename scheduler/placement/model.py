@@ -73,6 +73,7 @@ class PoolState:
     spot: bool = False
     instance_type: str = ""
     can_provision: int = 0  # instances that could still be started
+    slots_per_instance: int = 1  # slots each of them adds (live cloud pools; world files: always 1)
     provision_s: float = 0.0  # time for a new instance to become ready
     healthy: bool = True
     price_stale: bool = False
@@ -94,7 +95,8 @@ class Budget:
         return self.monthly_cap_usd - self.spent_usd
 
 
-_POOL_FIELDS = {f for f in PoolState.__dataclass_fields__}  # type: ignore[attr-defined]
+# World files describe pools whose instances hold one task each (the simulator's model).
+_POOL_FIELDS = {f for f in PoolState.__dataclass_fields__} - {"slots_per_instance"}  # type: ignore[attr-defined]
 
 
 _POOL_QUANTITIES = {

@@ -142,6 +142,18 @@ def test_a_launch_that_deviates_is_taken_back_and_the_rest_replanned() -> None:
     assert state.pool("cloud-a") == replace(cloud, free_slots=0, can_provision=0)
 
 
+def test_instances_with_several_slots_take_that_many_tasks_each() -> None:
+    cloud = replace(CLOUD, free_slots=0, can_provision=2, slots_per_instance=3, provision_s=30.0)
+    state = PassWorld(world(100.0, replace(ONPREM, free_slots=0), cloud))
+    plan = plan_pass([Waiting(task(n), 2, float(n)) for n in range(9)], PLACE, state)
+    # Two instances to provision, three slots each: six tasks; then nothing is free anywhere.
+    assert [(p.pool, p.provision) for p in plan] == [("cloud-a", True)] * 6
+    assert all(p.decision.estimate is not None and p.decision.estimate.completion_s >= 30.0 for p in plan)
+    assert state.pool("cloud-a") == replace(cloud, can_provision=0)
+    with pytest.raises(ValueError, match="slots_per_instance"):  # the simulator's pools hold one task each
+        World.from_dict({"pools": [{"name": "c", "provider": "aws", "trust_zone": "cloud", "slots_per_instance": 2}]})
+
+
 def test_the_simulator_runs_the_same_pass_and_settles_reservations() -> None:
     workload = {
         "duration_s": 10,
@@ -158,7 +170,9 @@ def test_the_simulator_runs_the_same_pass_and_settles_reservations() -> None:
 
 
 pools = st.lists(
-    st.tuples(st.booleans(), st.integers(0, 3), st.integers(0, 2), st.sampled_from([0.0, 3.6, 36.0])),
+    st.tuples(
+        st.booleans(), st.integers(0, 3), st.integers(0, 2), st.sampled_from([0.0, 3.6, 36.0]), st.integers(1, 3)
+    ),
     min_size=1,
     max_size=4,
 )
@@ -177,7 +191,7 @@ tasks = st.lists(
 @settings(max_examples=150, deadline=None)
 @given(pools, tasks, st.floats(0, 2), st.floats(0, 1), st.integers(0, 3), st.integers(1, 20))
 def test_a_plan_never_launches_beyond_capacity_or_cap_and_never_private_work_on_cloud(
-    raw_pools: list[tuple[bool, int, int, float]],
+    raw_pools: list[tuple[bool, int, int, float, int]],
     raw_tasks: list[tuple[str, str, int, int, float]],
     cap: float,
     spent_share: float,
@@ -193,11 +207,12 @@ def test_a_plan_never_launches_beyond_capacity_or_cap_and_never_private_work_on_
             trust_zone="cloud",
             free_slots=free,
             can_provision=boot,
+            slots_per_instance=slots,
             price_per_hour=price,
             sec_per_frame=0.5,
             provision_s=30.0,
         )
-        for i, (private, free, boot, price) in enumerate(raw_pools)
+        for i, (private, free, boot, price, slots) in enumerate(raw_pools)
     )
     spent = cap * spent_share
     snapshot = World(pools=pool_states, budgets={"burst": Budget("burst", cap, spent)}, locks={"locked": "audit"})
@@ -212,10 +227,10 @@ def test_a_plan_never_launches_beyond_capacity_or_cap_and_never_private_work_on_
     by_pool = {pool.name: pool for pool in pool_states}
     for pool in pool_states:
         on_pool = [p for p in launched if p.pool == pool.name]
-        assert len(on_pool) <= pool.free_slots + pool.can_provision
-        assert sum(p.provision for p in on_pool) <= pool.can_provision
+        provisionable = pool.can_provision * pool.slots_per_instance
+        assert len(on_pool) <= pool.free_slots + provisionable
+        assert sum(p.provision for p in on_pool) <= provisionable
         assert all(not p.provision for p in on_pool[: pool.free_slots])  # free slots first
-    assert len(launched) <= sum(pool.free_slots + pool.can_provision for pool in pool_states)
     assert spent + sum(p.reserved_usd for p in launched) <= cap + 1e-9
     for p in launched:
         assert p.pool is not None

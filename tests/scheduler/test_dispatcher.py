@@ -243,3 +243,33 @@ def test_the_live_pass_applies_the_plan_simulate_makes_for_the_same_snapshot(tmp
     finally:
         dispatcher.stop()
         store.close()
+
+
+def test_a_pass_asks_for_as_many_provisioned_slots_as_the_cloud_pool_can_add(tmp_path: Path) -> None:
+    """No cloud agent yet, room for two more 4-slot instances: the pass plans eight tasks onto
+    instances to provision and hands each to the provisioning gate; the other two wait."""
+    rules = load_ruleset(BURST_RULES, "rules.yaml")
+    active = ActiveConfig(rules, budgets={"burst": Budget("burst", 100.0)}, locks={})
+    cloud = PoolState(name="cloud-a", provider="aws", trust_zone="cloud", can_provision=2, slots_per_instance=4,
+                      price_per_hour=3.6, provision_s=60.0)  # fmt: skip
+    capacity = SimpleNamespace(snapshot=lambda now: SimpleNamespace(pools=(cloud,), notes=()))
+    placer = LivePlacement(SimpleNamespace(current=lambda: active), capacity)
+    asked: list[str] = []
+    gate = SimpleNamespace(
+        admit=lambda task, decision, now: "",
+        withdraw=lambda task_id: None,
+        no_agent=lambda task, decision, now: asked.append(task.id),
+    )
+    store = TaskStore(f"sqlite:///{tmp_path}/d.db")
+    dispatcher = Dispatcher(
+        store, placer, AgentRegistry(heartbeat_timeout_s=30), DispatcherSettings(project_limits={}, warmup_s=0),
+        gate=gate,
+    )  # fmt: skip
+    ids = [submit(store, "promo", types_pb2.SENSITIVITY_PUBLIC) for _ in range(10)]
+    try:
+        assert dispatcher.dispatch_pass(time.time()) == 0
+        assert len(asked) == len(set(asked)) == 8 and set(asked) < set(ids)
+        assert all(store.get(task_id).state == "queued" for task_id in ids)
+    finally:
+        dispatcher.stop()
+        store.close()
