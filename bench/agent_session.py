@@ -28,7 +28,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.machine import cpu_seconds, machine_facts  # noqa: E402
+from bench.machine import cpu_seconds, machine_facts, percentiles  # noqa: E402
 from facefleet.agent.run_journal import RUN_ENDED_STATES  # noqa: E402
 from facefleet.config import TLSConfig  # noqa: E402
 from facefleet.grpc_server import SERVICE_NAMES, build_server  # noqa: E402
@@ -90,19 +90,28 @@ def grew(items: list[Any], past: int) -> bool:
     return len(items) > past
 
 
-def feed_session(scheduler: SessionScheduler, work: list[agent_pb2.RunTaskRequest], window: int) -> None:
-    """Assign in batches, keeping `window` outstanding, until every run has ended."""
+def feed_session(scheduler: SessionScheduler, work: list[agent_pb2.RunTaskRequest], window: int) -> list[float]:
+    """Assign in batches, keeping `window` outstanding, until every run has ended; returns each
+    task's seconds from its assignment being sent to its first update (RUNNING) arriving."""
     seen = ended = sent = 0
+    assigned_at: dict[str, float] = {}
+    answered_s: dict[str, float] = {}
     while ended < len(work):
         batch = work[sent : sent + max(0, window - (sent - ended))]
         if batch:
+            now = time.perf_counter()
+            assigned_at.update((request.task.id, now) for request in batch)
             scheduler.assign(*batch)
             sent += len(batch)
         with scheduler.received:
             scheduler.received.wait_for(partial(grew, scheduler.updates, seen), timeout=30)
             fresh, seen = scheduler.updates[seen:], len(scheduler.updates)
+        now = time.perf_counter()
+        for update in fresh:
+            answered_s.setdefault(update.task_id, now - assigned_at[update.task_id])
         ended += sum(1 for update in fresh if update.progress.state in RUN_ENDED_STATES)
     assert not scheduler.refusals, scheduler.refusals[:3]
+    return list(answered_s.values())
 
 
 def feed_runtask(stub: agent_pb2_grpc.AgentStub, work: list[agent_pb2.RunTaskRequest], window: int) -> None:
@@ -133,8 +142,9 @@ def measure(mode: str, tasks: int, slots: int, window: int, root: Path, tls: TLS
         cpu_before, started = cpu_seconds(pid), time.perf_counter()
         with Sampler(pid) as sampler:
             if mode == "session":
-                feed_session(scheduler, work, window)  # type: ignore[arg-type]
+                answered = feed_session(scheduler, work, window)  # type: ignore[arg-type]
             else:
+                answered = []
                 port = int(re.search(r"serving on (\d+)", agent.log.read_text()).group(1))  # type: ignore[union-attr]
                 channel = secure_channel(f"127.0.0.1:{port}", tls, "scheduler")
                 feed_runtask(agent_pb2_grpc.AgentStub(channel), work, window)
@@ -147,6 +157,7 @@ def measure(mode: str, tasks: int, slots: int, window: int, root: Path, tls: TLS
             "agent_threads_idle": idle_threads,
             "agent_threads_peak": sampler.peak,
             "messages_from_agent": len(getattr(scheduler, "messages", [])) or None,
+            "assignment_to_running": percentiles(answered) if answered else None,
         }
     finally:
         agent.stop()
