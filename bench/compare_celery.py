@@ -47,7 +47,7 @@ from facefleet.scheduler.store import TaskStore
 from facefleet.v1 import agent_pb2, scheduler_pb2, types_pb2
 from tests.scheduler.conftest import write_policy
 from tests.scheduler.fake_agents import HollowAgent
-from tests.scheduler.scheduler_process import SchedulerProcess
+from tests.scheduler.scheduler_process import SchedulerProcess, prefetch_env
 
 # private -> on-prem pool (trust zone private), public -> cloud pool: the rule set the tests use.
 GROUPS = (("onprem-a", "private"), ("cloud-b", "cloud"))
@@ -91,10 +91,13 @@ def run_agents(address: str, slots: int, pipe: multiprocessing.connection.Connec
         pipe.send(("starts", dict(starts)))
 
 
-def run_facefleet(tasks: int, slots: int, payload_bytes: int, clients: int) -> dict[str, Any]:
+def run_facefleet(tasks: int, slots: int, payload_bytes: int, clients: int, prefetch: int = 0) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="ff-compare-"))
     store_url = f"sqlite:///{work}/bench.db"
-    scheduler = SchedulerProcess(store_url, write_policy(work / "policy"), work / "scheduler.log").start()
+    env = prefetch_env(dict(GROUPS), prefetch)
+    scheduler = SchedulerProcess(
+        store_url, write_policy(work / "policy"), work / "scheduler.log", extra_env=env
+    ).start()
     # spawn, not fork: this process already uses grpc (waiting for the scheduler), and a forked
     # child can deadlock in grpc.server().
     spawn = multiprocessing.get_context("spawn")
@@ -190,6 +193,7 @@ def run_facefleet(tasks: int, slots: int, payload_bytes: int, clients: int) -> d
             "store": "sqlite WAL, synchronous=FULL, group commit (id returned only after fsync)",
             "placement": "real policy engine, decision trace stored per task",
             "agents": {pool: slots for pool, _zone in GROUPS},
+            "prefetch": prefetch,
             "clients": clients,
             "payload": f"{payload_bytes} bytes in a file, passed by URI, read by the agent"
             if payload_bytes
@@ -204,6 +208,9 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=4, help="facefleet slots per agent = Celery processes per group")
     parser.add_argument("--payload-kib", default="0,64", help="comma-separated payload sizes (KiB), one run each")
     parser.add_argument("--clients", type=int, default=16, help="concurrent facefleet submit clients")
+    parser.add_argument(
+        "--prefetch", type=int, default=0, help="facefleet pools' prefetch (assignments per agent beyond its slots)"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="pairs per payload (alternated); report the median ratio")
     parser.add_argument("--output", type=Path, help="also write the JSON here")
     args = parser.parse_args()
@@ -214,7 +221,7 @@ def main() -> None:
     sizes = [int(size) for size in args.payload_kib.split(",")]
     for _round in range(max(1, args.repeat)):  # rounds alternate the sides, so drift hits both
         for kib in sizes:
-            ours = run_facefleet(args.tasks, args.slots, kib * 1024, args.clients)
+            ours = run_facefleet(args.tasks, args.slots, kib * 1024, args.clients, args.prefetch)
             theirs = run_celery(args.tasks, args.slots, kib * 1024, private_share=0.5)
             ratio = ours["throughput_tasks_per_s"] / max(theirs["throughput_tasks_per_s"], 1e-9)
             runs.append({"payload_kib": kib, "facefleet": ours, "celery": theirs, "ratio": round(ratio, 2)})
@@ -224,7 +231,13 @@ def main() -> None:
     report = {
         "benchmark": "compare_celery",
         "machine": machine_facts(),
-        "settings": {"tasks": args.tasks, "slots_per_group": args.slots, "private_share": 0.5, "repeat": args.repeat},
+        "settings": {
+            "tasks": args.tasks,
+            "slots_per_group": args.slots,
+            "prefetch": args.prefetch,
+            "private_share": 0.5,
+            "repeat": args.repeat,
+        },
         "runs": runs,
         "median_ratio_by_payload_kib": median_ratio,
         "target": "facefleet/Celery throughput >= 1.0",

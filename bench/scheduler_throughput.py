@@ -33,7 +33,7 @@ from facefleet.scheduler.store import TaskStore  # noqa: E402
 from facefleet.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2  # noqa: E402
 from tests.scheduler.conftest import write_policy  # noqa: E402
 from tests.scheduler.fake_agents import HollowAgent  # noqa: E402
-from tests.scheduler.scheduler_process import SchedulerProcess  # noqa: E402
+from tests.scheduler.scheduler_process import SchedulerProcess, prefetch_env  # noqa: E402
 
 
 def run_agents(address: str, count: int, slots: int, stop: multiprocessing.synchronize.Event) -> None:
@@ -64,13 +64,17 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=4, help="0 = measure intake only")
     parser.add_argument("--slots", type=int, default=16, help="slots per hollow agent")
     parser.add_argument("--tasks", type=int, default=4000)
+    parser.add_argument("--prefetch", type=int, default=0, help="pools' prefetch: assignments beyond an agent's slots")
     parser.add_argument("--store", default="", help="store URL (default: SQLite in a temp dir)")
     parser.add_argument("--output", type=Path, help="also write the JSON here")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="facefleet-bench-"))
     store_url = args.store or f"sqlite:///{work}/bench.db"
-    scheduler = SchedulerProcess(store_url, write_policy(work / "policy"), work / "scheduler.log").start()
+    env = prefetch_env({"onprem-a": "private", "cloud-b": "cloud"}, args.prefetch)
+    scheduler = SchedulerProcess(
+        store_url, write_policy(work / "policy"), work / "scheduler.log", extra_env=env
+    ).start()
     stop = multiprocessing.Event()
     agents = multiprocessing.Process(target=run_agents, args=(scheduler.address, args.agents, args.slots, stop))
     agents.start()
@@ -136,6 +140,7 @@ def main() -> None:
             "agents": args.agents,
             "slots_per_agent": args.slots,
             "tasks": args.tasks,
+            "prefetch": args.prefetch,
             "store": "sqlite (WAL, synchronous=FULL, group commit)" if not args.store else args.store.split("://")[0],
         },
         "results": {

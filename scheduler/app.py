@@ -102,6 +102,7 @@ class SchedulerApp:
             admission=admission,
             loop=self._loop,
         )
+        self.committer.on_inserted = self.dispatcher.wake  # new work: an idle dispatcher passes now
         # Spend enforced while cloud runs go on: extend reservations or stop runs (docs/finance.md).
         self.enforcer = (
             SpendEnforcer(

@@ -274,6 +274,10 @@ class Dispatcher:
         self._workers.shutdown(wait=True, cancel_futures=True)
         self._completions.close()  # records what the streams handed over
 
+    def wake(self) -> None:
+        """Run the next pass now (new tasks were stored), instead of after the idle sleep."""
+        self._wake.set()
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:

@@ -143,6 +143,8 @@ class GroupCommitter:
         self._intake_linger_s = intake_linger_s
         self._pending: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._closed = False
+        # Called after each commit that stored new tasks (the dispatcher: a pass may start now).
+        self.on_inserted: Callable[[], None] = lambda: None
         self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
         self._thread.start()
         if attach:
@@ -234,6 +236,7 @@ class GroupCommitter:
         else:
             if inserts:
                 metrics.SUBMIT_BATCH_SIZE.observe(len(inserts))
+                self.on_inserted()
         _release(batch, outcomes)
 
     def _transaction(self, inserts: list[_Pending], ops: list[_Pending], now: float) -> dict[int, tuple[bool, Any]]:

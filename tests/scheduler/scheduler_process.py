@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,18 @@ from facefleet.security.tls import secure_channel
 from tests.fixtures.ports import free_port
 
 FACEFLEET = str(Path(sys.executable).with_name("facefleet"))
+
+
+def prefetch_env(pools: dict[str, str], prefetch: int) -> dict[str, str]:
+    """Environment that configures `pools` (name -> trust zone) with `prefetch` assignments per
+    agent beyond its slots (nothing when 0: the default)."""
+    if not prefetch:
+        return {}
+    config = [
+        {"name": name, "trust_zone": zone, "provider": "onprem" if zone == "private" else "aws", "prefetch": prefetch}
+        for name, zone in pools.items()
+    ]
+    return {"FACEFLEET_SCHEDULER__POOLS": json.dumps(config)}
 
 
 class SchedulerProcess:
