@@ -277,7 +277,8 @@ class PassPlanner(Generic[P]):
 def plan_pass(
     waiting: Iterable[Waiting], place_fn: PlaceFn[P], state: PassWorld, rules: PassRules | None = None
 ) -> list[Planned[P]]:
-    """The whole plan of one pass, applied by nobody (the simulator applies it without races)."""
+    """The whole plan of one pass as a list: the simulator's form (it applies every entry as
+    planned, having no I/O races); the dispatcher iterates `PassPlanner` to feed races back."""
     return list(PassPlanner(waiting, place_fn, state, rules or PassRules()))
 
 
