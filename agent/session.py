@@ -199,6 +199,8 @@ class SchedulerSession:
         self._opened = False
         call = self._stub().AgentSession(self._messages(outbox))
         self._call = call
+        if self._stop.is_set():  # stopped while this session was being opened
+            self._end_session()
         opened_at = 0.0
         try:
             for message in call:
