@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import context_switches, cpu_seconds, machine_facts, percentiles, system_cpu_seconds
 from facefleet.scheduler.store import TaskStore
-from facefleet.v1 import agent_pb2, scheduler_pb2, types_pb2
+from facefleet.v1 import scheduler_pb2, types_pb2
 from tests.scheduler.conftest import write_policy
 from tests.scheduler.fake_agents import HollowAgent
 from tests.scheduler.scheduler_process import SchedulerProcess, prefetch_env
@@ -55,19 +55,19 @@ ROUTING_SQL = "SELECT sensitivity, pool, count(*) FROM tasks GROUP BY sensitivit
 
 
 class TimedHollowAgent(HollowAgent):
-    """A hollow agent that notes when each task first arrives and reads its input (if a file)."""
+    """A hollow agent that notes when each task starts and reads its input (if a file)."""
 
     def __init__(self, *args: Any, starts: dict[str, float], lock: threading.Lock, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.starts = starts
         self.starts_lock = lock
 
-    def on_assignment(self, request: agent_pb2.RunTaskRequest) -> None:
-        task_id = request.task.id
-        if request.task.target_uri.startswith("file://") and "/payload/" in request.task.target_uri:
-            Path(request.task.target_uri.removeprefix("file://")).read_bytes()
+    def on_start(self, task: types_pb2.Task) -> None:
+        """A run starts (a prefetched one when a slot frees, not when it arrives)."""
+        if task.target_uri.startswith("file://") and "/payload/" in task.target_uri:
+            Path(task.target_uri.removeprefix("file://")).read_bytes()
         with self.starts_lock:
-            self.starts.setdefault(task_id, time.time())
+            self.starts.setdefault(task.id, time.time())
 
 
 def run_agents(address: str, slots: int, pipe: multiprocessing.connection.Connection) -> None:

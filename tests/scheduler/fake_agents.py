@@ -288,12 +288,11 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
             if message.updates or message.refusals or message.HasField("heartbeat"):
                 await call.write(message)
 
-    def on_assignment(self, request: agent_pb2.RunTaskRequest) -> None:
-        """Called as each assignment or RunTask arrives (benchmarks time and read inputs here)."""
+    def on_start(self, task: types_pb2.Task) -> None:
+        """Called as a run starts here (benchmarks time starts and read inputs here)."""
 
     def _assigned(self, request: agent_pb2.RunTaskRequest, session: _Session) -> None:
         """One assignment, as RunTask handles its request: start, queue, re-attach or refuse."""
-        self.on_assignment(request)
         refusal = self._refusal(request)
         if refusal is not None:
             session.refuse(request, *refusal)
@@ -329,6 +328,7 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
                 self._active += 1
                 self.executions[run.task.id] += 1
                 self.resumed_from[run.task.id] = run.resume_from
+            self.on_start(run.task)
             if run.session is not None:
                 run.session.update(run, types_pb2.Progress(task_id=run.task.id, state=types_pb2.TASK_STATE_RUNNING))
             if self.frame_s > 0:
@@ -360,7 +360,6 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
     # ---- RunTask (agents without a session) ------------------------------------------------------
 
     def RunTask(self, request: agent_pb2.RunTaskRequest, context: grpc.ServicerContext) -> Iterator[types_pb2.Progress]:
-        self.on_assignment(request)
         refusal = self._refusal(request)
         if refusal is not None:
             code = {
@@ -378,6 +377,7 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
                 self.executions[run.task.id] += 1
                 self.resumed_from[run.task.id] = request.resume_from_frame
                 self.most_held = max(self.most_held, len(self.busy_unlocked()))
+                self.on_start(run.task)
                 threading.Thread(target=self._execute, args=(run,), daemon=True).start()
         yield from self._follow(run, context)
 
