@@ -35,6 +35,7 @@ from facefleet.scheduler.ledger import SpendLedger
 from facefleet.scheduler.placement.model import World
 from facefleet.scheduler.placement.world import compose_world
 from facefleet.scheduler.rules_source.files import read_policy_dir
+from facefleet.scheduler.run_estimates import samples_before
 from facefleet.scheduler.simulate import simulate
 from facefleet.scheduler.store import TaskStore
 from facefleet.v1 import admin_pb2, admin_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
@@ -127,13 +128,23 @@ def record_live(directory: Path, cap: float, plan: list[tuple[float, types_pb2.T
         # A millisecond early: a datetime rounds to microseconds and must not cut off the first task.
         since = datetime.fromtimestamp(min(r.submitted_at for r in records.values()) - 0.001, UTC)
         until = datetime.now(UTC) + timedelta(seconds=1)
-        workload = history_workload(ledger, since, until, historic_tasks(store, since, until), {"cloud-spot"})
+        workload = history_workload(
+            ledger,
+            since,
+            until,
+            historic_tasks(store, since, until),
+            {"cloud-spot"},
+            sec_per_frame={"cloud-spot": CLOUD_FRAME_S},
+            run_time_samples=samples_before(sa.create_engine(store_url), since.timestamp()),
+        )  # as `facefleet budget history` does with the scheduler's config
         rows = ledger.records(since - timedelta(minutes=1))
     finally:
         store.close()
     stopped = sum(1 for r in rows if r["outcome"] != "completed")
     return {
         "pools": {task_id: record.pool for task_id, record in records.items()},
+        "reserved_usd": {str(r["task_id"]): float(r["estimate_usd"] or 0.0) for r in rows},
+        "billed_s": {str(r["task_id"]): float(r["instance_seconds"]) for r in rows},
         "spend_usd": sum(float(r["usd"]) for r in rows),
         "cloud_runs": len(rows),
         "budget_stops": stopped,
@@ -156,6 +167,28 @@ def replay(policy_dir: Path, cap: float, workload: dict[str, Any]) -> Any:
         }
     )  # fmt: skip
     return simulate(ruleset, compose_world(world, budgets, locks), workload)
+
+
+def compare_reservations(live: dict[str, Any], sim: Any) -> dict[str, Any]:
+    """Per task on the cloud pool in both runs: the budget gate's reservation live (the ledger row's
+    estimate) and simulated; equal reservations mean both sides saw the same learned estimate."""
+    both = sorted(set(live["reserved_usd"]) & set(sim.reserved_usd))
+    diffs = [sim.reserved_usd[t] - live["reserved_usd"][t] for t in both]
+    return {
+        "tasks": len(both),
+        "equal_within_1e-6": sum(1 for d in diffs if abs(d) <= 1e-6),
+        "within_1pct": sum(1 for t, d in zip(both, diffs, strict=True) if abs(d) <= 0.01 * live["reserved_usd"][t]),
+        "mean_abs_diff_usd": round(sum(map(abs, diffs)) / len(diffs), 6) if diffs else 0.0,
+        "per_task": [
+            {
+                "id": t,
+                "live_usd": round(live["reserved_usd"][t], 6),
+                "sim_usd": round(sim.reserved_usd[t], 6),
+                "live_billed_s": round(live["billed_s"][t], 3),
+            }
+            for t in both
+        ],
+    }
 
 
 def main() -> None:
@@ -211,6 +244,7 @@ def main() -> None:
             if sim.assignments.get(a["id"]) != live_pools[a["id"]]
         ],
     }
+    result["reservations"] = compare_reservations(live, sim)
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:
@@ -218,7 +252,9 @@ def main() -> None:
     print(
         f"replay accuracy: same pool {result['same_pool_pct']}% of {len(live_pools)} tasks, spend "
         f"${result['simulated']['spend_usd']:.4f} simulated vs ${result['live']['spend_usd']:.4f} live "
-        f"({result['spend_error_pct']:+.2f}%), {live['budget_stops']} budget stops live",
+        f"({result['spend_error_pct']:+.2f}%), {live['budget_stops']} budget stops live; reservations equal "
+        f"within 1% for {result['reservations']['within_1pct']} of {result['reservations']['tasks']} cloud tasks "
+        f"(mean |sim - live| ${result['reservations']['mean_abs_diff_usd']:.6f})",
         file=sys.stderr,
     )
 

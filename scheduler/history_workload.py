@@ -4,11 +4,18 @@ Arrivals come from the task store (every task, on-prem and cloud: a sweep must s
 load); price traces come from the spend ledger (the price each cloud pool actually charged, in
 time order). Times are seconds since `since`. Feed the result to `scheduler.simulate.simulate` or
 write it as YAML for `facefleet simulate --workload ... --sweep max_spot_price_per_hour=...`.
+
+So that a replay reserves and bills what the live scheduler did, the workload also carries, per
+paid pool, the run turnaround the ledger shows (`run_turnaround_s`: the median over completed runs
+of billed seconds - frames x the pool's sec_per_frame: dispatch and report latency, billed from the
+reservation on) and the learned run-time samples recorded before the window (`run_time_samples`,
+scheduler.run_estimates), from which the simulator's estimates start.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator
+import statistics
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -66,10 +73,15 @@ def history_workload(
     until: datetime,
     tasks: Iterable[HistoricTask] = (),
     known_pools: Collection[str] | None = None,
+    sec_per_frame: Mapping[str, float] | None = None,
+    run_time_samples: Mapping[str, list[float]] | None = None,
 ) -> dict[str, Any]:
-    """A workload mapping in `scheduler.simulate`'s format (duration_s, tasks, price_traces)."""
+    """A workload mapping in `scheduler.simulate`'s format (duration_s, tasks, price_traces, and
+    run_turnaround_s for the pools whose `sec_per_frame` is given, run_time_samples as passed)."""
     if until <= since:
         raise ValueError(f"history window is empty: since {since.isoformat()} is not before until {until.isoformat()}")
+    tasks = list(tasks)
+    frames = {t.id: t.frames for t in tasks}
     arrivals = [
         {
             "at": round((t.submitted_at - since).total_seconds(), 3),
@@ -85,10 +97,15 @@ def history_workload(
     ]
     arrivals.sort(key=lambda a: (a["at"], a["id"]))
     traces: dict[str, list[list[float]]] = {}
+    turnarounds: dict[str, list[float]] = {}
     for row in ledger.records(since, until):
         pool = str(row["pool"])
         if known_pools is not None and pool not in known_pools:
             continue
+        frame_s = (sec_per_frame or {}).get(pool)
+        if frame_s is not None and row["outcome"] == "completed" and row["task_id"] in frames:
+            billed = float(row["instance_seconds"]) - frames[row["task_id"]] * frame_s
+            turnarounds.setdefault(pool, []).append(max(0.0, billed))
         started = row["ended_at"] - since
         at = max(0.0, round(started.total_seconds() - float(row["instance_seconds"]), 3))
         trace = traces.setdefault(pool, [])
@@ -102,4 +119,6 @@ def history_workload(
         "seed": 0,
         "tasks": arrivals,
         "price_traces": dict(sorted(traces.items())),
+        "run_turnaround_s": {pool: round(statistics.median(s), 3) for pool, s in sorted(turnarounds.items())},
+        "run_time_samples": {pool: list(samples) for pool, samples in sorted((run_time_samples or {}).items())},
     }

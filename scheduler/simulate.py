@@ -5,11 +5,17 @@ Every scheduling pass is `scheduler.pass_planner.plan_pass`, the planner the liv
 gate's reservations, slot accounting; the same `PassRules`), over world snapshots built from the
 simulator's own state (free slots, in-flight work, provisioned instances, spend, spot price traces),
 placing with the pure `place()`. The plan is applied as planned: the simulator has none of the live
-side's I/O races (an agent slot gone, the ledger refusing). What it does not model: dispatch
-latency, run times other than `sec_per_frame`, spend enforcement stops and failures; passes run at
-events (arrivals, finishes, price changes), live ones continuously. bench/replay_accuracy.py
-measures how close a replay of a live run comes (docs/finance.md). Deterministic for a given
-workload seed.
+side's I/O races (an agent slot gone, the ledger refusing). Like live, a paid pool's estimates (and
+so its run bound and reservations) use `max(configured, learned)` seconds per frame, learned by
+`scheduler.run_estimates.LearnedRunTimes` from the simulated completions in order (seeded from the
+workload's `run_time_samples`), and a run holds its slot and is billed from its reservation to its
+end: frames x sec_per_frame + the pool's `run_turnaround_s` (dispatch and report latency, which
+`facefleet budget history` derives from the ledger). Every `spend_step_s` the open paid runs'
+reservations grow as the live spend enforcer grows them (scheduler.spend_enforcement: keep the
+run's limit ahead of it, under the cap). What it does not model: run times that vary, spend
+enforcement stops and failures; passes run at events (arrivals, finishes, price changes),
+live ones continuously. bench/replay_accuracy.py measures how close a replay of a live run comes
+(docs/finance.md). Deterministic for a given workload seed.
 
 Workload YAML:
     duration_s: 3600          # arrivals stop here; the run continues until the queue drains
@@ -21,6 +27,8 @@ Workload YAML:
       - {at: 10, project: med, sensitivity: private, priority: high, frames: 100}
     price_traces: {aws-use1-g5: [[0, 0.42], [1200, 1.10]]}
     project_limits: {"*": 8}  # optional: tasks of a project in flight at once, as [scheduler] project_limits
+    run_turnaround_s: {aws-use1-g5: 0.4}    # optional: seconds a run holds its slot and bills beyond its frames
+    run_time_samples: {aws-use1-g5: [0.61]} # optional: billed s/frame of earlier runs (the learned estimate's start)
 """
 
 from __future__ import annotations
@@ -36,6 +44,7 @@ from typing import Any
 
 from facefleet.domain import PRIORITIES, PRIVATE_ZONE, residency_allows
 from facefleet.money import SECONDS, SWEEP_POINTS_MAX, USD, USD_PER_HOUR, AmountError, Quantity
+from facefleet.scheduler.cloud.budget_gate import raised_limit_s
 from facefleet.scheduler.pass_planner import (
     Action,
     PassRules,
@@ -50,6 +59,8 @@ from facefleet.scheduler.pass_planner import (
 from facefleet.scheduler.placement.model import Budget, PoolState, RuleSet, TaskSpec, World
 from facefleet.scheduler.placement.policy import RuleIndex
 from facefleet.scheduler.queue import DEFAULT_AGING_S
+from facefleet.scheduler.run_estimates import LearnedRunTimes, billed_sec_per_frame
+from facefleet.scheduler.spend_enforcement import extension_tries_usd, limit_shortfall_usd, run_ahead_s
 
 SWEPT = {"max_spot_price_per_hour": USD_PER_HOUR, "monthly_cap_usd": USD, "onprem_queue_wait_s_gt": SECONDS}
 SWEEPABLE = tuple(SWEPT)
@@ -92,6 +103,7 @@ class SimReport:
     completion_p95_s: float = 0.0
     end_time_s: float = 0.0
     assignments: dict[str, str] = field(default_factory=dict)  # task id -> pool it was dispatched to
+    reserved_usd: dict[str, float] = field(default_factory=dict)  # task id -> the budget gate's reservation
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -179,6 +191,51 @@ def _price_points(pool: str, trace: Any) -> list[tuple[float, float]]:
     return points
 
 
+def _per_pool(workload: Mapping[str, Any], key: str, pools: Mapping[str, Any]) -> dict[str, Any]:
+    raw = workload.get(key) or {}
+    if not isinstance(raw, Mapping):
+        raise WorkloadError(f"workload.{key}: expected a mapping of pool name to values")
+    unknown = sorted(set(map(str, raw)) - set(pools))
+    if unknown:
+        raise WorkloadError(f"workload.{key}: no pool named {unknown[0]!r} in the world")
+    return {str(name): value for name, value in raw.items()}
+
+
+def _turnarounds(workload: Mapping[str, Any], pools: Mapping[str, Any]) -> dict[str, float]:
+    raw = _per_pool(workload, "run_turnaround_s", pools)
+    return {name: _checked(SECONDS, value, f"workload.run_turnaround_s.{name}") for name, value in raw.items()}
+
+
+def _learned_run_times(workload: Mapping[str, Any], pools: Mapping[str, Any]) -> LearnedRunTimes:
+    learned = LearnedRunTimes()
+    for name, samples in _per_pool(workload, "run_time_samples", pools).items():
+        where = f"workload.run_time_samples.{name}"
+        if not isinstance(samples, list):
+            raise WorkloadError(f"{where}: expected a list of billed seconds per frame")
+        for i, sample in enumerate(samples):
+            learned.add(name, _checked(SECONDS, sample, f"{where}[{i}]"))
+    return learned
+
+
+@dataclass
+class _PaidRun:
+    """A run on a paid pool from its reservation to its end (the live budget gate's attempt)."""
+
+    budget: str
+    pool: str
+    frames: int
+    sec_per_frame: float
+    price: float
+    admitted_at: float
+    billed_s: float
+    reserved_usd: float
+    max_run_s: float
+
+    @property
+    def cost_usd(self) -> float:
+        return self.price * self.billed_s / 3600.0
+
+
 @dataclass
 class _PoolSim:
     base: PoolState
@@ -197,8 +254,12 @@ def simulate(
     clock: SimClock | None = None,
     aging_s: float = DEFAULT_AGING_S,
     rules: PassRules | None = None,
+    spend_step_s: float | None = 0.5,
+    limit_lead_s: float = 2.0,
 ) -> SimReport:
-    """Replay `workload`: every pass is `scheduler.pass_planner.plan_pass`, as in the live dispatcher."""
+    """Replay `workload`: every pass is `scheduler.pass_planner.plan_pass`, as in the live dispatcher.
+    `spend_step_s` / `limit_lead_s`: the live spend enforcer's step (`[cloud] spend_accrual_s`) and
+    lead (the agents' heartbeat interval); None: spend enforcement off (`[cloud] spend_enforcement`)."""
     clock = clock or SimClock()
     arrivals = generate_arrivals(workload)
     pools = {p.name: _PoolSim(p, p.price_per_hour) for p in world.pools}
@@ -218,8 +279,10 @@ def simulate(
     per_pool: Counter[str] = Counter()
     spend_by_budget: defaultdict[str, float] = defaultdict(float)
     running_by_project: Counter[str] = Counter()
-    settle: dict[str, tuple[str, float, float]] = {}  # task id -> (budget, reserved, cost) until it finishes
+    paid: dict[str, _PaidRun] = {}  # task id -> its open paid run, until it finishes
     limits = _project_limits(workload.get("project_limits") or {})
+    turnaround = _turnarounds(workload, pools)
+    learned = _learned_run_times(workload, pools)
     horizon = float(workload.get("duration_s", 3600)) * DRAIN_FACTOR
 
     def snapshot() -> World:
@@ -238,7 +301,28 @@ def simulate(
                 )
             )
         budgets = {n: replace(b, spent_usd=spent[n]) for n, b in world.budgets.items()}
-        return World(tuple(snaps), budgets, world.locks, world.notes)
+        return World(learned.overlay(tuple(snaps)), budgets, world.locks, world.notes)
+
+    ticking: list[float] = []  # non-empty while enforcement ticks are scheduled
+
+    def grow_reservations(step_s: float) -> None:
+        """One live enforcement step: keep each open paid run's limit ahead of it, under the cap."""
+        for run in paid.values():
+            elapsed = clock.now - run.admitted_at
+            if elapsed >= run.billed_s:
+                continue  # ends at this instant
+            progress = (min(run.frames, math.floor(elapsed / run.sec_per_frame)), run.frames)
+            ahead = run_ahead_s(step_s, elapsed, progress)
+            short = limit_shortfall_usd(run.max_run_s, run.price, elapsed, ahead, limit_lead_s)
+            if short <= 0 or run.max_run_s <= 0:
+                continue
+            cap = world.budgets[run.budget].monthly_cap_usd
+            for usd in extension_tries_usd(short, step_s, run.price):
+                if spent[run.budget] + usd <= cap:
+                    spent[run.budget] += usd
+                    run.reserved_usd += usd
+                    run.max_run_s = raised_limit_s(run.max_run_s, usd, run.price)
+                    break
 
     def schedule() -> None:
         if not queue:
@@ -262,21 +346,30 @@ def simulate(
             report.assignments[task.id] = decision.pool
             if not residency_allows(sim.base.trust_zone, task.sensitivity, task.project in world.locks):
                 report.residency_violations += 1
-            run = task.frames * sim.base.sec_per_frame
+            # Reserved now, billed (like the live budget gate) from now to the run's end.
+            billed_s = task.frames * sim.base.sec_per_frame + turnaround.get(decision.pool, 0.0)
+            frame_s = sim.base.sec_per_frame
             provisioned = planned.provision
             if provisioned:  # starts when its instance is up
                 sim.provisioned += 1
-                run += sim.base.provision_s
-                end = clock.now + run
+                billed_s += sim.base.provision_s
+                end = clock.now + billed_s
             else:
-                end = clock.now + run
+                end = clock.now + billed_s
                 heapq.heappush(sim.running_ends, end)
-            cost = sim.price * run / 3600.0
+            cost = sim.price * billed_s / 3600.0
             heapq.heappush(events, (end, next(seq), "finish", (decision.pool, arrival, provisioned)))
             if decision.budget and cost > 0:  # reserved now (the budget gate), settled at the finish
                 spent[decision.budget] = spent.get(decision.budget, 0.0) + planned.reserved_usd
-                settle[task.id] = (decision.budget, planned.reserved_usd, cost)
+                paid[task.id] = _PaidRun(
+                    decision.budget, decision.pool, task.frames, frame_s, sim.price, clock.now, billed_s,
+                    planned.reserved_usd, decision.estimate.max_run_s,
+                )  # fmt: skip
+                report.reserved_usd[task.id] = planned.reserved_usd
                 spend_by_budget[decision.budget] += cost
+                if spend_step_s is not None and not ticking:
+                    ticking.append(clock.now)
+                    heapq.heappush(events, (clock.now + spend_step_s, next(seq), "tick", None))
             if sim.base.trust_zone != PRIVATE_ZONE:
                 report.cloud_cost_usd += cost
             per_pool[decision.pool] += 1
@@ -301,13 +394,24 @@ def simulate(
             else:
                 heapq.heappop(sim.running_ends)
             running_by_project[arrival.task.project] -= 1
-            if arrival.task.id in settle:
-                budget, reserved, cost = settle.pop(arrival.task.id)
-                spent[budget] += cost - reserved
+            run = paid.pop(arrival.task.id, None)
+            if run is not None:  # settled; a completed paid run teaches the estimate, as live
+                spent[run.budget] += run.cost_usd - run.reserved_usd
+                report.reserved_usd[arrival.task.id] = run.reserved_usd
+                sample = billed_sec_per_frame(run.billed_s, run.frames)
+                if sample is not None:
+                    learned.add(name, sample)
             took = clock.now - arrival.at
             completions.append(took)
             if arrival.task.sla_seconds and took > arrival.task.sla_seconds:
                 report.sla_misses += 1
+        elif kind == "tick":
+            assert spend_step_s is not None
+            grow_reservations(spend_step_s)
+            if paid:
+                heapq.heappush(events, (t + spend_step_s, next(seq), "tick", None))
+            else:
+                ticking.clear()
         if events and events[0][0] == t:
             continue  # process every event at this instant before placing
         schedule()

@@ -47,6 +47,29 @@ AuditHook = Callable[[str, dict[str, Any]], None]
 ProgressOf = Callable[[str], tuple[int, int] | None]  # task id -> (frames done, frames total) of its run
 
 
+def run_ahead_s(step_s: float, elapsed_s: float, progress: tuple[int, int] | None) -> float:
+    """Seconds of run the reservation must cover beyond now: two steps, or the remaining frames at
+    the pace so far when the agent has reported progress (frames done, total) and that is less."""
+    ahead = 2 * step_s
+    if progress is not None:
+        done, total = progress
+        if 0 < done <= total:
+            ahead = min(ahead, elapsed_s * (total - done) / done)
+    return ahead
+
+
+def limit_shortfall_usd(
+    max_run_s: float, usd_per_hour: float, elapsed_s: float, ahead_s: float, lead_s: float
+) -> float:
+    """What a run's limit lacks to stay ahead of the run by `ahead_s` + `lead_s`, in dollars (> 0: extend)."""
+    return (elapsed_s + ahead_s + lead_s - max_run_s) * usd_per_hour / 3600.0
+
+
+def extension_tries_usd(short_usd: float, step_s: float, usd_per_hour: float) -> tuple[float, float]:
+    """The extensions to try in turn: a few steps at once (fewer ledger transactions), else what is short."""
+    return max(short_usd, 4 * step_s * usd_per_hour / 3600.0), short_usd
+
+
 class SpendEnforcer:
     def __init__(
         self,
@@ -98,15 +121,17 @@ class SpendEnforcer:
                 continue
             rate = attempt.usd_per_hour / 3600.0
             elapsed = now - attempt.admitted_at  # >= the agent's own clock, which starts after this
-            ahead = self._ahead_s(task_id, elapsed)
+            ahead = run_ahead_s(self.step_s, elapsed, self._progress_of(task_id))
             if attempt.max_run_s > 0:  # the limit must stay ahead, and a raise must reach the agent first
-                short = (elapsed + ahead + self.limit_lead_s - attempt.max_run_s) * rate
+                short = limit_shortfall_usd(attempt.max_run_s, attempt.usd_per_hour, elapsed, ahead, self.limit_lead_s)
             else:
                 short = attempt.accrued_usd(now) + ahead * rate - attempt.reservation.estimate_usd
             if short <= 0:
                 continue
-            # Grow by a few steps at once (fewer ledger transactions for a long run), else by what is short.
-            if self.budgets.extend(task_id, max(short, 4 * self.step_s * rate)) or self.budgets.extend(task_id, short):
+            if any(
+                self.budgets.extend(task_id, usd)
+                for usd in extension_tries_usd(short, self.step_s, attempt.usd_per_hour)
+            ):
                 grown = self.budgets.open_attempts().get(task_id)
                 if grown is not None and grown.max_run_s > 0:
                     self._raise_limit(task_id, grown.attempt, grown.max_run_s)
@@ -143,14 +168,3 @@ class SpendEnforcer:
                     },
                 )
         return stopped
-
-    def _ahead_s(self, task_id: str, elapsed_s: float) -> float:
-        """Seconds of run the reservation must cover beyond now: two steps, or the remaining frames
-        at the pace so far when the agent has reported progress and that is less."""
-        ahead = 2 * self.step_s
-        progress = self._progress_of(task_id)
-        if progress is not None:
-            done, total = progress
-            if 0 < done <= total:
-                ahead = min(ahead, elapsed_s * (total - done) / done)
-        return ahead

@@ -250,9 +250,11 @@ def register(app: typer.Typer) -> None:
         config: Path | None = CONFIG_OPTION,
     ) -> None:
         """Turn recorded tasks and prices into a workload for `facefleet simulate --workload`."""
+        import sqlalchemy as sa
         import yaml
 
         from facefleet.scheduler.history_workload import historic_tasks, history_workload
+        from facefleet.scheduler.run_estimates import samples_before
         from facefleet.scheduler.store import TaskStore
 
         now = datetime.now(UTC)
@@ -261,10 +263,14 @@ def register(app: typer.Typer) -> None:
         except ValueError as error:
             fail(str(error))
         ledger = _ledger(store, config)
-        url = store or _settings(config).scheduler.store_url
+        settings = _settings(config)
+        url = store or settings.scheduler.store_url
+        frame_s = {pool.name: pool.sec_per_frame for pool in settings.scheduler.pools}
         task_store = TaskStore(url)
         try:
-            workload = history_workload(ledger, start, now, historic_tasks(task_store, start, now))
+            samples = samples_before(sa.create_engine(url), start.timestamp())
+            tasks = historic_tasks(task_store, start, now)
+            workload = history_workload(ledger, start, now, tasks, sec_per_frame=frame_s, run_time_samples=samples)
         finally:
             task_store.close()
         output.write_text(yaml.safe_dump(workload, sort_keys=False))

@@ -58,6 +58,12 @@ class Attempt:
         return max(0.0, now - self.admitted_at) * self.usd_per_hour / 3600.0
 
 
+def raised_limit_s(max_run_s: float, add_usd: float, usd_per_hour: float) -> float:
+    """A run's limit after its reservation grew by `add_usd`: raised by the seconds those dollars buy
+    (0 stays 0: a run without a limit)."""
+    return max_run_s + add_usd * 3600.0 / usd_per_hour if max_run_s > 0 else 0.0
+
+
 def utc(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, UTC)
 
@@ -170,7 +176,7 @@ class BudgetGate:
         with self._lock:
             current = self._attempts.get(task_id)
             if current is not None and current.reservation.id == grown.id:
-                raised = current.max_run_s + add_usd * 3600.0 / current.usd_per_hour if current.max_run_s > 0 else 0.0
+                raised = raised_limit_s(current.max_run_s, add_usd, current.usd_per_hour)
                 self._attempts[task_id] = replace(current, reservation=grown, max_run_s=raised)
         return True
 
