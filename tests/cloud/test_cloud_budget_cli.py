@@ -203,3 +203,36 @@ def test_history_cli_writes_a_workload(tmp_path: Path) -> None:
 def test_historic_task_defaults() -> None:
     t = HistoricTask("x", datetime.now(UTC), "p", "public", "normal")
     assert t.frames == 1 and t.sla_seconds == 0.0
+
+
+def test_history_carries_the_ledgers_run_turnaround_and_earlier_run_time_samples(tmp_path: Path) -> None:
+    """`budget history`: per paid pool, the median of billed seconds - frames x the configured
+    sec_per_frame over completed runs, and the learned samples recorded before the window."""
+    from facefleet.scheduler.run_estimates import RunTimeBook
+
+    url = f"sqlite:///{tmp_path / 'h.db'}"
+    now = datetime.now(UTC)
+    RunTimeBook(sa.create_engine(url), clock=lambda: now.timestamp() - 7200).record("aws-gpu", 5.0, 2)  # before
+    RunTimeBook(sa.create_engine(url), clock=lambda: now.timestamp() - 60).record("aws-gpu", 9.0, 1)  # inside
+    store = TaskStore(url)
+    frames = [4, 2, 6, 3]
+    for i, n in enumerate(frames):
+        store.insert_batch([NewTask(types_pb2.Task(project="p", frames=n), f"k{i}")], now.timestamp() - 600 + i)
+    ids = [record.id for record in store.list_tasks(limit=10)[0]]
+    store.close()
+    by_frames = dict(zip(frames, ids, strict=True))
+    ledger = SpendLedger(sa.create_engine(url))
+    # sec_per_frame 0.5: turnarounds 0.3, 0.1, 0.7 (completed) and a preempted run that says nothing.
+    runs = ((4, 2.3, "completed"), (2, 1.1, "completed"), (6, 3.7, "completed"), (3, 9.0, "preempted"))
+    for n, billed, outcome in runs:
+        ended = now - timedelta(seconds=300)
+        ledger.record(Usage(by_frames[n], "p", "burst", "aws-gpu", "m", "aws", "i-1", billed, 3.6, ended, outcome))
+    config = tmp_path / "facefleet.toml"
+    config.write_text('[[scheduler.pools]]\nname = "aws-gpu"\nprovider = "aws"\nsec_per_frame = 0.5\n')
+    out = tmp_path / "workload.yaml"
+    result = runner.invoke(app, ["budget", "history", "--since", "1h", "--store", url, "--config", str(config),
+                                 "-o", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    workload: dict[str, Any] = yaml.safe_load(out.read_text())
+    assert workload["run_turnaround_s"] == {"aws-gpu": pytest.approx(0.3)}
+    assert workload["run_time_samples"] == {"aws-gpu": [2.5]}
