@@ -30,7 +30,8 @@ import sqlalchemy as sa
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.machine import machine_facts
-from facefleet.scheduler.history_workload import historic_tasks, history_workload
+from facefleet.domain import DISPATCHED
+from facefleet.scheduler.history_workload import completed_runs, historic_tasks, history_workload
 from facefleet.scheduler.ledger import SpendLedger
 from facefleet.scheduler.placement.model import World
 from facefleet.scheduler.placement.world import compose_world
@@ -125,6 +126,10 @@ def record_live(directory: Path, cap: float, plan: list[tuple[float, types_pb2.T
     ledger = SpendLedger(sa.create_engine(store_url))
     try:
         records = {task_id: store.get(task_id) for task_id in ids}
+        dispatched = {
+            task_id: min((t.at for t in store.transitions_of(task_id) if t.to_state == DISPATCHED), default=0.0)
+            for task_id in ids
+        }
         # A millisecond early: a datetime rounds to microseconds and must not cut off the first task.
         since = datetime.fromtimestamp(min(r.submitted_at for r in records.values()) - 0.001, UTC)
         until = datetime.now(UTC) + timedelta(seconds=1)
@@ -134,8 +139,9 @@ def record_live(directory: Path, cap: float, plan: list[tuple[float, types_pb2.T
             until,
             historic_tasks(store, since, until),
             {"cloud-spot"},
-            sec_per_frame={"cloud-spot": CLOUD_FRAME_S},
+            sec_per_frame={"cloud-spot": CLOUD_FRAME_S, "onprem-a": ONPREM_FRAME_S},
             run_time_samples=samples_before(sa.create_engine(store_url), since.timestamp()),
+            runs=completed_runs(sa.create_engine(store_url), since, until),
         )  # as `facefleet budget history` does with the scheduler's config
         rows = ledger.records(since - timedelta(minutes=1))
     finally:
@@ -143,6 +149,7 @@ def record_live(directory: Path, cap: float, plan: list[tuple[float, types_pb2.T
     stopped = sum(1 for r in rows if r["outcome"] != "completed")
     return {
         "pools": {task_id: record.pool for task_id, record in records.items()},
+        "dispatched_at": {task_id: round(at - since.timestamp(), 3) for task_id, at in dispatched.items()},
         "reserved_usd": {str(r["task_id"]): float(r["estimate_usd"] or 0.0) for r in rows},
         "billed_s": {str(r["task_id"]): float(r["instance_seconds"]) for r in rows},
         "spend_usd": sum(float(r["usd"]) for r in rows),
@@ -239,12 +246,19 @@ def main() -> None:
                 **{k: a[k] for k in ("id", "at", "priority", "sensitivity", "frames")},
                 "live": live_pools[a["id"]],
                 "simulated": sim.assignments.get(a["id"], "-"),
+                "live_dispatched_at": live["dispatched_at"][a["id"]],
+                "sim_dispatched_at": round(sim.dispatched_at.get(a["id"], -1.0), 3),
             }
             for a in live["workload"]["tasks"]
             if sim.assignments.get(a["id"]) != live_pools[a["id"]]
         ],
     }
     result["reservations"] = compare_reservations(live, sim)
+    result["timeline"] = {  # task id -> [live pool, live dispatched at, simulated pool, simulated dispatched at]
+        task_id: [pool, live["dispatched_at"][task_id], sim.assignments.get(task_id, "-"),
+                  round(sim.dispatched_at.get(task_id, -1.0), 3)]
+        for task_id, pool in live_pools.items()
+    }  # fmt: skip
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:

@@ -6,9 +6,10 @@ time order). Times are seconds since `since`. Feed the result to `scheduler.simu
 write it as YAML for `facefleet simulate --workload ... --sweep max_spot_price_per_hour=...`.
 
 So that a replay reserves and bills what the live scheduler did, the workload also carries, per
-paid pool, the run turnaround the ledger shows (`run_turnaround_s`: the median over completed runs
-of billed seconds - frames x the pool's sec_per_frame: dispatch and report latency, billed from the
-reservation on) and the learned run-time samples recorded before the window (`run_time_samples`,
+pool, the run turnaround the history shows (`run_turnaround_s`: the median over completed runs of
+their time - frames x the pool's sec_per_frame: dispatch and report latency; on a paid pool the
+ledger's billed seconds, from the reservation on, on a free pool the store's dispatched -> succeeded
+transitions, `completed_runs`) and the learned run-time samples recorded before the window (`run_time_samples`,
 scheduler.run_estimates), from which the simulator's estimates start.
 """
 
@@ -20,8 +21,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from facefleet.domain import DEFAULT_PRIORITY, priority_from_proto, sensitivity_from_proto
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from facefleet.domain import DEFAULT_PRIORITY, DISPATCHED, SUCCEEDED, priority_from_proto, sensitivity_from_proto
 from facefleet.scheduler.ledger import SpendLedger
+from facefleet.scheduler.store import transitions
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,26 @@ def historic_tasks(store: TaskPages, since: datetime, until: datetime | None = N
             return
 
 
+def completed_runs(engine: Engine, since: datetime, until: datetime) -> dict[str, tuple[str, float]]:
+    """Task id -> (pool, seconds from its last dispatch to its success) for runs that succeeded in the window."""
+    query = (
+        sa.select(transitions.c.task_id, transitions.c.to_state, transitions.c.at, transitions.c.pool)
+        .where(transitions.c.to_state.in_((DISPATCHED, SUCCEEDED)), transitions.c.at >= since.timestamp())
+        .where(transitions.c.at < until.timestamp())
+        .order_by(transitions.c.seq)
+    )
+    dispatched: dict[str, tuple[str, float]] = {}
+    runs: dict[str, tuple[str, float]] = {}
+    with engine.connect() as conn:
+        for row in conn.execute(query):
+            if row.to_state == DISPATCHED:
+                dispatched[row.task_id] = (row.pool, row.at)
+            elif row.task_id in dispatched:
+                pool, at = dispatched[row.task_id]
+                runs[row.task_id] = (pool, row.at - at)
+    return runs
+
+
 def history_workload(
     ledger: SpendLedger,
     since: datetime,
@@ -75,9 +100,11 @@ def history_workload(
     known_pools: Collection[str] | None = None,
     sec_per_frame: Mapping[str, float] | None = None,
     run_time_samples: Mapping[str, list[float]] | None = None,
+    runs: Mapping[str, tuple[str, float]] | None = None,
 ) -> dict[str, Any]:
     """A workload mapping in `scheduler.simulate`'s format (duration_s, tasks, price_traces, and
-    run_turnaround_s for the pools whose `sec_per_frame` is given, run_time_samples as passed)."""
+    run_turnaround_s for the pools whose `sec_per_frame` is given: from the ledger for paid pools, else
+    from `runs` (`completed_runs`); run_time_samples as passed)."""
     if until <= since:
         raise ValueError(f"history window is empty: since {since.isoformat()} is not before until {until.isoformat()}")
     tasks = list(tasks)
@@ -98,6 +125,7 @@ def history_workload(
     arrivals.sort(key=lambda a: (a["at"], a["id"]))
     traces: dict[str, list[list[float]]] = {}
     turnarounds: dict[str, list[float]] = {}
+    free_turnarounds: dict[str, list[float]] = {}
     for row in ledger.records(since, until):
         pool = str(row["pool"])
         if known_pools is not None and pool not in known_pools:
@@ -110,6 +138,11 @@ def history_workload(
         at = max(0.0, round(started.total_seconds() - float(row["instance_seconds"]), 3))
         trace = traces.setdefault(pool, [])
         trace.append([at, float(row["usd_per_hour"])])
+    for task_id, (pool, ran_s) in (runs or {}).items():  # free pools: the ledger has no rows of theirs
+        frame_s = (sec_per_frame or {}).get(pool)
+        if frame_s is not None and task_id in frames and pool not in turnarounds and pool not in traces:
+            free_turnarounds.setdefault(pool, []).append(max(0.0, ran_s - frames[task_id] * frame_s))
+    turnarounds.update(free_turnarounds)
     for pool, trace in traces.items():
         trace.sort()
         deduplicated = [point for i, point in enumerate(trace) if i == 0 or point[1] != trace[i - 1][1]]

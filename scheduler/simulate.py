@@ -45,6 +45,7 @@ from typing import Any
 from facefleet.domain import PRIORITIES, PRIVATE_ZONE, residency_allows
 from facefleet.money import SECONDS, SWEEP_POINTS_MAX, USD, USD_PER_HOUR, AmountError, Quantity
 from facefleet.scheduler.cloud.budget_gate import raised_limit_s
+from facefleet.scheduler.dispatcher import DispatcherSettings
 from facefleet.scheduler.pass_planner import (
     Action,
     PassRules,
@@ -68,6 +69,10 @@ ARRIVALS_PER_HOUR = Quantity("tasks/h", 1e6)
 MAX_ARRIVALS = 1_000_000  # per stream
 PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES, start=1)}  # scheduler.queue's integers
 DRAIN_FACTOR = 20  # stop draining after duration x this, reporting what is left as unfinished
+# Live, a run's slot frees when its stream ends (a pass runs at once) but its completion (budget
+# settlement, project counts) is committed after the dispatcher's completion linger, and a pass sees
+# it at its next idle wake-up: on average linger + half the idle sleep later.
+SETTLE_LAG_S = DispatcherSettings.completion_linger_s + DispatcherSettings.idle_sleep_s / 2
 
 
 class SimClock:
@@ -104,6 +109,7 @@ class SimReport:
     end_time_s: float = 0.0
     assignments: dict[str, str] = field(default_factory=dict)  # task id -> pool it was dispatched to
     reserved_usd: dict[str, float] = field(default_factory=dict)  # task id -> the budget gate's reservation
+    dispatched_at: dict[str, float] = field(default_factory=dict)  # task id -> simulated time of its launch
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -256,10 +262,13 @@ def simulate(
     rules: PassRules | None = None,
     spend_step_s: float | None = 0.5,
     limit_lead_s: float = 2.0,
+    settle_lag_s: float = SETTLE_LAG_S,
 ) -> SimReport:
     """Replay `workload`: every pass is `scheduler.pass_planner.plan_pass`, as in the live dispatcher.
     `spend_step_s` / `limit_lead_s`: the live spend enforcer's step (`[cloud] spend_accrual_s`) and
-    lead (the agents' heartbeat interval); None: spend enforcement off (`[cloud] spend_enforcement`)."""
+    lead (the agents' heartbeat interval); None: spend enforcement off (`[cloud] spend_enforcement`).
+    `settle_lag_s`: how long after a run's slot frees its completion is recorded (the budget settled,
+    project counts lowered) as a pass sees it; see `SETTLE_LAG_S`."""
     clock = clock or SimClock()
     arrivals = generate_arrivals(workload)
     pools = {p.name: _PoolSim(p, p.price_per_hour) for p in world.pools}
@@ -305,6 +314,17 @@ def simulate(
 
     ticking: list[float] = []  # non-empty while enforcement ticks are scheduled
 
+    def settle(task: TaskSpec) -> None:
+        """The completion recorded: project counts drop, a paid run settles and teaches the estimate."""
+        running_by_project[task.project] -= 1
+        run = paid.pop(task.id, None)
+        if run is not None:
+            spent[run.budget] += run.cost_usd - run.reserved_usd
+            report.reserved_usd[task.id] = run.reserved_usd
+            sample = billed_sec_per_frame(run.billed_s, run.frames)
+            if sample is not None:
+                learned.add(run.pool, sample)
+
     def grow_reservations(step_s: float) -> None:
         """One live enforcement step: keep each open paid run's limit ahead of it, under the cap."""
         for run in paid.values():
@@ -344,6 +364,7 @@ def simulate(
             task = arrival.task
             running_by_project[task.project] += 1
             report.assignments[task.id] = decision.pool
+            report.dispatched_at[task.id] = clock.now
             if not residency_allows(sim.base.trust_zone, task.sensitivity, task.project in world.locks):
                 report.residency_violations += 1
             # Reserved now, billed (like the live budget gate) from now to the run's end.
@@ -393,18 +414,16 @@ def simulate(
                 sim.provisioned -= 1
             else:
                 heapq.heappop(sim.running_ends)
-            running_by_project[arrival.task.project] -= 1
-            run = paid.pop(arrival.task.id, None)
-            if run is not None:  # settled; a completed paid run teaches the estimate, as live
-                spent[run.budget] += run.cost_usd - run.reserved_usd
-                report.reserved_usd[arrival.task.id] = run.reserved_usd
-                sample = billed_sec_per_frame(run.billed_s, run.frames)
-                if sample is not None:
-                    learned.add(name, sample)
+            if settle_lag_s > 0:  # the slot is free now, the completion is recorded a little later
+                heapq.heappush(events, (t + settle_lag_s, next(seq), "settle", arrival.task))
+            else:
+                settle(arrival.task)
             took = clock.now - arrival.at
             completions.append(took)
             if arrival.task.sla_seconds and took > arrival.task.sla_seconds:
                 report.sla_misses += 1
+        elif kind == "settle":
+            settle(payload)
         elif kind == "tick":
             assert spend_step_s is not None
             grow_reservations(spend_step_s)

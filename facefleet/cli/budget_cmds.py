@@ -253,7 +253,7 @@ def register(app: typer.Typer) -> None:
         import sqlalchemy as sa
         import yaml
 
-        from facefleet.scheduler.history_workload import historic_tasks, history_workload
+        from facefleet.scheduler.history_workload import completed_runs, historic_tasks, history_workload
         from facefleet.scheduler.run_estimates import samples_before
         from facefleet.scheduler.store import TaskStore
 
@@ -268,9 +268,11 @@ def register(app: typer.Typer) -> None:
         frame_s = {pool.name: pool.sec_per_frame for pool in settings.scheduler.pools}
         task_store = TaskStore(url)
         try:
-            samples = samples_before(sa.create_engine(url), start.timestamp())
-            tasks = historic_tasks(task_store, start, now)
-            workload = history_workload(ledger, start, now, tasks, sec_per_frame=frame_s, run_time_samples=samples)
+            engine = sa.create_engine(url)
+            workload = history_workload(
+                ledger, start, now, historic_tasks(task_store, start, now), sec_per_frame=frame_s,
+                run_time_samples=samples_before(engine, start.timestamp()), runs=completed_runs(engine, start, now),
+            )  # fmt: skip
         finally:
             task_store.close()
         output.write_text(yaml.safe_dump(workload, sort_keys=False))
