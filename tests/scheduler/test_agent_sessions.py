@@ -4,10 +4,16 @@ as the agents' own records see it."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import grpc
 import pytest
 
+from facefleet.scheduler.app import SchedulerApp
 from facefleet.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
+from tests.scheduler.conftest import FAST_DISPATCH, make_settings
 from tests.scheduler.fake_agents import wait_for
 from tests.scheduler.test_scheduler_service import task, watch_until_terminal
 
@@ -127,3 +133,49 @@ def test_a_raised_run_limit_is_pushed_on_the_session_at_once(start_scheduler, st
     wait_for(lambda: agent.run_limits.get((task_id, attempt)) == 42.0, 1.5, what="the raised limit, pushed")
     assert app.registry.control("onprem-1").run_limits[0].max_run_s == 42.0  # and in every control after
     stub.CancelTask(scheduler_pb2.CancelTaskRequest(task_id=task_id, reason="test done"))
+
+
+class CountingGate:
+    """The lock gate's admission as the dispatcher sees it: how many launches hold it now."""
+
+    def __init__(self) -> None:
+        self.held = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def admitting(self) -> Iterator[None]:
+        with self._lock:
+            self.held += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.held -= 1
+
+    def project_locked(self, project: str) -> bool:
+        return False
+
+
+def test_the_lock_gates_admission_is_held_until_the_agent_answers(tmp_path, start_agent, client) -> None:  # type: ignore[no-untyped-def]
+    """A lock change waits for admissions decided on the old locks: the assignment is in flight
+    from the scheduler's side only once the agent has said something about it."""
+    gate = CountingGate()
+    app = SchedulerApp(make_settings(tmp_path), dispatcher_settings=FAST_DISPATCH, admission=gate).start()
+    try:
+        agent = start_agent(app.port, "onprem-1", "onprem-a", "private", slots=1, frame_s=0.2)
+        own = agent._assigned
+
+        def answer_late(request, session):  # type: ignore[no-untyped-def]
+            agent._loop.loop.call_later(0.5, own, request, session)  # type: ignore[union-attr]
+
+        agent._assigned = answer_late  # type: ignore[method-assign]
+        stub = client(app.port)
+        wait_for(lambda: len(app.registry.agents()) == 1, 5, what="agent in session")
+        reply = stub.SubmitTask(scheduler_pb2.SubmitTaskRequest(task=task(types_pb2.SENSITIVITY_PRIVATE, frames=3)))
+        wait_for(lambda: app.store.get(reply.task_id).state == "dispatched", 5, what="the assignment sent")
+        assert gate.held == 1  # sent, not yet answered
+        wait_for(lambda: app.store.get(reply.task_id).state == "running", 5, what="the agent's RUNNING")
+        wait_for(lambda: gate.held == 0, 2, what="the admission released")
+        assert watch_until_terminal(stub, reply.task_id)[-1].state == types_pb2.TASK_STATE_SUCCEEDED
+    finally:
+        app.stop()
