@@ -158,12 +158,16 @@ class Task(_message.Message):
     def __init__(self, id: _Optional[str] = ..., project: _Optional[str] = ..., sensitivity: _Optional[_Union[Sensitivity, str]] = ..., priority: _Optional[_Union[Priority, str]] = ..., sla_seconds: _Optional[int] = ..., frames: _Optional[int] = ..., source_uri: _Optional[str] = ..., target_uri: _Optional[str] = ..., output_uri: _Optional[str] = ..., options: _Optional[_Union[PipelineOptions, _Mapping]] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Estimate(_message.Message):
-    __slots__ = ("cost_usd", "completion_s")
+    __slots__ = ("cost_usd", "completion_s", "reserve_usd", "max_run_s")
     COST_USD_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_S_FIELD_NUMBER: _ClassVar[int]
+    RESERVE_USD_FIELD_NUMBER: _ClassVar[int]
+    MAX_RUN_S_FIELD_NUMBER: _ClassVar[int]
     cost_usd: float
     completion_s: float
-    def __init__(self, cost_usd: _Optional[float] = ..., completion_s: _Optional[float] = ...) -> None: ...
+    reserve_usd: float
+    max_run_s: float
+    def __init__(self, cost_usd: _Optional[float] = ..., completion_s: _Optional[float] = ..., reserve_usd: _Optional[float] = ..., max_run_s: _Optional[float] = ...) -> None: ...
 
 class CandidateTrace(_message.Message):
     __slots__ = ("pool", "feasible", "failed_filter", "detail", "score", "estimate")

@@ -32,10 +32,14 @@ def render_decision(task: TaskSpec, decision: Decision) -> Group:
     head.append(f"  rule {decision.rule or '-'}  rules {decision.rules_version or '-'}\n")
     head.append(decision.reason)
     if decision.estimate:
-        head.append(
-            f"\nestimate: ${decision.estimate.cost_usd:.6f}, {decision.estimate.completion_s:.1f} s"
-            + (f", charged to budget {decision.budget}" if decision.budget else "")
-        )
+        estimate = decision.estimate
+        head.append(f"\nestimate: ${estimate.cost_usd:.6f}, {estimate.completion_s:.1f} s")
+        if estimate.reserve_usd > 0:
+            head.append(
+                f"; reserves ${estimate.reserve_usd:.6f} (run limit {estimate.max_run_s:.1f} s, enforced by the agent)"
+            )
+        if decision.budget:
+            head.append(f", charged to budget {decision.budget}")
     for note in decision.notes:
         head.append(f"\nnote: {note}", style="dim")
     table = Table(show_lines=False, expand=False)

@@ -250,7 +250,11 @@ class Estimate(NamedTuple):  # NamedTuple: built hundreds of times per decision,
     max_run_s: float = 0.0  # the hard run-time limit the agent enforces (0 = none: a free pool)
 
     def to_dict(self) -> dict[str, float]:
-        return {"cost_usd": round(self.cost_usd, 6), "completion_s": round(self.completion_s, 3)}
+        out = {"cost_usd": round(self.cost_usd, 6), "completion_s": round(self.completion_s, 3)}
+        if self.reserve_usd > 0:  # a paid pool: the bound the budget reserves and the agent enforces
+            out["reserve_usd"] = round(self.reserve_usd, 6)
+            out["max_run_s"] = round(self.max_run_s, 3)
+        return out
 
 
 class CandidateTrace(NamedTuple):  # NamedTuple: one per pool per decision

@@ -44,6 +44,8 @@ def _estimate_to_proto(est: Estimate | None, out: types_pb2.Estimate) -> None:
     if est is not None:
         out.cost_usd = est.cost_usd
         out.completion_s = est.completion_s
+        out.reserve_usd = est.reserve_usd
+        out.max_run_s = est.max_run_s
 
 
 def decision_to_proto(decision: Decision) -> types_pb2.PlacementDecision:
@@ -74,7 +76,7 @@ def decision_from_proto(msg: types_pb2.PlacementDecision) -> Decision:
     """Inverse of decision_to_proto (budget is not carried on the wire)."""
 
     def est(e: types_pb2.Estimate, present: bool) -> Estimate | None:
-        return Estimate(e.cost_usd, e.completion_s) if present else None
+        return Estimate(e.cost_usd, e.completion_s, e.reserve_usd, e.max_run_s) if present else None
 
     if msg.outcome not in _OUTCOME_BACK:
         raise ValueError(f"PlacementDecision.outcome {msg.outcome} is unspecified or unknown")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from facefleet.rpc_errors import TaskInputError
@@ -93,3 +95,26 @@ def test_proto_round_trip_and_task_validation() -> None:
     with pytest.raises(TaskInputError) as caught:
         task_spec_from_proto(types_pb2.Task(id="x", project="p"))
     assert caught.value.field == "task.sensitivity"
+
+
+def test_the_run_bound_survives_the_wire_and_explain_shows_it() -> None:
+    """Finance reads the reservation and the agent's run limit from `explain`, also for a stored decision."""
+    from rich.console import Console
+
+    from facefleet.scheduler.placement.explain import render_decision
+
+    pools = tuple(replace(p, free_slots=0) if p.name == "onprem-1" else p for p in WORLD.pools)
+    busy = replace(WORLD, pools=pools)
+    task = TaskSpec("t", "p", "public", "urgent", frames=10)
+    decision = place(task, RULES, busy)
+    assert decision.pool == "cloud-1" and decision.estimate is not None
+    assert decision.estimate.reserve_usd > decision.estimate.cost_usd > 0 and decision.estimate.max_run_s > 0
+    back = decision_from_proto(decision_to_proto(decision))
+    assert back.estimate == decision.estimate
+    assert [c.estimate for c in back.candidates] == [c.estimate for c in decision.candidates]
+    console = Console(width=200, record=True)
+    console.print(render_decision(task, back))
+    text = console.export_text()
+    assert f"reserves ${decision.estimate.reserve_usd:.6f}" in text
+    assert f"run limit {decision.estimate.max_run_s:.1f} s" in text
+    assert decision.estimate.to_dict()["reserve_usd"] == round(decision.estimate.reserve_usd, 6)
