@@ -312,8 +312,6 @@ def simulate(
         budgets = {n: replace(b, spent_usd=spent[n]) for n, b in world.budgets.items()}
         return World(learned.overlay(tuple(snaps)), budgets, world.locks, world.notes)
 
-    ticking: list[float] = []  # non-empty while enforcement ticks are scheduled
-
     def settle(task: TaskSpec) -> None:
         """The completion recorded: project counts drop, a paid run settles and teaches the estimate."""
         running_by_project[task.project] -= 1
@@ -325,17 +323,24 @@ def simulate(
             if sample is not None:
                 learned.add(run.pool, sample)
 
-    def grow_reservations(step_s: float) -> None:
-        """One live enforcement step: keep each open paid run's limit ahead of it, under the cap."""
-        for run in paid.values():
-            elapsed = clock.now - run.admitted_at
-            if elapsed >= run.billed_s:
-                continue  # ends at this instant
-            progress = (min(run.frames, math.floor(elapsed / run.sec_per_frame)), run.frames)
-            ahead = run_ahead_s(step_s, elapsed, progress)
-            short = limit_shortfall_usd(run.max_run_s, run.price, elapsed, ahead, limit_lead_s)
-            if short <= 0 or run.max_run_s <= 0:
-                continue
+    def next_check(task_id: str, run: _PaidRun, step_s: float) -> None:
+        """Schedule the first enforcement step (the live enforcer's ticks: every `step_s`) at which
+        the run could need more room: none while elapsed + two steps + the lead is within its limit."""
+        earliest = max(clock.now + 1e-9, run.admitted_at + run.max_run_s - limit_lead_s - 2 * step_s)
+        at = math.ceil(earliest / step_s) * step_s
+        if run.max_run_s > 0 and at < run.admitted_at + run.billed_s:
+            heapq.heappush(events, (at, next(seq), "enforce", task_id))
+
+    def enforce(task_id: str, step_s: float) -> None:
+        """One live enforcement step for one run: keep its limit ahead of it, under the cap."""
+        run = paid.get(task_id)
+        if run is None:
+            return
+        elapsed = clock.now - run.admitted_at
+        progress = (min(run.frames, math.floor(elapsed / run.sec_per_frame)), run.frames)
+        ahead = run_ahead_s(step_s, elapsed, progress)
+        short = limit_shortfall_usd(run.max_run_s, run.price, elapsed, ahead, limit_lead_s)
+        if short > 0:
             cap = world.budgets[run.budget].monthly_cap_usd
             for usd in extension_tries_usd(short, step_s, run.price):
                 if spent[run.budget] + usd <= cap:
@@ -343,6 +348,7 @@ def simulate(
                     run.reserved_usd += usd
                     run.max_run_s = raised_limit_s(run.max_run_s, usd, run.price)
                     break
+        next_check(task_id, run, step_s)
 
     def schedule() -> None:
         if not queue:
@@ -388,15 +394,15 @@ def simulate(
                 )  # fmt: skip
                 report.reserved_usd[task.id] = planned.reserved_usd
                 spend_by_budget[decision.budget] += cost
-                if spend_step_s is not None and not ticking:
-                    ticking.append(clock.now)
-                    heapq.heappush(events, (clock.now + spend_step_s, next(seq), "tick", None))
+                if spend_step_s is not None:
+                    next_check(task.id, paid[task.id], spend_step_s)
             if sim.base.trust_zone != PRIVATE_ZONE:
                 report.cloud_cost_usd += cost
             per_pool[decision.pool] += 1
             report.dispatched += 1
         queue[:] = list(by_id.values())
 
+    changed = False  # an event other than an enforcement step happened at this instant
     while events:
         t, _, kind, payload = heapq.heappop(events)
         if t > horizon:
@@ -424,16 +430,16 @@ def simulate(
                 report.sla_misses += 1
         elif kind == "settle":
             settle(payload)
-        elif kind == "tick":
+        elif kind == "enforce":
             assert spend_step_s is not None
-            grow_reservations(spend_step_s)
-            if paid:
-                heapq.heappush(events, (t + spend_step_s, next(seq), "tick", None))
-            else:
-                ticking.clear()
+            enforce(payload, spend_step_s)
+        # An enforcement step only takes room: alone it starts no pass (a live pass sees it at its next).
+        changed = changed or kind != "enforce"
         if events and events[0][0] == t:
             continue  # process every event at this instant before placing
-        schedule()
+        if changed:
+            schedule()
+        changed = False
     report.unfinished = len(queue) + (report.dispatched - len(completions))
     report.per_pool = dict(per_pool)
     report.spend_by_budget = dict(spend_by_budget)
