@@ -862,11 +862,19 @@ class Dispatcher:
             return  # cancelled or moved on meanwhile
         reason = types_pb2.ErrorReason.Name(refusal.error.reason) if refusal.error.reason else "REFUSED"
         detail = f"agent {agent_id} refused: {reason}: {refusal.error.message}"
+        requeue_reason = ""
         if refusal.retry:
-            why = "stale_term" if refusal.error.reason == types_pb2.STALE_LEADER_TERM else "no_capacity"
-            self._requeue(record, detail, why, now, agent_id)
-        elif self.store.transition(refusal.task_id, FAILED, detail, now, expect_agent=agent_id):
-            self._finished(refusal.task_id)
+            requeue_reason = "stale_term" if refusal.error.reason == types_pb2.STALE_LEADER_TERM else "no_capacity"
+        self._refused(record, agent_id, detail, requeue_reason, now)
+
+    def _refused(self, record: TaskRecord, agent_id: str, detail: str, requeue_reason: str, now: float) -> None:
+        """An agent did not start a run (a RunTask status or a session's RunRefusal): with a
+        `requeue_reason` the task may run elsewhere now (full, draining, stale term), else the agent
+        refuses the task itself (bad input, residency, models) and it fails."""
+        if requeue_reason:
+            self._requeue(record, detail, requeue_reason, now, agent_id)
+        elif self.store.transition(record.id, FAILED, detail, now, expect_agent=agent_id):
+            self._finished(record.id)
 
     def _launch(
         self, record: TaskRecord, agent_id: str, address: str, request: agent_pb2.RunTaskRequest, placed_at: float
@@ -1060,14 +1068,11 @@ class Dispatcher:
             grpc.StatusCode.PERMISSION_DENIED,
         ):
             # The agent refuses the task itself (bad input, residency, model verification): no retry.
-            if self.store.transition(
-                task_id, FAILED, f"agent {agent_id} refused: {code.name}: {detail}", now, expect_agent=agent_id
-            ):
-                self._finished(task_id)
+            self._refused(record, agent_id, f"agent {agent_id} refused: {code.name}: {detail}", "", now)
             return
         if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED):  # refused before it started
             reason = "no_capacity" if code == grpc.StatusCode.RESOURCE_EXHAUSTED else "stale_term"
-            self._requeue(record, f"agent {agent_id}: {code.name}: {detail}", reason, now, agent_id)
+            self._refused(record, agent_id, f"agent {agent_id}: {code.name}: {detail}", reason, now)
             return
         log.info("stream lost; asking the agent", task_id=task_id, agent_id=agent_id, code=code.name)
         self._lost_stream(task_id, agent_id, attempt)
