@@ -91,7 +91,17 @@ def run_agents(address: str, slots: int, pipe: multiprocessing.connection.Connec
         pipe.send(("starts", dict(starts)))
 
 
-def run_facefleet(tasks: int, slots: int, payload_bytes: int, clients: int, prefetch: int = 0) -> dict[str, Any]:
+def batch_request(items: list[bytes]) -> bytes:
+    """A SubmitTasksRequest of already serialized SubmitTaskRequests (field 1, repeated)."""
+    request = scheduler_pb2.SubmitTasksRequest()
+    for raw in items:
+        request.items.add().MergeFromString(raw)
+    return request.SerializeToString()
+
+
+def run_facefleet(
+    tasks: int, slots: int, payload_bytes: int, clients: int, prefetch: int = 0, batch: int = 1
+) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="ff-compare-"))
     store_url = f"sqlite:///{work}/bench.db"
     env = prefetch_env(dict(GROUPS), prefetch)
@@ -125,14 +135,18 @@ def run_facefleet(tasks: int, slots: int, payload_bytes: int, clients: int, pref
     submitted: dict[str, float] = {}
     errors: list[str] = []
 
+    calls = requests if batch == 1 else [batch_request(requests[at : at + batch]) for at in range(0, tasks, batch)]
+
     async def drive() -> None:
         async with grpc.aio.insecure_channel(scheduler.address) as channel:
+            method = "SubmitTask" if batch == 1 else "SubmitTasks"
+            reply_class = scheduler_pb2.SubmitTaskResponse if batch == 1 else scheduler_pb2.SubmitTasksResponse
             submit = channel.unary_unary(
-                "/facefleet.v1.Scheduler/SubmitTask",
+                f"/facefleet.v1.Scheduler/{method}",
                 request_serializer=None,
-                response_deserializer=scheduler_pb2.SubmitTaskResponse.FromString,
+                response_deserializer=reply_class.FromString,
             )
-            pending = iter(requests)
+            pending = iter(calls)
 
             async def client() -> None:
                 for raw in pending:
@@ -142,7 +156,11 @@ def run_facefleet(tasks: int, slots: int, payload_bytes: int, clients: int, pref
                     except grpc.RpcError as error:
                         errors.append(str(error.code()))
                         continue
-                    submitted[reply.task_id] = at
+                    for outcome in reply.results if batch > 1 else [reply]:
+                        if batch > 1 and not outcome.HasField("submitted"):
+                            errors.append(outcome.error.message)
+                            continue
+                        submitted[(outcome.submitted if batch > 1 else outcome).task_id] = at
 
             await asyncio.gather(*(client() for _ in range(clients)))
 
@@ -195,6 +213,7 @@ def run_facefleet(tasks: int, slots: int, payload_bytes: int, clients: int, pref
             "agents": {pool: slots for pool, _zone in GROUPS},
             "prefetch": prefetch,
             "clients": clients,
+            "tasks_per_submit_call": batch,
             "payload": f"{payload_bytes} bytes in a file, passed by URI, read by the agent"
             if payload_bytes
             else "none",
@@ -211,6 +230,9 @@ def main() -> None:
     parser.add_argument(
         "--prefetch", type=int, default=0, help="facefleet pools' prefetch (assignments per agent beyond its slots)"
     )
+    parser.add_argument(
+        "--batch", type=int, default=1, help="facefleet tasks per submit call (1 = SubmitTask, more = SubmitTasks)"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="pairs per payload (alternated); report the median ratio")
     parser.add_argument("--output", type=Path, help="also write the JSON here")
     args = parser.parse_args()
@@ -221,7 +243,7 @@ def main() -> None:
     sizes = [int(size) for size in args.payload_kib.split(",")]
     for _round in range(max(1, args.repeat)):  # rounds alternate the sides, so drift hits both
         for kib in sizes:
-            ours = run_facefleet(args.tasks, args.slots, kib * 1024, args.clients, args.prefetch)
+            ours = run_facefleet(args.tasks, args.slots, kib * 1024, args.clients, args.prefetch, args.batch)
             theirs = run_celery(args.tasks, args.slots, kib * 1024, private_share=0.5)
             ratio = ours["throughput_tasks_per_s"] / max(theirs["throughput_tasks_per_s"], 1e-9)
             runs.append({"payload_kib": kib, "facefleet": ours, "celery": theirs, "ratio": round(ratio, 2)})
@@ -235,6 +257,7 @@ def main() -> None:
             "tasks": args.tasks,
             "slots_per_group": args.slots,
             "prefetch": args.prefetch,
+            "facefleet_tasks_per_submit_call": args.batch,
             "private_share": 0.5,
             "repeat": args.repeat,
         },

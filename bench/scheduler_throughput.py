@@ -65,6 +65,9 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=16, help="slots per hollow agent")
     parser.add_argument("--tasks", type=int, default=4000)
     parser.add_argument("--prefetch", type=int, default=0, help="pools' prefetch: assignments beyond an agent's slots")
+    parser.add_argument(
+        "--batch", type=int, default=1, help="tasks per call: 1 = SubmitTask, more = SubmitTasks with that many items"
+    )
     parser.add_argument("--store", default="", help="store URL (default: SQLite in a temp dir)")
     parser.add_argument("--output", type=Path, help="also write the JSON here")
     args = parser.parse_args()
@@ -85,22 +88,36 @@ def main() -> None:
     per_client = args.tasks // args.clients
     sensitivities = (types_pb2.SENSITIVITY_PUBLIC, types_pb2.SENSITIVITY_PRIVATE)
 
+    def task(n: int, i: int) -> types_pb2.Task:
+        return types_pb2.Task(
+            project=f"bench-{n % 4}",
+            sensitivity=sensitivities[i % 2],
+            priority=1 + i % 4,  # type: ignore[arg-type]
+            frames=1,
+            source_uri="file:///data/face.jpg",
+            target_uri=f"file:///data/t{n}-{i}.jpg",
+        )
+
     async def client(n: int, stub: scheduler_pb2_grpc.SchedulerStub) -> None:
-        for i in range(per_client):
-            task = types_pb2.Task(
-                project=f"bench-{n % 4}",
-                sensitivity=sensitivities[i % 2],
-                priority=1 + i % 4,  # type: ignore[arg-type]
-                frames=1,
-                source_uri="file:///data/face.jpg",
-                target_uri=f"file:///data/t{n}-{i}.jpg",
-            )
+        for first in range(0, per_client, args.batch):
+            items = [
+                scheduler_pb2.SubmitTaskRequest(task=task(n, i))
+                for i in range(first, min(per_client, first + args.batch))
+            ]
             started = time.perf_counter()
             try:
-                await stub.SubmitTask(scheduler_pb2.SubmitTaskRequest(task=task), timeout=30)
-                latencies.append(time.perf_counter() - started)
+                if args.batch == 1:
+                    await stub.SubmitTask(items[0], timeout=30)
+                    outcomes = ["submitted"]
+                else:
+                    reply = await stub.SubmitTasks(scheduler_pb2.SubmitTasksRequest(items=items), timeout=30)
+                    outcomes = [result.WhichOneof("outcome") for result in reply.results]
             except grpc.RpcError as error:
-                errors.append(str(error.code()))
+                errors.extend([str(error.code())] * len(items))
+                continue
+            elapsed = time.perf_counter() - started
+            latencies.extend(elapsed for outcome in outcomes if outcome == "submitted")
+            errors.extend(str(outcome) for outcome in outcomes if outcome != "submitted")
 
     async def drive() -> None:
         # Asyncio clients: cheap on CPU, so the figures are the scheduler's, not the client's.
@@ -141,6 +158,7 @@ def main() -> None:
             "slots_per_agent": args.slots,
             "tasks": args.tasks,
             "prefetch": args.prefetch,
+            "tasks_per_submit_call": args.batch,
             "store": "sqlite (WAL, synchronous=FULL, group commit)" if not args.store else args.store.split("://")[0],
         },
         "results": {
@@ -171,7 +189,8 @@ def main() -> None:
         f"p99 {r['submit_latency_ms']['p99']} ms, {r['scheduler_cpu_ms_per_submit']} ms scheduler CPU each), "
         f"{r['end_to_end_tasks_per_s']} tasks/s submit->succeeded "
         f"({r['scheduler_cpu_ms_per_task_end_to_end']} ms CPU each), "
-        f"{args.clients} clients, {args.agents} hollow agents, {accepted} tasks, {len(errors)} errors"
+        f"{args.clients} clients x {args.batch} tasks per call, {args.agents} hollow agents, "
+        f"{accepted} tasks, {len(errors)} errors"
     )
 
 

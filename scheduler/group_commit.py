@@ -15,7 +15,7 @@ import contextlib
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import structlog
@@ -125,6 +125,11 @@ def _expire(future: asyncio.Future[Any], timeout: float) -> None:
         future.set_exception(_commit_timeout(timeout))
 
 
+def _expire_all(futures: list[asyncio.Future[Any]], timeout: float) -> None:
+    for future in futures:
+        _expire(future, timeout)
+
+
 def _settle(future: asyncio.Future[Any], value: Any, error: BaseException | None) -> None:
     if future.done():  # the caller timed out or went away
         return
@@ -168,6 +173,45 @@ class GroupCommitter:
         finally:
             expiry.cancel()
         return result
+
+    def submit_many(self, items: Sequence[NewTask], timeout: float = 30.0) -> list[SubmitResult | Exception]:
+        """`submit` for a client's batch: all queued at once (so they share commits); per item its
+        result or why it was not stored (StoreUnavailable, TimeoutError)."""
+        if self._closed:
+            raise StoreUnavailable("the scheduler is shutting down; retry against another replica")
+        pendings = [_Pending(insert=item) for item in items]
+        for pending in pendings:
+            self._pending.put(pending)
+        deadline = time.monotonic() + timeout
+        results: list[SubmitResult | Exception] = []
+        for pending in pendings:
+            try:
+                results.append(pending.result(max(0.0, deadline - time.monotonic())))
+            except (StoreUnavailable, TimeoutError) as error:
+                results.append(error)
+        return results
+
+    async def submit_many_async(
+        self, items: Sequence[NewTask], timeout: float = 30.0
+    ) -> list[SubmitResult | Exception]:
+        """`submit_many` for coroutines: one timer for the batch, no loop iteration per item."""
+        if self._closed:
+            raise StoreUnavailable("the scheduler is shutting down; retry against another replica")
+        loop = asyncio.get_running_loop()
+        pendings = [_LoopPending(item, loop) for item in items]
+        for pending in pendings:
+            self._pending.put(pending)
+        expiry = loop.call_later(timeout, _expire_all, [pending.future for pending in pendings], timeout)
+        results: list[SubmitResult | Exception] = []
+        try:
+            for pending in pendings:
+                try:
+                    results.append(await pending.future)
+                except (StoreUnavailable, TimeoutError) as error:
+                    results.append(error)
+        finally:
+            expiry.cancel()
+        return results
 
     def run(self, op: Callable[[Connection], T], isolated: bool = True, timeout: float = 60.0) -> T:
         """Run `op(conn)` inside the next batch's transaction; return its result once committed.

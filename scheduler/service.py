@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import grpc
 import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
+from google.protobuf.unknown_fields import UnknownFieldSet
 
 from facefleet.domain import CANCELLED, IN_FLIGHT, QUEUED, TERMINAL, state_from_proto, state_to_proto
 from facefleet.grpc_server import AioServices, Decoded, corrupt_request, refuse_corrupt, tolerant_decoder
@@ -35,6 +36,7 @@ MAX_LIST_LIMIT = 1000
 DEFAULT_LIST_LIMIT = 100
 WATCH_POLL_S = 0.05
 MAX_TASK_ID_CHARS = 64
+MAX_SUBMIT_ITEMS = 1000  # per SubmitTasks call
 
 
 class HeartbeatSink(Protocol):
@@ -67,6 +69,33 @@ def _submitted(result: SubmitResult) -> scheduler_pb2.SubmitTaskResponse:
         created=result.created,
         state=state_to_proto(result.state),  # type: ignore[arg-type]
     )
+
+
+class _SubmitBatch:
+    """A SubmitTasks call after validation: the clean items to store and the refused ones."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.accepted: list[NewTask] = []
+        self.accepted_at: list[int] = []  # item index of each accepted task
+        self.refused: list[tuple[int, TaskInputError, scheduler_pb2.SubmitTaskRequest]] = []
+
+    def response(self, stored: list[SubmitResult | Exception]) -> scheduler_pb2.SubmitTasksResponse:
+        results: list[Any] = [None] * self.size
+        for index, error, _item in self.refused:
+            reason, _message, field = _refusal(error)
+            path = f"items[{index}].{field}"
+            refusal = types_pb2.Error(reason=reason, message=f"{path}: {error.message}", field=path)  # type: ignore[arg-type]
+            results[index] = scheduler_pb2.SubmitTaskResult(error=refusal)
+        for index, outcome in zip(self.accepted_at, stored, strict=True):
+            if isinstance(outcome, Exception):
+                message = f"{outcome}; this task was not accepted (submit it again)"
+                results[index] = scheduler_pb2.SubmitTaskResult(
+                    error=types_pb2.Error(reason=types_pb2.INTERNAL, message=message)
+                )
+            else:
+                results[index] = scheduler_pb2.SubmitTaskResult(submitted=_submitted(outcome))
+        return scheduler_pb2.SubmitTasksResponse(results=results)
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -163,6 +192,61 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             message = f"{error}; the task was not accepted"
             await abort_async(context, grpc.StatusCode.UNAVAILABLE, types_pb2.INTERNAL, message)
         return _submitted(result)
+
+    def SubmitTasks(
+        self, request: scheduler_pb2.SubmitTasksRequest, context: grpc.ServicerContext
+    ) -> scheduler_pb2.SubmitTasksResponse:
+        batch = self._batch(request)
+        if isinstance(batch, TaskInputError):
+            abort(context, grpc.StatusCode.INVALID_ARGUMENT, *_refusal(batch))
+        if batch.refused:
+            self._refused_items(batch.refused, current_identity().subject)
+        try:
+            stored = self.committer.submit_many(batch.accepted)
+        except StoreUnavailable as error:
+            abort(context, grpc.StatusCode.UNAVAILABLE, types_pb2.INTERNAL, f"{error}; no task was accepted")
+        return batch.response(stored)
+
+    async def submit_many_async(
+        self, request: scheduler_pb2.SubmitTasksRequest, context: grpc.aio.ServicerContext
+    ) -> scheduler_pb2.SubmitTasksResponse:
+        """`SubmitTasks` on a grpc.aio server's loop, as `submit_async`."""
+        batch = self._batch(request)
+        if isinstance(batch, TaskInputError):
+            await abort_async(context, grpc.StatusCode.INVALID_ARGUMENT, *_refusal(batch))
+        if batch.refused:
+            actor = current_identity().subject
+            await asyncio.get_running_loop().run_in_executor(None, self._refused_items, batch.refused, actor)
+        try:
+            stored = await self.committer.submit_many_async(batch.accepted)
+        except StoreUnavailable as error:
+            await abort_async(
+                context, grpc.StatusCode.UNAVAILABLE, types_pb2.INTERNAL, f"{error}; no task was accepted"
+            )
+        return batch.response(stored)
+
+    def _batch(self, request: scheduler_pb2.SubmitTasksRequest) -> _SubmitBatch | TaskInputError:
+        """Each item validated as SubmitTask validates it; the call itself refused only when it is
+        too long or speaks another contract."""
+        if len(request.items) > MAX_SUBMIT_ITEMS:
+            return TaskInputError("items", f"{len(request.items)} items; the limit is {MAX_SUBMIT_ITEMS} per call")
+        if len(UnknownFieldSet(request)):
+            return TaskInputError("request", "unknown fields in SubmitTasksRequest; regenerate the client stubs")
+        batch = _SubmitBatch(len(request.items))
+        for index, item in enumerate(request.items):
+            clean = self._validated(item, item.ByteSize())
+            if isinstance(clean, TaskInputError):
+                batch.refused.append((index, clean, item))
+            else:
+                batch.accepted_at.append(index)
+                batch.accepted.append(clean)
+        return batch
+
+    def _refused_items(
+        self, refused: list[tuple[int, TaskInputError, scheduler_pb2.SubmitTaskRequest]], actor: str
+    ) -> None:
+        for _index, error, item in refused:
+            self._refused(error, actor, item)
 
     def _validated(self, request: scheduler_pb2.SubmitTaskRequest, wire_size: int | None) -> NewTask | TaskInputError:
         try:
@@ -426,6 +510,7 @@ def add_scheduler_service(servicer: SchedulerServicer, server: grpc.Server | Aio
     methods = scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].methods_by_name
     request_classes = {
         "SubmitTask": scheduler_pb2.SubmitTaskRequest,
+        "SubmitTasks": scheduler_pb2.SubmitTasksRequest,
         "GetTask": scheduler_pb2.GetTaskRequest,
         "ListTasks": scheduler_pb2.ListTasksRequest,
         "WatchTask": scheduler_pb2.WatchTaskRequest,
@@ -437,6 +522,7 @@ def add_scheduler_service(servicer: SchedulerServicer, server: grpc.Server | Aio
     for name, request_class in request_classes.items():
         response_class: Any = {
             "SubmitTask": scheduler_pb2.SubmitTaskResponse,
+            "SubmitTasks": scheduler_pb2.SubmitTasksResponse,
             "GetTask": scheduler_pb2.TaskStatus,
             "ListTasks": scheduler_pb2.ListTasksResponse,
             "WatchTask": scheduler_pb2.TaskEvent,
@@ -454,7 +540,9 @@ def add_scheduler_service(servicer: SchedulerServicer, server: grpc.Server | Aio
             )
         else:
             handlers[name] = grpc.unary_unary_rpc_method_handler(
-                _async_submit_handler(servicer) if on_loop and name == "SubmitTask" else _unary_handler(servicer, name),
+                _async_handlers[name](servicer)
+                if on_loop and name in _async_handlers
+                else _unary_handler(servicer, name),
                 request_deserializer=decode,
                 response_serializer=response_class.SerializeToString,
             )
@@ -494,6 +582,18 @@ def _async_submit_handler(servicer: SchedulerServicer) -> Callable[..., Any]:
         return await servicer.submit_async(decoded.message, context, wire_size=decoded.size)
 
     return handle
+
+
+def _async_submit_many_handler(servicer: SchedulerServicer) -> Callable[..., Any]:
+    async def handle(decoded: Decoded, context: grpc.aio.ServicerContext) -> Any:
+        if decoded.error:
+            await abort_async(context, grpc.StatusCode.INVALID_ARGUMENT, *corrupt_request(decoded, "SubmitTasks"))
+        return await servicer.submit_many_async(decoded.message, context)
+
+    return handle
+
+
+_async_handlers = {"SubmitTask": _async_submit_handler, "SubmitTasks": _async_submit_many_handler}
 
 
 def _async_watch_handler(servicer: SchedulerServicer) -> Callable[..., AsyncIterator[Any]]:

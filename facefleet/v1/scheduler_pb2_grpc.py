@@ -41,6 +41,11 @@ class SchedulerStub:
                 request_serializer=facefleet_dot_v1_dot_scheduler__pb2.SubmitTaskRequest.SerializeToString,
                 response_deserializer=facefleet_dot_v1_dot_scheduler__pb2.SubmitTaskResponse.FromString,
                 _registered_method=True)
+        self.SubmitTasks = channel.unary_unary(
+                '/facefleet.v1.Scheduler/SubmitTasks',
+                request_serializer=facefleet_dot_v1_dot_scheduler__pb2.SubmitTasksRequest.SerializeToString,
+                response_deserializer=facefleet_dot_v1_dot_scheduler__pb2.SubmitTasksResponse.FromString,
+                _registered_method=True)
         self.GetTask = channel.unary_unary(
                 '/facefleet.v1.Scheduler/GetTask',
                 request_serializer=facefleet_dot_v1_dot_scheduler__pb2.GetTaskRequest.SerializeToString,
@@ -84,6 +89,16 @@ class SchedulerServicer:
 
     def SubmitTask(self, request, context):
         """Durable before it answers. Idempotent on idempotency_key: a repeat returns the same task.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitTasks(self, request, context):
+        """Many tasks in one call, for clients that submit in bulk (as Armada's SubmitJobs): each item is
+        validated and answered on its own, in order (a refused item refuses only itself), with
+        SubmitTask's meaning; every accepted item is durable before the call answers. At most 1,000
+        items; each item within SubmitTask's size limit.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -146,6 +161,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.SubmitTask,
                     request_deserializer=facefleet_dot_v1_dot_scheduler__pb2.SubmitTaskRequest.FromString,
                     response_serializer=facefleet_dot_v1_dot_scheduler__pb2.SubmitTaskResponse.SerializeToString,
+            ),
+            'SubmitTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitTasks,
+                    request_deserializer=facefleet_dot_v1_dot_scheduler__pb2.SubmitTasksRequest.FromString,
+                    response_serializer=facefleet_dot_v1_dot_scheduler__pb2.SubmitTasksResponse.SerializeToString,
             ),
             'GetTask': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTask,
@@ -211,6 +231,33 @@ class Scheduler:
             '/facefleet.v1.Scheduler/SubmitTask',
             facefleet_dot_v1_dot_scheduler__pb2.SubmitTaskRequest.SerializeToString,
             facefleet_dot_v1_dot_scheduler__pb2.SubmitTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/facefleet.v1.Scheduler/SubmitTasks',
+            facefleet_dot_v1_dot_scheduler__pb2.SubmitTasksRequest.SerializeToString,
+            facefleet_dot_v1_dot_scheduler__pb2.SubmitTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

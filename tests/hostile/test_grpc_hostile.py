@@ -120,6 +120,7 @@ def valid_bases(stack: HostileStack) -> dict[str, dict[str, Any]]:
     }  # fmt: skip
     return {
         "SubmitTask": {"task": task},
+        "SubmitTasks": {"items": [{"task": task}, {"task": task, "idempotency_key": "fuzz-batch"}]},
         "Explain": {"task": task},
         "RunTask": {"task": {**task, "id": "fuzz-run"}, "attempt": 1, "leader_term": stack.scheduler.dispatcher.term},
         "Heartbeat": beat,

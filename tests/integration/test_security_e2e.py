@@ -328,6 +328,27 @@ def test_private_task_outside_the_storage_allow_list_is_refused_naming_the_field
     assert verify(cluster.settings.audit.path).ok
 
 
+def test_a_batch_refuses_only_the_items_outside_the_allow_list_and_audits_each(cluster: Cluster) -> None:
+    outside = "file:///mnt/shared/people/john-roe.png"
+    items = [
+        scheduler_pb2.SubmitTaskRequest(task=cluster.task("clinic", PRIVATE, "inside")),
+        scheduler_pb2.SubmitTaskRequest(task=cluster.task("clinic", PRIVATE, "outside", target_uri=outside)),
+        scheduler_pb2.SubmitTaskRequest(task=cluster.task("open", PUBLIC, "public", target_uri=outside)),
+    ]
+    reply = cluster.scheduler().SubmitTasks(scheduler_pb2.SubmitTasksRequest(items=items), timeout=TIMEOUT)
+    assert [result.WhichOneof("outcome") for result in reply.results] == ["submitted", "error", "submitted"]
+    refused = reply.results[1].error
+    assert refused.reason == types_pb2.RESIDENCY_VIOLATION and refused.field == "items[1].task.target_uri"
+    assert "allowed" in refused.message
+    refusals = [r for r in audit_records(cluster, "residency_refusal") if r["actor"] == "submitter"]
+    assert [(r["project"], r["field"]) for r in refusals] == [("clinic", "task.target_uri")]
+    assert "john-roe" not in cluster.settings.audit.path.read_text()
+    with pytest.raises(grpc.RpcError) as denied:  # the same role gate as SubmitTask
+        cluster.scheduler("finance").SubmitTasks(scheduler_pb2.SubmitTasksRequest(items=items[:1]), timeout=TIMEOUT)
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert verify(cluster.settings.audit.path).ok
+
+
 # ---- project locks ---------------------------------------------------------------------------------
 
 
