@@ -8,18 +8,25 @@ through `scheduler.simulate` (the same pass planner as the live dispatcher) agai
 the same pools and cap, and compares: the share of tasks the simulator sends to the pool they ran
 on live, and simulated cloud spend vs the live ledger.
 
-    .venv/bin/python bench/replay_accuracy.py [--tasks 60] [--seconds 20] [--seed 7] [--output FILE]
+The same workload is recorded live `--live-runs` times (default 2): each run is replayed and scored,
+and the live runs are compared with each other (`live_vs_live`: the share of tasks that ran on the
+same pool in two live runs of the same arrivals). That is the ceiling any simulator can reach on
+this host: where live itself does not repeat, no replay can match it every time.
+
+    .venv/bin/python bench/replay_accuracy.py [--tasks 60] [--seconds 20] [--seed 7] [--live-runs 2] [--output FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -95,17 +102,14 @@ def record_live(directory: Path, cap: float, plan: list[tuple[float, types_pb2.T
 
         wait_for(fleet_ready, 30, interval=0.2, what="both agents registered")
         time.sleep(1.0)
-        ids: list[str] = []
-        lock = threading.Lock()
+        ids = [""] * len(plan)  # the task id of each planned arrival, in plan order
         started = time.monotonic()
 
-        def submit(at: float, task: types_pb2.Task) -> None:
+        def submit(index: int, at: float, task: types_pb2.Task) -> None:
             time.sleep(max(0.0, at - (time.monotonic() - started)))
-            reply = stub.SubmitTask(scheduler_pb2.SubmitTaskRequest(task=task), timeout=30)
-            with lock:
-                ids.append(reply.task_id)
+            ids[index] = stub.SubmitTask(scheduler_pb2.SubmitTaskRequest(task=task), timeout=30).task_id
 
-        threads = [threading.Thread(target=submit, args=item) for item in plan]
+        threads = [threading.Thread(target=submit, args=(i, *item)) for i, item in enumerate(plan)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -148,6 +152,7 @@ def record_live(directory: Path, cap: float, plan: list[tuple[float, types_pb2.T
         store.close()
     stopped = sum(1 for r in rows if r["outcome"] != "completed")
     return {
+        "ids": ids,
         "pools": {task_id: record.pool for task_id, record in records.items()},
         "dispatched_at": {task_id: round(at - since.timestamp(), 3) for task_id, at in dispatched.items()},
         "reserved_usd": {str(r["task_id"]): float(r["estimate_usd"] or 0.0) for r in rows},
@@ -198,44 +203,20 @@ def compare_reservations(live: dict[str, Any], sim: Any) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tasks", type=int, default=60)
-    parser.add_argument("--seconds", type=float, default=20.0, help="arrivals spread over this long")
-    parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--cap-runs", type=float, default=14.5, help="cap as this many average cloud runs' cost")
-    parser.add_argument("--output", type=Path)
-    args = parser.parse_args()
-    plan = workload_plan(args.tasks, args.seconds, args.seed)
-    cap = round(args.cap_runs * 4 * CLOUD_FRAME_S * PRICE / 3600, 6)  # an average task has 4 frames
-    with tempfile.TemporaryDirectory(prefix="replay-") as tmp:
-        directory = Path(tmp)
-        live = record_live(directory, cap, plan)
-        sim = replay(directory / "policy", cap, live["workload"])
+def score(live: dict[str, Any], sim: Any) -> dict[str, Any]:
+    """One live run against its replay: same pool per task, spend, reservations, dispatch times."""
     live_pools: dict[str, str] = live["pools"]
     replayed = {task["id"] for task in live["workload"]["tasks"]}
     assert replayed == set(live_pools), f"history lost {len(set(live_pools) - replayed)} task(s)"
     same = sum(1 for task_id, pool in live_pools.items() if sim.assignments.get(task_id) == pool)
     spend_error = (sim.cloud_cost_usd - live["spend_usd"]) / live["spend_usd"] if live["spend_usd"] else 0.0
-    result = {
-        "bench": "replay_accuracy",
-        "machine": machine_facts(),
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "settings": {
-            "tasks": args.tasks,
-            "arrivals_over_s": args.seconds,
-            "seed": args.seed,
-            "cap_usd": cap,
-            "price_per_hour": PRICE,
-            "onprem": [ONPREM_SLOTS, ONPREM_FRAME_S],
-            "cloud": [CLOUD_SLOTS, CLOUD_FRAME_S],
-        },
+    return {
         "live": {
             "wall_s": round(live["wall_s"], 2),
             "spend_usd": round(live["spend_usd"], 6),
             "cloud_runs": live["cloud_runs"],
             "budget_stops": live["budget_stops"],
-            "per_pool": {p: list(live_pools.values()).count(p) for p in sorted(set(live_pools.values()))},
+            "per_pool": dict(sorted(Counter(live_pools.values()).items())),
         },
         "simulated": {"spend_usd": round(sim.cloud_cost_usd, 6), "per_pool": sim.per_pool},
         "same_pool_pct": round(100.0 * same / len(live_pools), 2),
@@ -252,25 +233,105 @@ def main() -> None:
             for a in live["workload"]["tasks"]
             if sim.assignments.get(a["id"]) != live_pools[a["id"]]
         ],
+        "reservations": compare_reservations(live, sim),
+        # task id -> [live pool, live dispatched at, simulated pool, simulated dispatched at]
+        "timeline": {
+            task_id: [
+                pool,
+                live["dispatched_at"][task_id],
+                sim.assignments.get(task_id, "-"),
+                round(sim.dispatched_at.get(task_id, -1.0), 3),
+            ]
+            for task_id, pool in live_pools.items()
+        },
     }
-    result["reservations"] = compare_reservations(live, sim)
-    result["timeline"] = {  # task id -> [live pool, live dispatched at, simulated pool, simulated dispatched at]
-        task_id: [pool, live["dispatched_at"][task_id], sim.assignments.get(task_id, "-"),
-                  round(sim.dispatched_at.get(task_id, -1.0), 3)]
-        for task_id, pool in live_pools.items()
-    }  # fmt: skip
+
+
+def live_vs_live(
+    plan: list[tuple[float, types_pb2.Task]], first: dict[str, Any], second: dict[str, Any]
+) -> dict[str, Any]:
+    """Two live runs of the same arrivals, task by task (plan order): how often live repeats itself."""
+    differ = []
+    for index, (at, task) in enumerate(plan):
+        a, b = first["ids"][index], second["ids"][index]
+        if first["pools"][a] != second["pools"][b]:
+            differ.append(
+                {
+                    "index": index,
+                    "at": round(at, 3),
+                    "priority": types_pb2.Priority.Name(task.priority),
+                    "sensitivity": types_pb2.Sensitivity.Name(task.sensitivity),
+                    "frames": task.frames,
+                    "pools": [first["pools"][a], second["pools"][b]],
+                    "dispatched_at": [first["dispatched_at"][a], second["dispatched_at"][b]],
+                }
+            )
+    spends = (first["spend_usd"], second["spend_usd"])
+    return {
+        "same_pool_pct": round(100.0 * (len(plan) - len(differ)) / len(plan), 2),
+        "spend_diff_pct": round(100.0 * (spends[1] - spends[0]) / spends[0], 2) if spends[0] else 0.0,
+        "differ": differ,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=60)
+    parser.add_argument("--seconds", type=float, default=20.0, help="arrivals spread over this long")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--cap-runs", type=float, default=14.5, help="cap as this many average cloud runs' cost")
+    parser.add_argument("--live-runs", type=int, default=2, help="record the same workload live this many times")
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args()
+    plan = workload_plan(args.tasks, args.seconds, args.seed)
+    cap = round(args.cap_runs * 4 * CLOUD_FRAME_S * PRICE / 3600, 6)  # an average task has 4 frames
+    lives, replays = [], []
+    for _ in range(max(1, args.live_runs)):
+        with tempfile.TemporaryDirectory(prefix="replay-") as tmp:
+            directory = Path(tmp)
+            live = record_live(directory, cap, plan)
+            replays.append(score(live, replay(directory / "policy", cap, live["workload"])))
+            lives.append(live)
+    pairs = [live_vs_live(plan, a, b) for a, b in itertools.combinations(lives, 2)]
+    result = {
+        "bench": "replay_accuracy",
+        "machine": machine_facts(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "settings": {
+            "tasks": args.tasks,
+            "arrivals_over_s": args.seconds,
+            "seed": args.seed,
+            "cap_usd": cap,
+            "price_per_hour": PRICE,
+            "onprem": [ONPREM_SLOTS, ONPREM_FRAME_S],
+            "cloud": [CLOUD_SLOTS, CLOUD_FRAME_S],
+            "live_runs": len(lives),
+        },
+        "same_pool_pct": [r["same_pool_pct"] for r in replays],  # simulated vs each live run
+        "spend_error_pct": [r["spend_error_pct"] for r in replays],
+        "live_vs_live_same_pool_pct": [p["same_pool_pct"] for p in pairs],
+        "replays": replays,
+        "live_vs_live": pairs,
+    }
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:
         args.output.write_text(text + "\n")
-    print(
-        f"replay accuracy: same pool {result['same_pool_pct']}% of {len(live_pools)} tasks, spend "
-        f"${result['simulated']['spend_usd']:.4f} simulated vs ${result['live']['spend_usd']:.4f} live "
-        f"({result['spend_error_pct']:+.2f}%), {live['budget_stops']} budget stops live; reservations equal "
-        f"within 1% for {result['reservations']['within_1pct']} of {result['reservations']['tasks']} cloud tasks "
-        f"(mean |sim - live| ${result['reservations']['mean_abs_diff_usd']:.6f})",
-        file=sys.stderr,
-    )
+    for number, r in enumerate(replays, start=1):
+        print(
+            f"replay accuracy (live run {number}): same pool {r['same_pool_pct']}% of {args.tasks} tasks, spend "
+            f"${r['simulated']['spend_usd']:.4f} simulated vs ${r['live']['spend_usd']:.4f} live "
+            f"({r['spend_error_pct']:+.2f}%), {r['live']['budget_stops']} budget stops live; reservations equal "
+            f"within 1% for {r['reservations']['within_1pct']} of {r['reservations']['tasks']} cloud tasks "
+            f"(mean |sim - live| ${r['reservations']['mean_abs_diff_usd']:.6f})",
+            file=sys.stderr,
+        )
+    for p in pairs:
+        print(
+            f"live vs live (ceiling): same pool {p['same_pool_pct']}% of {args.tasks} tasks, "
+            f"spend {p['spend_diff_pct']:+.2f}%",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":
