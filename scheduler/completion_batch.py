@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import structlog
 import tenacity
@@ -42,6 +42,19 @@ class Completion:
         end = Step(self.to_state, self.reason)
         steps = (Step(RUNNING, self.started), end) if self.started else (end,)
         return Change(self.record.id, steps, None, self.agent_id, self.message)
+
+    def finished_record(self) -> TaskRecord:
+        """The task as this completion leaves it (what listeners get, without reading it back);
+        `attempts` counts this run, so it is the run's attempt number."""
+        return replace(
+            self.record,
+            state=self.to_state,
+            agent_id=self.agent_id,
+            attempts=self.record.attempts + 1,
+            last_reason=self.reason,
+            updated_at=self.at,
+            finished_at=self.at,
+        )
 
 
 ApplyChanges = Callable[[Sequence[Change], float], list[bool | Exception]]

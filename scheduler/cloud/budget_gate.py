@@ -10,10 +10,14 @@
 - While the run goes on, `scheduler.spend_enforcement` grows the reservation (`extend`, which raises
   the run's limit by the time the added dollars buy) ahead of the limit, or, when the cap has no
   room, lets the agent stop the run at its limit (and stops it itself as a backstop).
-- The attempt ends in exactly one of: `on_finished` (settle: instance-seconds x the price placement
-  used, attributed to task/project/rule/pool/budget), `on_requeued` (settle the partial run:
-  preemption, lost agent, budget stop), `withdraw` (the launch never happened: release). A
-  completed run's billed seconds per frame go to `on_completed_run` (scheduler.run_estimates).
+- The attempt ends in exactly one of: `on_run_ended` (settle as soon as the agent reports the run's
+  end, keyed by task and attempt: the dispatcher calls it before it frees the run's slot, so budget
+  room and slot free together and the pass that ending wakes sees both), `on_finished` (settle:
+  instance-seconds x the price placement used, attributed to task/project/rule/pool/budget; a no-op
+  after `on_run_ended`), `on_requeued` (settle the partial run: preemption, lost agent, budget
+  stop), `withdraw` (the launch never happened: release). Settling pops the open attempt, so each
+  attempt settles once however many ways its outcome arrives. A completed run's billed seconds per
+  frame go to `on_completed_run` (scheduler.run_estimates).
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ class BudgetGate:
         self._accounts: dict[str, Budget] = {}
         self._attempts: dict[str, Attempt] = {}
         self._committed: dict[str, tuple[float, float]] = {}  # budget -> (read at, usd)
+        self._room_changes = 0  # bumped whenever spend or reservations change: a read begun before is stale
         self._adopted = False
 
     # ---- what placement reads ----------------------------------------------------------------------
@@ -107,10 +112,12 @@ class BudgetGate:
             cached = self._committed.get(budget)
             if cached is not None and now - cached[0] < self._ttl:
                 return cached[1]
+            changes = self._room_changes
         month = month_of(utc(now))
         usd = self.ledger.spent(budget, month) + self.ledger.reserved(budget, month)
         with self._lock:
-            self._committed[budget] = (now, usd)
+            if self._room_changes == changes:  # else a settlement or reservation raced this read: don't keep it
+                self._committed[budget] = (now, usd)
         return usd
 
     # ---- the dispatch gate -------------------------------------------------------------------------
@@ -197,6 +204,12 @@ class BudgetGate:
             if attempt is not None and task.agent_id:
                 self._attempts[task.id] = replace(attempt, agent_id=task.agent_id)
 
+    def on_run_ended(self, task: TaskRecord) -> None:
+        """The agent reported the end of attempt `task.attempts` (the store records it later):
+        settle that attempt now, so its budget room frees with its slot. Another attempt's open
+        reservation is left alone; `on_finished` after this finds nothing left to settle."""
+        self._settle(task.id, OUTCOMES.get(task.state, task.state), task.finished_at or self._clock(), task.attempts)
+
     def on_finished(self, task: TaskRecord) -> None:
         self._settle(task.id, OUTCOMES.get(task.state, task.state), task.finished_at or self._clock())
 
@@ -207,12 +220,14 @@ class BudgetGate:
     # agent stopped at its limit (a lower bound of its true time: the next bound grows by the margin).
     TEACHING_OUTCOMES = frozenset({"completed", f"requeued:{RUN_LIMIT}"})
 
-    def _settle(self, task_id: str, outcome: str, ended: float) -> None:
+    def _settle(self, task_id: str, outcome: str, ended: float, attempt_number: int | None = None) -> None:
+        """Settle the task's open attempt (only attempt `attempt_number` when given), once."""
         with self._lock:
-            attempt = self._attempts.pop(task_id, None)
-            account = self._accounts.get(attempt.reservation.budget) if attempt is not None else None
-        if attempt is None:
-            return
+            attempt = self._attempts.get(task_id)
+            if attempt is None or attempt_number not in (None, attempt.attempt):
+                return
+            del self._attempts[task_id]
+            account = self._accounts.get(attempt.reservation.budget)
         usage = Usage(
             task_id=task_id,
             project=attempt.project,
@@ -249,6 +264,7 @@ class BudgetGate:
     def _forget_committed(self, budget: str) -> None:
         with self._lock:
             self._committed.pop(budget, None)
+            self._room_changes += 1
 
     def _release_orphans_once(self) -> None:
         """First admit in this process (it just became leader): reservations of a previous leader
@@ -263,4 +279,6 @@ class BudgetGate:
             self.ledger.release(reservation)
         if orphans:
             log.info("released reservations of a previous leader", count=len(orphans))
-            self._committed.clear()
+            with self._lock:
+                self._committed.clear()
+                self._room_changes += 1

@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 
 from facefleet.agent.heartbeat import DrainVotes
@@ -83,6 +84,47 @@ def test_a_new_leader_releases_reservations_left_by_the_previous_one(tmp_path: P
     second.observe_budgets("v1", {"burst": Budget("burst", 1.0)})
     assert second.admit(record("new"), result(0.9), NOW) == ""  # "old" was released, not counted twice
     assert [r.task_id for r in first.ledger.open_reservations()] == ["new"]
+
+
+def test_a_run_end_settles_its_own_attempt_once(tmp_path: Path) -> None:
+    """`on_run_ended` (the agent reported the end, before the store records it) settles that attempt:
+    an earlier attempt's late end leaves the open one alone, and the later `on_finished` or a repeated
+    end (an agent's inventory) settle nothing more."""
+    clock = [NOW]
+    budgets = gate(tmp_path, clock)
+    assert budgets.admit(record("t0"), result(0.3), NOW) == ""  # attempt 2 (record() has 1 counted)
+    ended = replace(record("t0", SUCCEEDED, "spot-1"), attempts=2, finished_at=NOW + 100)
+    budgets.on_run_ended(replace(ended, attempts=1))  # a superseded run's end: not this reservation
+    assert list(budgets.open_attempts()) == ["t0"]
+    budgets.on_run_ended(ended)
+    assert budgets.open_attempts() == {} and budgets.ledger.open_reservations() == []
+    assert abs(budgets.committed("burst") - 0.1) < 1e-9  # 100 s at $3.6/h: the room is back at once
+    clock[0] = NOW + 200
+    budgets.on_finished(replace(ended, finished_at=NOW + 200))  # the store recorded the completion
+    budgets.on_run_ended(ended)  # the same outcome again
+    rows = budgets.ledger.records(budgets_utc(NOW - 1))
+    assert [(r["task_id"], r["outcome"], round(r["usd"], 9)) for r in rows] == [("t0", "completed", 0.1)]
+
+
+def test_a_committed_read_that_raced_a_settlement_is_not_kept(tmp_path: Path) -> None:
+    """Placement reads spend + reserved through a short cache; a settlement landing while a read is
+    in flight must not leave the stale total cached (the pass after the run's end would not see the
+    room it freed)."""
+    budgets = gate(tmp_path, [NOW])
+    assert budgets.admit(record("t0"), result(0.3), NOW) == ""
+    spent = budgets.ledger.spent
+    raced: list[bool] = []
+
+    def spent_then_settled(budget: str, month: str) -> float:
+        usd = spent(budget, month)  # read before the settlement ...
+        if not raced:
+            raced.append(True)  # ... which lands before the read's total is cached
+            budgets.on_run_ended(replace(record("t0", SUCCEEDED, "spot-1"), attempts=2, finished_at=NOW + 10))
+        return usd
+
+    budgets.ledger.spent = spent_then_settled  # type: ignore[method-assign]
+    assert budgets.committed("burst") == pytest.approx(0.0)  # spent 0 + reserved 0 (settled meanwhile)
+    assert budgets.committed("burst") == pytest.approx(0.01)  # the settled run, not a stale cached total
 
 
 def budgets_utc(seconds: float) -> Any:
