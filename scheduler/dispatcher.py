@@ -99,7 +99,9 @@ class AgentDirectory(Protocol):
 
 
 class DispatchListener(Protocol):
-    """Hook for the cloud budget ledger and the audit log."""
+    """Hook for the cloud budget ledger and the audit log. Optional hooks, looked up by name:
+    `on_run_ended(task)` (an agent reported the run's end; before its slot frees and before the
+    store records it) and `on_requeued(task, reason)`."""
 
     def on_dispatched(self, task: TaskRecord, decision: PlacementResult) -> None: ...
     def on_finished(self, task: TaskRecord) -> None: ...
@@ -810,7 +812,7 @@ class Dispatcher:
                     completion = Completion(
                         assignment.record, agent_id, *_ending(update.progress), now, assignment.attempt, started
                     )
-                    self._completions.put(completion)
+                    self._complete(completion)
                 else:  # a stopped run, a preemption: the store moves it back to the queue
                     if mark is not None:
                         self.store.apply_changes([mark], now)
@@ -1022,10 +1024,21 @@ class Dispatcher:
         if state in _ENDS_THE_RUN:
             # Recorded by the completion batcher (one commit for many); this worker's `finally`
             # frees the agent slot now: the agent has said it is done.
-            self._completions.put(Completion(record, agent_id, *_ending(message), now, attempt))
+            self._complete(Completion(record, agent_id, *_ending(message), now, attempt))
             return True
         self.store.record_progress(task_id, message, now)
         return False
+
+    def _complete(self, completion: Completion) -> None:
+        """A run's ending, as the agent reported it: listeners with `on_run_ended` (the budget gate
+        settles the attempt) hear it now, before the caller frees the run's slot, so the pass this
+        ending wakes sees slot and budget room free together; the store records it with the batch."""
+        hooks = [hook for listener in self.listeners if (hook := getattr(listener, "on_run_ended", None))]
+        if hooks:
+            ended = completion.finished_record()
+            for hook in hooks:
+                _safe(hook, ended)
+        self._completions.put(completion)
 
     def _completion_recorded(self, completion: Completion) -> None:
         """A completion the batcher committed: metrics and listeners get the record as committed."""
@@ -1033,15 +1046,7 @@ class Dispatcher:
         self.agents.acknowledge(completion.agent_id, record.id, completion.attempt)
         metrics.TASKS_FINISHED.labels(state=completion.to_state, pool=record.pool or "").inc()
         if self.listeners:  # without reading it back
-            final = replace(
-                record,
-                state=completion.to_state,
-                agent_id=completion.agent_id,
-                attempts=record.attempts + 1,
-                last_reason=completion.reason,
-                updated_at=completion.at,
-                finished_at=completion.at,
-            )
+            final = completion.finished_record()
             for listener in self.listeners:
                 _safe(listener.on_finished, final)
 
