@@ -69,10 +69,10 @@ ARRIVALS_PER_HOUR = Quantity("tasks/h", 1e6)
 MAX_ARRIVALS = 1_000_000  # per stream
 PRIORITY_RANK = {name: rank for rank, name in enumerate(PRIORITIES, start=1)}  # scheduler.queue's integers
 DRAIN_FACTOR = 20  # stop draining after duration x this, reporting what is left as unfinished
-# Live, a run's slot frees when its stream ends (a pass runs at once) but its completion (budget
-# settlement, project counts) is committed after the dispatcher's completion linger, and a pass sees
-# it at its next idle wake-up: on average linger + half the idle sleep later.
-SETTLE_LAG_S = DispatcherSettings.completion_linger_s + DispatcherSettings.idle_sleep_s / 2
+# Live, a run's ending frees its slot and settles its budget attempt together (the dispatcher
+# settles before it frees the slot, then passes), but the project counts drop when the completion
+# batcher commits, after its linger; under project limits that commit wakes a pass.
+COMPLETION_LAG_S = DispatcherSettings.completion_linger_s
 
 
 class SimClock:
@@ -262,13 +262,13 @@ def simulate(
     rules: PassRules | None = None,
     spend_step_s: float | None = 0.5,
     limit_lead_s: float = 2.0,
-    settle_lag_s: float = SETTLE_LAG_S,
+    completion_lag_s: float = COMPLETION_LAG_S,
 ) -> SimReport:
     """Replay `workload`: every pass is `scheduler.pass_planner.plan_pass`, as in the live dispatcher.
     `spend_step_s` / `limit_lead_s`: the live spend enforcer's step (`[cloud] spend_accrual_s`) and
     lead (the agents' heartbeat interval); None: spend enforcement off (`[cloud] spend_enforcement`).
-    `settle_lag_s`: how long after a run's slot frees its completion is recorded (the budget settled,
-    project counts lowered) as a pass sees it; see `SETTLE_LAG_S`."""
+    A run's end frees its slot and settles its paid run at once; under project limits, its project's
+    count drops `completion_lag_s` later (the completion's commit), with a pass; see `COMPLETION_LAG_S`."""
     clock = clock or SimClock()
     arrivals = generate_arrivals(workload)
     pools = {p.name: _PoolSim(p, p.price_per_hour) for p in world.pools}
@@ -313,8 +313,7 @@ def simulate(
         return World(learned.overlay(tuple(snaps)), budgets, world.locks, world.notes)
 
     def settle(task: TaskSpec) -> None:
-        """The completion recorded: project counts drop, a paid run settles and teaches the estimate."""
-        running_by_project[task.project] -= 1
+        """The run ended: a paid run settles and teaches the estimate (the budget gate's `on_run_ended`)."""
         run = paid.pop(task.id, None)
         if run is not None:
             spent[run.budget] += run.cost_usd - run.reserved_usd
@@ -420,16 +419,17 @@ def simulate(
                 sim.provisioned -= 1
             else:
                 heapq.heappop(sim.running_ends)
-            if settle_lag_s > 0:  # the slot is free now, the completion is recorded a little later
-                heapq.heappush(events, (t + settle_lag_s, next(seq), "settle", arrival.task))
+            settle(arrival.task)
+            if limits and completion_lag_s > 0:  # the project's count drops when the completion commits
+                heapq.heappush(events, (t + completion_lag_s, next(seq), "recorded", arrival.task.project))
             else:
-                settle(arrival.task)
+                running_by_project[arrival.task.project] -= 1
             took = clock.now - arrival.at
             completions.append(took)
             if arrival.task.sla_seconds and took > arrival.task.sla_seconds:
                 report.sla_misses += 1
-        elif kind == "settle":
-            settle(payload)
+        elif kind == "recorded":
+            running_by_project[payload] -= 1
         elif kind == "enforce":
             assert spend_step_s is not None
             enforce(payload, spend_step_s)
