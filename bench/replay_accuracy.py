@@ -157,6 +157,7 @@ def record_live(directory: Path, cap: float, plan: list[tuple[float, types_pb2.T
         "dispatched_at": {task_id: round(at - since.timestamp(), 3) for task_id, at in dispatched.items()},
         "reserved_usd": {str(r["task_id"]): float(r["estimate_usd"] or 0.0) for r in rows},
         "billed_s": {str(r["task_id"]): float(r["instance_seconds"]) for r in rows},
+        "ended_at": sorted(round(r["ended_at"].timestamp() - since.timestamp(), 3) for r in rows),
         "spend_usd": sum(float(r["usd"]) for r in rows),
         "cloud_runs": len(rows),
         "budget_stops": stopped,
@@ -203,6 +204,25 @@ def compare_reservations(live: dict[str, Any], sim: Any) -> dict[str, Any]:
     }
 
 
+def end_to_dispatch_lags(live: dict[str, Any], within_s: float = 0.25) -> dict[str, Any]:
+    """Live, from a cloud run's recorded end (the ledger row's ended_at: when the scheduler handled
+    the agent's ending update) to the next cloud dispatch when that came within `within_s`: the
+    lag with which freed slot and budget room reach a launch (the simulator launches at the end)."""
+    ends = live["ended_at"]
+    lags = []
+    for task_id, pool in live["pools"].items():
+        at = live["dispatched_at"][task_id]
+        before = [end for end in ends if end <= at]
+        if pool == "cloud-spot" and before and at - before[-1] <= within_s:
+            lags.append(at - before[-1])
+    lags.sort()
+    return {
+        "count": len(lags),
+        "median_s": round(lags[len(lags) // 2], 3) if lags else None,
+        "max_s": round(lags[-1], 3) if lags else None,
+    }
+
+
 def score(live: dict[str, Any], sim: Any) -> dict[str, Any]:
     """One live run against its replay: same pool per task, spend, reservations, dispatch times."""
     live_pools: dict[str, str] = live["pools"]
@@ -217,6 +237,7 @@ def score(live: dict[str, Any], sim: Any) -> dict[str, Any]:
             "cloud_runs": live["cloud_runs"],
             "budget_stops": live["budget_stops"],
             "per_pool": dict(sorted(Counter(live_pools.values()).items())),
+            "end_to_next_cloud_dispatch": end_to_dispatch_lags(live),
         },
         "simulated": {"spend_usd": round(sim.cloud_cost_usd, 6), "per_pool": sim.per_pool},
         "same_pool_pct": round(100.0 * same / len(live_pools), 2),
@@ -323,7 +344,8 @@ def main() -> None:
             f"${r['simulated']['spend_usd']:.4f} simulated vs ${r['live']['spend_usd']:.4f} live "
             f"({r['spend_error_pct']:+.2f}%), {r['live']['budget_stops']} budget stops live; reservations equal "
             f"within 1% for {r['reservations']['within_1pct']} of {r['reservations']['tasks']} cloud tasks "
-            f"(mean |sim - live| ${r['reservations']['mean_abs_diff_usd']:.6f})",
+            f"(mean |sim - live| ${r['reservations']['mean_abs_diff_usd']:.6f}); live end -> next cloud dispatch "
+            f"median {r['live']['end_to_next_cloud_dispatch']['median_s']} s",
             file=sys.stderr,
         )
     for p in pairs:
