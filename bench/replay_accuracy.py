@@ -271,15 +271,17 @@ def score(live: dict[str, Any], sim: Any) -> dict[str, Any]:
 def live_vs_live(
     plan: list[tuple[float, types_pb2.Task]], first: dict[str, Any], second: dict[str, Any]
 ) -> dict[str, Any]:
-    """Two live runs of the same arrivals, task by task (plan order): how often live repeats itself."""
+    """Two live runs of the same arrivals, task by task (plan order): how often live repeats itself.
+    Times are each run's own (seconds from its first arrival, as in its timeline)."""
+    arrived = [{task["id"]: task["at"] for task in live["workload"]["tasks"]} for live in (first, second)]
     differ = []
-    for index, (at, task) in enumerate(plan):
+    for index, (_at, task) in enumerate(plan):
         a, b = first["ids"][index], second["ids"][index]
         if first["pools"][a] != second["pools"][b]:
             differ.append(
                 {
                     "index": index,
-                    "at": round(at, 3),
+                    "at": [arrived[0][a], arrived[1][b]],
                     "priority": types_pb2.Priority.Name(task.priority),
                     "sensitivity": types_pb2.Sensitivity.Name(task.sensitivity),
                     "frames": task.frames,
