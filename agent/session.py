@@ -6,8 +6,10 @@ with the run journal's inventory; then one every interval. Every `control` the s
 reply or on its own, is obeyed (`agent.heartbeat.obey`). Assignments go to the runtime (start, wait
 for a slot, re-attach or replay its outcome); a refused one goes back as a RunRefusal. A run publishes
 its updates straight into the session's `Outbox` (no thread follows a run); one sender drains it in
-batches: at most `LINGER_S` after the first update or `MAX_BATCH` updates, a run's non-ending progress
-coalesced to the newest, ending updates never dropped.
+batches. A run's ending update or a refusal (each frees a slot the scheduler waits for) goes out at
+once, with whatever else is pending; progress waits at most `LINGER_S` for company or `MAX_BATCH`
+updates, a run's non-ending progress coalesced to the newest, ending updates never dropped. Under
+load the batches grow by themselves: whatever is posted while a message is being sent goes next.
 
 When a session breaks, runs go on. The client reconnects with capped exponential backoff (at most
 2 x interval: a new leader waits about two intervals for inventories) and opens with a fresh
@@ -37,7 +39,7 @@ from facefleet.v1 import agent_pb2, scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
 log = structlog.get_logger()
 
-LINGER_S = 0.005  # an update waits at most this long for others to share its message
+LINGER_S = 0.005  # a progress update waits at most this long for others to share its message
 MAX_BATCH = 256  # updates and refusals in one message at most (about; a message is cut once it is full)
 SESSION = "session"
 UNARY = "unary"  # an older scheduler: Heartbeat calls, and it dispatches with Agent.RunTask
@@ -60,6 +62,7 @@ class Outbox:
         self._refusals: list[scheduler_pb2.RunRefusal] = []
         self._count = 0
         self._first_at = 0.0
+        self._urgent = False  # an ending or a refusal is pending: no linger
         self.closed = False
 
     def update(self, task_id: str, attempt: int, progress: types_pb2.Progress) -> None:
@@ -71,6 +74,7 @@ class Outbox:
                 return  # nothing follows a run's end
             if progress.state in RUN_ENDED_STATES:
                 pending.ending = progress
+                self._urgent = True
             elif pending.progress is None:
                 pending.progress = progress
             else:
@@ -82,6 +86,7 @@ class Outbox:
         with self._changed:
             if not self.closed:
                 self._refusals.append(refusal)
+                self._urgent = True
                 self._posted()
 
     def _posted(self) -> None:
@@ -89,16 +94,19 @@ class Outbox:
         if self._count == 1:
             self._first_at = time.monotonic()
             self._changed.notify_all()
-        elif self._count == self.max_batch:
+        elif self._count == self.max_batch or self._urgent:
             self._changed.notify_all()
 
     def take(self, deadline: float) -> scheduler_pb2.AgentMessage | None:
-        """The next batch, once it is full or has lingered `linger_s`, or whatever is pending at
-        `deadline` (monotonic; maybe nothing); None once closed."""
+        """The next batch: at once when it holds an ending or a refusal, else once it is full or has
+        lingered `linger_s`, or whatever is pending at `deadline` (monotonic; maybe nothing); None
+        once closed."""
         with self._changed:
             while not self.closed:
                 now = time.monotonic()
-                if self._count and (self._count >= self.max_batch or now >= self._first_at + self.linger_s):
+                if self._count and (
+                    self._urgent or self._count >= self.max_batch or now >= self._first_at + self.linger_s
+                ):
                     break
                 if now >= deadline:
                     break
@@ -114,6 +122,7 @@ class Outbox:
             self._runs.clear()
             self._refusals = []
             self._count = 0
+            self._urgent = False
             return message
 
     def close(self) -> None:

@@ -104,7 +104,10 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def run_celery(tasks: int, workers_per_group: int, payload_bytes: int, private_share: float) -> dict[str, Any]:
+def run_celery(
+    tasks: int, workers_per_group: int, payload_bytes: int, private_share: float, rate: float = 0.0
+) -> dict[str, Any]:
+    """`rate` > 0 paces the submissions (tasks/s, open loop); 0 submits as fast as the client can."""
     server = RedisServer()
     env = {**os.environ, "FACEFLEET_BENCH_BROKER": server.url}
     root = Path(__file__).resolve().parent.parent
@@ -143,6 +146,8 @@ def run_celery(tasks: int, workers_per_group: int, payload_bytes: int, private_s
         private_every = max(1, round(1 / private_share)) if private_share > 0 else 0
         started = time.time()
         for i in range(tasks):
+            if rate > 0:
+                time.sleep(max(0.0, started + i / rate - time.time()))
             private = private_every and i % private_every == 0
             bench_app.send_task(
                 "bench.celery_side.swap_noop",
@@ -170,6 +175,7 @@ def run_celery(tasks: int, workers_per_group: int, payload_bytes: int, private_s
                 "prefetch_multiplier": 1,
                 "worker_groups": {"onprem": workers_per_group, "cloud": workers_per_group},
                 "pool": "prefork",
+                "offered_rate_tasks_per_s": rate or "as fast as one client submits",
             },
         }
     finally:

@@ -100,7 +100,13 @@ def batch_request(items: list[bytes]) -> bytes:
 
 
 def run_facefleet(
-    tasks: int, slots: int, payload_bytes: int, clients: int, prefetch: int = 0, batch: int = 1
+    tasks: int,
+    slots: int,
+    payload_bytes: int,
+    clients: int,
+    prefetch: int = 0,
+    batch: int = 1,
+    rate: float = 0.0,
 ) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="ff-compare-"))
     store_url = f"sqlite:///{work}/bench.db"
@@ -146,10 +152,13 @@ def run_facefleet(
                 request_serializer=None,
                 response_deserializer=reply_class.FromString,
             )
-            pending = iter(calls)
+            pending = iter(enumerate(calls))
+            begin = time.time()
 
             async def client() -> None:
-                for raw in pending:
+                for index, raw in pending:
+                    if rate > 0:  # open loop: call `index` is due at begin + its first task's index / rate
+                        await asyncio.sleep(max(0.0, begin + index * batch / rate - time.time()))
                     at = time.time()
                     try:
                         reply = await submit(raw, timeout=60)
@@ -214,6 +223,7 @@ def run_facefleet(
             "prefetch": prefetch,
             "clients": clients,
             "tasks_per_submit_call": batch,
+            "offered_rate_tasks_per_s": rate or "as fast as the clients submit",
             "payload": f"{payload_bytes} bytes in a file, passed by URI, read by the agent"
             if payload_bytes
             else "none",
@@ -233,6 +243,12 @@ def main() -> None:
     parser.add_argument(
         "--batch", type=int, default=1, help="facefleet tasks per submit call (1 = SubmitTask, more = SubmitTasks)"
     )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="offered load for both sides, tasks/s (open loop); 0 = each side's clients submit as fast as they can",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="pairs per payload (alternated); report the median ratio")
     parser.add_argument("--output", type=Path, help="also write the JSON here")
     args = parser.parse_args()
@@ -243,8 +259,8 @@ def main() -> None:
     sizes = [int(size) for size in args.payload_kib.split(",")]
     for _round in range(max(1, args.repeat)):  # rounds alternate the sides, so drift hits both
         for kib in sizes:
-            ours = run_facefleet(args.tasks, args.slots, kib * 1024, args.clients, args.prefetch, args.batch)
-            theirs = run_celery(args.tasks, args.slots, kib * 1024, private_share=0.5)
+            ours = run_facefleet(args.tasks, args.slots, kib * 1024, args.clients, args.prefetch, args.batch, args.rate)
+            theirs = run_celery(args.tasks, args.slots, kib * 1024, private_share=0.5, rate=args.rate)
             ratio = ours["throughput_tasks_per_s"] / max(theirs["throughput_tasks_per_s"], 1e-9)
             runs.append({"payload_kib": kib, "facefleet": ours, "celery": theirs, "ratio": round(ratio, 2)})
     median_ratio = {
@@ -258,6 +274,7 @@ def main() -> None:
             "slots_per_group": args.slots,
             "prefetch": args.prefetch,
             "facefleet_tasks_per_submit_call": args.batch,
+            "offered_rate_tasks_per_s": args.rate,
             "private_share": 0.5,
             "repeat": args.repeat,
         },
@@ -270,7 +287,12 @@ def main() -> None:
     if args.output:
         args.output.write_text(text + "\n")
     medians = ", ".join(f"{kib} KiB {ratio}x" for kib, ratio in median_ratio.items())
-    tail = f" ({args.tasks} tasks, {args.slots} slots per group; median ratio {medians})"
+    paced = f"offered {args.rate:g} tasks/s" if args.rate else "as fast as clients submit"
+    tail = (
+        f" ({args.tasks} tasks, {args.slots} slots per group, prefetch {args.prefetch}, "
+        f"{args.batch} tasks per facefleet "
+        f"call, {paced}; median ratio {medians})"
+    )
     print("compare_celery: " + "; ".join(summary_line(run) for run in runs) + tail)
 
 

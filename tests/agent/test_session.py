@@ -317,6 +317,24 @@ def test_a_batch_goes_out_after_the_linger_or_once_full() -> None:
     assert outbox.take(time.monotonic() + 30) is None
 
 
+def test_an_ending_or_a_refusal_goes_out_at_once_and_progress_waits_for_company() -> None:
+    outbox = Outbox(max_batch=100, linger_s=5.0)
+    outbox.update("a", 1, _progress("a", 1))
+    started = time.monotonic()
+    threading.Timer(0.05, outbox.update, ("b", 1, _progress("b", 2, SUCCEEDED))).start()
+    message = outbox.take(started + 30)
+    assert message is not None and [update.task_id for update in message.updates] == ["a", "b"]
+    assert 0.04 <= time.monotonic() - started < 2.0  # sent when the ending came, not after the linger
+    outbox.refuse(scheduler_pb2.RunRefusal(task_id="c", attempt=1))
+    started = time.monotonic()
+    message = outbox.take(started + 30)
+    assert message is not None and len(message.refusals) == 1 and time.monotonic() - started < 2.0
+    outbox.update("d", 1, _progress("d", 1))
+    started = time.monotonic()
+    message = outbox.take(started + 0.2)  # progress alone lingers: here until the deadline
+    assert message is not None and len(message.updates) == 1 and time.monotonic() - started >= 0.19
+
+
 def test_with_the_real_scheduler_outcomes_finished_while_it_was_down_are_recorded_once(make_agent, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """The session against the real SchedulerApp: work arrives over the session, the scheduler stops
     while a run goes on, the run finishes meanwhile, and the restarted scheduler (same port, same

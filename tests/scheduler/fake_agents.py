@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from facefleet.agent.run_journal import RUN_ENDED_STATES
 from facefleet.grpc_server import SERVICE_NAMES, LoopThread, ServerHandle, build_server
 from facefleet.v1 import agent_pb2, agent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
-UPDATE_LINGER_S = 0.005  # updates wait this long for company before they are sent
+UPDATE_LINGER_S = 0.005  # progress waits this long for company; endings and refusals go at once (as agent.session)
 
 
 @dataclass
@@ -72,11 +73,13 @@ class _Session:
         self.updates: list[scheduler_pb2.RunUpdate] = []
         self.refusals: list[scheduler_pb2.RunRefusal] = []
         self.wake = asyncio.Event()
+        self.urgent = False  # an ending or a refusal is pending
         self.open = True
 
     def update(self, run: Run, progress: types_pb2.Progress) -> None:
         if self.open:
             self.updates.append(scheduler_pb2.RunUpdate(task_id=run.task.id, attempt=run.attempt, progress=progress))
+            self.urgent = self.urgent or progress.state in RUN_ENDED_STATES
             self.wake.set()
 
     def refuse(self, request: agent_pb2.RunTaskRequest, reason: int, message: str, retry: bool) -> None:
@@ -86,6 +89,7 @@ class _Session:
                 task_id=request.task.id, attempt=request.attempt, error=error, retry=retry
             )
             self.refusals.append(refusal)
+            self.urgent = True
             self.wake.set()
 
 
@@ -270,16 +274,19 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
             sender.cancel()
 
     async def _send(self, call: grpc.aio.StreamStreamCall, session: _Session) -> None:
-        """Batched updates and refusals (at most UPDATE_LINGER_S late), and a heartbeat each interval."""
+        """Batched updates and refusals (progress at most UPDATE_LINGER_S late, endings and refusals at
+        once), and a heartbeat each interval."""
         loop = asyncio.get_running_loop()
         next_heartbeat = loop.time() + self.heartbeat_s
         while True:
             try:
                 await asyncio.wait_for(session.wake.wait(), max(0.0, next_heartbeat - loop.time()))
-                await asyncio.sleep(UPDATE_LINGER_S)
+                if not session.urgent:
+                    await asyncio.sleep(UPDATE_LINGER_S)
             except TimeoutError:
                 pass
             session.wake.clear()
+            session.urgent = False
             message = scheduler_pb2.AgentMessage(updates=session.updates, refusals=session.refusals)
             session.updates, session.refusals = [], []
             if loop.time() >= next_heartbeat:
