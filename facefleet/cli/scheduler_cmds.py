@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Any
 
 import typer
 
-from facefleet.cli.output import JSON_OPTION, console, fail, print_json
+from facefleet.cli.output import JSON_OPTION, console, fail, line, print_error, print_json
 from facefleet.domain import state_name
 
 SCHEDULER_OPTION = typer.Option(None, "--scheduler", help="Scheduler host:port (default: scheduler.listen).")
@@ -149,35 +150,52 @@ def register(app: typer.Typer) -> None:
 
     @app.command("submit")
     def submit_cmd(
-        task_file: Path = typer.Argument(..., help="Task YAML (project, sensitivity, source_uri, target_uri...)."),
-        idempotency_key: str = typer.Option("", "--idempotency-key", help="Repeat-safe key: same key, same task."),
-        wait: bool = typer.Option(False, "--wait", help="Follow the task until it finishes."),
+        task_files: list[Path] = typer.Argument(
+            ..., help="Task YAML files (project, sensitivity, source_uri, target_uri...); several go in one call."
+        ),
+        idempotency_key: str = typer.Option(
+            "", "--idempotency-key", help="Repeat-safe key: same key, same task (with several files: KEY/1, KEY/2...)."
+        ),
+        wait: bool = typer.Option(False, "--wait", help="Follow the task until it finishes (one file only)."),
         scheduler: str | None = SCHEDULER_OPTION,
         insecure: bool = INSECURE_OPTION,
         identity: str = IDENTITY_OPTION,
         config: Path | None = CONFIG_OPTION,
         json_output: bool = JSON_OPTION,
     ) -> None:
-        """Submit a task; prints its id (durable once printed)."""
+        """Submit tasks; prints each id (durable once printed). Several files are sent with
+        SubmitTasks, up to 1,000 per call: a refused file refuses only itself."""
         from facefleet.v1 import scheduler_pb2
         from facefleet.yaml_input import YamlInputError, read_yaml_file
 
-        try:
-            data = read_yaml_file(task_file, "task file")
-        except YamlInputError as error:
-            fail(str(error), hint="a task file is one YAML mapping in UTF-8 (see docs/operations.md)")
-        task = task_from_mapping(data, str(task_file))
-        with _channel(scheduler, insecure, config, identity) as channel:
-            reply = _call(
-                channel, "SubmitTask", scheduler_pb2.SubmitTaskRequest(task=task, idempotency_key=idempotency_key)
+        if wait and len(task_files) > 1:
+            fail("--wait follows one task; several files were given", hint="submit them, then `facefleet status ID`")
+        requests = []
+        for number, task_file in enumerate(task_files, start=1):
+            try:
+                data = read_yaml_file(task_file, "task file")
+            except YamlInputError as error:
+                fail(str(error), hint="a task file is one YAML mapping in UTF-8 (see docs/operations.md)")
+            key = idempotency_key if len(task_files) == 1 or not idempotency_key else f"{idempotency_key}/{number}"
+            requests.append(
+                scheduler_pb2.SubmitTaskRequest(task=task_from_mapping(data, str(task_file)), idempotency_key=key)
             )
-            if json_output and not wait:
-                print_json({"task_id": reply.task_id, "created": reply.created, "state": state_name(reply.state)})
+        with _channel(scheduler, insecure, config, identity) as channel:
+            if len(requests) == 1:
+                reply = _call(channel, "SubmitTask", requests[0])
+                if json_output and not wait:
+                    print_json({"task_id": reply.task_id, "created": reply.created, "state": state_name(reply.state)})
+                    return
+                if not json_output:
+                    console.print(f"{reply.task_id} {'created' if reply.created else 'already submitted'}")
+                if wait:
+                    _follow(channel, reply.task_id, json_output)
                 return
-            if not json_output:
-                console.print(f"{reply.task_id} {'created' if reply.created else 'already submitted'}")
-            if wait:
-                _follow(channel, reply.task_id, json_output)
+            results = []
+            for first in range(0, len(requests), SUBMIT_CALL_ITEMS):
+                chunk = scheduler_pb2.SubmitTasksRequest(items=requests[first : first + SUBMIT_CALL_ITEMS])
+                results.extend(_call(channel, "SubmitTasks", chunk).results)
+        _report_submitted(task_files, results, json_output)
 
     @app.command("status")
     def status_cmd(
@@ -202,8 +220,7 @@ def register(app: typer.Typer) -> None:
         )
         for transition in status.transitions:
             console.print(
-                f"  {transition.at.ToDatetime().isoformat()}  {state_name(transition.to_state):<10} "
-                f"{transition.reason}"
+                f"  {transition.at.ToDatetime().isoformat()}  {state_name(transition.to_state):<10} {transition.reason}"
             )
 
     @app.command("watch")
@@ -284,6 +301,45 @@ def register(app: typer.Typer) -> None:
         console.print(table)
         if reply.next_page_token:
             console.print(f"more: --page-token {reply.next_page_token}")
+
+
+SUBMIT_CALL_ITEMS = 1000  # the scheduler's SubmitTasks limit
+
+
+def _report_submitted(task_files: list[Path], results: list[Any], json_output: bool) -> None:
+    """One line per file (its id, or why it was refused); exit 1 when any was refused."""
+    refused = [
+        (path, result.error) for path, result in zip(task_files, results, strict=True) if result.HasField("error")
+    ]
+    if json_output:
+        rows: list[dict[str, Any]] = []
+        for path, result in zip(task_files, results, strict=True):
+            if result.HasField("error"):
+                error = result.error
+                rows.append(
+                    {"file": str(path), "error": error.message, "field": re.sub(r"^items\[\d+\]\.", "", error.field)}
+                )
+            else:
+                done = result.submitted
+                rows.append(
+                    {
+                        "file": str(path),
+                        "task_id": done.task_id,
+                        "created": done.created,
+                        "state": state_name(done.state),
+                    }
+                )
+        print_json(rows)
+    else:
+        for path, result in zip(task_files, results, strict=True):
+            if result.HasField("submitted"):
+                done = result.submitted
+                console.print(line(str(path), f": {done.task_id} {'created' if done.created else 'already submitted'}"))
+        for path, error in refused:  # the file names the item: its index in the call adds nothing
+            message = re.sub(r"^items\[\d+\]\.", "", error.message)
+            print_error(f"{path}: {message}", hint="fix that field and submit this file again")
+    if refused:
+        raise typer.Exit(1)
 
 
 def _follow(channel: Any, task_id: str, json_output: bool) -> None:

@@ -75,3 +75,27 @@ def test_errors_are_actionable(start_scheduler, tmp_path: Path) -> None:  # type
     assert code == 1 and "NOT_FOUND" in out and "facefleet tasks" in out
     code, out = invoke_failing("tasks", "--state", "sleeping", "--scheduler", address, "--insecure")
     assert code == 1 and "queued" in out
+
+
+def test_several_files_go_in_one_call_and_a_bad_file_refuses_only_itself(start_scheduler, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    app = start_scheduler()
+    address = f"127.0.0.1:{app.port}"
+    files = []
+    for name, source in (("a", "file:///data/face.jpg"), ("[bold]b", "http://x/a.jpg"), ("c", "file:///data/face.jpg")):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(
+            f"project: bulk\nsensitivity: private\nsource_uri: {source}\ntarget_uri: file:///data/{len(files)}.jpg\n"
+        )
+        files.append(str(path))
+    code, out = invoke_failing("submit", *files, "--scheduler", address, "--insecure", "--idempotency-key", "batch-7")
+    assert code == 1
+    assert f"{files[0]}: " in out and f"{files[2]}: " in out and out.count("created") == 2
+    assert f"error: {files[1]}: task.source_uri" in out and "hint:" in out  # the file name printed as text
+    code, out = invoke("submit", *files, "--scheduler", address, "--insecure", "--json", "--idempotency-key", "batch-7")
+    rows = json.loads(out)
+    assert [row.get("created") for row in rows] == [False, None, False]  # the keys KEY/1, KEY/3 named the same tasks
+    assert rows[1]["field"] == "task.source_uri" and code == 1
+    code, out = invoke("tasks", "--project", "bulk", "--scheduler", address, "--insecure", "--json")
+    assert len(json.loads(out)["tasks"]) == 2
+    code, out = invoke_failing("submit", files[0], files[2], "--wait", "--scheduler", address, "--insecure")
+    assert code == 1 and "--wait follows one task" in out
