@@ -230,6 +230,11 @@ def score(live: dict[str, Any], sim: Any) -> dict[str, Any]:
     assert replayed == set(live_pools), f"history lost {len(set(live_pools) - replayed)} task(s)"
     same = sum(1 for task_id, pool in live_pools.items() if sim.assignments.get(task_id) == pool)
     spend_error = (sim.cloud_cost_usd - live["spend_usd"]) / live["spend_usd"] if live["spend_usd"] else 0.0
+    gaps = sorted(  # |live - simulated| dispatch time of the tasks both sent to the same pool
+        abs(live["dispatched_at"][task_id] - sim.dispatched_at[task_id])
+        for task_id, pool in live_pools.items()
+        if sim.assignments.get(task_id) == pool
+    )
     return {
         "live": {
             "wall_s": round(live["wall_s"], 2),
@@ -242,6 +247,10 @@ def score(live: dict[str, Any], sim: Any) -> dict[str, Any]:
         "simulated": {"spend_usd": round(sim.cloud_cost_usd, 6), "per_pool": sim.per_pool},
         "same_pool_pct": round(100.0 * same / len(live_pools), 2),
         "spend_error_pct": round(100.0 * spend_error, 2),
+        "dispatch_time_gap_s": {
+            "median": round(gaps[len(gaps) // 2], 3) if gaps else None,
+            "max": round(gaps[-1], 3) if gaps else None,
+        },
         "replayed_workload": live["workload"],
         "mismatched": [
             {
@@ -346,8 +355,9 @@ def main() -> None:
             f"${r['simulated']['spend_usd']:.4f} simulated vs ${r['live']['spend_usd']:.4f} live "
             f"({r['spend_error_pct']:+.2f}%), {r['live']['budget_stops']} budget stops live; reservations equal "
             f"within 1% for {r['reservations']['within_1pct']} of {r['reservations']['tasks']} cloud tasks "
-            f"(mean |sim - live| ${r['reservations']['mean_abs_diff_usd']:.6f}); live end -> next cloud dispatch "
-            f"median {r['live']['end_to_next_cloud_dispatch']['median_s']} s",
+            f"(mean |sim - live| ${r['reservations']['mean_abs_diff_usd']:.6f}); dispatch times |sim - live| "
+            f"median {r['dispatch_time_gap_s']['median']} s, max {r['dispatch_time_gap_s']['max']} s; live end -> "
+            f"next cloud dispatch median {r['live']['end_to_next_cloud_dispatch']['median_s']} s",
             file=sys.stderr,
         )
     for p in pairs:
