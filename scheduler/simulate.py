@@ -323,10 +323,10 @@ def simulate(
                 learned.add(run.pool, sample)
 
     def next_check(task_id: str, run: _PaidRun, step_s: float) -> None:
-        """Schedule the first enforcement step (the live enforcer's ticks: every `step_s`) at which
-        the run could need more room: none while elapsed + two steps + the lead is within its limit."""
+        """Schedule the first enforcement step (live, each run's own: admitted + k x `step_s`) at
+        which the run could need more room: none while elapsed + two steps + the lead is within its limit."""
         earliest = max(clock.now + 1e-9, run.admitted_at + run.max_run_s - limit_lead_s - 2 * step_s)
-        at = math.ceil(earliest / step_s) * step_s
+        at = run.admitted_at + max(1, math.ceil((earliest - run.admitted_at) / step_s - 1e-9)) * step_s
         if run.max_run_s > 0 and at < run.admitted_at + run.billed_s:
             heapq.heappush(events, (at, next(seq), "enforce", task_id))
 

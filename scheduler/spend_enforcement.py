@@ -1,6 +1,8 @@
 """Spend enforced while a cloud run goes on (the budget's hard cap, invariant 3; cf. Slurm GrpTRESMins).
 
-Every `step_s` the enforcer looks at each open cloud attempt (scheduler.cloud.budget_gate). Its
+Every `step_s` of its own, counted from its reservation, the enforcer looks at each open cloud
+attempt (scheduler.cloud.budget_gate): when a run's limit is checked and grown does not depend on
+when other runs started, and `facefleet simulate` steps each run the same way. Its
 reservation is price x (its hard run-time limit + slack), and its agent stops the run at that
 limit (RunTaskRequest.max_run_s). The limit should stay ahead of the run: by what the run still
 needs (two steps, or less when the agent's progress says the run ends sooner: remaining frames at
@@ -25,9 +27,10 @@ tasks of price x min(max(0, dispatch + stop latency - slack), step + stop time).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import structlog
@@ -45,6 +48,7 @@ StopRun = Callable[[str, str], bool]  # (task id, why) -> stop sent (False: no l
 RaiseLimit = Callable[[str, int, float], None]  # (task id, attempt, new max_run_s) -> sent to its agent
 AuditHook = Callable[[str, dict[str, Any]], None]
 ProgressOf = Callable[[str], tuple[int, int] | None]  # task id -> (frames done, frames total) of its run
+STEP_WAKES = 50  # the enforcer wakes at most this many times a step (runs due close together share one)
 
 
 def run_ahead_s(step_s: float, elapsed_s: float, progress: tuple[int, int] | None) -> float:
@@ -91,6 +95,7 @@ class SpendEnforcer:
         self._clock = clock
         self._audit = audit
         self._stopping: dict[str, float] = {}  # task id -> when the stop was sent
+        self._stepped: dict[str, int] = {}  # reservation id -> the last step of its own looked at
         self._halt = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -104,20 +109,36 @@ class SpendEnforcer:
             self._thread.join(timeout=5)
 
     def _loop(self) -> None:
-        while not self._halt.wait(self.step_s):
+        wait = self.step_s
+        while not self._halt.wait(wait):
             try:
-                self.tick(self._clock())
-            except Exception:  # the ledger may blip; the next tick tries again
+                wait = self.steps_due(self._clock())
+            except Exception:  # the ledger may blip; the next step tries again
                 log.exception("spend enforcement tick failed")
+                wait = self.step_s
 
-    def tick(self, now: float) -> list[str]:
-        """One accrual step over every open attempt; returns the tasks told to stop."""
+    def steps_due(self, now: float) -> float:
+        """Step the attempts that have reached a step of their own (admitted + k x `step_s`, k >= 1)
+        since they were last looked at; returns the seconds until the next one is due."""
+        attempts = self.budgets.open_attempts()
+        steps = {a.reservation.id: math.floor((now - a.admitted_at) / self.step_s + 1e-9) for a in attempts.values()}
+        self._stepped = {rid: k for rid, k in self._stepped.items() if rid in steps}
+        due = [t for t, a in attempts.items() if steps[a.reservation.id] > self._stepped.get(a.reservation.id, 0)]
+        if due:
+            self.tick(now, due)
+            self._stepped.update((attempts[t].reservation.id, steps[attempts[t].reservation.id]) for t in due)
+        nexts = [a.admitted_at + (self._stepped.get(a.reservation.id, 0) + 1) * self.step_s for a in attempts.values()]
+        # At most STEP_WAKES wake-ups a step however many runs are open (a step may come that much late).
+        return min([self.step_s, *(max(self.step_s / STEP_WAKES, at - now) for at in nexts)])
+
+    def tick(self, now: float, only: Collection[str] | None = None) -> list[str]:
+        """One accrual step over every open attempt (or the tasks in `only`); returns the tasks told to stop."""
         attempts = self.budgets.open_attempts()
         for gone in set(self._stopping) - set(attempts):
             del self._stopping[gone]
         stopped: list[str] = []
         for task_id, attempt in attempts.items():
-            if task_id in self._stopping:
+            if task_id in self._stopping or (only is not None and task_id not in only):
                 continue
             rate = attempt.usd_per_hour / 3600.0
             elapsed = now - attempt.admitted_at  # >= the agent's own clock, which starts after this

@@ -162,3 +162,24 @@ def test_extensions_keep_the_limit_inside_the_reservation(limit: float, slack: f
             attempt = budgets.open_attempts()["t0"]
             assert PRICE_PER_S * (attempt.max_run_s + slack) <= attempt.reservation.estimate_usd * (1 + 1e-9)
             assert attempt.max_run_s == pytest.approx(budgets.run_limit_s("t0"))
+
+
+def test_each_run_is_stepped_on_its_own_grid_from_its_reservation(tmp_path: Path) -> None:
+    """The enforcer's loop looks at a run every step of its own (admitted + k x step), not on one
+    grid for all: a run reserved 0.3 s after another is looked at 0.3 s after it, every time."""
+    clock = [NOW]
+    budgets = make_gate(tmp_path, clock, cap=1.0)
+    looked: list[tuple[str, float]] = []
+
+    def progress_of(task_id: str) -> None:  # called once for each run a step looks at
+        looked.append((task_id, round(clock[0] - NOW, 6)))
+
+    enforcer = SpendEnforcer(budgets, lambda _t, _w: True, step_s=1.0, progress_of=progress_of)
+    assert budgets.admit(record("a"), result(0.5), NOW) == ""
+    assert budgets.admit(record("b"), result(0.5), NOW + 0.3) == ""
+    waits = []
+    for at in (0.5, 1.0, 1.3, 1.6, 2.0, 2.3):
+        clock[0] = NOW + at
+        waits.append(round(enforcer.steps_due(clock[0]), 6))
+    assert looked == [("a", 1.0), ("b", 1.3), ("a", 2.0), ("b", 2.3)]
+    assert waits == [0.5, 0.3, 0.7, 0.4, 0.3, 0.7]  # until the next run's own step
