@@ -10,9 +10,10 @@ so its run bound and reservations) use `max(configured, learned)` seconds per fr
 `scheduler.run_estimates.LearnedRunTimes` from the simulated completions in order (seeded from the
 workload's `run_time_samples`), and a run holds its slot and is billed from its reservation to its
 end: frames x sec_per_frame + the pool's `run_turnaround_s` (dispatch and report latency, which
-`facefleet budget history` derives from the ledger). Every `spend_step_s` the open paid runs'
-reservations grow as the live spend enforcer grows them (scheduler.spend_enforcement: keep the
-run's limit ahead of it, under the cap). What it does not model: run times that vary, spend
+`facefleet budget history` derives from the ledger). Every `spend_step_s` of its own (from its
+reservation) an open paid run's reservation grows as the live spend enforcer grows it
+(scheduler.spend_enforcement: keep the run's limit ahead of it, under the cap). A run's end frees
+its slot and settles its budget attempt together, as live. What it does not model: run times that vary, spend
 enforcement stops and failures; passes run at events (arrivals, finishes, price changes),
 live ones continuously. bench/replay_accuracy.py measures how close a replay of a live run comes
 (docs/finance.md). Deterministic for a given workload seed.
