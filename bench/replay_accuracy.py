@@ -122,6 +122,11 @@ def record_live(directory: Path, cap: float, plan: list[tuple[float, types_pb2.T
         wait_for(all_done, 600, interval=0.5, what="the live run to finish")
         wall_s = time.monotonic() - started
         channel.close()
+    except Exception:
+        exited = scheduler.process.poll() if scheduler.process is not None else None
+        tail = (directory / "scheduler.log").read_text(errors="replace").splitlines()[-20:]
+        print(f"the live run failed (scheduler exit status {exited}); its log ends:", *tail, sep="\n", file=sys.stderr)
+        raise
     finally:
         onprem.kill()
         cloud.kill()
