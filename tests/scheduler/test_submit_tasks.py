@@ -7,6 +7,8 @@ from typing import Any
 
 import grpc
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from facefleet.rpc_errors import FIELD_KEY, reason_of
 from facefleet.scheduler.group_commit import GroupCommitter
@@ -93,3 +95,64 @@ def test_the_thread_pool_path_answers_the_same(tmp_path: Path) -> None:
     finally:
         committer.close()
         store.close()
+
+
+ITEM_FIELDS = {
+    "project": st.sampled_from(["batch", "", "../up", "x" * 80, "Upper Case", "ok.name_1"]),
+    "source_uri": st.sampled_from(["file:///data/face.jpg", "http://x/a.jpg", "", "file:///data/../etc/passwd"]),
+    "frames": st.sampled_from([1, 0, 48, 10**9]),
+    "sensitivity": st.sampled_from([1, 2, 3, 77]),
+    "sla_seconds": st.sampled_from([0, 60, 2**32 - 1]),
+    "output_uri": st.sampled_from(["", "file:///data/out.jpg", "ftp://x/y", "file:///data/\x00.jpg"]),
+}
+
+
+@st.composite
+def requests_(draw: st.DrawFn) -> scheduler_pb2.SubmitTaskRequest:
+    submitted = task()
+    for name, values in ITEM_FIELDS.items():
+        if draw(st.booleans()):
+            setattr(submitted, name, draw(values))
+    return scheduler_pb2.SubmitTaskRequest(
+        task=submitted, idempotency_key=draw(st.sampled_from(["", "k1", "k2", "k" * 200]))
+    )
+
+
+def answer_alone(stub, request: scheduler_pb2.SubmitTaskRequest) -> tuple[Any, ...]:  # type: ignore[no-untyped-def]
+    try:
+        reply = stub.SubmitTask(request, timeout=10)
+    except grpc.RpcError as error:
+        fields = dict(error.trailing_metadata() or ())
+        return ("error", reason_of(error), fields.get(FIELD_KEY, ""), str(error.details()))
+    return ("submitted", reply.created)
+
+
+def answer_in_batch(result: scheduler_pb2.SubmitTaskResult, index: int) -> tuple[Any, ...]:
+    if result.HasField("submitted"):
+        return ("submitted", result.submitted.created)
+    prefix = f"items[{index}]."
+    assert result.error.field.startswith(prefix) and result.error.message.startswith(prefix)
+    reason = types_pb2.ErrorReason.Name(result.error.reason)
+    return ("error", reason, result.error.field.removeprefix(prefix), result.error.message.removeprefix(prefix))
+
+
+def test_each_item_gets_the_answer_submit_task_gives_it_alone(start_scheduler, client, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Property: for any mix of good and bad requests, SubmitTasks answers item i exactly as a
+    SubmitTask of item i would (same refusal reason, field and message; same created flag, with
+    idempotency keys scoped per example)."""
+    alone_app, batch_app = start_scheduler(), start_scheduler(f"sqlite:///{tmp_path}/batch.db")
+    alone, batch = client(alone_app.port), client(batch_app.port)
+    examples = iter(range(10**6))
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(requests_(), max_size=8))
+    def check(items: list[scheduler_pb2.SubmitTaskRequest]) -> None:
+        scope = next(examples)
+        for request in items:
+            if request.idempotency_key in ("k1", "k2"):
+                request.idempotency_key = f"{request.idempotency_key}-{scope}"
+        expected = [answer_alone(alone, request) for request in items]
+        reply = batch.SubmitTasks(scheduler_pb2.SubmitTasksRequest(items=items), timeout=10)
+        assert [answer_in_batch(result, i) for i, result in enumerate(reply.results)] == expected
+
+    check()
