@@ -153,6 +153,7 @@ class AgentRegistry:
         # finished or been refused; the dispatcher normally reports that through note_finished.
         self.in_flight_grace_s = in_flight_grace_s if in_flight_grace_s is not None else heartbeat_timeout_s
         self._agents: dict[str, AgentRecord] = {}
+        self._pools: dict[str, dict[str, AgentRecord]] = defaultdict(dict)  # pool -> its agents (by id)
         self._cancels: dict[str, set[str]] = defaultdict(set)
         # Raised hard run-time limits (spend enforcement extended the reservation): task id ->
         # (attempt, seconds). Sent to whichever agent holds the task until the run leaves it.
@@ -197,6 +198,9 @@ class AgentRegistry:
             elif record.lost_at is not None:
                 log.info("lost agent is back", agent_id=req.agent_id, lost_for_s=round(now - record.lost_at, 3))
             record.address = req.address
+            if record.pool != req.pool:  # an agent re-registered in another pool
+                self._pools[record.pool].pop(record.agent_id, None)
+            self._pools[req.pool][record.agent_id] = record
             record.pool = req.pool
             record.trust_zone = req.trust_zone
             record.provider = req.provider
@@ -439,8 +443,8 @@ class AgentRegistry:
         # One pass, each agent's free slots computed once: this runs for every task launched.
         best: AgentRecord | None = None
         best_key: tuple[int, float, str] | None = None
-        for record in self._agents.values():
-            if record.pool != pool or not self._dispatchable(record, now):
+        for record in self._pools.get(pool, {}).values():
+            if not self._dispatchable(record, now):
                 continue
             free = record.effective_free_slots
             if free <= 0:

@@ -237,3 +237,15 @@ def test_the_chosen_agent_has_the_most_free_slots_then_waited_longest_then_lowes
         expected = min(candidates, key=lambda r: (-r.effective_free_slots, r.last_dispatch, r.agent_id), default=None)
         chosen = registry.pick_agent(pool, now=101.0)
         assert (chosen.agent_id if chosen else None) == (expected.agent_id if expected else None)
+
+
+def test_an_agent_that_moves_to_another_pool_is_picked_only_there() -> None:
+    registry = AgentRegistry(heartbeat_timeout_s=10)
+    registry.record_heartbeat(beat("a1", pool="onprem-a"), now=100.0)
+    registry.record_heartbeat(beat("a2", pool="onprem-b"), now=100.0)
+    picked = registry.pick_agent("onprem-a", now=100.1)
+    assert picked is not None and picked.agent_id == "a1"
+    registry.record_heartbeat(beat("a1", pool="onprem-b", free=4, total=4), now=100.2)  # re-registered elsewhere
+    assert registry.pick_agent("onprem-a", now=100.3) is None
+    moved = registry.reserve("onprem-b", "t1", now=100.3)
+    assert moved is not None and moved.agent_id == "a1"  # most free slots in its new pool
