@@ -16,7 +16,7 @@ from facefleet.scheduler.placement import World, load_ruleset
 from facefleet.scheduler.placement.filters import estimate
 from facefleet.scheduler.placement.model import TaskSpec
 from facefleet.scheduler.run_estimates import RunTimeBook
-from facefleet.scheduler.simulate import WorkloadError, simulate
+from facefleet.scheduler.simulate import COMPLETION_LAG_S, WorkloadError, simulate
 from facefleet.scheduler.spend_enforcement import SpendEnforcer
 from tests.cloud.test_cloud_budget_gate import NOW, record, result
 from tests.cloud.test_spend_enforcement import make_gate
@@ -124,3 +124,26 @@ def test_bad_model_fields_are_refused_naming_the_field(field: str, value: Any, s
     with pytest.raises(WorkloadError) as refused:
         simulate(RULES, WORLD, {**one_by_one([1]), field: value})
     assert says in str(refused.value)
+
+
+@pytest.mark.parametrize("limits", [{}, {"*": 1}])
+def test_a_runs_end_frees_slot_and_room_at_once_and_its_project_count_with_the_commit(
+    limits: dict[str, int],
+) -> None:
+    """Live, a run's end settles its budget attempt before its slot frees (one pass sees both); the
+    project's count drops when the completion batcher commits, which wakes a pass under limits."""
+    # Two slots, but the cap holds one run bound ($0.005) at a time: t1 waits for t0's settlement.
+    world = replace(
+        WORLD,
+        pools=(replace(POOL, free_slots=2),),
+        budgets={"b": replace(WORLD.budgets["b"], monthly_cap_usd=0.0085)},
+    )
+    tasks = [
+        {"at": 0, "id": f"t{i}", "project": "p", "sensitivity": "public", "priority": "normal", "frames": 2}
+        for i in range(2)
+    ]
+    workload = {**one_by_one([]), "duration_s": 10, "tasks": tasks, "project_limits": limits}
+    report = simulate(RULES, world, workload, spend_step_s=None)
+    end = 2 * POOL.sec_per_frame + TURNAROUND_S
+    assert report.per_pool == {"cloud-1": 2}
+    assert report.dispatched_at == pytest.approx({"t0": 0.0, "t1": end + (COMPLETION_LAG_S if limits else 0.0)})
