@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import structlog
 import tenacity
@@ -43,9 +44,11 @@ class Completion:
         steps = (Step(RUNNING, self.started), end) if self.started else (end,)
         return Change(self.record.id, steps, None, self.agent_id, self.message)
 
+    @cached_property
     def finished_record(self) -> TaskRecord:
-        """The task as this completion leaves it (what listeners get, without reading it back);
-        `attempts` counts this run, so it is the run's attempt number."""
+        """The task as this completion leaves it (what listeners get, without reading it back;
+        built once, for the run's end and again when recorded); `attempts` counts this run, so it
+        is the run's attempt number."""
         return replace(
             self.record,
             state=self.to_state,

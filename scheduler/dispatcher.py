@@ -1035,7 +1035,7 @@ class Dispatcher:
         ending wakes sees slot and budget room free together; the store records it with the batch."""
         hooks = [hook for listener in self.listeners if (hook := getattr(listener, "on_run_ended", None))]
         if hooks:
-            ended = completion.finished_record()
+            ended = completion.finished_record
             for hook in hooks:
                 _safe(hook, ended)
         self._completions.put(completion)
@@ -1046,7 +1046,7 @@ class Dispatcher:
         self.agents.acknowledge(completion.agent_id, record.id, completion.attempt)
         metrics.TASKS_FINISHED.labels(state=completion.to_state, pool=record.pool or "").inc()
         if self.listeners:  # without reading it back
-            final = completion.finished_record()
+            final = completion.finished_record
             for listener in self.listeners:
                 _safe(listener.on_finished, final)
 

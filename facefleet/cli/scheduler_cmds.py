@@ -304,6 +304,7 @@ def register(app: typer.Typer) -> None:
 
 
 SUBMIT_CALL_ITEMS = 1000  # the scheduler's SubmitTasks limit
+ITEM_PATH = re.compile(r"^items\[\d+\]\.")  # a refusal's item index: the file name says which
 
 
 def _report_submitted(task_files: list[Path], results: list[Any], json_output: bool) -> None:
@@ -316,9 +317,7 @@ def _report_submitted(task_files: list[Path], results: list[Any], json_output: b
         for path, result in zip(task_files, results, strict=True):
             if result.HasField("error"):
                 error = result.error
-                rows.append(
-                    {"file": str(path), "error": error.message, "field": re.sub(r"^items\[\d+\]\.", "", error.field)}
-                )
+                rows.append({"file": str(path), "error": error.message, "field": ITEM_PATH.sub("", error.field)})
             else:
                 done = result.submitted
                 rows.append(
@@ -336,7 +335,7 @@ def _report_submitted(task_files: list[Path], results: list[Any], json_output: b
                 done = result.submitted
                 console.print(line(str(path), f": {done.task_id} {'created' if done.created else 'already submitted'}"))
         for path, error in refused:  # the file names the item: its index in the call adds nothing
-            message = re.sub(r"^items\[\d+\]\.", "", error.message)
+            message = ITEM_PATH.sub("", error.message)
             print_error(f"{path}: {message}", hint="fix that field and submit this file again")
     if refused:
         raise typer.Exit(1)
