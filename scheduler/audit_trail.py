@@ -5,11 +5,12 @@
 refusals carry `redact_uri(...)` only. An audit write that fails is logged loudly and never stops
 dispatch (the task state in the store stays the source of truth).
 
-Writes go through one `AuditBatchWriter` (one fsync per batch). Records the dispatcher thread makes
-during a pass (placements, dispatches) and completions are only queued; the dispatcher calls
-`flush()` once per pass before it sends the RunTask calls, so placements and dispatches are still
-durable before any task reaches an agent. Every other record (refusals, lock actions) waits until
-it is written.
+Writes go through one `AuditBatchWriter` (one fsync per batch). Records the dispatcher makes
+during a pass (placements, dispatches) and completions are only queued; a pass's dispatch records
+are queued before the store commits its launches, so both are written at the same time, and a
+launch that then does not commit gets a `dispatch_withdrawn` record. The dispatcher calls `flush()`
+once per pass before it sends the assignments, so placements and dispatches are still durable before
+any task reaches an agent. Every other record (refusals, lock actions) waits until it is written.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ class AuditTrail:
 
     # ---- DispatchListener ----------------------------------------------------------------------
 
-    def on_dispatched(self, task: TaskRecord, decision: PlacementResult) -> None:
+    def on_dispatching(self, task: TaskRecord, decision: PlacementResult) -> None:
+        """A launch is being committed: its records are queued now, so the writer makes them durable
+        while the store commits (the dispatcher's flush before the assignment goes out waits for both)."""
         zone = decision.pool_trust_zone or self._agent_zone(task.agent_id)
         with self._lock:
             self._zones[task.id] = zone
@@ -64,16 +67,26 @@ class AuditTrail:
                 self._zones.popitem(last=False)
         placement = {"task": task.id, "project": task.project, "rule": decision.rule, "pool": decision.pool}
         self._queue(AuditKind.PLACEMENT, {**placement, "trust_zone": zone, "outcome": "dispatch"})
-        self._queue(
-            AuditKind.DISPATCH,
-            {
-                "task": task.id,
-                "project": task.project,
-                "pool": decision.pool,
-                "trust_zone": zone,
-                "agent": task.agent_id or "",
-            },
-        )
+        self._queue(AuditKind.DISPATCH, self._dispatch_fields(task, decision, zone))
+
+    def on_withdrawn(self, task: TaskRecord, decision: PlacementResult) -> None:
+        """A launch whose records were queued did not commit (cancelled or taken meanwhile, the store
+        refused): it was never sent, and its `dispatch` record is answered by `dispatch_withdrawn`."""
+        with self._lock:
+            zone = self._zones.pop(task.id, "") or decision.pool_trust_zone
+        self._queue(AuditKind.DISPATCH_WITHDRAWN, self._dispatch_fields(task, decision, zone))
+
+    def on_dispatched(self, task: TaskRecord, decision: PlacementResult) -> None:
+        """Committed and about to be sent: its records were queued by `on_dispatching`."""
+
+    def _dispatch_fields(self, task: TaskRecord, decision: PlacementResult, zone: str) -> dict[str, Any]:
+        return {
+            "task": task.id,
+            "project": task.project,
+            "pool": decision.pool,
+            "trust_zone": zone,
+            "agent": task.agent_id or "",
+        }
 
     def flush(self) -> None:
         """Wait until every record queued so far is durable (the dispatcher calls it once per pass)."""

@@ -31,7 +31,7 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -100,8 +100,11 @@ class AgentDirectory(Protocol):
 
 class DispatchListener(Protocol):
     """Hook for the cloud budget ledger and the audit log. Optional hooks, looked up by name:
-    `on_run_ended(task)` (an agent reported the run's end; before its slot frees and before the
-    store records it) and `on_requeued(task, reason)`."""
+    `on_dispatching(task, decision)` (a launch is about to be committed: the audit trail queues its
+    records here, so they are written while the store commits), `on_withdrawn(task, decision)` (a
+    launch announced that way did not commit and was not sent), `on_run_ended(task)` (an agent
+    reported the run's end; before its slot frees and before the store records it) and
+    `on_requeued(task, reason)`."""
 
     def on_dispatched(self, task: TaskRecord, decision: PlacementResult) -> None: ...
     def on_finished(self, task: TaskRecord) -> None: ...
@@ -192,6 +195,11 @@ class _Launch:
     address: str
     request: agent_pb2.RunTaskRequest
     change: Change
+
+
+def _sent(launch: _Launch) -> TaskRecord:
+    """The task as its launch sends it: on the chosen pool and agent."""
+    return replace(launch.record, pool=launch.result.pool, agent_id=launch.agent_id)
 
 
 @dataclass(frozen=True)
@@ -557,6 +565,7 @@ class Dispatcher:
     ) -> int:
         """Commit a pass's decisions, then send its RunTask calls (placement durable before the RPC)."""
         results: dict[str, bool | Exception] = {}
+        announced: dict[str, tuple[TaskRecord, PlacementResult]] = {}
         try:
             if queued:
                 self.store.record_queue_decisions(queued, now)
@@ -565,6 +574,10 @@ class Dispatcher:
                 return 0
             if not self.is_leader():  # lost the lock while placing: commit nothing, release reservations
                 return 0
+            # The launches' audit records are written while the store commits them (one wait less
+            # before the assignments go out); a launch that then does not commit is withdrawn.
+            announced = {launch.record.id: (_sent(launch), launch.result) for launch in launches}
+            self._tell("on_dispatching", announced.values())
             results = dict(zip([c.task_id for c in changes], self.store.apply_changes(changes, now), strict=True))
         except Exception:
             if not background:
@@ -577,6 +590,7 @@ class Dispatcher:
                     self.agents.note_finished(launch.agent_id, launch.record.id)
                     if self.gate is not None:
                         self.gate.withdraw(launch.record.id)
+            self._tell("on_withdrawn", [announced[id_] for id_ in announced if results.get(id_) is not True])
             if background:  # a pass runs again now only if some of this one's tasks are back in the queue
                 committed = all(results.get(change.task_id) is True for change in changes)
                 self._forget_uncommitted([change.task_id for change in changes], wake=not committed)
@@ -585,7 +599,7 @@ class Dispatcher:
             if results.get(launch.record.id) is not True:
                 continue
             metrics.QUEUE_WAIT.observe(max(0.0, now - launch.record.submitted_at))
-            sent = replace(launch.record, pool=launch.result.pool, agent_id=launch.agent_id)
+            sent = announced[launch.record.id][0]
             for listener in self.listeners:
                 _safe(listener.on_dispatched, sent, launch.result)
             sending.append((sent, launch))
@@ -595,6 +609,14 @@ class Dispatcher:
             if change.steps[-1].to_state == FAILED and results.get(change.task_id) is True:
                 self._finished(change.task_id)
         return len(sending)
+
+    def _tell(self, hook: str, launches: Iterable[tuple[TaskRecord, PlacementResult]]) -> None:
+        """Call an optional listener hook (`on_dispatching`, `on_withdrawn`) for each launch."""
+        for listener in self.listeners:
+            call = getattr(listener, hook, None)
+            if call is not None:
+                for task, result in launches:
+                    _safe(call, task, result)
 
     def _flush_audit(self) -> None:
         """Listeners and the audit hook may queue records during a pass (`flush()`): wait for them once."""

@@ -32,8 +32,11 @@ T = TypeVar("T")
 # A batch that starts with a submit waits this long for more before it commits: submits come in
 # bursts from many clients, and each commit's fsync and set-up cost more CPU than the 2 ms. With
 # 32 clients it took batches from ~6 to ~11 submits and 0.59-0.67 -> 0.53-0.58 ms of scheduler CPU
-# per submit (docs/benchmarks.md). Dispatch and completion writes do not wait.
+# per submit (docs/benchmarks.md). It waits only while submits arrive faster than one per linger
+# (batches lately had company; a lone submit would only lose the 2 ms), and a queued dispatch or
+# completion write ends the wait at once.
 INTAKE_LINGER_S = 0.002
+RATE_WEIGHT = 0.5  # weight of the newest batch in the intake rate estimate (an exponential average)
 
 
 class StoreUnavailable(RuntimeError):
@@ -147,6 +150,11 @@ class GroupCommitter:
         self._max_batch = max_batch
         self._intake_linger_s = intake_linger_s
         self._pending: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        # Set when a dispatch or completion write is queued: it cuts an intake batch's linger short
+        # (a task waiting for its launch must not wait for company that submits are waiting for).
+        self._urgent = threading.Event()
+        self._insert_rate = 0.0  # submits/s lately, measured on the writer thread
+        self._last_insert_batch = time.monotonic()
         self._closed = False
         # Called after each commit that stored new tasks (the dispatcher: a pass may start now).
         self.on_inserted: Callable[[], None] = lambda: None
@@ -217,7 +225,12 @@ class GroupCommitter:
         """Run `op(conn)` inside the next batch's transaction; return its result once committed.
 
         `isolated=False` skips the SAVEPOINT: only for operations that raise before they write."""
-        result: T = self._enqueue(_Pending(op=op, isolated=isolated), timeout)
+        if self._closed:
+            raise StoreUnavailable("the scheduler is shutting down; retry against another replica")
+        pending = _Pending(op=op, isolated=isolated)
+        self._pending.put(pending)
+        self._urgent.set()
+        result: T = pending.result(timeout)
         return result
 
     def on_writer_thread(self) -> bool:
@@ -244,8 +257,10 @@ class GroupCommitter:
                 return
             batch = [first]
             stop = False
-            if first.insert is not None and self._intake_linger_s > 0:
-                time.sleep(self._intake_linger_s)  # submits arriving meanwhile share this commit's fsync
+            if first.insert is not None and self._insert_rate * self._intake_linger_s > 1.0:
+                # submits arriving meanwhile share this commit's fsync; a queued operation ends the wait
+                self._urgent.wait(self._intake_linger_s)
+            self._urgent.clear()
             while len(batch) < self._max_batch:
                 try:
                     nxt = self._pending.get_nowait()
@@ -255,9 +270,20 @@ class GroupCommitter:
                     stop = True
                     break
                 batch.append(nxt)
+            self._note_intake(batch)
             self._commit(batch)
             if stop:
                 return
+
+    def _note_intake(self, batch: list[_Pending]) -> None:
+        """Update the intake rate estimate with a batch's submits (the linger's evidence)."""
+        inserts = sum(1 for pending in batch if pending.insert is not None)
+        if not inserts:
+            return
+        now = time.monotonic()
+        elapsed = max(now - self._last_insert_batch, self._intake_linger_s, 1e-4)
+        self._last_insert_batch = now
+        self._insert_rate += RATE_WEIGHT * (inserts / elapsed - self._insert_rate)
 
     def _commit(self, batch: list[_Pending]) -> None:
         inserts = [p for p in batch if p.insert is not None]

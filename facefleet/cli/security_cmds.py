@@ -327,6 +327,9 @@ def register(app: typer.Typer) -> None:
                 table.add_row(task.task, ", ".join(task.pools) or "-", ", ".join(task.zones) or "(never ran)",
                               task.final_state or "-", verdict)  # fmt: skip
             console.print(table)
+            for task in proof.tasks:
+                for pool in task.withdrawn:
+                    console.print(f"{task.task}: dispatch to {pool} withdrawn before it was sent (not committed)")
             for lock in proof.locks:
                 console.print(f"{lock.get('at')} {lock.get('kind')} by {lock.get('actor')}: {lock.get('reason')}")
             for conflict in proof.zone_conflicts:

@@ -36,6 +36,7 @@ GENESIS = "0" * 64
 class AuditKind(StrEnum):
     PLACEMENT = "placement"
     DISPATCH = "dispatch"
+    DISPATCH_WITHDRAWN = "dispatch_withdrawn"  # a dispatch recorded before its commit that did not commit
     COMPLETION = "completion"
     ADMIN = "admin"
     DENIAL = "denial"
@@ -394,6 +395,9 @@ class TaskResidency:
     pools: list[str] = field(default_factory=list)
     zones: list[str] = field(default_factory=list)  # zones it was dispatched to or completed in
     final_state: str = ""
+    # Pools of dispatches withdrawn before they were sent (their commit failed). Their zones still
+    # count above: the scheduler chose them, so a private task withdrawn from a cloud pool fails too.
+    withdrawn: list[str] = field(default_factory=list)
 
     @property
     def private_only(self) -> bool:
@@ -414,6 +418,9 @@ class ResidencyProof:
         return self.chain.ok and self.seen and all(task.private_only for task in self.tasks)
 
 
+RESIDENCY_KINDS = (AuditKind.PLACEMENT, AuditKind.DISPATCH, AuditKind.DISPATCH_WITHDRAWN, AuditKind.COMPLETION)
+
+
 def residency_proof(
     path: Path,
     project: str,
@@ -423,7 +430,8 @@ def residency_proof(
 ) -> ResidencyProof:
     """Every task of `project` and the trust zones it ran in; passes only if the chain verifies,
     the project appears in the log, and every dispatch and completion was in the private zone.
-    Placements that never ran do not count. `pool_zones` (the configured pools): a pool listed
+    Placements that never ran do not count; a dispatch withdrawn before it was sent does (listed
+    in `withdrawn`). `pool_zones` (the configured pools): a pool listed
     there is in that zone whatever a record says."""
     chain = verify(path, signer)
     pool_zones = pool_zones or {}
@@ -440,10 +448,12 @@ def residency_proof(
             locks.append(record)
             continue
         task_id = record.get("task")
-        if not task_id or kind not in (AuditKind.PLACEMENT, AuditKind.DISPATCH, AuditKind.COMPLETION):
+        if not task_id or kind not in RESIDENCY_KINDS:
             continue
         entry = tasks.setdefault(str(task_id), TaskResidency(task=str(task_id)))
-        if kind in (AuditKind.DISPATCH, AuditKind.COMPLETION):
+        if kind == AuditKind.DISPATCH_WITHDRAWN:
+            entry.withdrawn.append(str(record.get("pool", "")))
+        if kind in (AuditKind.DISPATCH, AuditKind.COMPLETION, AuditKind.DISPATCH_WITHDRAWN):
             pool, zone = str(record.get("pool", "")), str(record.get("trust_zone", ""))
             configured = pool_zones.get(pool)
             if configured is not None and configured != zone:

@@ -21,10 +21,11 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def submit_many(stub, count: int, sensitivity: int, frames: int = 1) -> list[str]:  # type: ignore[no-untyped-def]
-    return [
-        stub.SubmitTask(scheduler_pb2.SubmitTaskRequest(task=task(sensitivity, frames=frames))).task_id
-        for _ in range(count)
-    ]
+    """`count` tasks in one SubmitTasks call: all queued at once, so a backlog is certain."""
+    items = [scheduler_pb2.SubmitTaskRequest(task=task(sensitivity, frames=frames)) for _ in range(count)]
+    results = stub.SubmitTasks(scheduler_pb2.SubmitTasksRequest(items=items)).results
+    assert all(result.HasField("submitted") for result in results)
+    return [result.submitted.task_id for result in results]
 
 
 @pytest.mark.parametrize("prefetch", [0, 2])

@@ -13,7 +13,7 @@ import pytest
 from facefleet.scheduler.audit_batch import AuditBatchWriter
 from facefleet.scheduler.audit_trail import AuditTrail
 from facefleet.scheduler.store import TaskRecord
-from facefleet.security.audit import AuditKind, AuditLog, Signer, verify
+from facefleet.security.audit import AuditKind, AuditLog, Signer, residency_proof, verify
 
 
 def records(path: Path) -> list[dict[str, Any]]:
@@ -102,9 +102,11 @@ def test_trail_queues_dispatch_and_completion_records_until_flush(tmp_path: Path
     class Decision:
         pool_trust_zone, rule, pool = "private", "r1", "onprem-a"
 
-    trail.on_dispatched(record, Decision())  # type: ignore[arg-type]  # queued: returns while the write is held
+    # queued before the store commits the launch: returns while the write is held
+    trail.on_dispatching(record, Decision())  # type: ignore[arg-type]
     assert not log.path.exists() or not log.path.read_text()
     blocker.release()
+    trail.on_dispatched(record, Decision())  # type: ignore[arg-type]  # committed: nothing more to write
     trail.flush()
     assert [r["kind"] for r in records(log.path)] == ["placement", "dispatch"]
     trail.on_finished(record)  # queued too: the store already holds the completion durably
@@ -112,4 +114,33 @@ def test_trail_queues_dispatch_and_completion_records_until_flush(tmp_path: Path
     assert [r["kind"] for r in records(log.path)][-1] == "completion"
     assert records(log.path)[-1]["trust_zone"] == "private"
     assert verify(log.path).ok
+    trail.close()
+
+
+def test_a_withdrawn_launch_answers_its_dispatch_record(tmp_path: Path) -> None:
+    """A launch whose records were queued but whose commit failed: `dispatch_withdrawn` follows its
+    `dispatch` (same task, pool, zone), the chain verifies, and the residency proof lists it."""
+    log = AuditLog(tmp_path / "audit.jsonl")
+    trail = AuditTrail(log)
+    record = TaskRecord(
+        id="t9", idempotency_key=None, project="p", sensitivity="private", priority=2, state="queued",
+        pool="onprem-a", rule="r1", agent_id="a1", attempts=0, checkpoint_frame=0, checkpoint_uri="",
+        placement=None, placement_proto=None, task_proto=b"", submitted_at=0.0, updated_at=0.0,
+        not_before=0.0, finished_at=None, last_reason="",
+    )  # fmt: skip
+
+    class Decision:
+        pool_trust_zone, rule, pool = "private", "r1", "onprem-a"
+
+    trail.on_dispatching(record, Decision())  # type: ignore[arg-type]
+    trail.on_withdrawn(record, Decision())  # type: ignore[arg-type]
+    trail.flush()
+    written = records(log.path)
+    assert [r["kind"] for r in written] == ["placement", "dispatch", "dispatch_withdrawn"]
+    assert {k: written[2][k] for k in ("task", "pool", "trust_zone", "agent")} == {
+        k: written[1][k] for k in ("task", "pool", "trust_zone", "agent")
+    }
+    assert verify(log.path).ok
+    proof = residency_proof(log.path, "p")
+    assert proof.passed and proof.tasks[0].withdrawn == ["onprem-a"]
     trail.close()

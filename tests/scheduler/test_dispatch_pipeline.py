@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
+from facefleet.scheduler.audit_trail import AuditTrail
 from facefleet.scheduler.capacity import AgentRegistry
 from facefleet.scheduler.dispatcher import Dispatcher, DispatcherSettings
 from facefleet.scheduler.placement import RuleSet
@@ -21,6 +22,7 @@ from facefleet.scheduler.placement.model import Decision, PoolState, World
 from facefleet.scheduler.placement_gateway import PlacementResult, WorldSnapshot
 from facefleet.scheduler.rules_source.base import ActiveConfig
 from facefleet.scheduler.store import Change, TaskStore
+from facefleet.security.audit import AuditLog, query, verify
 from facefleet.v1 import scheduler_pb2, types_pb2
 from tests.scheduler.fake_agents import HollowAgent, wait_for
 from tests.scheduler.test_dispatcher import FixedPlacer, register, submit
@@ -95,6 +97,46 @@ def test_a_pass_that_cannot_commit_releases_its_slot_reservations(tmp_path: Path
         store.close()
 
 
+def test_a_launch_that_does_not_commit_is_withdrawn_in_the_audit_log(tmp_path: Path) -> None:
+    """The pass's dispatch records are written while the store commits; when the commit fails the
+    log answers each with `dispatch_withdrawn`, and nothing was sent (the slot is free again)."""
+    store = TaskStore(f"sqlite:///{tmp_path}/d.db")
+    registry = AgentRegistry(heartbeat_timeout_s=30)
+    register(registry, "onprem-1", "onprem-a", "private", slots=2)
+    trail = AuditTrail(AuditLog(tmp_path / "audit.jsonl"), registry)
+
+    def failing_commit(changes: Sequence[Change], now: float) -> list[bool | Exception]:
+        trail.flush()  # the records queued before the commit are written by now
+        raise RuntimeError("disk full")
+
+    store.apply_changes = failing_commit  # type: ignore[method-assign]
+    dispatcher = Dispatcher(
+        store,
+        FixedPlacer("onprem-a", "private"),
+        registry,
+        DispatcherSettings(project_limits={}, warmup_s=0),
+        listeners=[trail],
+        audit=trail,
+    )
+    task_id = submit(store, "p", types_pb2.SENSITIVITY_PRIVATE)
+    try:
+        assert dispatcher.dispatch_pass(time.time(), pipelined=True) == 1  # the commit runs on a worker
+
+        def kinds() -> list[tuple[str, str]]:
+            trail.flush()
+            return [(r["kind"], r["task"]) for r in query(tmp_path / "audit.jsonl")]
+
+        wait_for(lambda: len(kinds()) == 3, 5, what="the withdrawn record")
+        assert kinds() == [("placement", task_id), ("dispatch", task_id), ("dispatch_withdrawn", task_id)]
+        assert verify(tmp_path / "audit.jsonl").ok
+        assert store.get(task_id).state == "queued"
+        wait_for(lambda: registry.get("onprem-1").effective_free_slots == 2, 5, what="the slot")  # type: ignore[union-attr]
+    finally:
+        dispatcher.stop()
+        trail.close()
+        store.close()
+
+
 class Recorder:
     """Listener + audit hook that notes the order of events, and whether the slot was free at completion."""
 
@@ -103,6 +145,9 @@ class Recorder:
         self.agent_id = agent_id
         self.events: list[str] = []
         self.free_at_finish: list[int] = []
+
+    def on_dispatching(self, task: Any, decision: Any) -> None:
+        self.events.append("dispatching")
 
     def on_dispatched(self, task: Any, decision: Any) -> None:
         self.events.append("dispatched")
@@ -158,8 +203,9 @@ def test_audit_is_flushed_before_the_rpc_and_the_slot_is_free_before_listeners_r
         assert dispatcher.dispatch_pass(time.time(), pipelined=True) == 1
         wait_for(lambda: store.get(task_id).state == "succeeded", 10, what="the hollow agent to finish the task")
         wait_for(lambda: "finished" in recorder.events, 5, what="the completion listener")
-        # flushed once (listener and audit hook are the same object), before the channel was opened
-        assert recorder.events[:3] == ["dispatched", "flush", "rpc"]
+        # announced before the commit, flushed once (listener and audit hook are the same object),
+        # before the channel was opened
+        assert recorder.events[:4] == ["dispatching", "dispatched", "flush", "rpc"]
         assert recorder.free_at_finish == [1]  # the slot was already free when the listeners ran
     finally:
         dispatcher.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
@@ -274,3 +275,39 @@ def test_state_machine_table_is_closed() -> None:
     for terminal in ("succeeded", "failed", "cancelled"):
         assert not any(is_legal(terminal, target) for target in ALL_STATES)
     assert is_legal("preempted", "queued") and not is_legal("queued", "running")
+
+
+def test_group_commit_lingers_only_for_company_that_is_coming(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A lone submit commits at once; while submits arrive faster than one per linger a batch waits
+    the linger for company; a queued dispatch or completion write ends that wait."""
+    task_store = TaskStore(f"sqlite:///{tmp_path}/gc-linger.db")
+    linger = 0.6
+    committer = GroupCommitter(task_store, intake_linger_s=linger)
+
+    def timed(action: Callable[[], object]) -> float:
+        started = time.monotonic()
+        action()
+        return time.monotonic() - started
+
+    try:
+        assert timed(lambda: committer.submit(NewTask(make_task(), ""))) < linger / 2  # idle: no company expected
+        burst = [threading.Thread(target=committer.submit, args=(NewTask(make_task(), ""),)) for _ in range(8)]
+        for thread in burst:
+            thread.start()
+        for thread in burst:
+            thread.join()
+        assert timed(lambda: committer.submit(NewTask(make_task(), ""))) >= linger * 0.9  # busy: it waits
+
+        lingering = threading.Thread(target=committer.submit, args=(NewTask(make_task(), ""),))
+
+        def submit_then_write() -> None:
+            lingering.start()
+            time.sleep(0.05)
+            assert committer.run(lambda conn: 1) == 1
+            lingering.join()
+
+        assert timed(submit_then_write) < linger / 2  # the write did not sit out the submit's linger
+        assert task_store.count_by_state() == {"queued": 11}
+    finally:
+        committer.close()
+        task_store.close()
