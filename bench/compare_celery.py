@@ -20,7 +20,9 @@ facefleet/Celery throughput ratio. Prints JSON (machine, settings of both sides)
 client has no bulk send and publishes one message per task either way). `--rate R` offers both sides
 the same open-loop load, R tasks/s, for a submit->start comparison that is not a backlog: by default
 each side's clients submit as fast as they can, so a side whose intake outruns its workers builds a
-queue whose wait is most of its p50 (docs/benchmarks.md).
+queue whose wait is most of its p50 (docs/benchmarks.md). `--warmup N` (default 50) runs N tasks
+through each side before its clock starts, so neither side's cold start (first connections, first
+SQL statements and placements, worker imports) lands in the measured tail.
 
     .venv/bin/python bench/compare_celery.py --tasks 2000 --slots 4 --payload-kib 0,64 [--repeat 3]
 
@@ -97,6 +99,23 @@ def run_agents(address: str, slots: int, pipe: multiprocessing.connection.Connec
         pipe.send(("starts", dict(starts)))
 
 
+def warm_up(address: str, requests: list[bytes], pipe: multiprocessing.connection.Connection) -> int:
+    """Run `requests` through before the clock starts (first connections, first statements, first
+    placements: a cold start the measured tasks should not pay); returns how many started."""
+    with grpc.insecure_channel(address) as channel:
+        submit = channel.unary_unary(
+            "/facefleet.v1.Scheduler/SubmitTask",
+            request_serializer=None,
+            response_deserializer=scheduler_pb2.SubmitTaskResponse.FromString,
+        )
+        for raw in requests:
+            submit(raw, timeout=60)
+    deadline, count = time.time() + 60, 0
+    while count < len(requests) and time.time() < deadline:
+        _kind, count = pipe.recv()
+    return count
+
+
 def batch_request(items: list[bytes]) -> bytes:
     """A SubmitTasksRequest of already serialized SubmitTaskRequests (field 1, repeated)."""
     request = scheduler_pb2.SubmitTasksRequest()
@@ -113,6 +132,7 @@ def run_facefleet(
     prefetch: int = 0,
     batch: int = 1,
     rate: float = 0.0,
+    warmup: int = 0,
 ) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="ff-compare-"))
     store_url = f"sqlite:///{work}/bench.db"
@@ -144,6 +164,7 @@ def run_facefleet(
         )
         requests.append(scheduler_pb2.SubmitTaskRequest(task=task).SerializeToString())
     time.sleep(1.0)  # first heartbeats: both pools known before the clock starts
+    warmed = warm_up(scheduler.address, requests[:warmup], parent) if warmup else 0
     submitted: dict[str, float] = {}
     errors: list[str] = []
 
@@ -187,7 +208,7 @@ def run_facefleet(
     submit_done = time.time()
     deadline = started + 600
     count = 0
-    while count < len(submitted) and time.time() < deadline:
+    while count < warmed + len(submitted) and time.time() < deadline:
         kind, count = parent.recv()
     cpu = cpu_seconds(pid) - cpu_before
     kernel = system_cpu_seconds(pid) - kernel_before
@@ -230,6 +251,7 @@ def run_facefleet(
             "clients": clients,
             "tasks_per_submit_call": batch,
             "offered_rate_tasks_per_s": rate or "as fast as the clients submit",
+            "warmup_tasks": warmup,
             "payload": f"{payload_bytes} bytes in a file, passed by URI, read by the agent"
             if payload_bytes
             else "none",
@@ -255,6 +277,12 @@ def main() -> None:
         default=0.0,
         help="offered load for both sides, tasks/s (open loop); 0 = each side's clients submit as fast as they can",
     )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=50,
+        help="tasks run through each side before its clock starts (not measured; 0 = measure a cold start)",
+    )
     parser.add_argument("--repeat", type=int, default=1, help="pairs per payload (alternated); report the median ratio")
     parser.add_argument("--output", type=Path, help="also write the JSON here")
     args = parser.parse_args()
@@ -265,8 +293,12 @@ def main() -> None:
     sizes = [int(size) for size in args.payload_kib.split(",")]
     for _round in range(max(1, args.repeat)):  # rounds alternate the sides, so drift hits both
         for kib in sizes:
-            ours = run_facefleet(args.tasks, args.slots, kib * 1024, args.clients, args.prefetch, args.batch, args.rate)
-            theirs = run_celery(args.tasks, args.slots, kib * 1024, private_share=0.5, rate=args.rate)
+            ours = run_facefleet(
+                args.tasks, args.slots, kib * 1024, args.clients, args.prefetch, args.batch, args.rate, args.warmup
+            )
+            theirs = run_celery(
+                args.tasks, args.slots, kib * 1024, private_share=0.5, rate=args.rate, warmup=args.warmup
+            )
             ratio = ours["throughput_tasks_per_s"] / max(theirs["throughput_tasks_per_s"], 1e-9)
             runs.append({"payload_kib": kib, "facefleet": ours, "celery": theirs, "ratio": round(ratio, 2)})
     median_ratio = {
@@ -282,6 +314,7 @@ def main() -> None:
             "prefetch": args.prefetch,
             "facefleet_tasks_per_submit_call": args.batch,
             "offered_rate_tasks_per_s": args.rate,
+            "warmup_tasks_per_side": args.warmup,
             "private_share": 0.5,
             "repeat": args.repeat,
         },
