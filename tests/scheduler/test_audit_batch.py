@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
+from facefleet.cli import app as cli_app
 from facefleet.scheduler.audit_batch import AuditBatchWriter
 from facefleet.scheduler.audit_trail import AuditTrail
 from facefleet.scheduler.store import TaskRecord
@@ -80,6 +82,21 @@ def test_a_failed_write_is_logged_and_never_blocks_its_callers(tmp_path: Path) -
     writer.close()
 
 
+class Decision:
+    """The placement fields the trail reads."""
+
+    pool_trust_zone, rule, pool = "private", "r1", "onprem-a"
+
+
+def dispatched_record(task_id: str, state: str) -> TaskRecord:
+    return TaskRecord(
+        id=task_id, idempotency_key=None, project="p", sensitivity="private", priority=2, state=state,
+        pool="onprem-a", rule="r1", agent_id="a1", attempts=1, checkpoint_frame=0, checkpoint_uri="",
+        placement=None, placement_proto=None, task_proto=b"", submitted_at=0.0, updated_at=0.0,
+        not_before=0.0, finished_at=None, last_reason="",
+    )  # fmt: skip
+
+
 def test_trail_queues_dispatch_and_completion_records_until_flush(tmp_path: Path) -> None:
     log = AuditLog(tmp_path / "a.jsonl")
     trail = AuditTrail(log)
@@ -92,16 +109,7 @@ def test_trail_queues_dispatch_and_completion_records_until_flush(tmp_path: Path
             return real_append_many(entries)
 
     log.append_many = held_append_many  # type: ignore[method-assign]
-    record = TaskRecord(
-        id="t1", idempotency_key=None, project="p", sensitivity="private", priority=2, state="succeeded",
-        pool="onprem-a", rule="r1", agent_id="a1", attempts=1, checkpoint_frame=0, checkpoint_uri="",
-        placement=None, placement_proto=None, task_proto=b"", submitted_at=0.0, updated_at=0.0,
-        not_before=0.0, finished_at=None, last_reason="",
-    )  # fmt: skip
-
-    class Decision:
-        pool_trust_zone, rule, pool = "private", "r1", "onprem-a"
-
+    record = dispatched_record("t1", "succeeded")
     # queued before the store commits the launch: returns while the write is held
     trail.on_dispatching(record, Decision())  # type: ignore[arg-type]
     assert not log.path.exists() or not log.path.read_text()
@@ -122,16 +130,7 @@ def test_a_withdrawn_launch_answers_its_dispatch_record(tmp_path: Path) -> None:
     `dispatch` (same task, pool, zone), the chain verifies, and the residency proof lists it."""
     log = AuditLog(tmp_path / "audit.jsonl")
     trail = AuditTrail(log)
-    record = TaskRecord(
-        id="t9", idempotency_key=None, project="p", sensitivity="private", priority=2, state="queued",
-        pool="onprem-a", rule="r1", agent_id="a1", attempts=0, checkpoint_frame=0, checkpoint_uri="",
-        placement=None, placement_proto=None, task_proto=b"", submitted_at=0.0, updated_at=0.0,
-        not_before=0.0, finished_at=None, last_reason="",
-    )  # fmt: skip
-
-    class Decision:
-        pool_trust_zone, rule, pool = "private", "r1", "onprem-a"
-
+    record = dispatched_record("t9", "queued")
     trail.on_dispatching(record, Decision())  # type: ignore[arg-type]
     trail.on_withdrawn(record, Decision())  # type: ignore[arg-type]
     trail.flush()
@@ -143,4 +142,16 @@ def test_a_withdrawn_launch_answers_its_dispatch_record(tmp_path: Path) -> None:
     assert verify(log.path).ok
     proof = residency_proof(log.path, "p")
     assert proof.passed and proof.tasks[0].withdrawn == ["onprem-a"]
+    shown = CliRunner().invoke(cli_app, ["audit", "proof", "--project", "p", "--path", str(log.path)])
+    assert shown.exit_code == 0 and "t9: dispatch to onprem-a withdrawn before it was sent" in shown.output
+
+    class CloudDecision:
+        pool_trust_zone, rule, pool = "cloud", "r2", "cloud-b"
+
+    # The scheduler chose a cloud pool for it: withdrawn or not, the proof fails on that choice.
+    trail.on_dispatching(dispatched_record("t10", "queued"), CloudDecision())  # type: ignore[arg-type]
+    trail.on_withdrawn(dispatched_record("t10", "queued"), CloudDecision())  # type: ignore[arg-type]
+    trail.flush()
+    proof = residency_proof(log.path, "p")
+    assert not proof.passed and [t.task for t in proof.tasks if not t.private_only] == ["t10"]
     trail.close()
