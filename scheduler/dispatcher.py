@@ -248,6 +248,7 @@ class Dispatcher:
         self._workers = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="dispatch")
         self._stop = threading.Event()
         self._wake = threading.Event()  # set when a slot frees up: run the next pass now
+        self._cut_short = False  # the last pass stopped at its size limit (`PassPlanner.cut_short`)
         # A slot is free as soon as its stream ends (which wakes the loop). A recorded completion
         # wakes it only under per-project limits (counted in the store); what else it changes (a
         # budget settled) the next pass sees, at most `idle_sleep_s` later.
@@ -295,7 +296,10 @@ class Dispatcher:
             except Exception:
                 log.exception("dispatcher pass failed; retrying")
                 worked = 0
-            if not worked:
+            # Straight on only when the pass stopped at its size limit with launches: otherwise the
+            # next pass has nothing new to find until something wakes the loop (a submit, a freed
+            # slot), and an eager one would only compete with this pass's commit for the GIL.
+            if not worked or not self._cut_short:
                 self._wake.wait(self.settings.idle_sleep_s)
                 self._wake.clear()
 
@@ -488,6 +492,7 @@ class Dispatcher:
             return result
 
         planner = PassPlanner(self._queue_head(now, free, uncommitted), place_live, state, rules)
+        self._cut_short = False
         changes: list[Change] = []
         queued: list[tuple[str, Placement]] = []
         launches: list[_Launch] = []
@@ -502,6 +507,7 @@ class Dispatcher:
                 changes.append(applied)
             elif applied is not None:
                 queued.append((planned.waiting.handle.record.id, applied))
+        self._cut_short = planner.cut_short
         if not changes and not queued:
             self._flush_audit()
             return 0

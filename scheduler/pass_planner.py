@@ -219,15 +219,19 @@ class PassPlanner(Generic[P]):
         self._waits_for_a_slot: set[TaskSpec] = set()  # placement inputs known to wait in this pass
         self._misses = 0
         self._misses_before_launch = 0
+        self.cut_short = False  # the pass stopped at `max_tasks`: more of the queue may launch now
 
     def __iter__(self) -> Iterator[Planned[P]]:
         state, rules = self.state, self.rules
         waiting = iter(self._waiting)
+        self.cut_short = True  # unless the loop below returns first
         for _considered in range(rules.max_tasks):
             if self._misses >= rules.max_misses or state.free_anywhere() <= 0:
+                self.cut_short = False
                 return  # checked before reading on: the live side reads the queue lazily
             item = next(waiting, None)
             if item is None:
+                self.cut_short = False
                 return
             if not state.admit(item.task.project):
                 continue  # over its project's limit: not a miss (the task could not have gone anywhere)

@@ -242,3 +242,21 @@ def test_a_plan_never_launches_beyond_capacity_or_cap_and_never_private_work_on_
     # Queue order is kept: the plan lists tasks in the order they were given.
     order = [w.task.id for w in queue_order(waiting)]
     assert [p.waiting.task.id for p in plan] == [i for i in order if i in {p.waiting.task.id for p in plan}]
+
+
+def test_a_pass_says_whether_it_stopped_at_its_size_limit() -> None:
+    """`cut_short` (the dispatcher runs the next pass at once only then): true when the pass
+    considered `max_tasks` tasks with slots still free, false when the queue or the slots ran out."""
+    many = replace(CLOUD, free_slots=10)
+
+    def cut_short(queued: int, max_tasks: int, *pools: PoolState) -> bool:
+        planner = PassPlanner(
+            [Waiting(task(n), 2, float(n)) for n in range(queued)], PLACE, PassWorld(world(100.0, *pools)),
+            PassRules(max_tasks=max_tasks),
+        )  # fmt: skip
+        list(planner)
+        return planner.cut_short
+
+    assert cut_short(5, 2, many)  # two considered, three left with slots free
+    assert not cut_short(2, 5, many)  # the queue ran out
+    assert not cut_short(5, 5, replace(CLOUD, free_slots=1))  # the slots ran out
