@@ -492,7 +492,6 @@ class Dispatcher:
             return result
 
         planner = PassPlanner(self._queue_head(now, free, uncommitted), place_live, state, rules)
-        self._cut_short = False
         changes: list[Change] = []
         queued: list[tuple[str, Placement]] = []
         launches: list[_Launch] = []

@@ -225,12 +225,7 @@ class GroupCommitter:
         """Run `op(conn)` inside the next batch's transaction; return its result once committed.
 
         `isolated=False` skips the SAVEPOINT: only for operations that raise before they write."""
-        if self._closed:
-            raise StoreUnavailable("the scheduler is shutting down; retry against another replica")
-        pending = _Pending(op=op, isolated=isolated)
-        self._pending.put(pending)
-        self._urgent.set()
-        result: T = pending.result(timeout)
+        result: T = self._enqueue(_Pending(op=op, isolated=isolated), timeout)
         return result
 
     def on_writer_thread(self) -> bool:
@@ -248,6 +243,8 @@ class GroupCommitter:
         if self._closed:
             raise StoreUnavailable("the scheduler is shutting down; retry against another replica")
         self._pending.put(pending)
+        if pending.op is not None:
+            self._urgent.set()  # an intake batch lingering now commits at once
         return pending.result(timeout)
 
     def _run(self) -> None:
@@ -270,16 +267,12 @@ class GroupCommitter:
                     stop = True
                     break
                 batch.append(nxt)
-            self._note_intake(batch)
             self._commit(batch)
             if stop:
                 return
 
-    def _note_intake(self, batch: list[_Pending]) -> None:
+    def _note_intake(self, inserts: int) -> None:
         """Update the intake rate estimate with a batch's submits (the linger's evidence)."""
-        inserts = sum(1 for pending in batch if pending.insert is not None)
-        if not inserts:
-            return
         now = time.monotonic()
         elapsed = max(now - self._last_insert_batch, self._intake_linger_s, 1e-4)
         self._last_insert_batch = now
@@ -288,6 +281,8 @@ class GroupCommitter:
     def _commit(self, batch: list[_Pending]) -> None:
         inserts = [p for p in batch if p.insert is not None]
         ops = [p for p in batch if p.op is not None]
+        if inserts:
+            self._note_intake(len(inserts))
         now = time.time()
         try:
             outcomes = self._transaction(inserts, ops, now)

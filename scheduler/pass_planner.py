@@ -224,14 +224,11 @@ class PassPlanner(Generic[P]):
     def __iter__(self) -> Iterator[Planned[P]]:
         state, rules = self.state, self.rules
         waiting = iter(self._waiting)
-        self.cut_short = True  # unless the loop below returns first
         for _considered in range(rules.max_tasks):
             if self._misses >= rules.max_misses or state.free_anywhere() <= 0:
-                self.cut_short = False
                 return  # checked before reading on: the live side reads the queue lazily
             item = next(waiting, None)
             if item is None:
-                self.cut_short = False
                 return
             if not state.admit(item.task.project):
                 continue  # over its project's limit: not a miss (the task could not have gone anywhere)
@@ -241,6 +238,8 @@ class PassPlanner(Generic[P]):
             else:
                 self._misses += 1
             yield planned
+        else:
+            self.cut_short = True  # considered `max_tasks` with slots still free
 
     def not_launched(self, planned: Planned[P], pool_full: bool = False) -> None:
         """The application could not launch `planned` (an I/O race): its reservation and slot go
