@@ -809,7 +809,7 @@ class Dispatcher:
         transaction, ending states to the completion batcher, refusals as RunTask's errors were."""
         now = self.clock()
         marks: dict[str, Change] = {}  # running marks not yet written
-        progress: dict[str, types_pb2.Progress] = {}  # newest progress per run
+        progress: dict[str, tuple[str, types_pb2.Progress]] = {}  # newest (agent, progress) per run
         ended = False
         for session, message in batch:
             agent_id = session.agent_id
@@ -830,7 +830,7 @@ class Dispatcher:
                     elif task_id in marks:
                         marks[task_id] = replace(marks[task_id], progress=update.progress)
                     else:
-                        progress[task_id] = update.progress
+                        progress[task_id] = (agent_id, update.progress)
                     continue
                 progress.pop(task_id, None)
                 mark = marks.pop(task_id, None)
@@ -859,7 +859,7 @@ class Dispatcher:
         if marks:
             self.store.apply_changes(list(marks.values()), now)
         if progress:
-            self.store.record_progress_many(list(progress.items()), now)
+            self.store.record_progress_many([(task, agent, p) for task, (agent, p) in progress.items()], now)
         if ended:
             self._wake.set()
 
@@ -891,6 +891,12 @@ class Dispatcher:
             return  # cancelled or moved on meanwhile
         reason = types_pb2.ErrorReason.Name(refusal.error.reason) if refusal.error.reason else "REFUSED"
         detail = f"agent {agent_id} refused: {reason}: {refusal.error.message}"
+        if refusal.error.field == "checkpoint_uri":
+            # Our checkpoint, under a root this agent cannot read (a pool that does not share the
+            # one that wrote it): the task itself is fine and runs again from frame 0.
+            fresh = f"{detail}; re-queued to start from frame 0"
+            self._requeue(record, fresh, "checkpoint_unreadable", now, agent_id, fresh_start=True)
+            return
         requeue_reason = ""
         if refusal.retry:
             requeue_reason = "stale_term" if refusal.error.reason == types_pb2.STALE_LEADER_TERM else "no_capacity"
@@ -1023,7 +1029,7 @@ class Dispatcher:
             # CANCELLED for a task still in flight is a stopped run, never the task's end: a budget
             # stop (stop_run), a fencing cancel that reached a later attempt, an agent shutting down.
             # The task goes back to the queue.
-            self.store.record_progress(task_id, message, now)
+            self.store.record_progress(task_id, agent_id, message, now)
             current = self.store.get(task_id)
             if current.attempts == attempt:
                 why = self._stopping.get(task_id)
@@ -1037,7 +1043,7 @@ class Dispatcher:
             self.agents.acknowledge(agent_id, task_id, attempt)
             return True
         if state == types_pb2.TASK_STATE_PREEMPTED:
-            self.store.record_progress(task_id, message, now)
+            self.store.record_progress(task_id, agent_id, message, now)
             if self.store.transition(
                 task_id,
                 PREEMPTED,
@@ -1053,7 +1059,7 @@ class Dispatcher:
             # frees the agent slot now: the agent has said it is done.
             self._complete(Completion(record, agent_id, *_ending(message), now, attempt))
             return True
-        self.store.record_progress(task_id, message, now)
+        self.store.record_progress(task_id, agent_id, message, now)
         return False
 
     def _complete(self, completion: Completion) -> None:
@@ -1109,7 +1115,9 @@ class Dispatcher:
         log.info("stream lost; asking the agent", task_id=task_id, agent_id=agent_id, code=code.name)
         self._lost_stream(task_id, agent_id, attempt)
 
-    def _requeue(self, record: TaskRecord, why: str, reason: str, now: float, agent_id: str) -> bool:
+    def _requeue(
+        self, record: TaskRecord, why: str, reason: str, now: float, agent_id: str, fresh_start: bool = False
+    ) -> bool:
         if record.state in TERMINAL or record.state == QUEUED:
             return False
         if record.attempts >= self.settings.max_attempts:
@@ -1131,6 +1139,7 @@ class Dispatcher:
                 now,
                 expect_agent=agent_id,
                 not_before=backoff_until(record.attempts, now, self.settings),
+                fresh_start=fresh_start,
             )
         except IllegalTransition:
             return False

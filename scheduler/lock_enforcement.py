@@ -252,13 +252,13 @@ class LockEnforcer:
                 expect_agent=record.agent_id,  # not expect_from: it may have gone dispatched -> running meanwhile
                 agent_id="",  # the old agent's late answers no longer match this task
                 not_before=now,
+                fresh_start=True,  # in the same commit: no pass may resume it from the cloud's checkpoint
             )
         except IllegalTransition:  # back in the queue meanwhile (reconciled, agent lost): placement pins it
             moved = False
         if not moved:
             log.info("lock_stop_skipped", task_id=record.id, reason="finished or moved to another agent meanwhile")
             return False
-        self.store.discard_checkpoint(record.id)
         return True
 
     def _recall(self, record: TaskRecord, reason: str) -> None:

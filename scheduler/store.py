@@ -220,6 +220,7 @@ class Step:
     placement: Placement | None = None
     not_before: float | None = None
     count_attempt: bool = False
+    fresh_start: bool = False  # forget the task's checkpoint: its next run starts from frame 0
 
     def values(self) -> dict[str, Any]:
         values: dict[str, Any] = {"state": self.to_state, "last_reason": self.reason}
@@ -667,6 +668,7 @@ class TaskStore:
         placement: Placement | None = None,
         not_before: float | None = None,
         count_attempt: bool = False,
+        fresh_start: bool = False,
         progress_message: types_pb2.Progress | None = None,
     ) -> bool:
         """Move a task to `to_state`. Returns False (no change) when it is already terminal or no
@@ -674,7 +676,7 @@ class TaskStore:
         Raises IllegalTransition for a move the state machine forbids, UnknownTask for a bad id.
         `progress_message`, when given, is recorded in the same transaction.
         """
-        step = Step(to_state, reason, pool, agent_id, placement, not_before, count_attempt)
+        step = Step(to_state, reason, pool, agent_id, placement, not_before, count_attempt, fresh_start)
         return self.transition_chain(
             task_id, [step], now, expect_from=expect_from, expect_agent=expect_agent, progress_message=progress_message
         )
@@ -760,6 +762,8 @@ class TaskStore:
             rows.append((task_id, current, step.to_state, step.reason, now, pool or "", agent or ""))
             current = step.to_state
         cursor.executemany(sql["transition"], rows)
+        if change.progress is not None:  # before the update: the run's agent still holds the row
+            self._write_progress(conn, task_id, change.progress, now, row_agent or "", cursor)
         cursor.execute(
             sql["update"],
             (
@@ -777,8 +781,8 @@ class TaskStore:
                 task_id,
             ),
         )
-        if change.progress is not None:
-            self._write_progress(conn, task_id, change.progress, now, cursor)
+        if any(step.fresh_start for step in steps):  # in this commit: no pass may resume the old run
+            cursor.execute(sql["forget_checkpoint"], (task_id,))
         return True
 
     def _apply_sql(self) -> dict[str, str]:
@@ -798,8 +802,11 @@ class TaskStore:
                 f"VALUES ({mark}, 1, {mark}, {mark}) "
                 "ON CONFLICT (task_id) DO UPDATE SET version = progress.version + 1, "
                 "progress_proto = excluded.progress_proto, at = excluded.at",
+                # Only the run that holds the task moves its checkpoint: a stopped or superseded
+                # run's late report (another agent, often another pool) never does.
                 "checkpoint": f"UPDATE tasks SET checkpoint_frame = {mark}, checkpoint_uri = {mark} "
-                f"WHERE id = {mark} AND checkpoint_frame < {mark}",
+                f"WHERE id = {mark} AND agent_id = {mark} AND checkpoint_frame < {mark}",
+                "forget_checkpoint": f"UPDATE tasks SET checkpoint_frame = 0, checkpoint_uri = '' WHERE id = {mark}",
             }
         return self._apply_statements
 
@@ -828,30 +835,24 @@ class TaskStore:
 
         self._execute_write(run)
 
-    def record_progress(self, task_id: str, message: types_pb2.Progress, now: float) -> None:
-        """Keep the latest progress per task and the highest checkpoint any agent reported."""
-        self._execute_write(lambda conn: self._write_progress(conn, task_id, message, now))
+    def record_progress(self, task_id: str, agent_id: str, message: types_pb2.Progress, now: float) -> None:
+        """Keep the latest progress per task, and the highest checkpoint reported by the agent that
+        holds the task (`agent_id` is the reporting agent)."""
+        self._execute_write(lambda conn: self._write_progress(conn, task_id, message, now, agent_id))
 
-    def record_progress_many(self, progress: Sequence[tuple[str, types_pb2.Progress]], now: float) -> None:
-        """`record_progress` for many tasks in one transaction (an agent session's batch)."""
+    def record_progress_many(self, progress: Sequence[tuple[str, str, types_pb2.Progress]], now: float) -> None:
+        """`record_progress` for many (task id, agent id, progress) in one transaction (an agent
+        session's batch)."""
 
         def run(conn: Connection) -> None:
             cursor = _driver_cursor(conn)
-            for task_id, message in progress:
-                self._write_progress(conn, task_id, message, now, cursor)
+            for task_id, agent_id, message in progress:
+                self._write_progress(conn, task_id, message, now, agent_id, cursor)
 
         self._execute_write(run)
 
-    def discard_checkpoint(self, task_id: str) -> None:
-        """Forget the task's checkpoint: its next run starts from frame 0 (compliance re-run on-prem)."""
-        self._execute_write(
-            lambda conn: conn.execute(
-                tasks.update().where(tasks.c.id == task_id).values(checkpoint_frame=0, checkpoint_uri="")
-            )
-        )
-
     def _write_progress(
-        self, conn: Connection, task_id: str, message: types_pb2.Progress, now: float, cursor: Any = None
+        self, conn: Connection, task_id: str, message: types_pb2.Progress, now: float, agent_id: str, cursor: Any = None
     ) -> None:
         # One upsert in plain driver SQL (SQLite >= 3.24 and PostgreSQL share the syntax): this runs
         # for every progress message and every completion.
@@ -860,5 +861,6 @@ class TaskStore:
         cursor.execute(sql["progress"], (task_id, message.SerializeToString(), now))
         if message.checkpoint_frame:
             cursor.execute(
-                sql["checkpoint"], (message.checkpoint_frame, message.checkpoint_uri, task_id, message.checkpoint_frame)
+                sql["checkpoint"],
+                (message.checkpoint_frame, message.checkpoint_uri, task_id, agent_id, message.checkpoint_frame),
             )

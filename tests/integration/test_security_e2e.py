@@ -32,6 +32,7 @@ from facefleet.config import (
 from facefleet.rpc_errors import FIELD_KEY, reason_of
 from facefleet.scheduler.assembly import AssembledScheduler, build_scheduler
 from facefleet.scheduler.dispatcher import DispatcherSettings
+from facefleet.scheduler.store import Step
 from facefleet.security import certs
 from facefleet.security.audit import query, verify
 from facefleet.security.roles import RoleGate
@@ -82,7 +83,8 @@ class RunRecord:
 
 @dataclass
 class RecordingPipeline:
-    """A fake swap pipeline that records every run; `gate` cleared holds runs before their first frame."""
+    """A fake swap pipeline that records every run; `gate` cleared holds runs before their first
+    frame, `midway` cleared holds them after it (frame 1 reported and checkpointed)."""
 
     frames: int = 3
     frame_seconds: float = 0.01
@@ -90,10 +92,12 @@ class RecordingPipeline:
     execution_providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
     models: list[Any] = field(default_factory=list)
     gate: threading.Event = field(default_factory=threading.Event)
+    midway: threading.Event = field(default_factory=threading.Event)
     runs: list[RunRecord] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.gate.set()
+        self.midway.set()
 
     def run(self, job: Any, on_progress: Callable[[Any], None], cancelled: threading.Event) -> SwapResult:
         record = RunRecord(job.task_id, time.monotonic(), job.resume_from_frame)
@@ -107,6 +111,9 @@ class RecordingPipeline:
                     raise FakePipelineError("cancelled", "CANCELLED")
                 time.sleep(self.frame_seconds)
                 on_progress(ProgressUpdate(done, self.frames, 1.0 / self.frame_seconds, "swap", done))
+                while not self.midway.wait(0.02):
+                    if cancelled.is_set():
+                        raise FakePipelineError("cancelled", "CANCELLED")
             record.decided = time.monotonic()
             if cancelled.is_set():
                 raise FakePipelineError("cancelled", "CANCELLED")
@@ -402,6 +409,50 @@ def test_lock_while_queued_for_cloud_keeps_the_project_on_prem_and_the_audit_pro
     assert whole.exit_code != 0, whole.output
     verified = runner.invoke(cli_app, ["audit", "verify", str(audit_path)])
     assert verified.exit_code == 0, verified.output
+
+
+def test_a_run_stopped_by_a_lock_after_its_checkpoint_reruns_on_prem_from_frame_zero(cluster: Cluster) -> None:
+    """The cloud run has checkpointed frame 1 when its project is locked: the on-prem re-run starts
+    from frame 0 (compliance asks for a fresh start, and on-prem agents cannot read the cloud's
+    checkpoint root). The stop forgets the checkpoint in its own commit, and a report the stopped
+    run sends after it cannot bring one back (tests/scheduler/test_store.py covers that fence)."""
+    onprem, cloud = RecordingPipeline(), RecordingPipeline()
+    cluster.start_agent("onprem-1", "onprem-a", "private", onprem)
+    cluster.start_agent("cloud-1", "cloud-a", "cloud", cloud)
+    onprem.gate.clear()
+    cloud.midway.clear()
+    blocker = cluster.submit(cluster.task("clinic", PRIVATE, "blocker"))
+    wait_for(lambda: cluster.state(blocker) == "running", 10, what="the private task to hold on-prem")
+    task_id = cluster.submit(cluster.task("promo-c", PUBLIC, "c0"))
+    wait_for(lambda: cluster.app.store.get(task_id).checkpoint_frame == 1, 10, what="a checkpoint on the cloud")
+    cluster.admin().LockProject(admin_pb2.LockProjectRequest(project="promo-c", reason="talent"), timeout=TIMEOUT)
+    wait_for(lambda: [run.outcome for run in cloud.runs] == ["cancelled"], 10, what="the cloud run to stop")
+    time.sleep(0.3)  # its last reports reach the scheduler
+    record = cluster.app.store.get(task_id)
+    assert (record.state, record.checkpoint_frame, record.checkpoint_uri) == ("queued", 0, "")
+    onprem.gate.set()
+    wait_for(lambda: cluster.state(task_id) == "succeeded", 20, what="the re-run on-prem")
+    assert [(run.task_id, run.resume_from) for run in onprem.runs][-1] == (task_id, 0)
+
+
+def test_a_checkpoint_the_agent_cannot_read_is_dropped_and_the_task_runs_from_frame_zero(cluster: Cluster) -> None:
+    """A task preempted on a pool whose checkpoint root the on-prem agents do not share: the agent
+    refuses the checkpoint (never reads outside its root), and the task runs from frame 0 instead of
+    failing."""
+    task_id = cluster.submit(cluster.task("promo-r", PUBLIC, "r0"))  # no agent yet: it waits in the queue
+    store, now = cluster.app.store, time.time()
+    steps = [Step("placed", "p", pool="cloud-b"), Step("dispatched", "d", agent_id="spot-9", count_attempt=True)]
+    assert store.transition_chain(task_id, steps, now, expect_from="queued")
+    elsewhere = (cluster.tmp / "cloud-b-checkpoints" / task_id).as_uri() + "/"
+    store.record_progress(task_id, "spot-9", types_pb2.Progress(checkpoint_frame=2, checkpoint_uri=elsewhere), now)
+    assert store.transition(task_id, "preempted", "spot interruption", now, expect_agent="spot-9")
+    assert store.transition(task_id, "queued", "resume after preemption", now, agent_id="")
+    onprem = RecordingPipeline()
+    cluster.start_agent("onprem-1", "onprem-a", "private", onprem)
+    wait_for(lambda: cluster.state(task_id) == "succeeded", 20, what="the task to run on-prem")
+    assert [(run.task_id, run.resume_from) for run in onprem.runs] == [(task_id, 0)]
+    reasons = [t.reason for t in store.transitions_of(task_id)]
+    assert any("checkpoint_uri" in r and "start from frame 0" in r for r in reasons), reasons
 
 
 @pytest.mark.slow

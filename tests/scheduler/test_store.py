@@ -168,16 +168,53 @@ def test_idempotency_key_returns_the_same_task(store: TaskStore) -> None:
 def test_checkpoint_only_moves_forward(store: TaskStore) -> None:
     task_id = submit(store)
     now = time.time()
-    store.record_progress(
-        task_id, types_pb2.Progress(task_id=task_id, checkpoint_frame=40, checkpoint_uri="file:///c/40"), now
-    )
-    store.record_progress(
-        task_id, types_pb2.Progress(task_id=task_id, checkpoint_frame=10, checkpoint_uri="file:///c/10"), now
-    )
+    dispatch = [Step("placed", "p", pool="cloud-a"), Step("dispatched", "d", agent_id="a1", count_attempt=True)]
+    store.transition_chain(task_id, dispatch, now)
+
+    def checkpoint(agent_id: str, frame: int) -> None:
+        progress = types_pb2.Progress(task_id=task_id, checkpoint_frame=frame, checkpoint_uri=f"file:///c/{frame}")
+        store.record_progress(task_id, agent_id, progress, now)
+
+    checkpoint("a1", 40)
+    checkpoint("a1", 10)
     record = store.get(task_id)
     assert (record.checkpoint_frame, record.checkpoint_uri) == (40, "file:///c/40")
     latest = store.latest_progress(task_id)
     assert latest is not None and latest.version == 2 and latest.progress.checkpoint_frame == 10
+
+
+def test_only_the_run_holding_the_task_moves_its_checkpoint_and_a_fresh_start_forgets_it(store: TaskStore) -> None:
+    """A stopped run's late report (its agent no longer holds the task) never sets the checkpoint,
+    alone or in a session's batch; a fresh start forgets it in the same commit as the move."""
+    task_id = submit(store)
+    now = time.time()
+
+    def dispatch(agent_id: str) -> None:
+        steps = [Step("placed", "p", pool="cloud-a"), Step("dispatched", "d", agent_id=agent_id, count_attempt=True)]
+        assert store.transition_chain(task_id, steps, now, expect_from="queued")
+
+    def checkpoint(agent_id: str, frame: int) -> None:
+        progress = types_pb2.Progress(
+            task_id=task_id, checkpoint_frame=frame, checkpoint_uri=f"file:///{agent_id}/{frame}"
+        )
+        store.record_progress(task_id, agent_id, progress, now)
+
+    def held() -> tuple[int, str]:
+        record = store.get(task_id)
+        return record.checkpoint_frame, record.checkpoint_uri
+
+    dispatch("cloud-1")
+    checkpoint("cloud-1", 20)
+    assert held() == (20, "file:///cloud-1/20")
+    assert store.transition(task_id, "queued", "stopped", now, expect_agent="cloud-1", agent_id="", fresh_start=True)
+    assert held() == (0, "")
+    checkpoint("cloud-1", 30)  # the stopped run's late report
+    store.record_progress_many([(task_id, "cloud-1", types_pb2.Progress(checkpoint_frame=35, checkpoint_uri="x"))], now)
+    assert held() == (0, "")
+    dispatch("onprem-1")
+    checkpoint("cloud-1", 40)  # still late, now that another agent holds the task
+    checkpoint("onprem-1", 10)
+    assert held() == (10, "file:///onprem-1/10")
 
 
 def test_list_filters_and_pagination(store: TaskStore) -> None:
