@@ -359,14 +359,21 @@ def test_a_batch_refuses_only_the_items_outside_the_allow_list_and_audits_each(c
 # ---- project locks ---------------------------------------------------------------------------------
 
 
-def test_lock_while_queued_for_cloud_keeps_the_project_on_prem_and_the_audit_proves_it(cluster: Cluster) -> None:
+def on_prem_held_by_a_private_task(cluster: Cluster) -> tuple[RecordingPipeline, RecordingPipeline]:
+    """An on-prem and a cloud agent, one slot each; a private task holds the on-prem slot (its
+    pipeline's gate is closed) until the test opens `onprem.gate`."""
     onprem, cloud = RecordingPipeline(), RecordingPipeline()
     cluster.start_agent("onprem-1", "onprem-a", "private", onprem)
     cluster.start_agent("cloud-1", "cloud-a", "cloud", cloud)
     onprem.gate.clear()
-    cloud.gate.clear()
     blocker = cluster.submit(cluster.task("clinic", PRIVATE, "blocker"))
     wait_for(lambda: cluster.state(blocker) == "running", 10, what="the private task to hold on-prem")
+    return onprem, cloud
+
+
+def test_lock_while_queued_for_cloud_keeps_the_project_on_prem_and_the_audit_proves_it(cluster: Cluster) -> None:
+    onprem, cloud = on_prem_held_by_a_private_task(cluster)
+    cloud.gate.clear()
     running_on_cloud = cluster.submit(cluster.task("promo-p", PUBLIC, "p0"))
     wait_for(lambda: cluster.state(running_on_cloud) == "running", 10, what="promo-p's first task on the cloud")
     queued = [cluster.submit(cluster.task("promo-p", PUBLIC, f"p{i}")) for i in range(1, 4)]
@@ -416,13 +423,8 @@ def test_a_run_stopped_by_a_lock_after_its_checkpoint_reruns_on_prem_from_frame_
     from frame 0 (compliance asks for a fresh start, and on-prem agents cannot read the cloud's
     checkpoint root). The stop forgets the checkpoint in its own commit, and a report the stopped
     run sends after it cannot bring one back (tests/scheduler/test_store.py covers that fence)."""
-    onprem, cloud = RecordingPipeline(), RecordingPipeline()
-    cluster.start_agent("onprem-1", "onprem-a", "private", onprem)
-    cluster.start_agent("cloud-1", "cloud-a", "cloud", cloud)
-    onprem.gate.clear()
+    onprem, cloud = on_prem_held_by_a_private_task(cluster)
     cloud.midway.clear()
-    blocker = cluster.submit(cluster.task("clinic", PRIVATE, "blocker"))
-    wait_for(lambda: cluster.state(blocker) == "running", 10, what="the private task to hold on-prem")
     task_id = cluster.submit(cluster.task("promo-c", PUBLIC, "c0"))
     wait_for(lambda: cluster.app.store.get(task_id).checkpoint_frame == 1, 10, what="a checkpoint on the cloud")
     cluster.admin().LockProject(admin_pb2.LockProjectRequest(project="promo-c", reason="talent"), timeout=TIMEOUT)
