@@ -222,21 +222,6 @@ class Step:
     count_attempt: bool = False
     fresh_start: bool = False  # forget the task's checkpoint: its next run starts from frame 0
 
-    def values(self) -> dict[str, Any]:
-        values: dict[str, Any] = {"state": self.to_state, "last_reason": self.reason}
-        if self.pool is not None:
-            values["pool"] = self.pool
-        if self.agent_id is not None:
-            values["agent_id"] = self.agent_id
-        if self.placement is not None:
-            values["pool"] = self.placement.pool
-            values["rule"] = self.placement.rule
-            values["placement"] = self.placement.summary
-            values["placement_proto"] = self.placement.decision
-        if self.not_before is not None:
-            values["not_before"] = self.not_before
-        return values
-
 
 @dataclass(frozen=True)
 class Change:
