@@ -10,12 +10,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-
-import onnx
+from typing import TYPE_CHECKING
 
 from facefleet.agent.models.manifest import ANY_DIM, ModelEntry, ModelRole, TensorSpec, load_manifest
 from facefleet.agent.models.routing import ModelSignature, TensorSignature, UnroutableModel, route_model
 from facefleet.agent.pipeline.errors import ModelVerificationFailed
+
+if TYPE_CHECKING:
+    import onnx
 
 HASH_CHUNK_BYTES = 1 << 20
 
@@ -58,6 +60,8 @@ def _dims(value_info: onnx.ValueInfoProto) -> tuple[int | str, ...]:
 
 def read_signature(path: Path) -> ModelSignature:
     """Read graph inputs/outputs (initializers excluded) without creating a session."""
+    import onnx  # here, not at module level: it costs seconds to import, and an agent starts without it
+
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and others for non-ONNX bytes

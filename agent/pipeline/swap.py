@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
 
 from facefleet.agent.models.verify import VerifiedModel
 from facefleet.agent.pipeline.embed import normalize
@@ -15,6 +13,9 @@ from facefleet.agent.pipeline.stage import FrameState
 
 class FaceSwapper:
     def __init__(self, session: ort.InferenceSession, model: VerifiedModel):
+        import onnx  # lazily, as in models.verify: seconds to import
+        from onnx import numpy_helper
+
         self.session = session
         graph = onnx.load(str(model.path), load_external_data=False).graph
         self.emap = numpy_helper.to_array(graph.initializer[-1]).astype(np.float32)  # checked in verify
