@@ -94,6 +94,9 @@ class SchedulerConfig(Section):
     prometheus_timeout_s: float = Field(default=1.0, gt=0, le=1)  # short: a slow Prometheus is a stale one
     pools: list[PoolConfig] = Field(default_factory=list)  # static pools merged with heartbeats
     project_limits: dict[str, int] = Field(default_factory=dict)  # max concurrent tasks per project
+    # A submit that arrives while the dispatcher idles is stored with its launch in one commit
+    # (docs/operations.md, "Launch with intake"); false: every submit has its own intake commit.
+    launch_with_intake: bool = True
 
 
 class AgentConfig(Section):

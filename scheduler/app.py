@@ -103,6 +103,8 @@ class SchedulerApp:
             loop=self._loop,
         )
         self.committer.on_inserted = self.dispatcher.wake  # new work: an idle dispatcher passes now
+        if config.launch_with_intake:
+            self.dispatcher.take_intake(self.committer)
         # Spend enforced while cloud runs go on: extend reservations or stop runs (docs/finance.md).
         self.enforcer = (
             SpendEnforcer(

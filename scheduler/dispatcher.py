@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -52,6 +53,7 @@ from facefleet.domain import (
     RUN_LIMIT_REACHED,
     RUNNING,
     TERMINAL,
+    sensitivity_from_proto,
     state_from_proto,
     state_to_proto,
 )
@@ -60,6 +62,7 @@ from facefleet.scheduler import metrics, queue
 from facefleet.scheduler.agent_sessions import AgentSession, AgentSessions
 from facefleet.scheduler.agent_streams import AgentStreams, AioChannelFactory
 from facefleet.scheduler.completion_batch import Completion, CompletionBatcher
+from facefleet.scheduler.group_commit import GroupCommitter, Offered
 from facefleet.scheduler.leader import DEFAULT_LOCK_NAME
 from facefleet.scheduler.pass_planner import (
     MAX_MISSES_PER_PASS,
@@ -268,6 +271,11 @@ class Dispatcher:
         self._thread: threading.Thread | None = None
         self._was_leader = False
         self._leader_since = 0.0
+        # Launches with their intake (`take_intake`): submits offered while the loop idles as leader.
+        self.committer: GroupCommitter | None = None
+        self._offer_lock = threading.Lock()
+        self._idle = False  # the loop waits for a wake-up as leader: it takes offered submits
+        self._offered: list[Offered] = []
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -277,9 +285,12 @@ class Dispatcher:
 
     def stop(self) -> None:
         self._stop.set()
+        with self._offer_lock:
+            self._idle = False
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self._hand_back(self._take_offered())  # offered but not stored: the intake stores them
         self._streams.close()  # cancels every stream; their clean-up hands work to the pool
         self.sessions.close()  # ends the sessions; what agents sent so far is handled first
         self._workers.shutdown(wait=True, cancel_futures=True)
@@ -300,11 +311,20 @@ class Dispatcher:
             # next pass has nothing new to find until something wakes the loop (a submit, a freed
             # slot), and an eager one would only compete with this pass's commit for the GIL.
             if not worked or not self._cut_short:
+                self._set_idle(True)
                 self._wake.wait(self.settings.idle_sleep_s)
+                self._set_idle(False)
                 self._wake.clear()
 
     def step(self, pipelined: bool = False) -> int:
         """One pass (leader only): reconcile on gaining leadership, handle lost agents, dispatch."""
+        offered = self._take_offered()
+        try:
+            return self._step(pipelined, offered)
+        finally:
+            self._hand_back(offered)  # whatever the pass did not store (it empties the list when it does)
+
+    def _step(self, pipelined: bool, offered: list[Offered]) -> int:
         leader = self.is_leader()
         metrics.LEADER.set(1 if leader else 0)
         if not leader:
@@ -326,7 +346,64 @@ class Dispatcher:
         self.handle_lost_agents(now)
         self.handle_outcomes(now)
         self.resolve(now)
-        return self.dispatch_pass(now, pipelined)
+        return self.dispatch_pass(now, pipelined, offered)
+
+    # ---- launches with their intake -------------------------------------------------------------
+
+    def take_intake(self, committer: GroupCommitter) -> None:
+        """Take submits from `committer` while idle (`offer`), to store each with its launch."""
+        self.committer = committer
+        committer.launcher = self
+
+    def offer(self, submit: Offered) -> bool:
+        """A submit the intake offers. Taken (True) only while the loop idles as leader: the next
+        pass plans it with the queue (merged in queue order) and stores it with its launch in one
+        commit (`GroupCommitter.insert_with`), instead of an intake commit, a pass that reads it
+        back from the store and a launch commit. Declined while a pass runs: the intake commits
+        it and wakes the loop, as before."""
+        with self._offer_lock:
+            if not self._idle:
+                return False
+            self._offered.append(submit)
+        self._wake.set()
+        return True
+
+    def _set_idle(self, idle: bool) -> None:
+        with self._offer_lock:
+            self._idle = idle and self.committer is not None and self._was_leader and not self._stop.is_set()
+
+    def _take_offered(self) -> list[Offered]:
+        with self._offer_lock:
+            offered, self._offered = self._offered, []
+        return offered
+
+    def _hand_back(self, offered: list[Offered]) -> None:
+        if offered:
+            assert self.committer is not None
+            self.committer.hand_back(offered)
+            offered.clear()
+
+    def _offered_waiting(self, offered: Sequence[Offered], now: float) -> list[Waiting]:
+        """Offered submits as the planner sees queued tasks (stored at `now` if the pass commits)."""
+        waiting = []
+        for submit in offered:
+            item = submit.insert
+            task = types_pb2.Task()
+            task.CopyFrom(item.task)
+            task.id = item.task_id
+            record = TaskRecord(
+                id=item.task_id, idempotency_key=item.idempotency_key or None, project=task.project,
+                sensitivity=sensitivity_from_proto(task.sensitivity), priority=int(task.priority), state=QUEUED,
+                pool=None, rule=None, agent_id=None, attempts=0, checkpoint_frame=0, checkpoint_uri="",
+                placement=None, placement_proto=None, task_proto=task.SerializeToString(), submitted_at=now,
+                updated_at=now, not_before=0.0, finished_at=None, last_reason="submitted",
+            )  # fmt: skip
+            waiting.append(Waiting(task_spec_from_proto(task), record.priority, now, _Queued(record, task)))
+        return sorted(waiting, key=self._queue_order)
+
+    def _queue_order(self, waiting: Waiting) -> tuple[float, str]:
+        """The store's queue order (`runnable`): order key, then id."""
+        return queue.order_key(waiting.priority, waiting.submitted_at, self.settings.aging_s), waiting.task.id
 
     # ---- reconciliation and agent loss ----------------------------------------------------------
 
@@ -456,7 +533,7 @@ class Dispatcher:
 
     # ---- dispatch ---------------------------------------------------------------------------------
 
-    def dispatch_pass(self, now: float, pipelined: bool = False) -> int:
+    def dispatch_pass(self, now: float, pipelined: bool = False, offered: list[Offered] | None = None) -> int:
         """Plan one pass (`scheduler.pass_planner`, the planner `facefleet simulate` runs) over a
         snapshot of the world and apply the plan; commit every decision of the pass in one
         transaction, then start the RPCs.
@@ -467,7 +544,11 @@ class Dispatcher:
 
         `pipelined` (the loop's mode): the commit and the RPCs run on a worker while this thread
         places the next pass; tasks of passes not yet committed are left out of later passes (and
-        counted against their project limits) until their commit is done."""
+        counted against their project limits) until their commit is done.
+
+        `offered`: submits not stored yet (`offer`); they join the queue in queue order and the pass
+        commits them with its decisions (emptying the list), on this thread. Left in the list when
+        nothing is free: the caller hands them back to the intake."""
         active, world = self.placer.world(now)
         state = PassWorld(world, self.settings.project_limits)
         free = state.free_anywhere()
@@ -491,7 +572,11 @@ class Dispatcher:
             metrics.PLACEMENTS.labels(pool=result.pool or "-", rule=result.rule or "-", outcome=result.outcome).inc()
             return result
 
-        planner = PassPlanner(self._queue_head(now, free, uncommitted), place_live, state, rules)
+        head: Iterator[Waiting] = self._queue_head(now, free, uncommitted)
+        fresh = self._offered_waiting(offered, now) if offered else []
+        if fresh:
+            head = heapq.merge(head, fresh, key=self._queue_order)
+        planner = PassPlanner(head, place_live, state, rules)
         changes: list[Change] = []
         queued: list[tuple[str, Placement]] = []
         launches: list[_Launch] = []
@@ -507,6 +592,10 @@ class Dispatcher:
             elif applied is not None:
                 queued.append((planned.waiting.handle.record.id, applied))
         self._cut_short = planner.cut_short
+        if offered:
+            taken = list(offered)
+            offered.clear()
+            return self._commit_and_launch(changes, launches, queued, now, taken=taken)
         if not changes and not queued:
             self._flush_audit()
             return 0
@@ -567,23 +656,32 @@ class Dispatcher:
         queued: list[tuple[str, Placement]],
         now: float,
         background: bool = False,
+        taken: Sequence[Offered] = (),
     ) -> int:
-        """Commit a pass's decisions, then send its RunTask calls (placement durable before the RPC)."""
+        """Commit a pass's decisions, then send its RunTask calls (placement durable before the RPC).
+        `taken`: offered submits, stored in the same commit (even when nothing launches)."""
         results: dict[str, bool | Exception] = {}
         announced: dict[str, tuple[TaskRecord, PlacementResult]] = {}
         try:
-            if queued:
-                self.store.record_queue_decisions(queued, now)
-            if not changes:
-                self._flush_audit()
-                return 0
-            if not self.is_leader():  # lost the lock while placing: commit nothing, release reservations
-                return 0
-            # The launches' audit records are written while the store commits them (one wait less
-            # before the assignments go out); a launch that then does not commit is withdrawn.
-            announced = {launch.record.id: (_sent(launch), launch.result) for launch in launches}
-            self._tell("on_dispatching", announced.values())
-            results = dict(zip([c.task_id for c in changes], self.store.apply_changes(changes, now), strict=True))
+            if taken:
+                results = self._commit_with_intake(taken, changes, launches, queued, now, announced)
+                if not changes:
+                    self._flush_audit()
+                    return 0
+            else:
+                if queued:
+                    self.store.record_queue_decisions(queued, now)
+                if not changes:
+                    self._flush_audit()
+                    return 0
+                if not self.is_leader():  # lost the lock while placing: commit nothing, release reservations
+                    return 0
+                # The launches' audit records are written while the store commits them (one wait less
+                # before the assignments go out); a launch that then does not commit is withdrawn.
+                announced.update({launch.record.id: (_sent(launch), launch.result) for launch in launches})
+                self._tell("on_dispatching", announced.values())
+                applied = self.store.apply_changes(changes, now)
+                results = dict(zip([c.task_id for c in changes], applied, strict=True))
         except Exception:
             if not background:
                 raise
@@ -614,6 +712,32 @@ class Dispatcher:
             if change.steps[-1].to_state == FAILED and results.get(change.task_id) is True:
                 self._finished(change.task_id)
         return len(sending)
+
+    def _commit_with_intake(
+        self,
+        taken: Sequence[Offered],
+        changes: list[Change],
+        launches: list[_Launch],
+        queued: list[tuple[str, Placement]],
+        now: float,
+        announced: dict[str, tuple[TaskRecord, PlacementResult]],
+    ) -> dict[str, bool | Exception]:
+        """Store the offered submits and the pass's decisions in one commit; returns each change's
+        result (none when leadership was lost meanwhile: then only the submits are stored)."""
+        assert self.committer is not None
+        leading = self.is_leader()
+        if leading:
+            announced.update({launch.record.id: (_sent(launch), launch.result) for launch in launches})
+            self._tell("on_dispatching", announced.values())
+
+        def decide(conn: Any) -> list[bool | Exception]:
+            self.store.record_queue_decisions_in(conn, queued, now)
+            return self.store.apply_changes_in(conn, changes, now) if leading else []
+
+        applied = self.committer.insert_with(taken, now, decide)
+        if isinstance(applied, Exception) or not leading:
+            return {}
+        return dict(zip([c.task_id for c in changes], applied, strict=True))
 
     def _tell(self, hook: str, launches: Iterable[tuple[TaskRecord, PlacementResult]]) -> None:
         """Call an optional listener hook (`on_dispatching`, `on_withdrawn`) for each launch."""

@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import structlog
 from sqlalchemy.engine import Connection
@@ -39,21 +39,34 @@ INTAKE_LINGER_S = 0.002
 RATE_WEIGHT = 0.5  # weight of the newest batch in the intake rate estimate (an exponential average)
 
 
+Offered = Any  # a submit waiting for its commit, as `IntakeLauncher.offer` gets it (opaque to the launcher)
+
+
+class IntakeLauncher(Protocol):
+    def offer(self, submit: Offered) -> bool: ...  # True: it stores the submit (insert_with or hand_back)
+
+
 class StoreUnavailable(RuntimeError):
     """The batch could not be committed; callers answer UNAVAILABLE and the client retries."""
 
 
 class _Pending:
-    """One queued write and its caller's wake-up (a bare lock: cheaper than a Future's Condition)."""
+    """One queued write and its caller's wake-up (a bare lock: cheaper than a Future's Condition).
+    `carried`: submits an operation stores (`insert_with`), answered when the operation commits."""
 
-    __slots__ = ("done", "error", "insert", "isolated", "op", "value")
+    __slots__ = ("carried", "done", "error", "insert", "isolated", "op", "value")
 
     def __init__(
-        self, insert: NewTask | None = None, op: Callable[[Connection], Any] | None = None, isolated: bool = True
+        self,
+        insert: NewTask | None = None,
+        op: Callable[[Connection], Any] | None = None,
+        isolated: bool = True,
+        carried: Sequence[_Pending] = (),
     ) -> None:
         self.insert = insert
         self.op = op
         self.isolated = isolated
+        self.carried = carried
         self.value: Any = None
         self.error: BaseException | None = None
         self.done = threading.Lock()
@@ -83,6 +96,7 @@ class _LoopPending(_Pending):
     def __init__(self, insert: NewTask, loop: asyncio.AbstractEventLoop) -> None:
         # Not _Pending.__init__: its wake-up lock is for threads; a coroutine waits on `future`.
         self.insert, self.op, self.isolated, self.value, self.error = insert, None, True, None, None
+        self.carried = ()
         self.loop = loop
         self.future: asyncio.Future[Any] = loop.create_future()
 
@@ -100,6 +114,11 @@ class _LoopPending(_Pending):
 def _release(batch: list[_Pending], outcomes: dict[int, tuple[bool, Any]]) -> None:
     """Wake every caller of a committed batch: threads one by one, coroutines with one hop onto
     each caller loop for all of its futures (one self-pipe write per loop and batch, not per submit)."""
+    for pending in [p for p in batch if p.carried]:  # answered with the operation that stored them
+        ok, value = outcomes[id(pending)]
+        for index, submit in enumerate(pending.carried):
+            outcomes[id(submit)] = (True, value[0][index]) if ok else (False, value)
+        batch = batch + list(pending.carried)
     on_loops: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
     for pending in batch:
         ok, value = outcomes[id(pending)]
@@ -158,6 +177,9 @@ class GroupCommitter:
         self._closed = False
         # Called after each commit that stored new tasks (the dispatcher: a pass may start now).
         self.on_inserted: Callable[[], None] = lambda: None
+        # The dispatcher: while it idles as leader it takes single submits to store them with their
+        # launch in one commit (`insert_with`); anything it does not take is committed here.
+        self.launcher: IntakeLauncher | None = None
         self._thread = threading.Thread(target=self._run, name="group-commit", daemon=True)
         self._thread.start()
         if attach:
@@ -169,12 +191,15 @@ class GroupCommitter:
         return result
 
     async def submit_async(self, item: NewTask, timeout: float = 30.0) -> SubmitResult:
-        """`submit` for coroutines (the grpc.aio intake): the loop is not blocked while it commits."""
+        """`submit` for coroutines (the grpc.aio intake): the loop is not blocked while it commits.
+        An idle leading dispatcher (`launcher`) may take it, to store it with its launch."""
         if self._closed:
             raise StoreUnavailable("the scheduler is shutting down; retry against another replica")
         loop = asyncio.get_running_loop()
         pending = _LoopPending(item, loop)
-        self._pending.put(pending)
+        launcher = self.launcher
+        if launcher is None or not launcher.offer(pending):
+            self._pending.put(pending)
         expiry = loop.call_later(timeout, _expire, pending.future, timeout)  # cheaper than asyncio.timeout
         try:
             result: SubmitResult = await pending.future
@@ -220,6 +245,48 @@ class GroupCommitter:
         finally:
             expiry.cancel()
         return results
+
+    def insert_with(
+        self, offered: Sequence[Offered], now: float, then: Callable[[Connection], T], timeout: float = 60.0
+    ) -> T | Exception:
+        """Store `offered` submits (taken through `launcher.offer`) and run `then(conn)` in the same
+        transaction: the dispatcher's launches of them, one commit for both. Each submitter is answered
+        once the transaction is durable, as by a plain intake commit. Returns `then`'s result, or the
+        exception it raised (the submits are stored all the same). Raises when the transaction did
+        not commit (the submitters get that error too). No savepoint (SQLAlchemy's cost ~0.5 ms
+        each here): like the store's own operations, `then` checks everything before it writes."""
+        carried = [pending for pending in offered if isinstance(pending, _Pending)]
+        items = [pending.insert for pending in carried if pending.insert is not None]
+        assert len(items) == len(offered), "offered submits come from submit_async"
+
+        def op(conn: Connection) -> tuple[list[SubmitResult], T | Exception]:
+            results = self._store._insert_batch(conn, items, now)
+            try:
+                return results, then(conn)
+            except IntegrityError:
+                raise  # the whole batch is redone one write at a time
+            except Exception as error:
+                log.exception("a launch with its intake failed; the tasks stay queued")
+                return results, error
+
+        if self._closed:
+            error = StoreUnavailable("the scheduler is shutting down; retry against another replica")
+            _release(carried, {id(pending): (False, error) for pending in carried})
+            raise error
+        value: tuple[list[SubmitResult], T | Exception] = self._enqueue(
+            _Pending(op=op, isolated=False, carried=carried), timeout
+        )
+        metrics.SUBMIT_BATCH_SIZE.observe(len(items))
+        return value[1]
+
+    def hand_back(self, offered: Sequence[Offered]) -> None:
+        """Offered submits the launcher will not store itself: the next intake commit stores them."""
+        for pending in offered:
+            assert isinstance(pending, _Pending)
+            if self._closed:
+                pending.set_exception(StoreUnavailable("the scheduler is shutting down; retry against another replica"))
+            else:
+                self._pending.put(pending)
 
     def run(self, op: Callable[[Connection], T], isolated: bool = True, timeout: float = 60.0) -> T:
         """Run `op(conn)` inside the next batch's transaction; return its result once committed.

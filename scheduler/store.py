@@ -106,6 +106,10 @@ leader_terms = sa.Table(
 T = TypeVar("T")
 
 
+def new_task_id() -> str:
+    return uuid.uuid4().hex
+
+
 class Writer(Protocol):
     def run(self, op: Callable[[Connection], T], isolated: bool = True) -> T: ...
     def on_writer_thread(self) -> bool: ...
@@ -130,10 +134,13 @@ class UnknownTask(KeyError):
 
 @dataclass(frozen=True)
 class NewTask:
-    """A validated task ready to insert (the intake's output)."""
+    """A validated task ready to insert (the intake's output). `task_id` is the id it is stored
+    under (known before the insert: the dispatcher may plan its launch in the same transaction); a
+    repeated idempotency key returns the existing task's id instead."""
 
     task: types_pb2.Task
     idempotency_key: str
+    task_id: str = dataclasses.field(default_factory=new_task_id)
 
 
 @dataclass(frozen=True)
@@ -234,10 +241,6 @@ class Change:
     progress: types_pb2.Progress | None = None
 
 
-def new_task_id() -> str:
-    return uuid.uuid4().hex
-
-
 def _record(row: sa.Row[Any]) -> TaskRecord:
     return TaskRecord(**row._mapping)
 
@@ -306,6 +309,18 @@ def check_store(url: str, connect_timeout_s: int = 5) -> None:
         raise StoreUnusable(f"cannot reach the store {shown}: {reason}") from None
     finally:
         engine.dispose()
+
+
+_QUEUE_DECISION = (
+    tasks.update()
+    .where(tasks.c.id == sa.bindparam("b_id"), tasks.c.state == QUEUED)
+    .values(
+        placement=sa.bindparam("b_placement", type_=tasks.c.placement.type),
+        placement_proto=sa.bindparam("b_proto", type_=tasks.c.placement_proto.type),
+        rule=sa.bindparam("b_rule"),
+        updated_at=sa.bindparam("b_at"),
+    )
+)
 
 
 class TaskStore:
@@ -422,7 +437,7 @@ class TaskStore:
             if key is not None and key in existing:
                 results.append(existing[key])
                 continue
-            task_id = new_task_id()
+            task_id = item.task_id
             task = types_pb2.Task()
             task.CopyFrom(item.task)
             task.id = task_id
@@ -682,18 +697,18 @@ class TaskStore:
 
     def apply_changes(self, changes: Sequence[Change], now: float) -> list[bool | Exception]:
         """Many independent changes in one commit; each gets its own result (or its exception)."""
+        return self._execute_write(lambda conn: self.apply_changes_in(conn, changes, now))
 
-        def run(conn: Connection) -> list[bool | Exception]:
-            results: list[bool | Exception] = []
-            cursor = _driver_cursor(conn)
-            for change in changes:
-                try:
-                    results.append(self._apply(conn, change, now, cursor))
-                except (IllegalTransition, UnknownTask) as error:  # raised before anything is written
-                    results.append(error)
-            return results
-
-        return self._execute_write(run)
+    def apply_changes_in(self, conn: Connection, changes: Sequence[Change], now: float) -> list[bool | Exception]:
+        """`apply_changes` inside the caller's transaction (the writer's: `GroupCommitter.insert_with`)."""
+        results: list[bool | Exception] = []
+        cursor = _driver_cursor(conn)
+        for change in changes:
+            try:
+                results.append(self._apply(conn, change, now, cursor))
+            except (IllegalTransition, UnknownTask) as error:  # raised before anything is written
+                results.append(error)
+        return results
 
     def _apply(self, conn: Connection, change: Change, now: float, cursor: Any = None) -> bool:
         # Plain SQL with one fixed shape per statement on the driver's own cursor (same transaction):
@@ -797,28 +812,19 @@ class TaskStore:
 
     def record_queue_decisions(self, decisions: Sequence[tuple[str, Placement]], now: float) -> None:
         """`queue` outcomes: the tasks stay queued; keep each decision for Explain."""
+        self._execute_write(lambda conn: self.record_queue_decisions_in(conn, decisions, now))
 
-        statement = (
-            tasks.update()
-            .where(tasks.c.id == sa.bindparam("b_id"), tasks.c.state == QUEUED)
-            .values(
-                placement=sa.bindparam("b_placement", type_=tasks.c.placement.type),
-                placement_proto=sa.bindparam("b_proto", type_=tasks.c.placement_proto.type),
-                rule=sa.bindparam("b_rule"),
-                updated_at=sa.bindparam("b_at"),
-            )
-        )
-
-        def run(conn: Connection) -> None:
-            if not decisions:
-                return
-            rows = [
-                {"b_id": task_id, "b_placement": p.summary, "b_proto": p.decision, "b_rule": p.rule, "b_at": now}
-                for task_id, p in decisions
-            ]
-            conn.execute(statement, rows)  # one executemany for the whole pass
-
-        self._execute_write(run)
+    def record_queue_decisions_in(
+        self, conn: Connection, decisions: Sequence[tuple[str, Placement]], now: float
+    ) -> None:
+        """`record_queue_decisions` inside the caller's transaction."""
+        if not decisions:
+            return
+        rows = [
+            {"b_id": task_id, "b_placement": p.summary, "b_proto": p.decision, "b_rule": p.rule, "b_at": now}
+            for task_id, p in decisions
+        ]
+        conn.execute(_QUEUE_DECISION, rows)  # one executemany for the whole pass
 
     def record_progress(self, task_id: str, agent_id: str, message: types_pb2.Progress, now: float) -> None:
         """Keep the latest progress per task, and the highest checkpoint reported by the agent that

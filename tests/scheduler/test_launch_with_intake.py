@@ -1,0 +1,191 @@
+"""Launch with intake: a submit that reaches an idle leading dispatcher is stored with its launch in
+one durable commit (docs/operations.md). Checked from outside the dispatcher: what each commit made
+durable (read on the writer's own connection as it commits), queue order against tasks already
+waiting, idempotency keys, and submits offered when the dispatcher cannot take them after all."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from facefleet.scheduler.app import SchedulerApp
+from facefleet.scheduler.capacity import AgentRegistry
+from facefleet.scheduler.dispatcher import Dispatcher, DispatcherSettings
+from facefleet.scheduler.group_commit import GroupCommitter
+from facefleet.scheduler.store import NewTask, SubmitResult, TaskStore
+from facefleet.v1 import scheduler_pb2, types_pb2
+from tests.scheduler.fake_agents import HollowAgent, wait_for
+from tests.scheduler.test_dispatcher import FixedPlacer, register
+
+PRIVATE = types_pb2.SENSITIVITY_PRIVATE
+
+
+def make_task(priority: int = types_pb2.PRIORITY_NORMAL, project: str = "p") -> types_pb2.Task:
+    return types_pb2.Task(
+        project=project,
+        sensitivity=PRIVATE,
+        priority=priority,  # type: ignore[arg-type]
+        frames=1,
+        source_uri="file:///a.jpg",
+        target_uri="file:///b.jpg",
+    )
+
+
+def durable_states(store: TaskStore) -> list[dict[str, str]]:
+    """Every task's state as each commit of the store's writer makes it durable (read on the
+    committing connection, in the commit itself)."""
+    seen: list[dict[str, str]] = []
+
+    def on_commit(conn: Any) -> None:
+        cursor = conn.connection.driver_connection.cursor()
+        seen.append(dict(cursor.execute("SELECT id, state FROM tasks").fetchall()))
+        cursor.close()
+
+    sa.event.listen(store.engine, "commit", on_commit)
+    return seen
+
+
+@pytest.mark.parametrize("launch_with_intake", [True, False])
+def test_a_submit_to_an_idle_scheduler_is_durable_only_with_its_launch(
+    launch_with_intake: bool,
+    start_scheduler: Callable[..., SchedulerApp],
+    start_agent: Callable[..., HollowAgent],
+    client: Callable[[int], Any],
+) -> None:
+    app = start_scheduler(launch_with_intake=launch_with_intake)
+    commits = durable_states(app.store)
+    agent = start_agent(app.port, "onprem-1", "onprem-a", "private")
+    stub = client(app.port)
+    wait_for(lambda: app.registry.get("onprem-1") is not None, 5, what="the agent's first heartbeat")
+    ids = []
+    for _ in range(5):  # one at a time, each to an idle dispatcher
+        time.sleep(0.2)
+        ids.append(stub.SubmitTask(scheduler_pb2.SubmitTaskRequest(task=make_task()), timeout=10).task_id)
+        wait_for(lambda: agent.completed[ids[-1]] == 1, 10, what="the task to run")
+    first_durable = {task_id: next(c[task_id] for c in commits if task_id in c) for task_id in ids}
+    if launch_with_intake:  # never durable as queued: one commit stored it and sent it
+        assert set(first_durable.values()) == {"dispatched"}, first_durable
+    else:  # an intake commit, then a pass reads it back and commits the launch
+        assert set(first_durable.values()) == {"queued"}, first_durable
+    assert all(agent.executions[task_id] == 1 for task_id in ids)
+
+
+class Offering:
+    """A dispatcher that takes submits (`take_intake`), stepped by the test; submits from threads."""
+
+    def __init__(self, tmp_path: Path, slots: int = 1, leading: bool = True) -> None:
+        self.store = TaskStore(f"sqlite:///{tmp_path}/d.db")
+        self.committer = GroupCommitter(self.store)
+        self.registry = AgentRegistry(heartbeat_timeout_s=30)
+        self.leading = leading
+        self.dispatcher = Dispatcher(
+            self.store,
+            FixedPlacer("onprem-a", "private"),
+            self.registry,
+            DispatcherSettings(project_limits={}, warmup_s=0, backoff_initial_s=60),
+            is_leader=lambda: self.leading,
+        )
+        self.dispatcher.take_intake(self.committer)
+        self.dispatcher.step()  # leads (nothing to place yet)
+        register(self.registry, "onprem-1", "onprem-a", "private", slots=slots)
+
+    def offer(self, task: types_pb2.Task, key: str = "") -> Callable[[], SubmitResult]:
+        """Submit on a thread while the dispatcher idles; returns a call that waits for the reply."""
+        self.dispatcher._set_idle(True)
+        replies: list[SubmitResult] = []
+        before = len(self.dispatcher._offered)
+        thread = threading.Thread(
+            target=lambda: replies.append(asyncio.run(self.committer.submit_async(NewTask(task, key), timeout=10)))
+        )
+        thread.start()
+        wait_for(lambda: len(self.dispatcher._offered) > before, 5, what="the dispatcher to take the submit")
+
+        def reply() -> SubmitResult:
+            thread.join(10)
+            return replies[0]
+
+        return reply
+
+    def dispatched(self, task_id: str) -> int:
+        return sum(1 for step in self.store.transitions_of(task_id) if step.to_state == "dispatched")
+
+    def close(self) -> None:
+        self.dispatcher.stop()
+        self.committer.close()
+        self.store.close()
+
+
+def test_an_offered_submit_waits_behind_older_tasks_in_queue_order(tmp_path: Path) -> None:
+    world = Offering(tmp_path, slots=1)
+    try:
+        older = world.committer.submit(NewTask(make_task(), "")).task_id  # queued before the offer
+        reply = world.offer(make_task())
+        assert world.dispatcher.step() == 1
+        newer = reply()
+        assert newer.created and world.store.get(newer.task_id).state == "queued"  # stored, it waits
+        assert world.dispatched(older) == 1 and world.dispatched(newer.task_id) == 0
+    finally:
+        world.close()
+
+
+def test_an_urgent_offered_submit_goes_before_an_older_low_priority_task(tmp_path: Path) -> None:
+    world = Offering(tmp_path, slots=1)
+    try:
+        older = world.committer.submit(NewTask(make_task(types_pb2.PRIORITY_LOW), "")).task_id
+        reply = world.offer(make_task(types_pb2.PRIORITY_URGENT))
+        assert world.dispatcher.step() == 1
+        urgent = reply().task_id
+        assert world.dispatched(urgent) == 1 and world.dispatched(older) == 0
+    finally:
+        world.close()
+
+
+def test_an_offered_submit_with_a_known_key_answers_the_stored_task_and_launches_nothing(tmp_path: Path) -> None:
+    world = Offering(tmp_path, slots=4)
+    try:
+        first = world.offer(make_task(), key="k-1")
+        world.dispatcher.step()
+        stored = first()
+        assert stored.created and world.dispatched(stored.task_id) == 1
+        again = world.offer(make_task(), key="k-1")
+        world.dispatcher.step()
+        repeated = again()
+        assert (repeated.task_id, repeated.created) == (stored.task_id, False)
+        assert world.dispatched(stored.task_id) == 1
+        assert world.store.count_by_state() == {"dispatched": 1}  # no second task, no second launch
+        # the launch planned for the repeat's unused id gave its slot back
+        agent = world.registry.get("onprem-1")
+        assert agent is not None and set(agent.in_flight) <= {stored.task_id}
+    finally:
+        world.close()
+
+
+def test_a_submit_offered_to_a_dispatcher_that_lost_the_lead_is_stored_queued(tmp_path: Path) -> None:
+    world = Offering(tmp_path, slots=4)
+    try:
+        reply = world.offer(make_task())
+        world.leading = False
+        assert world.dispatcher.step() == 0
+        result = reply()
+        assert result.created and world.store.get(result.task_id).state == "queued"
+    finally:
+        world.close()
+
+
+def test_submits_offered_when_the_dispatcher_stops_are_stored(tmp_path: Path) -> None:
+    world = Offering(tmp_path, slots=4)
+    try:
+        replies = [world.offer(make_task()) for _ in range(3)]
+        world.dispatcher.stop()  # before any pass took them
+        results = [reply() for reply in replies]
+        assert all(r.created for r in results)
+        assert {world.store.get(r.task_id).state for r in results} == {"queued"}
+    finally:
+        world.close()
