@@ -9,6 +9,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from facefleet.scheduler.dispatcher import Dispatcher, DispatcherSettings
 from facefleet.scheduler.group_commit import GroupCommitter
 from facefleet.scheduler.store import NewTask, SubmitResult, TaskStore
 from facefleet.v1 import scheduler_pb2, types_pb2
+from tests.scheduler.conftest import FAST_DISPATCH
 from tests.scheduler.fake_agents import HollowAgent, wait_for
 from tests.scheduler.test_dispatcher import FixedPlacer, register
 
@@ -59,12 +61,16 @@ def test_a_submit_to_an_idle_scheduler_is_durable_only_with_its_launch(
     start_agent: Callable[..., HollowAgent],
     client: Callable[[int], Any],
 ) -> None:
-    app = start_scheduler(launch_with_intake=launch_with_intake)
+    # No periodic pass (idle_sleep_s): the dispatcher idles between the test's submits for sure.
+    app = start_scheduler(dispatch=replace(FAST_DISPATCH, idle_sleep_s=30.0), launch_with_intake=launch_with_intake)
     commits = durable_states(app.store)
     agent = start_agent(app.port, "onprem-1", "onprem-a", "private")
     stub = client(app.port)
     wait_for(lambda: app.registry.get("onprem-1") is not None, 5, what="the agent's first heartbeat")
-    ids = []
+    # A first task, not counted: the dispatcher leads from its first pass on (the submit wakes it).
+    first = stub.SubmitTask(scheduler_pb2.SubmitTaskRequest(task=make_task()), timeout=10).task_id
+    wait_for(lambda: agent.completed[first] == 1, 10, what="the first task to run")
+    ids: list[str] = []
     for _ in range(5):  # one at a time, each to an idle dispatcher
         time.sleep(0.2)
         ids.append(stub.SubmitTask(scheduler_pb2.SubmitTaskRequest(task=make_task()), timeout=10).task_id)
