@@ -39,7 +39,7 @@ INTAKE_LINGER_S = 0.002
 RATE_WEIGHT = 0.5  # weight of the newest batch in the intake rate estimate (an exponential average)
 
 
-Offered = Any  # a submit waiting for its commit, as `IntakeLauncher.offer` gets it (opaque to the launcher)
+Offered = Any  # a submit waiting for its commit, as `IntakeLauncher.offer` gets it: `.insert` is its NewTask
 
 
 class IntakeLauncher(Protocol):
