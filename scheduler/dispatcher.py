@@ -53,7 +53,6 @@ from facefleet.domain import (
     RUN_LIMIT_REACHED,
     RUNNING,
     TERMINAL,
-    sensitivity_from_proto,
     state_from_proto,
     state_to_proto,
 )
@@ -387,17 +386,8 @@ class Dispatcher:
         """Offered submits as the planner sees queued tasks (stored at `now` if the pass commits)."""
         waiting = []
         for submit in offered:
-            item = submit.insert
-            task = types_pb2.Task()
-            task.CopyFrom(item.task)
-            task.id = item.task_id
-            record = TaskRecord(
-                id=item.task_id, idempotency_key=item.idempotency_key or None, project=task.project,
-                sensitivity=sensitivity_from_proto(task.sensitivity), priority=int(task.priority), state=QUEUED,
-                pool=None, rule=None, agent_id=None, attempts=0, checkpoint_frame=0, checkpoint_uri="",
-                placement=None, placement_proto=None, task_proto=task.SerializeToString(), submitted_at=now,
-                updated_at=now, not_before=0.0, finished_at=None, last_reason="submitted",
-            )  # fmt: skip
+            record = submit.insert.queued_record(now)
+            task = record.task()
             waiting.append(Waiting(task_spec_from_proto(task), record.priority, now, _Queued(record, task)))
         return sorted(waiting, key=self._queue_order)
 

@@ -50,6 +50,10 @@ class StoreUnavailable(RuntimeError):
     """The batch could not be committed; callers answer UNAVAILABLE and the client retries."""
 
 
+def _shutting_down() -> StoreUnavailable:
+    return StoreUnavailable("the scheduler is shutting down; retry against another replica")
+
+
 class _Pending:
     """One queued write and its caller's wake-up (a bare lock: cheaper than a Future's Condition).
     `carried`: submits an operation stores (`insert_with`), answered when the operation commits."""
@@ -194,7 +198,7 @@ class GroupCommitter:
         """`submit` for coroutines (the grpc.aio intake): the loop is not blocked while it commits.
         An idle leading dispatcher (`launcher`) may take it, to store it with its launch."""
         if self._closed:
-            raise StoreUnavailable("the scheduler is shutting down; retry against another replica")
+            raise _shutting_down()
         loop = asyncio.get_running_loop()
         pending = _LoopPending(item, loop)
         launcher = self.launcher
@@ -211,7 +215,7 @@ class GroupCommitter:
         """`submit` for a client's batch: all queued at once (so they share commits); per item its
         result or why it was not stored (StoreUnavailable, TimeoutError)."""
         if self._closed:
-            raise StoreUnavailable("the scheduler is shutting down; retry against another replica")
+            raise _shutting_down()
         pendings = [_Pending(insert=item) for item in items]
         for pending in pendings:
             self._pending.put(pending)
@@ -229,7 +233,7 @@ class GroupCommitter:
     ) -> list[SubmitResult | Exception]:
         """`submit_many` for coroutines: one timer for the batch, no loop iteration per item."""
         if self._closed:
-            raise StoreUnavailable("the scheduler is shutting down; retry against another replica")
+            raise _shutting_down()
         loop = asyncio.get_running_loop()
         pendings = [_LoopPending(item, loop) for item in items]
         for pending in pendings:
@@ -255,9 +259,9 @@ class GroupCommitter:
         exception it raised (the submits are stored all the same). Raises when the transaction did
         not commit (the submitters get that error too). No savepoint (SQLAlchemy's cost ~0.5 ms
         each here): like the store's own operations, `then` checks everything before it writes."""
-        carried = [pending for pending in offered if isinstance(pending, _Pending)]
+        carried: list[_Pending] = list(offered)
         items = [pending.insert for pending in carried if pending.insert is not None]
-        assert len(items) == len(offered), "offered submits come from submit_async"
+        assert len(items) == len(carried), "offered submits come from submit_async"
 
         def op(conn: Connection) -> tuple[list[SubmitResult], T | Exception]:
             results = self._store._insert_batch(conn, items, now)
@@ -270,7 +274,7 @@ class GroupCommitter:
                 return results, error
 
         if self._closed:
-            error = StoreUnavailable("the scheduler is shutting down; retry against another replica")
+            error = _shutting_down()
             _release(carried, {id(pending): (False, error) for pending in carried})
             raise error
         value: tuple[list[SubmitResult], T | Exception] = self._enqueue(
@@ -282,9 +286,8 @@ class GroupCommitter:
     def hand_back(self, offered: Sequence[Offered]) -> None:
         """Offered submits the launcher will not store itself: the next intake commit stores them."""
         for pending in offered:
-            assert isinstance(pending, _Pending)
             if self._closed:
-                pending.set_exception(StoreUnavailable("the scheduler is shutting down; retry against another replica"))
+                pending.set_exception(_shutting_down())
             else:
                 self._pending.put(pending)
 
@@ -308,7 +311,7 @@ class GroupCommitter:
 
     def _enqueue(self, pending: _Pending, timeout: float) -> Any:
         if self._closed:
-            raise StoreUnavailable("the scheduler is shutting down; retry against another replica")
+            raise _shutting_down()
         self._pending.put(pending)
         if pending.op is not None:
             self._urgent.set()  # an intake batch lingering now commits at once

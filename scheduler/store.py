@@ -142,6 +142,19 @@ class NewTask:
     idempotency_key: str
     task_id: str = dataclasses.field(default_factory=new_task_id)
 
+    def queued_record(self, now: float) -> TaskRecord:
+        """The row `TaskStore` stores for this task at `now` (the dispatcher plans on it before)."""
+        task = types_pb2.Task()
+        task.CopyFrom(self.task)
+        task.id = self.task_id
+        return TaskRecord(
+            id=self.task_id, idempotency_key=self.idempotency_key or None, project=task.project,
+            sensitivity=sensitivity_from_proto(task.sensitivity), priority=int(task.priority), state=QUEUED,
+            pool=None, rule=None, agent_id=None, attempts=0, checkpoint_frame=0, checkpoint_uri="", placement=None,
+            placement_proto=None, task_proto=task.SerializeToString(), submitted_at=now, updated_at=now,
+            not_before=0.0, finished_at=None, last_reason="submitted",
+        )  # fmt: skip
+
 
 @dataclass(frozen=True)
 class SubmitResult:
@@ -437,23 +450,10 @@ class TaskStore:
             if key is not None and key in existing:
                 results.append(existing[key])
                 continue
-            task_id = item.task_id
-            task = types_pb2.Task()
-            task.CopyFrom(item.task)
-            task.id = task_id
-            sensitivity = sensitivity_from_proto(task.sensitivity)
+            row = item.queued_record(now)
+            task_id = row.id
             task_rows.append(
-                (
-                    task_id,
-                    key,
-                    task.project,
-                    sensitivity,
-                    int(task.priority),
-                    QUEUED,
-                    task.SerializeToString(),
-                    now,
-                    now,
-                )
+                (task_id, key, row.project, row.sensitivity, row.priority, row.state, row.task_proto, now, now)
             )
             transition_rows.append((task_id, "", QUEUED, "submitted", now))
             if key is not None:
