@@ -649,12 +649,30 @@ class Dispatcher:
         taken: Sequence[Offered] = (),
     ) -> int:
         """Commit a pass's decisions, then send its RunTask calls (placement durable before the RPC).
-        `taken`: offered submits, stored in the same commit (even when nothing launches)."""
+        `taken`: offered submits, stored in the same commit (even when nothing launches), their
+        submitters answered once the launches are sent."""
+        answers: list[Callable[[], None]] = []
+        try:
+            return self._commit_and_send(changes, launches, queued, now, background, taken, answers)
+        finally:
+            for answer in answers:
+                answer()
+
+    def _commit_and_send(
+        self,
+        changes: list[Change],
+        launches: list[_Launch],
+        queued: list[tuple[str, Placement]],
+        now: float,
+        background: bool,
+        taken: Sequence[Offered],
+        answers: list[Callable[[], None]],
+    ) -> int:
         results: dict[str, bool | Exception] = {}
         announced: dict[str, tuple[TaskRecord, PlacementResult]] = {}
         try:
             if taken:
-                results = self._commit_with_intake(taken, changes, launches, queued, now, announced)
+                results = self._commit_with_intake(taken, changes, launches, queued, now, announced, answers)
                 if not changes:
                     self._flush_audit()
                     return 0
@@ -711,9 +729,11 @@ class Dispatcher:
         queued: list[tuple[str, Placement]],
         now: float,
         announced: dict[str, tuple[TaskRecord, PlacementResult]],
+        answers: list[Callable[[], None]],
     ) -> dict[str, bool | Exception]:
         """Store the offered submits and the pass's decisions in one commit; returns each change's
-        result (none when leadership was lost meanwhile: then only the submits are stored)."""
+        result (none when leadership was lost meanwhile: then only the submits are stored). How to
+        answer the submitters goes to `answers`."""
         assert self.committer is not None
         leading = self.is_leader()
         if leading:
@@ -724,7 +744,8 @@ class Dispatcher:
             self.store.record_queue_decisions_in(conn, queued, now)
             return self.store.apply_changes_in(conn, changes, now) if leading else []
 
-        applied = self.committer.insert_with(taken, now, decide)
+        applied, answer = self.committer.insert_with(taken, now, decide)
+        answers.append(answer)
         if isinstance(applied, Exception) or not leading:
             return {}
         return dict(zip([c.task_id for c in changes], applied, strict=True))

@@ -58,7 +58,7 @@ class _Pending:
     """One queued write and its caller's wake-up (a bare lock: cheaper than a Future's Condition).
     `carried`: submits an operation stores (`insert_with`), answered when the operation commits."""
 
-    __slots__ = ("carried", "done", "error", "insert", "isolated", "op", "value")
+    __slots__ = ("carried", "done", "error", "held", "insert", "isolated", "op", "value")
 
     def __init__(
         self,
@@ -71,6 +71,8 @@ class _Pending:
         self.op = op
         self.isolated = isolated
         self.carried = carried
+        # Set by `insert_with` to answer `carried` later itself: _release leaves the answers here.
+        self.held: list[tuple[list[_Pending], dict[int, tuple[bool, Any]]]] | None = None
         self.value: Any = None
         self.error: BaseException | None = None
         self.done = threading.Lock()
@@ -100,7 +102,7 @@ class _LoopPending(_Pending):
     def __init__(self, insert: NewTask, loop: asyncio.AbstractEventLoop) -> None:
         # Not _Pending.__init__: its wake-up lock is for threads; a coroutine waits on `future`.
         self.insert, self.op, self.isolated, self.value, self.error = insert, None, True, None, None
-        self.carried = ()
+        self.carried, self.held = (), None
         self.loop = loop
         self.future: asyncio.Future[Any] = loop.create_future()
 
@@ -122,6 +124,9 @@ def _release(batch: list[_Pending], outcomes: dict[int, tuple[bool, Any]]) -> No
         ok, value = outcomes[id(pending)]
         for index, submit in enumerate(pending.carried):
             outcomes[id(submit)] = (True, value[0][index]) if ok else (False, value)
+        if ok and pending.held is not None:  # its caller answers them (`insert_with`)
+            pending.held.append((list(pending.carried), outcomes))
+            continue
         batch = batch + list(pending.carried)
     on_loops: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
     for pending in batch:
@@ -179,6 +184,12 @@ class GroupCommitter:
         self._insert_rate = 0.0  # submits/s lately, measured on the writer thread
         self._last_insert_batch = time.monotonic()
         self._closed = False
+        # Held by whoever writes a batch: the writer thread, or a caller that finds it idle and
+        # commits its operation itself (`insert_with`). On SQLite the batch is written on `_conn`,
+        # one connection kept open (no pool checkout, reset and check-in per commit).
+        self._writing = threading.Lock()
+        self._writing_thread: int | None = None
+        self._conn: Connection | None = None
         # Called after each commit that stored new tasks (the dispatcher: a pass may start now).
         self.on_inserted: Callable[[], None] = lambda: None
         # The dispatcher: while it idles as leader it takes single submits to store them with their
@@ -201,10 +212,10 @@ class GroupCommitter:
             raise _shutting_down()
         loop = asyncio.get_running_loop()
         pending = _LoopPending(item, loop)
-        launcher = self.launcher
+        expiry = loop.call_later(timeout, _expire, pending.future, timeout)  # cheaper than asyncio.timeout
+        launcher = self.launcher  # last before the wait: the dispatcher it wakes needs this thread's GIL
         if launcher is None or not launcher.offer(pending):
             self._pending.put(pending)
-        expiry = loop.call_later(timeout, _expire, pending.future, timeout)  # cheaper than asyncio.timeout
         try:
             result: SubmitResult = await pending.future
         finally:
@@ -252,13 +263,15 @@ class GroupCommitter:
 
     def insert_with(
         self, offered: Sequence[Offered], now: float, then: Callable[[Connection], T], timeout: float = 60.0
-    ) -> T | Exception:
+    ) -> tuple[T | Exception, Callable[[], None]]:
         """Store `offered` submits (taken through `launcher.offer`) and run `then(conn)` in the same
-        transaction: the dispatcher's launches of them, one commit for both. Each submitter is answered
-        once the transaction is durable, as by a plain intake commit. Returns `then`'s result, or the
-        exception it raised (the submits are stored all the same). Raises when the transaction did
-        not commit (the submitters get that error too). No savepoint (SQLAlchemy's cost ~0.5 ms
-        each here): like the store's own operations, `then` checks everything before it writes."""
+        transaction: the dispatcher's launches of them, one commit for both. Returns `then`'s result
+        (or the exception it raised: the submits are stored all the same) and `answer`: the
+        submitters are answered when the caller calls it, once the transaction is durable (the
+        dispatcher sends the launches first: an agent's start waits for no reply to a client).
+        Raises when the transaction did not commit (the submitters get that error at once).
+        No savepoint (SQLAlchemy's cost ~0.5 ms each here): like the store's own operations,
+        `then` checks everything before it writes."""
         carried: list[_Pending] = list(offered)
         items = [pending.insert for pending in carried if pending.insert is not None]
         assert len(items) == len(carried), "offered submits come from submit_async"
@@ -277,11 +290,26 @@ class GroupCommitter:
             error = _shutting_down()
             _release(carried, {id(pending): (False, error) for pending in carried})
             raise error
-        value: tuple[list[SubmitResult], T | Exception] = self._enqueue(
-            _Pending(op=op, isolated=False, carried=carried), timeout
-        )
+        pending = _Pending(op=op, isolated=False, carried=carried)
+        if self._pending.empty() and self._writing.acquire(blocking=False):
+            # The writer idles: commit on this thread (a hand-off to the writer and back cost more
+            # than the write itself), and leave the answers to `answer`.
+            pending.held = []
+            try:
+                self._write_batch([pending])
+            finally:
+                self._writing.release()
+            value: tuple[list[SubmitResult], T | Exception] = pending.result(0)
+        else:
+            value = self._enqueue(pending, timeout)
         metrics.SUBMIT_BATCH_SIZE.observe(len(items))
-        return value[1]
+        held = pending.held or []
+
+        def answer() -> None:
+            while held:
+                _release(*held.pop())
+
+        return value[1], answer
 
     def hand_back(self, offered: Sequence[Offered]) -> None:
         """Offered submits the launcher will not store itself: the next intake commit stores them."""
@@ -299,7 +327,7 @@ class GroupCommitter:
         return result
 
     def on_writer_thread(self) -> bool:
-        return threading.get_ident() == self._thread.ident
+        return threading.get_ident() in (self._thread.ident, self._writing_thread)
 
     def close(self) -> None:
         if self._closed:
@@ -308,6 +336,8 @@ class GroupCommitter:
         self._store.attach_writer(None)
         self._pending.put(None)
         self._thread.join(timeout=10)
+        with self._writing:
+            self._drop_connection()
 
     def _enqueue(self, pending: _Pending, timeout: float) -> Any:
         if self._closed:
@@ -337,7 +367,8 @@ class GroupCommitter:
                     stop = True
                     break
                 batch.append(nxt)
-            self._commit(batch)
+            with self._writing:
+                self._write_batch(batch)
             if stop:
                 return
 
@@ -347,6 +378,14 @@ class GroupCommitter:
         elapsed = max(now - self._last_insert_batch, self._intake_linger_s, 1e-4)
         self._last_insert_batch = now
         self._insert_rate += RATE_WEIGHT * (inserts / elapsed - self._insert_rate)
+
+    def _write_batch(self, batch: list[_Pending]) -> None:
+        """`_commit` by the holder of `_writing` (the store's writer is this thread meanwhile)."""
+        self._writing_thread = threading.get_ident()
+        try:
+            self._commit(batch)
+        finally:
+            self._writing_thread = None
 
     def _commit(self, batch: list[_Pending]) -> None:
         inserts = [p for p in batch if p.insert is not None]
@@ -376,21 +415,48 @@ class GroupCommitter:
 
     def _transaction(self, inserts: list[_Pending], ops: list[_Pending], now: float) -> dict[int, tuple[bool, Any]]:
         outcomes: dict[int, tuple[bool, Any]] = {}
-        with self._store._write() as conn:
-            if inserts:
-                results = self._store._insert_batch(conn, [p.insert for p in inserts if p.insert], now)
-                for pending, result in zip(inserts, results, strict=True):
-                    outcomes[id(pending)] = (True, result)
-            for pending in ops:
-                assert pending.op is not None
-                try:
-                    if pending.isolated:
-                        with conn.begin_nested():
-                            outcomes[id(pending)] = (True, pending.op(conn))
-                    else:
-                        outcomes[id(pending)] = (True, pending.op(conn))
-                except IntegrityError:
-                    raise
-                except Exception as error:
-                    outcomes[id(pending)] = (False, error)
+        if not self._store.is_sqlite:  # the pool's pre-ping finds a connection a server restart broke
+            with self._store._write() as conn:
+                self._run_batch(conn, inserts, ops, now, outcomes)
+            return outcomes
+        if self._conn is None:
+            self._conn = self._store.engine.connect()
+        conn = self._conn
+        try:
+            with conn.begin():
+                self._run_batch(conn, inserts, ops, now, outcomes)
+        except BaseException:
+            self._drop_connection()  # the next batch opens another
+            raise
         return outcomes
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+    def _run_batch(
+        self,
+        conn: Connection,
+        inserts: list[_Pending],
+        ops: list[_Pending],
+        now: float,
+        outcomes: dict[int, tuple[bool, Any]],
+    ) -> None:
+        if inserts:
+            results = self._store._insert_batch(conn, [p.insert for p in inserts if p.insert], now)
+            for pending, result in zip(inserts, results, strict=True):
+                outcomes[id(pending)] = (True, result)
+        for pending in ops:
+            assert pending.op is not None
+            try:
+                if pending.isolated:
+                    with conn.begin_nested():
+                        outcomes[id(pending)] = (True, pending.op(conn))
+                else:
+                    outcomes[id(pending)] = (True, pending.op(conn))
+            except IntegrityError:
+                raise
+            except Exception as error:
+                outcomes[id(pending)] = (False, error)

@@ -16,6 +16,7 @@ import base64
 import dataclasses
 import json
 import re
+import threading
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -354,6 +355,9 @@ class TaskStore:
             for index in tasks.indexes:  # create_all skips indexes added to a table that already exists
                 index.create(self._writer, checkfirst=True)
         self._writer_thread: Writer | None = None
+        # SQLite: each thread keeps one read connection (`_driver_read`), out of the pool: its
+        # checkout and check-in (a rollback) cost more than the dispatcher's queue read itself.
+        self._held_reads = threading.local() if self.is_sqlite else None
         self._insert_statements: tuple[str, str] | None = None
         self._apply_statements: dict[str, str] | None = None
         self._queue_indexes: set[float] = set()
@@ -383,9 +387,11 @@ class TaskStore:
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
 
+        begin = "BEGIN IMMEDIATE" if immediate else "BEGIN"
+
         @sa.event.listens_for(engine, "begin")
         def _on_begin(conn: Connection) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+            _driver_cursor(conn).execute(begin)  # not exec_driver_sql: its set-up cost more than the BEGIN
 
         return engine
 
@@ -460,11 +466,13 @@ class TaskStore:
                 existing[key] = SubmitResult(task_id, False, QUEUED)
             results.append(SubmitResult(task_id, True, QUEUED))
         if task_rows:
-            # Straight to the driver: this is the intake hot path, and Core's per-row work showed up
-            # in profiles. Columns not listed take their server defaults.
+            # Straight to the driver's cursor: this is the intake hot path, and first Core's per-row
+            # work, then SQLAlchemy's per-execute set-up showed up in profiles. Columns not listed
+            # take their server defaults.
             task_sql, transition_sql = self._insert_sql()
-            conn.exec_driver_sql(task_sql, task_rows)  # type: ignore[arg-type]
-            conn.exec_driver_sql(transition_sql, transition_rows)  # type: ignore[arg-type]
+            cursor = _driver_cursor(conn)
+            cursor.executemany(task_sql, task_rows)
+            cursor.executemany(transition_sql, transition_rows)
         return results
 
     def _insert_sql(self) -> tuple[str, str]:
@@ -520,6 +528,19 @@ class TaskStore:
     def _driver_read(self, sql: str, params: Sequence[Any]) -> list[Any]:
         """Rows of one read statement, on the driver directly: the dispatch path reads tasks by id
         often, and SQLAlchemy's per-statement work was ~10x the SQLite lookup itself."""
+        if self._held_reads is not None:
+            raw = getattr(self._held_reads, "connection", None)
+            if raw is None:
+                raw = self._held_reads.connection = self._reader.raw_connection()
+                raw.detach()  # closed when this thread (or the store) goes away
+            try:
+                cursor = raw.cursor()
+                cursor.execute(sql, tuple(params))  # autocommit: fetchall ends the statement and its snapshot
+                return list(cursor.fetchall())
+            except Exception:
+                self._held_reads.connection = None  # the next read opens another
+                raw.close()
+                raise
         raw = self._reader.raw_connection()
         try:
             cursor = raw.cursor()

@@ -195,3 +195,51 @@ def test_submits_offered_when_the_dispatcher_stops_are_stored(tmp_path: Path) ->
         assert {world.store.get(r.task_id).state for r in results} == {"queued"}
     finally:
         world.close()
+
+
+def launch_offered(world: Offering) -> tuple[str, Callable[[], None], list[int]]:
+    """`insert_with` of the offered submits as the dispatcher calls it: its result, `answer`, and
+    the thread its `then` ran on."""
+    ran_on: list[int] = []
+
+    def then(conn: Any) -> str:
+        ran_on.append(threading.get_ident())
+        return "launched"
+
+    result, answer = world.committer.insert_with(world.dispatcher._take_offered(), time.time(), then)
+    assert result == "launched"
+    return result, answer, ran_on
+
+
+def test_an_idle_writer_lets_the_dispatcher_commit_and_answer_after_its_launches(tmp_path: Path) -> None:
+    """The writer idles: the launch commits on the dispatcher's own thread (no hand-off), and the
+    submitter is answered only when the dispatcher says so (after it sent the launches)."""
+    world = Offering(tmp_path, slots=4)
+    try:
+        reply = world.offer(make_task())
+        _result, answer, ran_on = launch_offered(world)
+        assert ran_on == [threading.get_ident()]
+        submitter = threading.Thread(target=reply)
+        submitter.start()
+        submitter.join(0.3)
+        assert submitter.is_alive()  # stored and durable, but not answered yet
+        answer()
+        stored = reply()
+        assert stored.created and world.store.get(stored.task_id).state == "queued"
+    finally:
+        world.close()
+
+
+def test_a_busy_writer_commits_a_launch_with_intake_and_answers_it_itself(tmp_path: Path) -> None:
+    world = Offering(tmp_path, slots=4)
+    try:
+        reply = world.offer(make_task())
+        busy = threading.Thread(target=lambda: world.committer.run(lambda conn: time.sleep(0.5)))
+        busy.start()
+        time.sleep(0.1)  # the writer is in that batch now
+        _result, _answer, ran_on = launch_offered(world)
+        assert ran_on and ran_on[0] != threading.get_ident()  # on the writer's thread
+        assert reply().created  # answered by the writer, without `_answer()`
+        busy.join()
+    finally:
+        world.close()

@@ -348,3 +348,24 @@ def test_group_commit_lingers_only_for_company_that_is_coming(tmp_path) -> None:
     finally:
         committer.close()
         task_store.close()
+
+
+def test_a_thread_reading_again_sees_what_other_threads_committed_meanwhile(store: TaskStore) -> None:
+    """SQLite readers keep their connection per thread: a read must never answer from an old
+    snapshot (the dispatcher reads the queue on one thread while the writer commits on another)."""
+    now = time.time()
+    [first] = store.insert_batch([NewTask(make_task(), "")], now)
+    assert [r.id for r in store.runnable(now + 1, 10, 60.0)] == [first.task_id]
+    assert store.get(first.task_id).state == "queued"
+    committer = GroupCommitter(store)
+    try:
+        second = committer.submit(NewTask(make_task(), ""))  # committed on the writer thread
+        committed = threading.Thread(
+            target=lambda: store.transition(first.task_id, "placed", "test", now=now + 1, expect_from="queued")
+        )
+        committed.start()
+        committed.join()
+        assert [r.id for r in store.runnable(now + 2, 10, 60.0)] == [second.task_id]
+        assert store.get(first.task_id).state == "placed"
+    finally:
+        committer.close()
