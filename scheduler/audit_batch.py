@@ -82,6 +82,8 @@ class AuditBatchWriter:
             self._closed = True
             self._has_work.notify()
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.audit.close()
 
     def _run(self) -> None:
         while True:

@@ -387,7 +387,7 @@ class Dispatcher:
         waiting = []
         for submit in offered:
             record = submit.insert.queued_record(now)
-            task = record.task()
+            task = submit.insert.stored_task
             waiting.append(Waiting(task_spec_from_proto(task), record.priority, now, _Queued(record, task)))
         return sorted(waiting, key=self._queue_order)
 

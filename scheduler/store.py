@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import json
 import re
 import threading
@@ -143,16 +144,26 @@ class NewTask:
     idempotency_key: str
     task_id: str = dataclasses.field(default_factory=new_task_id)
 
-    def queued_record(self, now: float) -> TaskRecord:
-        """The row `TaskStore` stores for this task at `now` (the dispatcher plans on it before)."""
+    @functools.cached_property
+    def stored_task(self) -> types_pb2.Task:
+        """The task as stored: the submitted one under its id (read it, do not change it)."""
         task = types_pb2.Task()
         task.CopyFrom(self.task)
         task.id = self.task_id
+        return task
+
+    @functools.cached_property
+    def _stored_proto(self) -> bytes:
+        return self.stored_task.SerializeToString()
+
+    def queued_record(self, now: float) -> TaskRecord:
+        """The row `TaskStore` stores for this task at `now` (the dispatcher plans on it before)."""
+        task = self.stored_task
         return TaskRecord(
             id=self.task_id, idempotency_key=self.idempotency_key or None, project=task.project,
             sensitivity=sensitivity_from_proto(task.sensitivity), priority=int(task.priority), state=QUEUED,
             pool=None, rule=None, agent_id=None, attempts=0, checkpoint_frame=0, checkpoint_uri="", placement=None,
-            placement_proto=None, task_proto=task.SerializeToString(), submitted_at=now, updated_at=now,
+            placement_proto=None, task_proto=self._stored_proto, submitted_at=now, updated_at=now,
             not_before=0.0, finished_at=None, last_reason="submitted",
         )  # fmt: skip
 

@@ -10,6 +10,7 @@ Appends are serialised across threads (lock) and processes (flock on the file).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import fcntl
 import hashlib
@@ -161,6 +162,31 @@ class AuditLog:
         # (inode, size, next seq, last hash) after our last write: while the file is still exactly
         # that, the next batch chains on without re-reading and parsing the tail.
         self._tail: tuple[int, int, int, str] | None = None
+        self._handle: Any = None  # kept open between batches while `path` is still that file
+
+    def _open(self) -> Any:
+        """The log's file, opened once (an open per batch cost more than the batch's records)."""
+        try:
+            inode = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            inode = None  # removed (or moved away): start a new log at `path`
+        if self._handle is not None and inode != os.fstat(self._handle.fileno()).st_ino:
+            self._forget_handle()
+        if self._handle is None:
+            # Unbuffered: a batch is one write() call, and a failed one leaves nothing behind to
+            # be written later.
+            self._handle = open(self.path, "ab+", buffering=0)  # noqa: SIM115 (kept open: `close`)
+        return self._handle
+
+    def close(self) -> None:
+        with self._lock:
+            self._forget_handle()
+
+    def _forget_handle(self) -> None:
+        if self._handle is not None:
+            with contextlib.suppress(OSError):
+                self._handle.close()
+            self._handle = None
 
     def append(self, kind: AuditKind | str, actor: str, **fields: Any) -> dict[str, Any]:
         """Write one record and return it. Raises AuditLogCorrupt when the tail cannot be chained."""
@@ -169,53 +195,66 @@ class AuditLog:
     def append_many(self, entries: Sequence[tuple[AuditKind | str, str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
         """Write `(kind, actor, fields)` entries in order, chained, under one lock and one fsync.
 
-        All or nothing as far as the chain goes: the records are written with one write() call."""
+        All or nothing as far as the chain goes: the records are written together, then fsynced."""
         if not entries:
             return []
         kinds = [AuditKind(kind) for kind, _actor, _fields in entries]
-        with self._lock, open(self.path, "ab+") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        with self._lock:
+            handle = self._open()
             try:
-                stat = os.fstat(handle.fileno())
-                cached = self._tail
-                if cached is not None and cached[:2] == (stat.st_ino, stat.st_size):
-                    seq, prev = cached[2], cached[3]
-                    last = b""
-                else:
-                    seq, prev = 1, GENESIS
-                    last = _read_last_line(handle)
-                if last:
-                    try:
-                        previous = json.loads(last)
-                        seq, prev = int(previous["seq"]) + 1, str(previous["hash"])
-                    except (ValueError, KeyError, TypeError) as exc:
-                        raise AuditLogCorrupt(
-                            f"last record of {self.path} is unreadable ({exc}); run `facefleet audit verify "
-                            f"{self.path}` and restore the log from backup before writing more"
-                        ) from exc
-                at = dt.datetime.fromtimestamp(self.clock(), dt.UTC).isoformat(timespec="milliseconds")
-                records: list[dict[str, Any]] = []
-                for kind, (_kind, actor, fields) in zip(kinds, entries, strict=True):
-                    record: dict[str, Any] = {"seq": seq, "at": at, "kind": kind.value, "actor": actor}
-                    record.update({key: value for key, value in fields.items() if key not in record})
-                    if self.signer is not None:
-                        record["signed"] = self.signer.scheme
-                    record["prev"] = prev
-                    record["hash"] = record_hash(record)
-                    if self.signer is not None:
-                        record["sig"] = self.signer.sign(record["hash"])
-                    records.append(record)
-                    seq, prev = seq + 1, record["hash"]
-                handle.seek(0, os.SEEK_END)
-                handle.write(b"".join(canonical_json(record) + b"\n" for record in records))
-                handle.flush()
-                os.fsync(handle.fileno())
-                self._tail = (stat.st_ino, handle.tell(), seq, prev)
-            finally:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+                records = self._append_locked(handle, kinds, entries)
+            except BaseException:
+                self._forget_handle()  # the next batch starts from a fresh open and re-reads the tail
+                raise
         if self.on_record is not None:
             for kind in kinds:
                 self.on_record(kind.value)
+        return records
+
+    def _append_locked(
+        self, handle: Any, kinds: list[AuditKind], entries: Sequence[tuple[AuditKind | str, str, Mapping[str, Any]]]
+    ) -> list[dict[str, Any]]:
+        """`append_many`'s records, written to `handle` under the file lock (other processes append too)."""
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            stat = os.fstat(handle.fileno())
+            cached = self._tail
+            if cached is not None and cached[:2] == (stat.st_ino, stat.st_size):
+                seq, prev = cached[2], cached[3]
+                last = b""
+            else:
+                seq, prev = 1, GENESIS
+                last = _read_last_line(handle)
+            if last:
+                try:
+                    previous = json.loads(last)
+                    seq, prev = int(previous["seq"]) + 1, str(previous["hash"])
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise AuditLogCorrupt(
+                        f"last record of {self.path} is unreadable ({exc}); run `facefleet audit verify "
+                        f"{self.path}` and restore the log from backup before writing more"
+                    ) from exc
+            at = dt.datetime.fromtimestamp(self.clock(), dt.UTC).isoformat(timespec="milliseconds")
+            records: list[dict[str, Any]] = []
+            for kind, (_kind, actor, fields) in zip(kinds, entries, strict=True):
+                record: dict[str, Any] = {"seq": seq, "at": at, "kind": kind.value, "actor": actor}
+                record.update({key: value for key, value in fields.items() if key not in record})
+                if self.signer is not None:
+                    record["signed"] = self.signer.scheme
+                record["prev"] = prev
+                record["hash"] = record_hash(record)
+                if self.signer is not None:
+                    record["sig"] = self.signer.sign(record["hash"])
+                records.append(record)
+                seq, prev = seq + 1, record["hash"]
+            handle.seek(0, os.SEEK_END)
+            data = memoryview(b"".join(canonical_json(record) + b"\n" for record in records))
+            while data:  # an unbuffered write may take less than all of it
+                data = data[handle.write(data) :]
+            os.fsync(handle.fileno())
+            self._tail = (stat.st_ino, handle.tell(), seq, prev)
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
         return records
 
     # Typed shortcuts: the call sites in scheduler and admin service use these.
