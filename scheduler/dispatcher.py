@@ -251,6 +251,12 @@ class Dispatcher:
         self._stop = threading.Event()
         self._wake = threading.Event()  # set when a slot frees up: run the next pass now
         self._cut_short = False  # the last pass stopped at its size limit (`PassPlanner.cut_short`)
+        # A slot freed by a completion is worth a pass only when tasks are waiting: the last pass
+        # left some in the queue (or did not read all of it). A queue the last pass emptied gets
+        # new tasks only through paths that wake the loop themselves (intake, requeues).
+        self._queue_waiting = True
+        self._queue_drained = False  # the pass's queue read reached the end of the runnable queue
+        self._slot_freed = False  # a completion freed a slot since the pass began
         # A slot is free as soon as its stream ends (which wakes the loop). A recorded completion
         # wakes it only under per-project limits (counted in the store); what else it changes (a
         # budget settled) the next pass sees, at most `idle_sleep_s` later.
@@ -309,7 +315,7 @@ class Dispatcher:
             # Straight on only when the pass stopped at its size limit with launches: otherwise the
             # next pass has nothing new to find until something wakes the loop (a submit, a freed
             # slot), and an eager one would only compete with this pass's commit for the GIL.
-            if not worked or not self._cut_short:
+            if (not worked or not self._cut_short) and not (self._slot_freed and self._queue_waiting):
                 self._set_idle(True)
                 self._wake.wait(self.settings.idle_sleep_s)
                 self._set_idle(False)
@@ -539,10 +545,12 @@ class Dispatcher:
         `offered`: submits not stored yet (`offer`); they join the queue in queue order and the pass
         commits them with its decisions (emptying the list), on this thread. Left in the list when
         nothing is free: the caller hands them back to the intake."""
+        self._slot_freed = False
         active, world = self.placer.world(now)
         state = PassWorld(world, self.settings.project_limits)
         free = state.free_anywhere()
         if free <= 0:
+            self._queue_waiting = True  # whatever is queued waits for the next free slot
             return 0  # nothing can start anywhere: skip placing the whole queue again
         with self._uncommitted_lock:
             uncommitted = dict(self._uncommitted)
@@ -562,6 +570,7 @@ class Dispatcher:
             metrics.PLACEMENTS.labels(pool=result.pool or "-", rule=result.rule or "-", outcome=result.outcome).inc()
             return result
 
+        self._queue_drained = False
         head: Iterator[Waiting] = self._queue_head(now, free, uncommitted)
         fresh = self._offered_waiting(offered, now) if offered else []
         if fresh:
@@ -570,6 +579,7 @@ class Dispatcher:
         changes: list[Change] = []
         queued: list[tuple[str, Placement]] = []
         launches: list[_Launch] = []
+        left_waiting = False
         for planned in planner:
             if self._stop.is_set():
                 break
@@ -579,9 +589,12 @@ class Dispatcher:
                 changes.append(applied.change)
             elif isinstance(applied, Change):
                 changes.append(applied)
-            elif applied is not None:
-                queued.append((planned.waiting.handle.record.id, applied))
+            else:
+                left_waiting = True
+                if applied is not None:
+                    queued.append((planned.waiting.handle.record.id, applied))
         self._cut_short = planner.cut_short
+        self._queue_waiting = left_waiting or not self._queue_drained
         if offered:
             taken = list(offered)
             offered.clear()
@@ -621,6 +634,7 @@ class Dispatcher:
                 task = record.task()
                 yield Waiting(task_spec_from_proto(task), record.priority, record.submitted_at, _Queued(record, task))
             if len(rows) < size:
+                self._queue_drained = True
                 return  # the end of the runnable queue
             offset, size = offset + size, max(size, self.settings.max_misses_per_pass)
 
@@ -945,7 +959,7 @@ class Dispatcher:
         now = self.clock()
         marks: dict[str, Change] = {}  # running marks not yet written
         progress: dict[str, tuple[str, types_pb2.Progress]] = {}  # newest (agent, progress) per run
-        ended = False
+        requeued = freed = False  # a run went back to the queue (refused, stopped); a slot was freed
         for session, message in batch:
             agent_id = session.agent_id
             for update in message.updates:
@@ -975,12 +989,13 @@ class Dispatcher:
                         assignment.record, agent_id, *_ending(update.progress), now, assignment.attempt, started
                     )
                     self._complete(completion)
+                    freed = True
                 else:  # a stopped run, a preemption: the store moves it back to the queue
                     if mark is not None:
                         self.store.apply_changes([mark], now)
                     self._on_progress(assignment.record, agent_id, update.progress, now, assignment.attempt)
+                    requeued = True
                 self._finish_assignment(session, task_id)
-                ended = True
             for refusal in message.refusals:
                 assignment = self._assignment(session, refusal.task_id, refusal.attempt)
                 if assignment is None:
@@ -990,12 +1005,14 @@ class Dispatcher:
                 progress.pop(refusal.task_id, None)
                 self._on_refusal(refusal, agent_id, now)
                 self._finish_assignment(session, refusal.task_id)
-                ended = True
+                requeued = True
         if marks:
             self.store.apply_changes(list(marks.values()), now)
         if progress:
             self.store.record_progress_many([(task, agent, p) for task, (agent, p) in progress.items()], now)
-        if ended:
+        if freed:
+            self._slot_freed = True
+        if requeued or (freed and self._queue_waiting):
             self._wake.set()
 
     @staticmethod

@@ -243,3 +243,23 @@ def test_a_busy_writer_commits_a_launch_with_intake_and_answers_it_itself(tmp_pa
         busy.join()
     finally:
         world.close()
+
+
+def test_a_completion_starts_the_next_waiting_task_without_waiting_for_the_idle_pass(
+    start_scheduler: Callable[..., SchedulerApp],
+    start_agent: Callable[..., HollowAgent],
+    client: Callable[[int], Any],
+) -> None:
+    """Freed slots wake the dispatcher only while tasks wait (a pass after each completion found
+    nothing to do at low load): with tasks queued behind a one-slot agent, each completion must
+    start the next at once, not at the next periodic pass (30 s here)."""
+    app = start_scheduler(dispatch=replace(FAST_DISPATCH, idle_sleep_s=30.0))
+    agent = start_agent(app.port, "onprem-1", "onprem-a", "private", slots=1, frame_s=0.05)
+    stub = client(app.port)
+    wait_for(lambda: app.registry.get("onprem-1") is not None, 5, what="the agent's first heartbeat")
+    first = stub.SubmitTask(scheduler_pb2.SubmitTaskRequest(task=make_task()), timeout=10).task_id
+    wait_for(lambda: agent.completed[first] == 1, 10, what="the first task to run")  # leading, queue empty
+    ids = [stub.SubmitTask(scheduler_pb2.SubmitTaskRequest(task=make_task()), timeout=10).task_id for _ in range(4)]
+    began = time.monotonic()
+    wait_for(lambda: all(agent.completed[task_id] == 1 for task_id in ids), 10, what="the queued tasks to run")
+    assert time.monotonic() - began < 5
