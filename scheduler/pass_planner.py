@@ -255,8 +255,7 @@ class PassPlanner(Generic[P]):
         self._misses = self._misses_before_launch + 1
 
     def _plan(self, item: Waiting) -> Planned[P]:
-        inputs = replace(item.task, id="")
-        if inputs in self._waits_for_a_slot:
+        if self._waits_for_a_slot and replace(item.task, id="") in self._waits_for_a_slot:
             return Planned(item, Action.NOTHING, None)
         placed = self._place(item, self.state.world)
         decision = placed.decision
@@ -264,7 +263,7 @@ class PassPlanner(Generic[P]):
             return Planned(item, Action.NOTHING if self.rules.warmup else Action.REJECT, placed)
         if decision.outcome != "dispatch" or decision.pool is None:
             if waits_for_a_slot_only(decision):
-                self._waits_for_a_slot.add(inputs)
+                self._waits_for_a_slot.add(replace(item.task, id=""))  # the same inputs wait the same
                 return Planned(item, Action.NOTHING, placed)  # nothing to explain beyond "busy"
             return Planned(item, Action.KEEP, placed)
         refusal = self.state.budget_refusal(decision)
