@@ -323,6 +323,7 @@ class Dispatcher:
 
     def step(self, pipelined: bool = False) -> int:
         """One pass (leader only): reconcile on gaining leadership, handle lost agents, dispatch."""
+        self._slot_freed = False  # seen by this pass (and never by a standby's or a failing loop's)
         offered = self._take_offered()
         try:
             return self._step(pipelined, offered)
@@ -545,7 +546,6 @@ class Dispatcher:
         `offered`: submits not stored yet (`offer`); they join the queue in queue order and the pass
         commits them with its decisions (emptying the list), on this thread. Left in the list when
         nothing is free: the caller hands them back to the intake."""
-        self._slot_freed = False
         active, world = self.placer.world(now)
         state = PassWorld(world, self.settings.project_limits)
         free = state.free_anywhere()

@@ -263,3 +263,27 @@ def test_a_completion_starts_the_next_waiting_task_without_waiting_for_the_idle_
     began = time.monotonic()
     wait_for(lambda: all(agent.completed[task_id] == 1 for task_id in ids), 10, what="the queued tasks to run")
     assert time.monotonic() - began < 5
+
+
+def test_a_freed_slot_does_not_keep_a_standby_dispatcher_looping(tmp_path: Path) -> None:
+    """A standby (or a loop whose passes fail) hears completions too: a freed slot must cost it at
+    most one extra step, never a loop that skips its idle wait."""
+    world = Offering(tmp_path, slots=1, leading=False)
+    steps: list[float] = []
+    step = world.dispatcher.step
+
+    def counted(pipelined: bool = False) -> int:
+        steps.append(time.monotonic())
+        return step(pipelined)
+
+    world.dispatcher.step = counted  # type: ignore[method-assign]
+    world.dispatcher.settings = replace(world.dispatcher.settings, idle_sleep_s=30.0)
+    try:
+        world.dispatcher.start()
+        wait_for(lambda: len(steps) >= 1, 5, what="the loop's first step")
+        world.dispatcher._slot_freed = True  # as a completion on this replica's session leaves it
+        world.dispatcher.wake()
+        time.sleep(0.5)
+        assert len(steps) <= 3, f"{len(steps)} steps in 0.5 s with a 30 s idle wait"
+    finally:
+        world.close()
