@@ -698,10 +698,7 @@ class Dispatcher:
                     return 0
                 if not self.is_leader():  # lost the lock while placing: commit nothing, release reservations
                     return 0
-                # The launches' audit records are written while the store commits them (one wait less
-                # before the assignments go out); a launch that then does not commit is withdrawn.
-                announced.update({launch.record.id: (_sent(launch), launch.result) for launch in launches})
-                self._tell("on_dispatching", announced.values())
+                self._announce(launches, announced)
                 applied = self.store.apply_changes(changes, now)
                 results = dict(zip([c.task_id for c in changes], applied, strict=True))
         except Exception:
@@ -751,8 +748,7 @@ class Dispatcher:
         assert self.committer is not None
         leading = self.is_leader()
         if leading:
-            announced.update({launch.record.id: (_sent(launch), launch.result) for launch in launches})
-            self._tell("on_dispatching", announced.values())
+            self._announce(launches, announced)
 
         def decide(conn: Any) -> list[bool | Exception]:
             self.store.record_queue_decisions_in(conn, queued, now)
@@ -763,6 +759,13 @@ class Dispatcher:
         if isinstance(applied, Exception) or not leading:
             return {}
         return dict(zip([c.task_id for c in changes], applied, strict=True))
+
+    def _announce(self, launches: list[_Launch], announced: dict[str, tuple[TaskRecord, PlacementResult]]) -> None:
+        """Tell the listeners the launches about to be committed: their audit records are written
+        while the store commits them (one wait less before the assignments go out); a launch that
+        then does not commit is withdrawn (`announced` says which were told)."""
+        announced.update({launch.record.id: (_sent(launch), launch.result) for launch in launches})
+        self._tell("on_dispatching", announced.values())
 
     def _tell(self, hook: str, launches: Iterable[tuple[TaskRecord, PlacementResult]]) -> None:
         """Call an optional listener hook (`on_dispatching`, `on_withdrawn`) for each launch."""

@@ -539,26 +539,24 @@ class TaskStore:
     def _driver_read(self, sql: str, params: Sequence[Any]) -> list[Any]:
         """Rows of one read statement, on the driver directly: the dispatch path reads tasks by id
         often, and SQLAlchemy's per-statement work was ~10x the SQLite lookup itself."""
-        if self._held_reads is not None:
-            raw = getattr(self._held_reads, "connection", None)
-            if raw is None:
-                raw = self._held_reads.connection = self._reader.raw_connection()
+        held = self._held_reads
+        raw = getattr(held, "connection", None) if held is not None else None
+        if raw is None:
+            raw = self._reader.raw_connection()
+            if held is not None:
                 raw.detach()  # closed when this thread (or the store) goes away
-            try:
-                cursor = raw.cursor()
-                cursor.execute(sql, tuple(params))  # autocommit: fetchall ends the statement and its snapshot
-                return list(cursor.fetchall())
-            except Exception:
-                self._held_reads.connection = None  # the next read opens another
-                raw.close()
-                raise
-        raw = self._reader.raw_connection()
+                held.connection = raw
         try:
             cursor = raw.cursor()
-            cursor.execute(sql, tuple(params))
+            cursor.execute(sql, tuple(params))  # SQLite autocommit: fetchall ends the statement and its snapshot
             return list(cursor.fetchall())
+        except Exception:
+            if held is not None:
+                held.connection = None  # the next read opens another
+            raise
         finally:
-            raw.close()
+            if held is None or held.connection is None:
+                raw.close()
 
     def transitions_of(self, task_id: str, after_seq: int = 0) -> list[TransitionRecord]:
         with self._read() as conn:

@@ -163,6 +163,7 @@ class AuditLog:
         # that, the next batch chains on without re-reading and parsing the tail.
         self._tail: tuple[int, int, int, str] | None = None
         self._handle: Any = None  # kept open between batches while `path` is still that file
+        self._handle_inode = 0
 
     def _open(self) -> Any:
         """The log's file, opened once (an open per batch cost more than the batch's records)."""
@@ -170,12 +171,13 @@ class AuditLog:
             inode = os.stat(self.path).st_ino
         except FileNotFoundError:
             inode = None  # removed (or moved away): start a new log at `path`
-        if self._handle is not None and inode != os.fstat(self._handle.fileno()).st_ino:
+        if self._handle is not None and inode != self._handle_inode:
             self._forget_handle()
         if self._handle is None:
             # Unbuffered: a batch is one write() call, and a failed one leaves nothing behind to
             # be written later.
             self._handle = open(self.path, "ab+", buffering=0)  # noqa: SIM115 (kept open: `close`)
+            self._handle_inode = os.fstat(self._handle.fileno()).st_ino
         return self._handle
 
     def close(self) -> None:

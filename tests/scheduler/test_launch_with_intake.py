@@ -122,40 +122,36 @@ class Offering:
     def dispatched(self, task_id: str) -> int:
         return sum(1 for step in self.store.transitions_of(task_id) if step.to_state == "dispatched")
 
-    def close(self) -> None:
+    def __enter__(self) -> Offering:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
         self.dispatcher.stop()
         self.committer.close()
         self.store.close()
 
 
 def test_an_offered_submit_waits_behind_older_tasks_in_queue_order(tmp_path: Path) -> None:
-    world = Offering(tmp_path, slots=1)
-    try:
+    with Offering(tmp_path, slots=1) as world:
         older = world.committer.submit(NewTask(make_task(), "")).task_id  # queued before the offer
         reply = world.offer(make_task())
         assert world.dispatcher.step() == 1
         newer = reply()
         assert newer.created and world.store.get(newer.task_id).state == "queued"  # stored, it waits
         assert world.dispatched(older) == 1 and world.dispatched(newer.task_id) == 0
-    finally:
-        world.close()
 
 
 def test_an_urgent_offered_submit_goes_before_an_older_low_priority_task(tmp_path: Path) -> None:
-    world = Offering(tmp_path, slots=1)
-    try:
+    with Offering(tmp_path, slots=1) as world:
         older = world.committer.submit(NewTask(make_task(types_pb2.PRIORITY_LOW), "")).task_id
         reply = world.offer(make_task(types_pb2.PRIORITY_URGENT))
         assert world.dispatcher.step() == 1
         urgent = reply().task_id
         assert world.dispatched(urgent) == 1 and world.dispatched(older) == 0
-    finally:
-        world.close()
 
 
 def test_an_offered_submit_with_a_known_key_answers_the_stored_task_and_launches_nothing(tmp_path: Path) -> None:
-    world = Offering(tmp_path, slots=4)
-    try:
+    with Offering(tmp_path, slots=4) as world:
         first = world.offer(make_task(), key="k-1")
         world.dispatcher.step()
         stored = first()
@@ -169,32 +165,24 @@ def test_an_offered_submit_with_a_known_key_answers_the_stored_task_and_launches
         # the launch planned for the repeat's unused id gave its slot back
         agent = world.registry.get("onprem-1")
         assert agent is not None and set(agent.in_flight) <= {stored.task_id}
-    finally:
-        world.close()
 
 
 def test_a_submit_offered_to_a_dispatcher_that_lost_the_lead_is_stored_queued(tmp_path: Path) -> None:
-    world = Offering(tmp_path, slots=4)
-    try:
+    with Offering(tmp_path, slots=4) as world:
         reply = world.offer(make_task())
         world.leading = False
         assert world.dispatcher.step() == 0
         result = reply()
         assert result.created and world.store.get(result.task_id).state == "queued"
-    finally:
-        world.close()
 
 
 def test_submits_offered_when_the_dispatcher_stops_are_stored(tmp_path: Path) -> None:
-    world = Offering(tmp_path, slots=4)
-    try:
+    with Offering(tmp_path, slots=4) as world:
         replies = [world.offer(make_task()) for _ in range(3)]
         world.dispatcher.stop()  # before any pass took them
         results = [reply() for reply in replies]
         assert all(r.created for r in results)
         assert {world.store.get(r.task_id).state for r in results} == {"queued"}
-    finally:
-        world.close()
 
 
 def launch_offered(world: Offering) -> tuple[str, Callable[[], None], list[int]]:
@@ -214,8 +202,7 @@ def launch_offered(world: Offering) -> tuple[str, Callable[[], None], list[int]]
 def test_an_idle_writer_lets_the_dispatcher_commit_and_answer_after_its_launches(tmp_path: Path) -> None:
     """The writer idles: the launch commits on the dispatcher's own thread (no hand-off), and the
     submitter is answered only when the dispatcher says so (after it sent the launches)."""
-    world = Offering(tmp_path, slots=4)
-    try:
+    with Offering(tmp_path, slots=4) as world:
         reply = world.offer(make_task())
         _result, answer, ran_on = launch_offered(world)
         assert ran_on == [threading.get_ident()]
@@ -226,13 +213,10 @@ def test_an_idle_writer_lets_the_dispatcher_commit_and_answer_after_its_launches
         answer()
         stored = reply()
         assert stored.created and world.store.get(stored.task_id).state == "queued"
-    finally:
-        world.close()
 
 
 def test_a_busy_writer_commits_a_launch_with_intake_and_answers_it_itself(tmp_path: Path) -> None:
-    world = Offering(tmp_path, slots=4)
-    try:
+    with Offering(tmp_path, slots=4) as world:
         reply = world.offer(make_task())
         busy = threading.Thread(target=lambda: world.committer.run(lambda conn: time.sleep(0.5)))
         busy.start()
@@ -241,8 +225,6 @@ def test_a_busy_writer_commits_a_launch_with_intake_and_answers_it_itself(tmp_pa
         assert ran_on and ran_on[0] != threading.get_ident()  # on the writer's thread
         assert reply().created  # answered by the writer, without `_answer()`
         busy.join()
-    finally:
-        world.close()
 
 
 def test_a_completion_starts_the_next_waiting_task_without_waiting_for_the_idle_pass(
@@ -268,22 +250,19 @@ def test_a_completion_starts_the_next_waiting_task_without_waiting_for_the_idle_
 def test_a_freed_slot_does_not_keep_a_standby_dispatcher_looping(tmp_path: Path) -> None:
     """A standby (or a loop whose passes fail) hears completions too: a freed slot must cost it at
     most one extra step, never a loop that skips its idle wait."""
-    world = Offering(tmp_path, slots=1, leading=False)
     steps: list[float] = []
-    step = world.dispatcher.step
+    with Offering(tmp_path, slots=1, leading=False) as world:
+        step = world.dispatcher.step
 
-    def counted(pipelined: bool = False) -> int:
-        steps.append(time.monotonic())
-        return step(pipelined)
+        def counted(pipelined: bool = False) -> int:
+            steps.append(time.monotonic())
+            return step(pipelined)
 
-    world.dispatcher.step = counted  # type: ignore[method-assign]
-    world.dispatcher.settings = replace(world.dispatcher.settings, idle_sleep_s=30.0)
-    try:
+        world.dispatcher.step = counted  # type: ignore[method-assign]
+        world.dispatcher.settings = replace(world.dispatcher.settings, idle_sleep_s=30.0)
         world.dispatcher.start()
         wait_for(lambda: len(steps) >= 1, 5, what="the loop's first step")
         world.dispatcher._slot_freed = True  # as a completion on this replica's session leaves it
         world.dispatcher.wake()
         time.sleep(0.5)
         assert len(steps) <= 3, f"{len(steps)} steps in 0.5 s with a 30 s idle wait"
-    finally:
-        world.close()
