@@ -107,6 +107,19 @@ def _bind(server: Any, address: str, credentials: grpc.ServerCredentials | None)
     return int(port)
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop where it is installed (Linux, macOS), else asyncio's own.
+
+    A call from another thread (`call_soon_threadsafe`: an assignment the dispatcher sends, a
+    submit's answer) reaches uvloop's loop ~0.2 ms sooner here (an eventfd wake and a loop written
+    in C), and every RPC costs the loop less CPU; grpc.aio runs on any asyncio loop."""
+    try:
+        import uvloop
+    except ImportError:  # Windows: no uvloop
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
 class LoopThread:
     """An asyncio event loop on its own daemon thread, for grpc.aio servers and channels.
 
@@ -114,7 +127,7 @@ class LoopThread:
     for itself: it raises instead)."""
 
     def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()
         self.thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self.thread.start()
 

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import grpc
 import structlog
 
+from facefleet import loop_calls
 from facefleet.grpc_server import Decoded, corrupt_request
 from facefleet.rpc_errors import abort_async
 from facefleet.v1 import scheduler_pb2, types_pb2
@@ -55,7 +56,7 @@ class AgentSession:
         if self.closed:
             return False
         try:
-            self._loop.call_soon_threadsafe(self._outbound.put_nowait, message)
+            loop_calls.call_soon(self._loop, self._outbound.put_nowait, message)
         except RuntimeError:  # the loop is closed: the server is gone
             return False
         return True

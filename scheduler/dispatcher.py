@@ -41,6 +41,7 @@ import grpc
 import structlog
 import tenacity
 
+from facefleet import loop_calls
 from facefleet.domain import (
     CANCELLED,
     DISPATCHED,
@@ -666,11 +667,12 @@ class Dispatcher:
         `taken`: offered submits, stored in the same commit (even when nothing launches), their
         submitters answered once the launches are sent."""
         answers: list[Callable[[], None]] = []
-        try:
-            return self._commit_and_send(changes, launches, queued, now, background, taken, answers)
-        finally:
-            for answer in answers:
-                answer()
+        with loop_calls.gathered():  # the assignments, then the answers: one wake-up of the server's loop
+            try:
+                return self._commit_and_send(changes, launches, queued, now, background, taken, answers)
+            finally:
+                for answer in answers:
+                    answer()
 
     def _commit_and_send(
         self,

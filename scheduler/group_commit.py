@@ -22,6 +22,7 @@ import structlog
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
 
+from facefleet import loop_calls
 from facefleet.scheduler import metrics
 from facefleet.scheduler.store import NewTask, SubmitResult, TaskStore
 
@@ -114,7 +115,7 @@ class _LoopPending(_Pending):
 
     def _settle_on_loop(self, value: Any, error: BaseException | None) -> None:
         with contextlib.suppress(RuntimeError):  # the caller's loop is closed (it left): nobody to tell
-            self.loop.call_soon_threadsafe(_settle, self.future, value, error)
+            loop_calls.call_soon(self.loop, _settle, self.future, value, error)
 
 
 def _release(batch: list[_Pending], outcomes: dict[int, tuple[bool, Any]]) -> None:
@@ -139,7 +140,7 @@ def _release(batch: list[_Pending], outcomes: dict[int, tuple[bool, Any]]) -> No
             pending.set_exception(value)
     for loop, settled in on_loops.items():
         with contextlib.suppress(RuntimeError):  # the callers' loop is closed (they left): nobody to tell
-            loop.call_soon_threadsafe(_settle_all, settled)
+            loop_calls.call_soon(loop, _settle_all, settled)
 
 
 def _settle_all(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:

@@ -247,6 +247,38 @@ def test_a_completion_starts_the_next_waiting_task_without_waiting_for_the_idle_
     assert time.monotonic() - began < 5
 
 
+def test_a_pass_wakes_the_servers_loop_once_for_its_assignment_and_its_answer(
+    start_scheduler: Callable[..., SchedulerApp],
+    start_agent: Callable[..., HollowAgent],
+    client: Callable[[int], Any],
+) -> None:
+    """Each wake-up of the gRPC loop from the dispatcher thread costs the path a GIL hand-off: a
+    submit launched with its intake sends the agent's assignment and the submitter's answer in one."""
+    app = start_scheduler(dispatch=replace(FAST_DISPATCH, idle_sleep_s=30.0))
+    agent = start_agent(app.port, "onprem-1", "onprem-a", "private")
+    stub = client(app.port)
+    wait_for(lambda: app.registry.get("onprem-1") is not None, 5, what="the agent's first heartbeat")
+    first = stub.SubmitTask(scheduler_pb2.SubmitTaskRequest(task=make_task()), timeout=10).task_id
+    wait_for(lambda: agent.completed[first] == 1, 10, what="the first task to run")  # leading
+    loop: Any = app._loop.loop
+    post = loop.call_soon_threadsafe
+    wakes: list[str] = []
+
+    def counted(callback: Any, *args: Any) -> Any:
+        if threading.current_thread().name == "dispatcher":
+            wakes.append(getattr(callback, "__qualname__", repr(callback)))
+        return post(callback, *args)
+
+    loop.call_soon_threadsafe = counted
+    try:
+        time.sleep(0.3)  # the first task's completion is written: the writer idles, the pass commits
+        task_id = stub.SubmitTask(scheduler_pb2.SubmitTaskRequest(task=make_task()), timeout=10).task_id
+        wait_for(lambda: agent.completed[task_id] == 1, 10, what="the task to run")
+    finally:
+        loop.call_soon_threadsafe = post
+    assert len(wakes) == 1, wakes
+
+
 def test_a_freed_slot_does_not_keep_a_standby_dispatcher_looping(tmp_path: Path) -> None:
     """A standby (or a loop whose passes fail) hears completions too: a freed slot must cost it at
     most one extra step, never a loop that skips its idle wait."""
