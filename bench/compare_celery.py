@@ -17,7 +17,9 @@ Reported per side: throughput (tasks/s, first submit -> last start), submit->sta
 facefleet/Celery throughput ratio. Prints JSON (machine, settings of both sides) + one summary line.
 
 `--batch N` sends facefleet's tasks N per `SubmitTasks` call (1 = one `SubmitTask` each; Celery's
-client has no bulk send and publishes one message per task either way). `--rate R` offers both sides
+client has no bulk send and publishes one message per task either way). `--stream` sends each of
+facefleet's clients' tasks as messages on one `SubmitStream` (as Celery's client publishes on one
+open broker connection) instead of a call per task. `--rate R` offers both sides
 the same open-loop load, R tasks/s, for a submit->start comparison that is not a backlog: by default
 each side's clients submit as fast as they can, so a side whose intake outruns its workers builds a
 queue whose wait is most of its p50 (docs/benchmarks.md). `--warmup N` (default 50) runs N tasks
@@ -116,6 +118,13 @@ def warm_up(address: str, requests: list[bytes], pipe: multiprocessing.connectio
     return count
 
 
+def stream_request(seq: int, raw: bytes) -> bytes:
+    """A SubmitStreamRequest around an already serialized SubmitTaskRequest (field 2)."""
+    request = scheduler_pb2.SubmitStreamRequest(seq=seq)
+    request.submit.MergeFromString(raw)
+    return request.SerializeToString()
+
+
 def batch_request(items: list[bytes]) -> bytes:
     """A SubmitTasksRequest of already serialized SubmitTaskRequests (field 1, repeated)."""
     request = scheduler_pb2.SubmitTasksRequest()
@@ -133,6 +142,7 @@ def run_facefleet(
     batch: int = 1,
     rate: float = 0.0,
     warmup: int = 0,
+    stream: bool = False,
 ) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="ff-compare-"))
     store_url = f"sqlite:///{work}/bench.db"
@@ -182,6 +192,25 @@ def run_facefleet(
             pending = iter(enumerate(calls))
             begin = time.time()
 
+            async def stream_client() -> None:
+                """One SubmitStream per client: each task a message on it, its answer awaited."""
+                call = channel.stream_stream(
+                    "/facefleet.v1.Scheduler/SubmitStream",
+                    request_serializer=None,
+                    response_deserializer=scheduler_pb2.SubmitStreamResponse.FromString,
+                )(timeout=600)
+                for index, raw in pending:
+                    if rate > 0:
+                        await asyncio.sleep(max(0.0, begin + index / rate - time.time()))
+                    at = time.time()
+                    await call.write(stream_request(index, raw))
+                    reply = await call.read()
+                    if reply.result.HasField("submitted"):
+                        submitted[reply.result.submitted.task_id] = at
+                    else:
+                        errors.append(reply.result.error.message)
+                await call.done_writing()
+
             async def client() -> None:
                 for index, raw in pending:
                     if rate > 0:  # open loop: call `index` is due at begin + its first task's index / rate
@@ -198,7 +227,7 @@ def run_facefleet(
                             continue
                         submitted[(outcome.submitted if batch > 1 else outcome).task_id] = at
 
-            await asyncio.gather(*(client() for _ in range(clients)))
+            await asyncio.gather(*((stream_client if stream else client)() for _ in range(clients)))
 
     assert scheduler.process is not None
     pid = scheduler.process.pid
@@ -250,6 +279,7 @@ def run_facefleet(
             "prefetch": prefetch,
             "clients": clients,
             "tasks_per_submit_call": batch,
+            "submit_api": "SubmitStream, one per client" if stream else "SubmitTask" if batch == 1 else "SubmitTasks",
             "offered_rate_tasks_per_s": rate or "as fast as the clients submit",
             "warmup_tasks": warmup,
             "payload": f"{payload_bytes} bytes in a file, passed by URI, read by the agent"
@@ -272,6 +302,11 @@ def main() -> None:
         "--batch", type=int, default=1, help="facefleet tasks per submit call (1 = SubmitTask, more = SubmitTasks)"
     )
     parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="facefleet's clients submit over one SubmitStream each (a message per task) instead of a call per task",
+    )
+    parser.add_argument(
         "--rate",
         type=float,
         default=0.0,
@@ -286,6 +321,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="pairs per payload (alternated); report the median ratio")
     parser.add_argument("--output", type=Path, help="also write the JSON here")
     args = parser.parse_args()
+    if args.stream and args.batch != 1:
+        parser.error("--stream sends one task per message; drop --batch")
 
     from bench.celery_side import run_celery  # needs celery + redis-server; imported late for --help
 
@@ -294,7 +331,15 @@ def main() -> None:
     for _round in range(max(1, args.repeat)):  # rounds alternate the sides, so drift hits both
         for kib in sizes:
             ours = run_facefleet(
-                args.tasks, args.slots, kib * 1024, args.clients, args.prefetch, args.batch, args.rate, args.warmup
+                args.tasks,
+                args.slots,
+                kib * 1024,
+                args.clients,
+                args.prefetch,
+                args.batch,
+                args.rate,
+                args.warmup,
+                args.stream,
             )
             theirs = run_celery(
                 args.tasks, args.slots, kib * 1024, private_share=0.5, rate=args.rate, warmup=args.warmup
@@ -313,6 +358,7 @@ def main() -> None:
             "slots_per_group": args.slots,
             "prefetch": args.prefetch,
             "facefleet_tasks_per_submit_call": args.batch,
+            "facefleet_submit_stream": args.stream,
             "offered_rate_tasks_per_s": args.rate,
             "warmup_tasks_per_side": args.warmup,
             "private_share": 0.5,
@@ -330,8 +376,8 @@ def main() -> None:
     paced = f"offered {args.rate:g} tasks/s" if args.rate else "as fast as clients submit"
     tail = (
         f" ({args.tasks} tasks, {args.slots} slots per group, prefetch {args.prefetch}, "
-        f"{args.batch} tasks per facefleet "
-        f"call, {paced}; median ratio {medians})"
+        f"{'SubmitStream' if args.stream else f'{args.batch} tasks per facefleet call'}, {paced}; "
+        f"median ratio {medians})"
     )
     print("compare_celery: " + "; ".join(summary_line(run) for run in runs) + tail)
 

@@ -37,6 +37,7 @@ DEFAULT_LIST_LIMIT = 100
 WATCH_POLL_S = 0.05
 MAX_TASK_ID_CHARS = 64
 MAX_SUBMIT_ITEMS = 1000  # per SubmitTasks call
+MAX_STREAM_IN_FLIGHT = 1000  # requests of one SubmitStream waiting for their commit
 
 
 class HeartbeatSink(Protocol):
@@ -83,19 +84,26 @@ class _SubmitBatch:
     def response(self, stored: list[SubmitResult | Exception]) -> scheduler_pb2.SubmitTasksResponse:
         results: list[Any] = [None] * self.size
         for index, error, _item in self.refused:
-            reason, _message, field = _refusal(error)
-            path = f"items[{index}].{field}"
-            refusal = types_pb2.Error(reason=reason, message=f"{path}: {error.message}", field=path)  # type: ignore[arg-type]
-            results[index] = scheduler_pb2.SubmitTaskResult(error=refusal)
+            results[index] = _refused_item(f"items[{index}]", error)
         for index, outcome in zip(self.accepted_at, stored, strict=True):
-            if isinstance(outcome, Exception):
-                message = f"{outcome}; this task was not accepted (submit it again)"
-                results[index] = scheduler_pb2.SubmitTaskResult(
-                    error=types_pb2.Error(reason=types_pb2.INTERNAL, message=message)
-                )
-            else:
-                results[index] = scheduler_pb2.SubmitTaskResult(submitted=_submitted(outcome))
+            results[index] = _stored_item(outcome)
         return scheduler_pb2.SubmitTasksResponse(results=results)
+
+
+def _refused_item(where: str, error: TaskInputError) -> scheduler_pb2.SubmitTaskResult:
+    """One refused item of SubmitTasks or SubmitStream (its field named as `where`.<path>)."""
+    reason, _message, field = _refusal(error)
+    path = f"{where}.{field}" if where else field
+    refusal = types_pb2.Error(reason=reason, message=f"{path}: {error.message}", field=path)  # type: ignore[arg-type]
+    return scheduler_pb2.SubmitTaskResult(error=refusal)
+
+
+def _stored_item(outcome: SubmitResult | Exception) -> scheduler_pb2.SubmitTaskResult:
+    """One valid item of SubmitTasks or SubmitStream: stored (durable), or why it was not."""
+    if isinstance(outcome, Exception):
+        message = f"{outcome}; this task was not accepted (submit it again)"
+        return scheduler_pb2.SubmitTaskResult(error=types_pb2.Error(reason=types_pb2.INTERNAL, message=message))
+    return scheduler_pb2.SubmitTaskResult(submitted=_submitted(outcome))
 
 
 def timestamp(seconds: float) -> Timestamp:
@@ -192,6 +200,68 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             message = f"{error}; the task was not accepted"
             await abort_async(context, grpc.StatusCode.UNAVAILABLE, types_pb2.INTERNAL, message)
         return _submitted(result)
+
+    async def submit_stream(
+        self, requests: AsyncIterator[Decoded], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[scheduler_pb2.SubmitStreamResponse]:
+        """Scheduler.SubmitStream: each request answered as SubmitTask would answer it, as soon as
+        it is durable. At most MAX_STREAM_IN_FLIGHT requests of a stream wait for their commit; the
+        stream reads on when one is answered (gRPC's flow control holds the client back meanwhile).
+        Bytes that are no message end the stream with INVALID_ARGUMENT, after the answers to the
+        requests before them."""
+        answers: asyncio.Queue[scheduler_pb2.SubmitStreamResponse | None] = asyncio.Queue()
+        room = asyncio.Semaphore(MAX_STREAM_IN_FLIGHT)
+        actor = current_identity().subject
+
+        async def answer(request: scheduler_pb2.SubmitStreamRequest, wire_size: int) -> None:
+            try:
+                if len(UnknownFieldSet(request)):
+                    stubs = "unknown fields in SubmitStreamRequest; regenerate the client stubs"
+                    result = _refused_item("", TaskInputError("request", stubs))
+                else:
+                    result = await self._stream_item(request.submit, wire_size, actor)
+                answers.put_nowait(scheduler_pb2.SubmitStreamResponse(seq=request.seq, result=result))
+            finally:
+                room.release()
+
+        async def read() -> Decoded | None:
+            """Start an answer per request; the first request that is no message, if any."""
+            pending: set[asyncio.Task[None]] = set()
+            try:
+                async for decoded in requests:
+                    if decoded.error:
+                        return decoded
+                    await room.acquire()
+                    started = asyncio.ensure_future(answer(decoded.message, decoded.size))
+                    pending.add(started)
+                    started.add_done_callback(pending.discard)
+                return None
+            finally:
+                if pending:
+                    await asyncio.gather(*pending, return_exceptions=True)
+                answers.put_nowait(None)
+
+        reader = asyncio.ensure_future(read())
+        try:
+            while (response := await answers.get()) is not None:
+                yield response
+            corrupt = await reader
+        finally:
+            reader.cancel()
+        if corrupt is not None:
+            await abort_async(context, grpc.StatusCode.INVALID_ARGUMENT, *corrupt_request(corrupt, "SubmitStream"))
+
+    async def _stream_item(
+        self, request: scheduler_pb2.SubmitTaskRequest, wire_size: int, actor: str
+    ) -> scheduler_pb2.SubmitTaskResult:
+        clean = self._validated(request, wire_size)
+        if isinstance(clean, TaskInputError):
+            await asyncio.get_running_loop().run_in_executor(None, self._refused, clean, actor, request)
+            return _refused_item("submit", clean)
+        try:
+            return _stored_item(await self.committer.submit_async(clean))
+        except (StoreUnavailable, TimeoutError) as error:
+            return _stored_item(error)
 
     def SubmitTasks(
         self, request: scheduler_pb2.SubmitTasksRequest, context: grpc.ServicerContext
@@ -546,12 +616,18 @@ def add_scheduler_service(servicer: SchedulerServicer, server: grpc.Server | Aio
                 request_deserializer=decode,
                 response_serializer=response_class.SerializeToString,
             )
-    if on_loop:  # a coroutine on the loop; a sync server answers UNIMPLEMENTED (agents fall back)
+    if on_loop:  # coroutines on the loop; a sync server answers UNIMPLEMENTED (clients fall back)
         assert methods["AgentSession"].output_type.full_name == scheduler_pb2.SchedulerMessage.DESCRIPTOR.full_name
         handlers["AgentSession"] = grpc.stream_stream_rpc_method_handler(
             servicer.agent_session,
             request_deserializer=tolerant_decoder(scheduler_pb2.AgentMessage),
             response_serializer=scheduler_pb2.SchedulerMessage.SerializeToString,
+        )
+        assert methods["SubmitStream"].output_type.full_name == scheduler_pb2.SubmitStreamResponse.DESCRIPTOR.full_name
+        handlers["SubmitStream"] = grpc.stream_stream_rpc_method_handler(
+            servicer.submit_stream,
+            request_deserializer=tolerant_decoder(scheduler_pb2.SubmitStreamRequest),
+            response_serializer=scheduler_pb2.SubmitStreamResponse.SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("facefleet.v1.Scheduler", handlers),))
     server.add_registered_method_handlers("facefleet.v1.Scheduler", handlers)  # type: ignore[union-attr]

@@ -30,6 +30,7 @@ _READERS = frozenset({"submitter", "operator", "auditor", "compliance", "finance
 METHOD_ROLES: dict[str, frozenset[str]] = {
     "/facefleet.v1.Scheduler/SubmitTask": frozenset({"submitter", "operator"}),
     "/facefleet.v1.Scheduler/SubmitTasks": frozenset({"submitter", "operator"}),
+    "/facefleet.v1.Scheduler/SubmitStream": frozenset({"submitter", "operator"}),
     "/facefleet.v1.Scheduler/CancelTask": frozenset({"submitter", "operator"}),
     "/facefleet.v1.Scheduler/GetTask": _READERS,
     "/facefleet.v1.Scheduler/ListTasks": _READERS,

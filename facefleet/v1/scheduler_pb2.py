@@ -27,7 +27,7 @@ from facefleet.v1 import types_pb2 as facefleet_dot_v1_dot_types__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x61\x63\x65\x66leet/v1/scheduler.proto\x12\x0c\x66\x61\x63\x65\x66leet.v1\x1a\x18\x66\x61\x63\x65\x66leet/v1/agent.proto\x1a\x18\x66\x61\x63\x65\x66leet/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"N\n\x11SubmitTaskRequest\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.facefleet.v1.Task\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"^\n\x12SubmitTaskResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.facefleet.v1.TaskState\"D\n\x12SubmitTasksRequest\x12.\n\x05items\x18\x01 \x03(\x0b\x32\x1f.facefleet.v1.SubmitTaskRequest\"F\n\x13SubmitTasksResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.facefleet.v1.SubmitTaskResult\"z\n\x10SubmitTaskResult\x12\x35\n\tsubmitted\x18\x01 \x01(\x0b\x32 .facefleet.v1.SubmitTaskResponseH\x00\x12$\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x13.facefleet.v1.ErrorH\x00\x42\t\n\x07outcome\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\xdf\x02\n\nTaskStatus\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.facefleet.v1.Task\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.facefleet.v1.TaskState\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\x0c\n\x04rule\x18\x04 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\r\x12\x32\n\tplacement\x18\x07 \x01(\x0b\x32\x1f.facefleet.v1.PlacementDecision\x12-\n\rlast_progress\x18\x08 \x01(\x0b\x32\x16.facefleet.v1.Progress\x12\x32\n\x0btransitions\x18\t \x03(\x0b\x32\x1d.facefleet.v1.StateTransition\x12\x30\n\x0csubmitted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"|\n\x10ListTasksRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.facefleet.v1.TaskState\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\r\n\x05limit\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\"U\n\x11ListTasksResponse\x12\'\n\x05tasks\x18\x01 \x03(\x0b\x32\x18.facefleet.v1.TaskStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x10WatchTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\xb4\x01\n\tTaskEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.facefleet.v1.TaskState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x08progress\x18\x05 \x01(\x0b\x32\x16.facefleet.v1.Progress\x12\x0c\n\x04pool\x18\x06 \x01(\t\"4\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"<\n\x12\x43\x61ncelTaskResponse\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.facefleet.v1.TaskState\"R\n\x0e\x45xplainRequest\x12\x11\n\x07task_id\x18\x01 \x01(\tH\x00\x12\"\n\x04task\x18\x02 \x01(\x0b\x32\x12.facefleet.v1.TaskH\x00\x42\t\n\x07subject\"\xf9\x02\n\x10HeartbeatRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\x12\n\ntrust_zone\x18\x04 \x01(\t\x12\x10\n\x08provider\x18\x05 \x01(\t\x12\x0e\n\x06region\x18\x06 \x01(\t\x12\x13\n\x0btotal_slots\x18\x07 \x01(\r\x12\x12\n\nfree_slots\x18\x08 \x01(\r\x12\x0f\n\x07healthy\x18\t \x01(\x08\x12\x18\n\x10running_task_ids\x18\n \x03(\t\x12\x1b\n\x13\x65xecution_providers\x18\x0b \x03(\t\x12\x0b\n\x03gpu\x18\x0c \x01(\t\x12\x15\n\rsec_per_frame\x18\r \x01(\x01\x12\x12\n\npreempting\x18\x0e \x01(\x08\x12\x13\n\x0binstance_id\x18\x0f \x01(\t\x12%\n\x04runs\x18\x10 \x03(\x0b\x32\x17.facefleet.v1.RunReport\x12\x19\n\x11known_leader_term\x18\x11 \x01(\x04\"\xf7\x01\n\x11HeartbeatResponse\x12\r\n\x05\x64rain\x18\x01 \x01(\x08\x12\x17\n\x0f\x63\x61ncel_task_ids\x18\x02 \x03(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\r\x12/\n\x0bserver_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bleader_term\x18\x05 \x01(\x04\x12*\n\x0c\x61\x63knowledged\x18\x06 \x03(\x0b\x32\x14.facefleet.v1.RunRef\x12*\n\nrun_limits\x18\x07 \x03(\x0b\x32\x16.facefleet.v1.RunLimit\"?\n\x08RunLimit\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x11\n\tmax_run_s\x18\x03 \x01(\x01\"\x97\x01\n\x0c\x41gentMessage\x12\x31\n\theartbeat\x18\x01 \x01(\x0b\x32\x1e.facefleet.v1.HeartbeatRequest\x12(\n\x07updates\x18\x02 \x03(\x0b\x32\x17.facefleet.v1.RunUpdate\x12*\n\x08refusals\x18\x03 \x03(\x0b\x32\x18.facefleet.v1.RunRefusal\"W\n\tRunUpdate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12(\n\x08progress\x18\x03 \x01(\x0b\x32\x16.facefleet.v1.Progress\"a\n\nRunRefusal\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\"\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.facefleet.v1.Error\x12\r\n\x05retry\x18\x04 \x01(\x08\"w\n\x10SchedulerMessage\x12\x30\n\x07\x63ontrol\x18\x01 \x01(\x0b\x32\x1f.facefleet.v1.HeartbeatResponse\x12\x31\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32\x1c.facefleet.v1.RunTaskRequest2\xc2\x05\n\tScheduler\x12O\n\nSubmitTask\x12\x1f.facefleet.v1.SubmitTaskRequest\x1a .facefleet.v1.SubmitTaskResponse\x12R\n\x0bSubmitTasks\x12 .facefleet.v1.SubmitTasksRequest\x1a!.facefleet.v1.SubmitTasksResponse\x12\x41\n\x07GetTask\x12\x1c.facefleet.v1.GetTaskRequest\x1a\x18.facefleet.v1.TaskStatus\x12L\n\tListTasks\x12\x1e.facefleet.v1.ListTasksRequest\x1a\x1f.facefleet.v1.ListTasksResponse\x12\x46\n\tWatchTask\x12\x1e.facefleet.v1.WatchTaskRequest\x1a\x17.facefleet.v1.TaskEvent0\x01\x12O\n\nCancelTask\x12\x1f.facefleet.v1.CancelTaskRequest\x1a .facefleet.v1.CancelTaskResponse\x12H\n\x07\x45xplain\x12\x1c.facefleet.v1.ExplainRequest\x1a\x1f.facefleet.v1.PlacementDecision\x12L\n\tHeartbeat\x12\x1e.facefleet.v1.HeartbeatRequest\x1a\x1f.facefleet.v1.HeartbeatResponse\x12N\n\x0c\x41gentSession\x12\x1a.facefleet.v1.AgentMessage\x1a\x1e.facefleet.v1.SchedulerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66\x61\x63\x65\x66leet/v1/scheduler.proto\x12\x0c\x66\x61\x63\x65\x66leet.v1\x1a\x18\x66\x61\x63\x65\x66leet/v1/agent.proto\x1a\x18\x66\x61\x63\x65\x66leet/v1/types.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"N\n\x11SubmitTaskRequest\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.facefleet.v1.Task\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\"^\n\x12SubmitTaskResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.facefleet.v1.TaskState\"D\n\x12SubmitTasksRequest\x12.\n\x05items\x18\x01 \x03(\x0b\x32\x1f.facefleet.v1.SubmitTaskRequest\"F\n\x13SubmitTasksResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.facefleet.v1.SubmitTaskResult\"z\n\x10SubmitTaskResult\x12\x35\n\tsubmitted\x18\x01 \x01(\x0b\x32 .facefleet.v1.SubmitTaskResponseH\x00\x12$\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x13.facefleet.v1.ErrorH\x00\x42\t\n\x07outcome\"S\n\x13SubmitStreamRequest\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12/\n\x06submit\x18\x02 \x01(\x0b\x32\x1f.facefleet.v1.SubmitTaskRequest\"S\n\x14SubmitStreamResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1e.facefleet.v1.SubmitTaskResult\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\xdf\x02\n\nTaskStatus\x12 \n\x04task\x18\x01 \x01(\x0b\x32\x12.facefleet.v1.Task\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.facefleet.v1.TaskState\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\x0c\n\x04rule\x18\x04 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\r\x12\x32\n\tplacement\x18\x07 \x01(\x0b\x32\x1f.facefleet.v1.PlacementDecision\x12-\n\rlast_progress\x18\x08 \x01(\x0b\x32\x16.facefleet.v1.Progress\x12\x32\n\x0btransitions\x18\t \x03(\x0b\x32\x1d.facefleet.v1.StateTransition\x12\x30\n\x0csubmitted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"|\n\x10ListTasksRequest\x12\x0f\n\x07project\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.facefleet.v1.TaskState\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\r\n\x05limit\x18\x04 \x01(\r\x12\x12\n\npage_token\x18\x05 \x01(\t\"U\n\x11ListTasksResponse\x12\'\n\x05tasks\x18\x01 \x03(\x0b\x32\x18.facefleet.v1.TaskStatus\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x10WatchTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\xb4\x01\n\tTaskEvent\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.facefleet.v1.TaskState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12&\n\x02\x61t\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x08progress\x18\x05 \x01(\x0b\x32\x16.facefleet.v1.Progress\x12\x0c\n\x04pool\x18\x06 \x01(\t\"4\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"<\n\x12\x43\x61ncelTaskResponse\x12&\n\x05state\x18\x01 \x01(\x0e\x32\x17.facefleet.v1.TaskState\"R\n\x0e\x45xplainRequest\x12\x11\n\x07task_id\x18\x01 \x01(\tH\x00\x12\"\n\x04task\x18\x02 \x01(\x0b\x32\x12.facefleet.v1.TaskH\x00\x42\t\n\x07subject\"\xf9\x02\n\x10HeartbeatRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\x12\n\ntrust_zone\x18\x04 \x01(\t\x12\x10\n\x08provider\x18\x05 \x01(\t\x12\x0e\n\x06region\x18\x06 \x01(\t\x12\x13\n\x0btotal_slots\x18\x07 \x01(\r\x12\x12\n\nfree_slots\x18\x08 \x01(\r\x12\x0f\n\x07healthy\x18\t \x01(\x08\x12\x18\n\x10running_task_ids\x18\n \x03(\t\x12\x1b\n\x13\x65xecution_providers\x18\x0b \x03(\t\x12\x0b\n\x03gpu\x18\x0c \x01(\t\x12\x15\n\rsec_per_frame\x18\r \x01(\x01\x12\x12\n\npreempting\x18\x0e \x01(\x08\x12\x13\n\x0binstance_id\x18\x0f \x01(\t\x12%\n\x04runs\x18\x10 \x03(\x0b\x32\x17.facefleet.v1.RunReport\x12\x19\n\x11known_leader_term\x18\x11 \x01(\x04\"\xf7\x01\n\x11HeartbeatResponse\x12\r\n\x05\x64rain\x18\x01 \x01(\x08\x12\x17\n\x0f\x63\x61ncel_task_ids\x18\x02 \x03(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\r\x12/\n\x0bserver_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bleader_term\x18\x05 \x01(\x04\x12*\n\x0c\x61\x63knowledged\x18\x06 \x03(\x0b\x32\x14.facefleet.v1.RunRef\x12*\n\nrun_limits\x18\x07 \x03(\x0b\x32\x16.facefleet.v1.RunLimit\"?\n\x08RunLimit\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\x11\n\tmax_run_s\x18\x03 \x01(\x01\"\x97\x01\n\x0c\x41gentMessage\x12\x31\n\theartbeat\x18\x01 \x01(\x0b\x32\x1e.facefleet.v1.HeartbeatRequest\x12(\n\x07updates\x18\x02 \x03(\x0b\x32\x17.facefleet.v1.RunUpdate\x12*\n\x08refusals\x18\x03 \x03(\x0b\x32\x18.facefleet.v1.RunRefusal\"W\n\tRunUpdate\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12(\n\x08progress\x18\x03 \x01(\x0b\x32\x16.facefleet.v1.Progress\"a\n\nRunRefusal\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\r\x12\"\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x13.facefleet.v1.Error\x12\r\n\x05retry\x18\x04 \x01(\x08\"w\n\x10SchedulerMessage\x12\x30\n\x07\x63ontrol\x18\x01 \x01(\x0b\x32\x1f.facefleet.v1.HeartbeatResponse\x12\x31\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32\x1c.facefleet.v1.RunTaskRequest2\x9d\x06\n\tScheduler\x12O\n\nSubmitTask\x12\x1f.facefleet.v1.SubmitTaskRequest\x1a .facefleet.v1.SubmitTaskResponse\x12R\n\x0bSubmitTasks\x12 .facefleet.v1.SubmitTasksRequest\x1a!.facefleet.v1.SubmitTasksResponse\x12Y\n\x0cSubmitStream\x12!.facefleet.v1.SubmitStreamRequest\x1a\".facefleet.v1.SubmitStreamResponse(\x01\x30\x01\x12\x41\n\x07GetTask\x12\x1c.facefleet.v1.GetTaskRequest\x1a\x18.facefleet.v1.TaskStatus\x12L\n\tListTasks\x12\x1e.facefleet.v1.ListTasksRequest\x1a\x1f.facefleet.v1.ListTasksResponse\x12\x46\n\tWatchTask\x12\x1e.facefleet.v1.WatchTaskRequest\x1a\x17.facefleet.v1.TaskEvent0\x01\x12O\n\nCancelTask\x12\x1f.facefleet.v1.CancelTaskRequest\x1a .facefleet.v1.CancelTaskResponse\x12H\n\x07\x45xplain\x12\x1c.facefleet.v1.ExplainRequest\x1a\x1f.facefleet.v1.PlacementDecision\x12L\n\tHeartbeat\x12\x1e.facefleet.v1.HeartbeatRequest\x1a\x1f.facefleet.v1.HeartbeatResponse\x12N\n\x0c\x41gentSession\x12\x1a.facefleet.v1.AgentMessage\x1a\x1e.facefleet.v1.SchedulerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,38 +44,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITTASKSRESPONSE']._serialized_end=447
   _globals['_SUBMITTASKRESULT']._serialized_start=449
   _globals['_SUBMITTASKRESULT']._serialized_end=571
-  _globals['_GETTASKREQUEST']._serialized_start=573
-  _globals['_GETTASKREQUEST']._serialized_end=606
-  _globals['_TASKSTATUS']._serialized_start=609
-  _globals['_TASKSTATUS']._serialized_end=960
-  _globals['_LISTTASKSREQUEST']._serialized_start=962
-  _globals['_LISTTASKSREQUEST']._serialized_end=1086
-  _globals['_LISTTASKSRESPONSE']._serialized_start=1088
-  _globals['_LISTTASKSRESPONSE']._serialized_end=1173
-  _globals['_WATCHTASKREQUEST']._serialized_start=1175
-  _globals['_WATCHTASKREQUEST']._serialized_end=1210
-  _globals['_TASKEVENT']._serialized_start=1213
-  _globals['_TASKEVENT']._serialized_end=1393
-  _globals['_CANCELTASKREQUEST']._serialized_start=1395
-  _globals['_CANCELTASKREQUEST']._serialized_end=1447
-  _globals['_CANCELTASKRESPONSE']._serialized_start=1449
-  _globals['_CANCELTASKRESPONSE']._serialized_end=1509
-  _globals['_EXPLAINREQUEST']._serialized_start=1511
-  _globals['_EXPLAINREQUEST']._serialized_end=1593
-  _globals['_HEARTBEATREQUEST']._serialized_start=1596
-  _globals['_HEARTBEATREQUEST']._serialized_end=1973
-  _globals['_HEARTBEATRESPONSE']._serialized_start=1976
-  _globals['_HEARTBEATRESPONSE']._serialized_end=2223
-  _globals['_RUNLIMIT']._serialized_start=2225
-  _globals['_RUNLIMIT']._serialized_end=2288
-  _globals['_AGENTMESSAGE']._serialized_start=2291
-  _globals['_AGENTMESSAGE']._serialized_end=2442
-  _globals['_RUNUPDATE']._serialized_start=2444
-  _globals['_RUNUPDATE']._serialized_end=2531
-  _globals['_RUNREFUSAL']._serialized_start=2533
-  _globals['_RUNREFUSAL']._serialized_end=2630
-  _globals['_SCHEDULERMESSAGE']._serialized_start=2632
-  _globals['_SCHEDULERMESSAGE']._serialized_end=2751
-  _globals['_SCHEDULER']._serialized_start=2754
-  _globals['_SCHEDULER']._serialized_end=3460
+  _globals['_SUBMITSTREAMREQUEST']._serialized_start=573
+  _globals['_SUBMITSTREAMREQUEST']._serialized_end=656
+  _globals['_SUBMITSTREAMRESPONSE']._serialized_start=658
+  _globals['_SUBMITSTREAMRESPONSE']._serialized_end=741
+  _globals['_GETTASKREQUEST']._serialized_start=743
+  _globals['_GETTASKREQUEST']._serialized_end=776
+  _globals['_TASKSTATUS']._serialized_start=779
+  _globals['_TASKSTATUS']._serialized_end=1130
+  _globals['_LISTTASKSREQUEST']._serialized_start=1132
+  _globals['_LISTTASKSREQUEST']._serialized_end=1256
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1258
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1343
+  _globals['_WATCHTASKREQUEST']._serialized_start=1345
+  _globals['_WATCHTASKREQUEST']._serialized_end=1380
+  _globals['_TASKEVENT']._serialized_start=1383
+  _globals['_TASKEVENT']._serialized_end=1563
+  _globals['_CANCELTASKREQUEST']._serialized_start=1565
+  _globals['_CANCELTASKREQUEST']._serialized_end=1617
+  _globals['_CANCELTASKRESPONSE']._serialized_start=1619
+  _globals['_CANCELTASKRESPONSE']._serialized_end=1679
+  _globals['_EXPLAINREQUEST']._serialized_start=1681
+  _globals['_EXPLAINREQUEST']._serialized_end=1763
+  _globals['_HEARTBEATREQUEST']._serialized_start=1766
+  _globals['_HEARTBEATREQUEST']._serialized_end=2143
+  _globals['_HEARTBEATRESPONSE']._serialized_start=2146
+  _globals['_HEARTBEATRESPONSE']._serialized_end=2393
+  _globals['_RUNLIMIT']._serialized_start=2395
+  _globals['_RUNLIMIT']._serialized_end=2458
+  _globals['_AGENTMESSAGE']._serialized_start=2461
+  _globals['_AGENTMESSAGE']._serialized_end=2612
+  _globals['_RUNUPDATE']._serialized_start=2614
+  _globals['_RUNUPDATE']._serialized_end=2701
+  _globals['_RUNREFUSAL']._serialized_start=2703
+  _globals['_RUNREFUSAL']._serialized_end=2800
+  _globals['_SCHEDULERMESSAGE']._serialized_start=2802
+  _globals['_SCHEDULERMESSAGE']._serialized_end=2921
+  _globals['_SCHEDULER']._serialized_start=2924
+  _globals['_SCHEDULER']._serialized_end=3721
 # @@protoc_insertion_point(module_scope)

@@ -49,6 +49,22 @@ class SubmitTaskResult(_message.Message):
     error: _types_pb2.Error
     def __init__(self, submitted: _Optional[_Union[SubmitTaskResponse, _Mapping]] = ..., error: _Optional[_Union[_types_pb2.Error, _Mapping]] = ...) -> None: ...
 
+class SubmitStreamRequest(_message.Message):
+    __slots__ = ("seq", "submit")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    SUBMIT_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    submit: SubmitTaskRequest
+    def __init__(self, seq: _Optional[int] = ..., submit: _Optional[_Union[SubmitTaskRequest, _Mapping]] = ...) -> None: ...
+
+class SubmitStreamResponse(_message.Message):
+    __slots__ = ("seq", "result")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    result: SubmitTaskResult
+    def __init__(self, seq: _Optional[int] = ..., result: _Optional[_Union[SubmitTaskResult, _Mapping]] = ...) -> None: ...
+
 class GetTaskRequest(_message.Message):
     __slots__ = ("task_id",)
     TASK_ID_FIELD_NUMBER: _ClassVar[int]

@@ -46,6 +46,11 @@ class SchedulerStub:
                 request_serializer=facefleet_dot_v1_dot_scheduler__pb2.SubmitTasksRequest.SerializeToString,
                 response_deserializer=facefleet_dot_v1_dot_scheduler__pb2.SubmitTasksResponse.FromString,
                 _registered_method=True)
+        self.SubmitStream = channel.stream_stream(
+                '/facefleet.v1.Scheduler/SubmitStream',
+                request_serializer=facefleet_dot_v1_dot_scheduler__pb2.SubmitStreamRequest.SerializeToString,
+                response_deserializer=facefleet_dot_v1_dot_scheduler__pb2.SubmitStreamResponse.FromString,
+                _registered_method=True)
         self.GetTask = channel.unary_unary(
                 '/facefleet.v1.Scheduler/GetTask',
                 request_serializer=facefleet_dot_v1_dot_scheduler__pb2.GetTaskRequest.SerializeToString,
@@ -99,6 +104,17 @@ class SchedulerServicer:
         validated and answered on its own, in order (a refused item refuses only itself), with
         SubmitTask's meaning; every accepted item is durable before the call answers. At most 1,000
         items; each item within SubmitTask's size limit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitStream(self, request_iterator, context):
+        """One open stream for a client that submits tasks one at a time, often (a new call per task costs
+        the server more than a message on a stream). Each request is validated and answered on its
+        own with SubmitTask's meaning: durable before its answer, which carries the request's `seq`.
+        Answers come as each request is durable, so not always in order; a refused request refuses
+        only itself. The server ends the stream after the client's last request is answered.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -166,6 +182,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.SubmitTasks,
                     request_deserializer=facefleet_dot_v1_dot_scheduler__pb2.SubmitTasksRequest.FromString,
                     response_serializer=facefleet_dot_v1_dot_scheduler__pb2.SubmitTasksResponse.SerializeToString,
+            ),
+            'SubmitStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.SubmitStream,
+                    request_deserializer=facefleet_dot_v1_dot_scheduler__pb2.SubmitStreamRequest.FromString,
+                    response_serializer=facefleet_dot_v1_dot_scheduler__pb2.SubmitStreamResponse.SerializeToString,
             ),
             'GetTask': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTask,
@@ -258,6 +279,33 @@ class Scheduler:
             '/facefleet.v1.Scheduler/SubmitTasks',
             facefleet_dot_v1_dot_scheduler__pb2.SubmitTasksRequest.SerializeToString,
             facefleet_dot_v1_dot_scheduler__pb2.SubmitTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/facefleet.v1.Scheduler/SubmitStream',
+            facefleet_dot_v1_dot_scheduler__pb2.SubmitStreamRequest.SerializeToString,
+            facefleet_dot_v1_dot_scheduler__pb2.SubmitStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

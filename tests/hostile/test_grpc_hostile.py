@@ -121,6 +121,7 @@ def valid_bases(stack: HostileStack) -> dict[str, dict[str, Any]]:
     return {
         "SubmitTask": {"task": task},
         "SubmitTasks": {"items": [{"task": task}, {"task": task, "idempotency_key": "fuzz-batch"}]},
+        "SubmitStream": {"seq": 1, "submit": {"task": task}},
         "Explain": {"task": task},
         "RunTask": {"task": {**task, "id": "fuzz-run"}, "attempt": 1, "leader_term": stack.scheduler.dispatcher.term},
         "Heartbeat": beat,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,15 @@ def item(key: str = "", **fields: Any) -> scheduler_pb2.SubmitTaskRequest:
     for name, value in fields.items():
         setattr(submitted, name, value)
     return scheduler_pb2.SubmitTaskRequest(task=submitted, idempotency_key=key)
+
+
+def stored_projects(store_url: str, results: Iterable[scheduler_pb2.SubmitTaskResult]) -> set[str]:
+    """The projects of the accepted tasks among `results`, read by a store of its own."""
+    reader = TaskStore(store_url)
+    try:
+        return {reader.get(result.submitted.task_id).project for result in results if result.HasField("submitted")}
+    finally:
+        reader.close()
 
 
 def mixed_batch() -> list[scheduler_pb2.SubmitTaskRequest]:
@@ -57,11 +67,7 @@ def test_each_item_is_answered_in_order_and_only_the_bad_ones_are_refused(
     )
     assert results[5].error.field == "items[5].task"
     # Durable when answered: a reader of its own, on the store's file, sees every accepted task.
-    reader = TaskStore(app.settings.scheduler.store_url)
-    try:
-        stored = {reader.get(result.submitted.task_id).project for result in results if result.HasField("submitted")}
-    finally:
-        reader.close()
+    stored = stored_projects(app.settings.scheduler.store_url, results)
     assert stored == {"batch-a", "batch-b", "batch-c"}
     assert len(stub.ListTasks(scheduler_pb2.ListTasksRequest(limit=100)).tasks) == 3
 
