@@ -5,6 +5,10 @@ with `AuditLog.append_many` (records chained in enqueue order, one fsync). `wait
 until the entry with that ticket (and so every entry enqueued before it) is durable, which lets the
 dispatcher enqueue a whole pass of records and wait once before it sends the RunTask calls.
 
+`enqueue(..., linger=True)` (completion records: the store already holds the completion) does not
+wake the writer: such a record goes out with the next batch anyone waits for (a dispatch pass's
+flush) or at the latest `linger_s` later, so at low load a task's records cost one fsync, not two.
+
 A failed write is logged loudly and its waiters are released: an audit failure never stops
 dispatch (the task store stays the source of truth), exactly as with synchronous appends.
 """
@@ -22,13 +26,16 @@ from facefleet.security.audit import AuditKind, AuditLog
 log = structlog.get_logger()
 
 Entry = tuple[AuditKind | str, str, Mapping[str, Any]]
+LINGER_S = 0.1  # the longest a lingering record waits for a batch to share
 
 
 class AuditBatchWriter:
-    def __init__(self, audit: AuditLog, max_batch: int = 1024) -> None:
+    def __init__(self, audit: AuditLog, max_batch: int = 1024, linger_s: float = LINGER_S) -> None:
         self.audit = audit
         self._max_batch = max_batch
+        self._linger_s = linger_s
         self._pending: list[Entry] = []
+        self._due = False  # a pending entry is waited for (or may not linger): write now
         self._enqueued = 0  # tickets handed out (ticket n = the n-th entry ever enqueued)
         self._written = 0  # entries whose write has finished (durable, or failed and logged)
         self._failed = 0
@@ -48,16 +55,18 @@ class AuditBatchWriter:
         """Entries that could not be written (each was logged)."""
         return self._failed
 
-    def enqueue(self, kind: AuditKind | str, actor: str, fields: Mapping[str, Any]) -> int:
-        """Queue one record; returns its ticket for `wait`. Raises ValueError for an unknown kind."""
+    def enqueue(self, kind: AuditKind | str, actor: str, fields: Mapping[str, Any], linger: bool = False) -> int:
+        """Queue one record; returns its ticket for `wait`. Raises ValueError for an unknown kind.
+        `linger`: written with the next batch, or `linger_s` from now at the latest."""
         entry: Entry = (AuditKind(kind), actor, dict(fields))
         with self._changed:
             if self._closed:
                 raise RuntimeError("the audit writer is closed; the scheduler is shutting down")
             self._pending.append(entry)
             self._enqueued += 1
-            if len(self._pending) == 1:
-                self._has_work.notify()
+            if len(self._pending) == 1 or not (linger or self._due):
+                self._due = self._due or not linger
+                self._has_work.notify()  # the first entry starts the linger clock; a due one ends it
             return self._enqueued
 
     def write(self, kind: AuditKind | str, actor: str, fields: Mapping[str, Any], timeout: float = 30.0) -> None:
@@ -72,6 +81,9 @@ class AuditBatchWriter:
 
     def wait(self, ticket: int, timeout: float = 30.0) -> None:
         with self._changed:
+            if self._written < ticket and self._pending and not self._due:  # lingering ones are awaited now
+                self._due = True
+                self._has_work.notify()
             if not self._changed.wait_for(lambda: self._written >= ticket, timeout):
                 log.error("audit write still pending after timeout", ticket=ticket, timeout_s=timeout)
 
@@ -91,8 +103,11 @@ class AuditBatchWriter:
                 self._has_work.wait_for(lambda: self._pending or self._closed)
                 if not self._pending:
                     return  # closed and drained
+                # Only lingering entries: wait for company (a due entry, a waiter) up to linger_s.
+                self._has_work.wait_for(lambda: self._due or self._closed, self._linger_s)
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
+                self._due = bool(self._pending)
             try:
                 self.audit.append_many(batch)
             except Exception:

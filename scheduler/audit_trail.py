@@ -98,9 +98,10 @@ class AuditTrail:
     def on_finished(self, task: TaskRecord) -> None:
         """A completion is recorded only for a task that reached an agent: one that never ran has no zone.
 
-        Queued, not waited for: the store already holds the completion durably, and the record is
-        written with the writer's next batch (at the latest before the next dispatch pass sends a
-        RunTask, which flushes). Waiting here cost a thread hand-off per task on the dispatch path."""
+        Queued, not waited for, and lingering: the store already holds the completion durably, and
+        the record is written with the writer's next batch (the next dispatch pass's, which it
+        flushes before it sends), or `audit_batch.LINGER_S` later at the latest. Waiting here cost a
+        thread hand-off per task on the dispatch path; a batch of its own, an fsync per task."""
         if not task.agent_id:
             return
         with self._lock:
@@ -115,6 +116,7 @@ class AuditTrail:
                 "trust_zone": zone,
                 "state": task.state,
             },
+            linger=True,
         )
 
     # ---- dispatcher audit hook ------------------------------------------------------------------
@@ -166,9 +168,9 @@ class AuditTrail:
             return ""
         return str(getattr(self.agents.get(agent_id), "trust_zone", "") or "")
 
-    def _queue(self, kind: AuditKind, fields: dict[str, Any], actor: str = ACTOR) -> None:
+    def _queue(self, kind: AuditKind, fields: dict[str, Any], actor: str = ACTOR, linger: bool = False) -> None:
         try:
-            self.writer.enqueue(kind, actor, fields)
+            self.writer.enqueue(kind, actor, fields, linger)
         except Exception:
             log.exception("audit_write_failed", record=kind.value)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,8 @@ def records(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_append_many_chains_records_in_order_with_one_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    signer = Signer(secret=b"0123456789abcdef-secret")
-    log = AuditLog(tmp_path / "a.jsonl", signing_key=signer)
-    log.append(AuditKind.ADMIN, "alice", act="first", args={}, outcome="ok")
+def counted_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """os.fsync as before, each call's file descriptor noted in the list returned."""
     fsyncs: list[int] = []
     real_fsync = os.fsync
 
@@ -34,6 +33,14 @@ def test_append_many_chains_records_in_order_with_one_fsync(tmp_path: Path, monk
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", counting_fsync)
+    return fsyncs
+
+
+def test_append_many_chains_records_in_order_with_one_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    signer = Signer(secret=b"0123456789abcdef-secret")
+    log = AuditLog(tmp_path / "a.jsonl", signing_key=signer)
+    log.append(AuditKind.ADMIN, "alice", act="first", args={}, outcome="ok")
+    fsyncs = counted_fsyncs(monkeypatch)
     written = log.append_many([(AuditKind.PLACEMENT, "scheduler", {"task": f"t{i}"}) for i in range(5)])
     assert len(fsyncs) == 1
     assert [r["seq"] for r in written] == [2, 3, 4, 5, 6]
@@ -69,6 +76,53 @@ def test_writer_keeps_each_threads_order_and_the_chain_under_concurrency(tmp_pat
     writer.close()
     with pytest.raises(RuntimeError, match="closed"):
         writer.enqueue(AuditKind.ADMIN, "scheduler", {})
+
+
+def test_lingering_records_wait_for_a_batch_to_share_and_a_due_record_takes_them_in_one_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = AuditLog(tmp_path / "a.jsonl")
+    writer = AuditBatchWriter(log, linger_s=30.0)
+    fsyncs = counted_fsyncs(monkeypatch)
+    try:
+        for i in range(3):
+            writer.enqueue(AuditKind.COMPLETION, "scheduler", {"task": f"done-{i}"}, linger=True)
+        time.sleep(0.3)
+        assert not log.path.exists() or records(log.path) == []  # nothing due yet: nothing written
+        writer.write(AuditKind.DISPATCH, "scheduler", {"task": "next"}, timeout=5)
+        assert [r["task"] for r in records(log.path)] == ["done-0", "done-1", "done-2", "next"]
+        assert len(fsyncs) == 1
+        writer.enqueue(AuditKind.COMPLETION, "scheduler", {"task": "done-3"}, linger=True)
+        writer.flush(timeout=5)  # a flush waits for lingering records too
+        assert records(log.path)[-1]["task"] == "done-3" and len(fsyncs) == 2
+        assert verify(log.path).ok
+    finally:
+        writer.close()
+
+
+def test_a_lingering_record_is_written_by_itself_after_the_linger(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "a.jsonl")
+    writer = AuditBatchWriter(log, linger_s=0.2)
+    try:
+        began = time.monotonic()
+        writer.enqueue(AuditKind.COMPLETION, "scheduler", {"task": "alone"}, linger=True)
+        deadline = began + 5
+        while time.monotonic() < deadline and not (log.path.exists() and records(log.path)):
+            time.sleep(0.01)
+        assert [r["task"] for r in records(log.path)] == ["alone"]
+        assert time.monotonic() - began >= 0.15
+    finally:
+        writer.close()
+
+
+def test_closing_writes_what_lingers(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "a.jsonl")
+    writer = AuditBatchWriter(log, linger_s=30.0)
+    writer.enqueue(AuditKind.COMPLETION, "scheduler", {"task": "at-close"}, linger=True)
+    began = time.monotonic()
+    writer.close()
+    assert time.monotonic() - began < 5
+    assert [r["task"] for r in records(log.path)] == ["at-close"]
 
 
 def test_a_failed_write_is_logged_and_never_blocks_its_callers(tmp_path: Path) -> None:
