@@ -220,9 +220,15 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
                     result = _refused_item("", TaskInputError("request", stubs))
                 else:
                     result = await self._stream_item(request.submit, wire_size, actor)
-                answers.put_nowait(scheduler_pb2.SubmitStreamResponse(seq=request.seq, result=result))
+            except Exception:  # a fault of ours, not of the request: answered all the same, and logged
+                log.exception("a SubmitStream request failed", seq=request.seq)
+                message = "internal error; this task was not accepted (submit it again)"
+                result = scheduler_pb2.SubmitTaskResult(
+                    error=types_pb2.Error(reason=types_pb2.INTERNAL, message=message)
+                )
             finally:
                 room.release()
+            answers.put_nowait(scheduler_pb2.SubmitStreamResponse(seq=request.seq, result=result))
 
         async def read() -> Decoded | None:
             """Start an answer per request; the first request that is no message, if any."""

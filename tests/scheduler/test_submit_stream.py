@@ -177,3 +177,21 @@ def test_a_stream_holds_at_most_its_limit_of_requests_waiting_for_their_commit(s
         committer._writing.release()
     reader.join(60)
     assert len(answers) == total and all(result.submitted.created for result in answers.values())
+
+
+def test_a_fault_of_ours_answers_that_request_with_an_error_and_the_stream_goes_on(start_scheduler, client) -> None:  # type: ignore[no-untyped-def]
+    app = start_scheduler()
+    stub = client(app.port)
+    validated = app.servicer._validated
+
+    def faulty(request: Any, wire_size: int | None) -> Any:
+        if request.task.project == "faulty":
+            raise RuntimeError("a bug")
+        return validated(request, wire_size)
+
+    app.servicer._validated = faulty  # type: ignore[method-assign]
+    requests = streamed([item(project="faulty"), item(project="fine")])
+    answers = by_seq(stub.SubmitStream(iter(requests), timeout=10))
+    assert answers[100].error.reason == types_pb2.INTERNAL and "submit it again" in answers[100].error.message
+    assert "a bug" not in answers[100].error.message
+    assert answers[101].submitted.created
