@@ -154,6 +154,9 @@ class DispatcherSettings:
     # Completions wait this long for company before their commit: fewer, larger commits (and audit
     # batches) while work flows; what a watcher sees as finished lags by at most this much.
     completion_linger_s: float = 0.01
+    # A submit offered while a pass runs waits for the next pass (stored with its launch) if this
+    # pass began less than this long ago; otherwise the intake stores it at once (`offer`).
+    offer_while_busy_s: float = 0.02
     # A run went unresolved on an agent this leader has not heard from: re-queue after this long.
     inventory_wait_s: float = 15.0
     leader_lock_name: str = DEFAULT_LOCK_NAME
@@ -277,10 +280,12 @@ class Dispatcher:
         self._thread: threading.Thread | None = None
         self._was_leader = False
         self._leader_since = 0.0
-        # Launches with their intake (`take_intake`): submits offered while the loop idles as leader.
+        # Launches with their intake (`take_intake`): submits offered while the loop leads (`offer`).
         self.committer: GroupCommitter | None = None
         self._offer_lock = threading.Lock()
-        self._idle = False  # the loop waits for a wake-up as leader: it takes offered submits
+        self._accepting = False  # leading with an intake to take from (`offer`)
+        self._idle = False  # the loop waits for a wake-up
+        self._busy_since = 0.0  # when the running pass began (monotonic)
         self._offered: list[Offered] = []
 
     # ---- lifecycle ----------------------------------------------------------------------------
@@ -292,7 +297,7 @@ class Dispatcher:
     def stop(self) -> None:
         self._stop.set()
         with self._offer_lock:
-            self._idle = False
+            self._accepting = False
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
@@ -308,6 +313,7 @@ class Dispatcher:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._set_idle(False)  # a pass begins: offers join the next one only while it is young
             try:
                 worked = self.step(pipelined=True)
             except Exception:
@@ -319,7 +325,6 @@ class Dispatcher:
             if (not worked or not self._cut_short) and not (self._slot_freed and self._queue_waiting):
                 self._set_idle(True)
                 self._wake.wait(self.settings.idle_sleep_s)
-                self._set_idle(False)
                 self._wake.clear()
 
     def step(self, pipelined: bool = False) -> int:
@@ -358,18 +363,21 @@ class Dispatcher:
     # ---- launches with their intake -------------------------------------------------------------
 
     def take_intake(self, committer: GroupCommitter) -> None:
-        """Take submits from `committer` while idle (`offer`), to store each with its launch."""
+        """Take submits from `committer` (`offer`), to store each with its launch."""
         self.committer = committer
         committer.launcher = self
 
     def offer(self, submit: Offered) -> bool:
-        """A submit the intake offers. Taken (True) only while the loop idles as leader: the next
-        pass plans it with the queue (merged in queue order) and stores it with its launch in one
-        commit (`GroupCommitter.insert_with`), instead of an intake commit, a pass that reads it
-        back from the store and a launch commit. Declined while a pass runs: the intake commits
-        it and wakes the loop, as before."""
+        """A submit the intake offers. Taken (True) while the loop leads and idles, or runs a pass
+        that began at most `offer_while_busy_s` ago: the next pass plans it with the queue (merged
+        in queue order) and stores it with its launch in one commit (`GroupCommitter.insert_with`),
+        instead of an intake commit, a pass that reads it back from the store and a launch commit.
+        Declined otherwise (a long pass: the submit would wait for it): the intake commits it and
+        wakes the loop."""
         with self._offer_lock:
-            if not self._idle:
+            if not self._accepting:
+                return False
+            if not self._idle and time.monotonic() - self._busy_since > self.settings.offer_while_busy_s:
                 return False
             self._offered.append(submit)
         self._wake.set()
@@ -377,7 +385,10 @@ class Dispatcher:
 
     def _set_idle(self, idle: bool) -> None:
         with self._offer_lock:
-            self._idle = idle and self.committer is not None and self._was_leader and not self._stop.is_set()
+            self._accepting = self.committer is not None and self._was_leader and not self._stop.is_set()
+            self._idle = idle
+            if not idle:
+                self._busy_since = time.monotonic()
 
     def _take_offered(self) -> list[Offered]:
         with self._offer_lock:

@@ -183,6 +183,7 @@ class GroupCommitter:
         # (a task waiting for its launch must not wait for company that submits are waiting for).
         self._urgent = threading.Event()
         self._insert_rate = 0.0  # submits/s lately, measured on the writer thread
+        self._lingering = False  # the writer holds an intake batch open for company
         self._last_insert_batch = time.monotonic()
         self._closed = False
         # Held by whoever writes a batch: the writer thread, or a caller that finds it idle and
@@ -292,17 +293,8 @@ class GroupCommitter:
             _release(carried, {id(pending): (False, error) for pending in carried})
             raise error
         pending = _Pending(op=op, isolated=False, carried=carried)
-        if self._pending.empty() and self._writing.acquire(blocking=False):
-            # The writer idles: commit on this thread (a hand-off to the writer and back cost more
-            # than the write itself), and leave the answers to `answer`.
-            pending.held = []
-            try:
-                self._write_batch([pending])
-            finally:
-                self._writing.release()
-            value: tuple[list[SubmitResult], T | Exception] = pending.result(0)
-        else:
-            value = self._enqueue(pending, timeout)
+        pending.held = []  # committed on this thread: the answers wait for `answer`
+        value: tuple[list[SubmitResult], T | Exception] = self._commit_here_or_enqueue(pending, timeout)
         metrics.SUBMIT_BATCH_SIZE.observe(len(items))
         held = pending.held or []
 
@@ -324,8 +316,23 @@ class GroupCommitter:
         """Run `op(conn)` inside the next batch's transaction; return its result once committed.
 
         `isolated=False` skips the SAVEPOINT: only for operations that raise before they write."""
-        result: T = self._enqueue(_Pending(op=op, isolated=isolated), timeout)
+        result: T = self._commit_here_or_enqueue(_Pending(op=op, isolated=isolated), timeout)
         return result
+
+    def _commit_here_or_enqueue(self, pending: _Pending, timeout: float) -> Any:
+        """While the writer idles, commit `pending` on the calling thread (a hand-off to the writer
+        and back cost more than the write itself: two thread switches on a process whose threads
+        share one GIL); otherwise queue it for the writer's next batch. Not on an event loop."""
+        idle = self._pending.empty() and not self._lingering and not self._closed
+        if idle and self._writing.acquire(blocking=False):
+            try:
+                self._write_batch([pending])
+            finally:
+                self._writing.release()
+            return pending.result(0)
+        if pending.held is not None:
+            pending.held = None  # the writer answers the carried submits as it commits
+        return self._enqueue(pending, timeout)
 
     def on_writer_thread(self) -> bool:
         return threading.get_ident() in (self._thread.ident, self._writing_thread)
@@ -357,7 +364,9 @@ class GroupCommitter:
             stop = False
             if first.insert is not None and self._insert_rate * self._intake_linger_s > 1.0:
                 # submits arriving meanwhile share this commit's fsync; a queued operation ends the wait
+                self._lingering = True
                 self._urgent.wait(self._intake_linger_s)
+                self._lingering = False
             self._urgent.clear()
             while len(batch) < self._max_batch:
                 try:

@@ -86,7 +86,7 @@ def test_a_submit_to_an_idle_scheduler_is_durable_only_with_its_launch(
 class Offering:
     """A dispatcher that takes submits (`take_intake`), stepped by the test; submits from threads."""
 
-    def __init__(self, tmp_path: Path, slots: int = 1, leading: bool = True) -> None:
+    def __init__(self, tmp_path: Path, slots: int = 1, leading: bool = True, offer_while_busy_s: float = 0.02) -> None:
         self.store = TaskStore(f"sqlite:///{tmp_path}/d.db")
         self.committer = GroupCommitter(self.store)
         self.registry = AgentRegistry(heartbeat_timeout_s=30)
@@ -95,16 +95,19 @@ class Offering:
             self.store,
             FixedPlacer("onprem-a", "private"),
             self.registry,
-            DispatcherSettings(project_limits={}, warmup_s=0, backoff_initial_s=60),
+            DispatcherSettings(
+                project_limits={}, warmup_s=0, backoff_initial_s=60, offer_while_busy_s=offer_while_busy_s
+            ),
             is_leader=lambda: self.leading,
         )
         self.dispatcher.take_intake(self.committer)
         self.dispatcher.step()  # leads (nothing to place yet)
         register(self.registry, "onprem-1", "onprem-a", "private", slots=slots)
 
-    def offer(self, task: types_pb2.Task, key: str = "") -> Callable[[], SubmitResult]:
-        """Submit on a thread while the dispatcher idles; returns a call that waits for the reply."""
-        self.dispatcher._set_idle(True)
+    def offer(self, task: types_pb2.Task, key: str = "", idle: bool = True) -> Callable[[], SubmitResult]:
+        """Submit on a thread while the dispatcher idles (or, `idle=False`, while a pass that began
+        as this is called runs); returns a call that waits for the reply."""
+        self.dispatcher._set_idle(idle)
         replies: list[SubmitResult] = []
         before = len(self.dispatcher._offered)
         thread = threading.Thread(
@@ -139,6 +142,30 @@ def test_an_offered_submit_waits_behind_older_tasks_in_queue_order(tmp_path: Pat
         newer = reply()
         assert newer.created and world.store.get(newer.task_id).state == "queued"  # stored, it waits
         assert world.dispatched(older) == 1 and world.dispatched(newer.task_id) == 0
+
+
+def test_a_submit_arriving_while_a_young_pass_runs_is_stored_with_the_next_passs_launch(tmp_path: Path) -> None:
+    """A pass is running (begun just now): the submit waits for the next pass instead of an intake
+    commit of its own, and is never durable as queued."""
+    with Offering(tmp_path, slots=4, offer_while_busy_s=30.0) as world:
+        commits = durable_states(world.store)
+        reply = world.offer(make_task(), idle=False)
+        assert world.dispatcher.step() == 1
+        stored = reply()
+        assert stored.created and world.dispatched(stored.task_id) == 1
+        assert next(c[stored.task_id] for c in commits if stored.task_id in c) == "dispatched"
+
+
+def test_a_submit_arriving_while_a_long_pass_runs_is_stored_at_once(tmp_path: Path) -> None:
+    """The pass began longer than `offer_while_busy_s` ago: the intake stores the submit at once
+    (answered with no pass run), and a later pass launches it from the queue."""
+    with Offering(tmp_path, slots=4, offer_while_busy_s=0.05) as world:
+        world.dispatcher._set_idle(False)
+        time.sleep(0.1)  # the pass has run for longer than the bound
+        stored = asyncio.run(world.committer.submit_async(NewTask(make_task(), ""), timeout=10))
+        assert stored.created and world.store.get(stored.task_id).state == "queued"
+        assert not world.dispatcher._offered
+        assert world.dispatcher.step() == 1 and world.dispatched(stored.task_id) == 1
 
 
 def test_an_urgent_offered_submit_goes_before_an_older_low_priority_task(tmp_path: Path) -> None:
@@ -213,6 +240,19 @@ def test_an_idle_writer_lets_the_dispatcher_commit_and_answer_after_its_launches
         answer()
         stored = reply()
         assert stored.created and world.store.get(stored.task_id).state == "queued"
+
+
+def test_a_write_from_a_thread_commits_on_that_thread_while_the_writer_idles(tmp_path: Path) -> None:
+    """No hand-off to the writer and back (two thread switches) when the writer has nothing to do;
+    while it is busy, the write waits for its next batch on the writer's thread."""
+    with Offering(tmp_path, slots=4) as world:
+        assert world.committer.run(lambda conn: threading.get_ident()) == threading.get_ident()
+        busy = threading.Thread(target=lambda: world.committer.run(lambda conn: time.sleep(0.5)))
+        busy.start()
+        time.sleep(0.1)  # that write holds the writer now
+        ran_on = world.committer.run(lambda conn: threading.get_ident())
+        assert ran_on not in (threading.get_ident(), busy.ident)  # queued: the writer's own thread ran it
+        busy.join()
 
 
 def test_a_busy_writer_commits_a_launch_with_intake_and_answers_it_itself(tmp_path: Path) -> None:
