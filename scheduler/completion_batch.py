@@ -9,6 +9,10 @@ on that agent, so a late or repeated completion is the store's counted no-op), t
 Before, each worker waited for its own commit: two thread hand-offs per task on a process whose
 threads share one GIL, which is what the profiles of the dispatch path were full of.
 A batch the store refuses is retried with backoff; `close()` drains what is pending.
+
+`give_way()` runs before each batch: the dispatcher's `wait_quiet`, which returns once no pass runs
+and no submit waits for one (or after a bound). Recording a completion is work nobody waits for;
+done while a launch is on its way, it took the GIL from it at each of the launch's SQLite calls.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ class CompletionBatcher:
         attempts: int = 5,
         linger_s: float = 0.0,
         on_refused: Callable[[Completion], None] = lambda _completion: None,
+        give_way: Callable[[], None] = lambda: None,
     ) -> None:
         self._apply = apply
         self._on_recorded = on_recorded
@@ -81,6 +86,7 @@ class CompletionBatcher:
         self._max_batch = max_batch
         self._attempts = attempts
         self._linger_s = linger_s
+        self._give_way = give_way
         self._pending: list[Completion] = []
         self._holding: dict[str, int] = {}  # task id -> its completions put and not yet recorded
         self._busy = False
@@ -124,6 +130,10 @@ class CompletionBatcher:
                     self._cond.wait_for(lambda: len(self._pending) >= self._max_batch or self._closed, self._linger_s)
                 if not self._pending:
                     return  # closed and drained
+                closed = self._closed
+            if not closed:
+                self._give_way_safely()
+            with self._cond:
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
                 self._busy = True
@@ -138,6 +148,12 @@ class CompletionBatcher:
                             self._holding[task_id] = left
                     self._busy = False
                     self._cond.notify_all()
+
+    def _give_way_safely(self) -> None:
+        try:
+            self._give_way()
+        except Exception:
+            log.exception("waiting for the dispatch path to go quiet failed")
 
     def _record(self, batch: list[Completion]) -> None:
         changes = [completion.change() for completion in batch]

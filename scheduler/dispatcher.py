@@ -157,6 +157,8 @@ class DispatcherSettings:
     # A submit offered while a pass runs waits for the next pass (stored with its launch) if this
     # pass began less than this long ago; otherwise the intake stores it at once (`offer`).
     offer_while_busy_s: float = 0.02
+    # Recording a batch of completions waits at most this long for the dispatch path to go quiet.
+    completion_give_way_s: float = 0.02
     # A run went unresolved on an agent this leader has not heard from: re-queue after this long.
     inventory_wait_s: float = 15.0
     leader_lock_name: str = DEFAULT_LOCK_NAME
@@ -270,6 +272,7 @@ class Dispatcher:
             self._wake.set if settings.project_limits else lambda: None,
             linger_s=settings.completion_linger_s,
             on_refused=self._completion_refused,
+            give_way=self.wait_quiet,
         )
         self.term = 0  # this leader's term; 0 while not leading
         self._unresolved: dict[str, _Unresolved] = {}  # task id -> run; workers add, the loop settles
@@ -283,6 +286,7 @@ class Dispatcher:
         # Launches with their intake (`take_intake`): submits offered while the loop leads (`offer`).
         self.committer: GroupCommitter | None = None
         self._offer_lock = threading.Lock()
+        self._quiet = threading.Condition(self._offer_lock)  # notified as the loop goes idle
         self._accepting = False  # leading with an intake to take from (`offer`)
         self._idle = False  # the loop waits for a wake-up
         self._busy_since = 0.0  # when the running pass began (monotonic)
@@ -389,6 +393,18 @@ class Dispatcher:
             self._idle = idle
             if not idle:
                 self._busy_since = time.monotonic()
+            elif not self._offered:
+                self._quiet.notify_all()
+
+    def wait_quiet(self) -> None:
+        """Wait until no pass runs and no offered submit waits for one, or `completion_give_way_s`
+        at most (never while not leading or stopping): background work goes when the dispatch path
+        does not need the GIL."""
+        with self._quiet:
+            self._quiet.wait_for(self._is_quiet, self.settings.completion_give_way_s)
+
+    def _is_quiet(self) -> bool:
+        return not self._accepting or (self._idle and not self._offered)
 
     def _take_offered(self) -> list[Offered]:
         with self._offer_lock:

@@ -133,3 +133,28 @@ def test_a_task_is_held_from_its_put_until_its_commit_has_finished(store: TaskSt
     assert not batcher.holds(first)  # both recorded (the repeat as the store's no-op)
     batcher.close()
     assert store.get(first).state == "succeeded"
+
+
+def test_a_batch_is_recorded_only_once_the_dispatch_path_gives_way(store: TaskStore) -> None:
+    """`give_way` (the dispatcher's `wait_quiet`) runs before each batch: nothing is written while
+    it holds the batch back, and everything is once it returns."""
+    [task_id] = dispatched(store, 1)
+    quiet = threading.Event()
+    asked = threading.Event()
+
+    def give_way() -> None:
+        asked.set()
+        quiet.wait(10)
+
+    batcher = CompletionBatcher(store.apply_changes, lambda _c: None, give_way=give_way)
+    try:
+        batcher.put(completion(store, task_id))
+        assert asked.wait(5)
+        time.sleep(0.2)
+        assert store.get(task_id).state == "dispatched"  # held back: the dispatch path is busy
+        quiet.set()
+        assert batcher.drain(5)
+        assert store.get(task_id).state == "succeeded"
+    finally:
+        quiet.set()
+        batcher.close()

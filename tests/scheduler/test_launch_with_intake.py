@@ -242,6 +242,31 @@ def test_an_idle_writer_lets_the_dispatcher_commit_and_answer_after_its_launches
         assert stored.created and world.store.get(stored.task_id).state == "queued"
 
 
+def test_background_work_waits_for_the_dispatch_path_to_go_quiet_within_a_bound(tmp_path: Path) -> None:
+    """`wait_quiet` (recording completions waits on it): at once while the loop idles; while a pass
+    runs, until the loop idles again, or `completion_give_way_s` at the most."""
+    with Offering(tmp_path, slots=4) as world:
+        dispatcher = world.dispatcher
+        dispatcher._set_idle(True)
+        started = time.monotonic()
+        dispatcher.wait_quiet()
+        assert time.monotonic() - started < 0.01
+        dispatcher.settings = replace(dispatcher.settings, completion_give_way_s=30.0)
+        dispatcher._set_idle(False)  # a pass runs
+        waiter = threading.Thread(target=dispatcher.wait_quiet)
+        waiter.start()
+        waiter.join(0.2)
+        assert waiter.is_alive()  # it waits for the pass
+        dispatcher._set_idle(True)
+        waiter.join(5)
+        assert not waiter.is_alive()
+        dispatcher.settings = replace(dispatcher.settings, completion_give_way_s=0.1)
+        dispatcher._set_idle(False)
+        started = time.monotonic()
+        dispatcher.wait_quiet()  # a pass that does not end: the bound
+        assert 0.09 <= time.monotonic() - started < 5
+
+
 def test_a_write_from_a_thread_commits_on_that_thread_while_the_writer_idles(tmp_path: Path) -> None:
     """No hand-off to the writer and back (two thread switches) when the writer has nothing to do;
     while it is busy, the write waits for its next batch on the writer's thread."""
