@@ -102,7 +102,7 @@ class SchedulerApp:
             admission=admission,
             loop=self._loop,
         )
-        self.committer.on_inserted = self.dispatcher.wake  # new work: an idle dispatcher passes now
+        self.committer.on_inserted = self.dispatcher.queue_grew  # new work: an idle dispatcher passes now
         if config.launch_with_intake:
             self.dispatcher.take_intake(self.committer)
         # Spend enforced while cloud runs go on: extend reservations or stop runs (docs/finance.md).

@@ -262,6 +262,10 @@ class Dispatcher:
         # new tasks only through paths that wake the loop themselves (intake, requeues).
         self._queue_waiting = True
         self._queue_drained = False  # the pass's queue read reached the end of the runnable queue
+        # The last queue read that left nothing waiting: (monotonic time, `_queue_marks()` before
+        # it). While both hold, a pass with offered submits need not read the queue (`_must_read`).
+        self._empty_read: tuple[float, tuple[int, int]] | None = None
+        self._intake_commits = 0  # intake commits that stored queued tasks (`queue_grew`)
         self._slot_freed = False  # a completion freed a slot since the pass began
         # A slot is free as soon as its stream ends (which wakes the loop). A recorded completion
         # wakes it only under per-project limits (counted in the store); what else it changes (a
@@ -314,6 +318,25 @@ class Dispatcher:
     def wake(self) -> None:
         """Run the next pass now (new tasks were stored), instead of after the idle sleep."""
         self._wake.set()
+
+    def queue_grew(self) -> None:
+        """The intake committed queued tasks (its own commit, not a launch's): the next pass reads
+        the queue, and runs now."""
+        self._intake_commits += 1
+        self._wake.set()
+
+    def _queue_marks(self) -> tuple[int, int]:
+        return self._intake_commits, self.store.requeues
+
+    def _must_read(self, offered: Sequence[Offered]) -> bool:
+        """Whether a pass reads the store's queue. A pass for offered submits skips the read while the
+        last one left nothing waiting, nothing was stored queued or re-queued here since, and it was
+        at most `idle_sleep_s` ago: what becomes runnable otherwise (another replica's intake, a
+        backoff that ends) waits at most that long, as it does for the idle loop's periodic pass."""
+        if not offered or self._empty_read is None:
+            return True
+        read_at, marks = self._empty_read
+        return marks != self._queue_marks() or time.monotonic() - read_at > self.settings.idle_sleep_s
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -579,6 +602,7 @@ class Dispatcher:
         free = state.free_anywhere()
         if free <= 0:
             self._queue_waiting = True  # whatever is queued waits for the next free slot
+            self._empty_read = None
             return 0  # nothing can start anywhere: skip placing the whole queue again
         with self._uncommitted_lock:
             uncommitted = dict(self._uncommitted)
@@ -598,8 +622,10 @@ class Dispatcher:
             metrics.PLACEMENTS.labels(pool=result.pool or "-", rule=result.rule or "-", outcome=result.outcome).inc()
             return result
 
-        self._queue_drained = False
-        head: Iterator[Waiting] = self._queue_head(now, free, uncommitted)
+        read = self._must_read(offered or ())
+        marks, read_at = self._queue_marks(), time.monotonic()
+        self._queue_drained = not read
+        head: Iterator[Waiting] = self._queue_head(now, free, uncommitted) if read else iter(())
         fresh = self._offered_waiting(offered, now) if offered else []
         if fresh:
             head = heapq.merge(head, fresh, key=self._queue_order)
@@ -623,6 +649,10 @@ class Dispatcher:
                     queued.append((planned.waiting.handle.record.id, applied))
         self._cut_short = planner.cut_short
         self._queue_waiting = left_waiting or not self._queue_drained
+        if self._queue_waiting or uncommitted:
+            self._empty_read = None
+        elif read:
+            self._empty_read = (read_at, marks)
         if offered:
             taken = list(offered)
             offered.clear()
@@ -675,6 +705,7 @@ class Dispatcher:
             self._forget_uncommitted([task_id for task_id, _placement in queued])
 
     def _forget_uncommitted(self, task_ids: Sequence[str], wake: bool = True) -> None:
+        self._empty_read = None
         with self._uncommitted_lock:
             for task_id in task_ids:
                 self._uncommitted.pop(task_id, None)
@@ -738,6 +769,7 @@ class Dispatcher:
         finally:
             for launch in launches:
                 if results.get(launch.record.id) is not True:  # not committed, cancelled or taken meanwhile
+                    self._empty_read = None  # it may still be queued: the next pass reads the queue
                     self.agents.note_finished(launch.agent_id, launch.record.id)
                     if self.gate is not None:
                         self.gate.withdraw(launch.record.id)

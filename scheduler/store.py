@@ -372,6 +372,9 @@ class TaskStore:
         self._insert_statements: tuple[str, str] | None = None
         self._apply_statements: dict[str, str] | None = None
         self._queue_indexes: set[float] = set()
+        # Changes this process wrote that leave a task queued (re-queues): a reader that found the
+        # queue empty knows it may have changed (counted as the change is written, before its commit).
+        self.requeues = 0
 
     @property
     def _mark(self) -> str:
@@ -792,6 +795,8 @@ class TaskStore:
             rows.append((task_id, current, step.to_state, step.reason, now, pool or "", agent or ""))
             current = step.to_state
         cursor.executemany(sql["transition"], rows)
+        if current == QUEUED:
+            self.requeues += 1
         if change.progress is not None:  # before the update: the run's agent still holds the row
             self._write_progress(conn, task_id, change.progress, now, row_agent or "", cursor)
         cursor.execute(

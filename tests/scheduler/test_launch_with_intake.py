@@ -20,7 +20,7 @@ from facefleet.scheduler.app import SchedulerApp
 from facefleet.scheduler.capacity import AgentRegistry
 from facefleet.scheduler.dispatcher import Dispatcher, DispatcherSettings
 from facefleet.scheduler.group_commit import GroupCommitter
-from facefleet.scheduler.store import NewTask, SubmitResult, TaskStore
+from facefleet.scheduler.store import Change, NewTask, Step, SubmitResult, TaskStore
 from facefleet.v1 import scheduler_pb2, types_pb2
 from tests.scheduler.conftest import FAST_DISPATCH
 from tests.scheduler.fake_agents import HollowAgent, wait_for
@@ -86,7 +86,7 @@ def test_a_submit_to_an_idle_scheduler_is_durable_only_with_its_launch(
 class Offering:
     """A dispatcher that takes submits (`take_intake`), stepped by the test; submits from threads."""
 
-    def __init__(self, tmp_path: Path, slots: int = 1, leading: bool = True, offer_while_busy_s: float = 0.02) -> None:
+    def __init__(self, tmp_path: Path, slots: int = 1, leading: bool = True, **settings: Any) -> None:
         self.store = TaskStore(f"sqlite:///{tmp_path}/d.db")
         self.committer = GroupCommitter(self.store)
         self.registry = AgentRegistry(heartbeat_timeout_s=30)
@@ -95,12 +95,11 @@ class Offering:
             self.store,
             FixedPlacer("onprem-a", "private"),
             self.registry,
-            DispatcherSettings(
-                project_limits={}, warmup_s=0, backoff_initial_s=60, offer_while_busy_s=offer_while_busy_s
-            ),
+            DispatcherSettings(project_limits={}, warmup_s=0, backoff_initial_s=60, **settings),
             is_leader=lambda: self.leading,
         )
         self.dispatcher.take_intake(self.committer)
+        self.committer.on_inserted = self.dispatcher.queue_grew  # as the scheduler wires them
         self.dispatcher.step()  # leads (nothing to place yet)
         register(self.registry, "onprem-1", "onprem-a", "private", slots=slots)
 
@@ -166,6 +165,59 @@ def test_a_submit_arriving_while_a_long_pass_runs_is_stored_at_once(tmp_path: Pa
         assert stored.created and world.store.get(stored.task_id).state == "queued"
         assert not world.dispatcher._offered
         assert world.dispatcher.step() == 1 and world.dispatched(stored.task_id) == 1
+
+
+def queue_reads(store: TaskStore) -> list[float]:
+    """Record each read of the store's runnable queue (its `now`)."""
+    reads: list[float] = []
+    runnable = store.runnable
+
+    def counted(now: float, *args: Any) -> Any:
+        reads.append(now)
+        return runnable(now, *args)
+
+    store.runnable = counted  # type: ignore[method-assign]
+    return reads
+
+
+def test_a_pass_for_an_offered_submit_reads_the_queue_only_when_it_may_have_changed(tmp_path: Path) -> None:
+    """After a read that left nothing waiting, a pass for offered submits skips the queue read,
+    unless the intake stored queued tasks or a change re-queued one since."""
+    with Offering(tmp_path, slots=8, idle_sleep_s=30.0) as world:
+        reads = queue_reads(world.store)
+        world.dispatcher.step()  # reads the queue: empty
+        assert len(reads) == 1
+        reply = world.offer(make_task())
+        assert world.dispatcher.step() == 1 and len(reads) == 1  # no read
+        launched = reply().task_id
+        stored = world.committer.submit(NewTask(make_task(), "")).task_id  # the intake's own commit
+        reply = world.offer(make_task())
+        assert world.dispatcher.step() == 2 and len(reads) == 2  # read: it launched the stored task too
+        assert world.dispatched(stored) == 1
+        reply()
+        requeue = Change(launched, (Step("queued", "agent refused: no free slot"),), "dispatched")
+        assert world.store.apply_changes([requeue], time.time()) == [True]
+        reply = world.offer(make_task())
+        assert world.dispatcher.step() == 2 and len(reads) == 3  # read: it launched the re-queued task
+        assert world.dispatched(launched) == 2
+        reply()
+
+
+def test_a_task_queued_behind_the_dispatchers_back_waits_at_most_the_idle_sleep(tmp_path: Path) -> None:
+    """Another replica's intake (or a backoff that ends) tells this dispatcher nothing: a pass for
+    offered submits reads the queue again once `idle_sleep_s` has passed since its last read."""
+    with Offering(tmp_path, slots=8, idle_sleep_s=0.3) as world:
+        reads = queue_reads(world.store)
+        world.dispatcher.step()
+        elsewhere = world.store.insert_batch([NewTask(make_task(), "")], time.time())[0].task_id
+        reply = world.offer(make_task())
+        assert world.dispatcher.step() == 1 and len(reads) == 1  # within the bound: not read
+        reply()
+        time.sleep(0.35)
+        reply = world.offer(make_task())
+        assert world.dispatcher.step() == 2 and len(reads) == 2
+        assert world.dispatched(elsewhere) == 1
+        reply()
 
 
 def test_an_urgent_offered_submit_goes_before_an_older_low_priority_task(tmp_path: Path) -> None:
