@@ -152,8 +152,12 @@ class DispatcherSettings:
     backoff_max_s: float = 30.0
     rpc_connect_timeout_s: float = 5.0
     # Completions wait this long for company before their commit: fewer, larger commits (and audit
-    # batches) while work flows; what a watcher sees as finished lags by at most this much.
-    completion_linger_s: float = 0.01
+    # batches) while work flows; what a watcher sees as finished lags by at most this much. (The
+    # agent's slot is free at once; at 100 tasks/s, 0.05 s made 178 commits of 1,050 completions
+    # instead of 585 with 0.01 s, and took 0.5 ms of scheduler CPU off each task.)
+    completion_linger_s: float = 0.05
+    # Under per-project limits a project's count drops only when its completions commit: shorter.
+    completion_linger_limited_s: float = 0.01
     # A submit offered while a pass runs waits for the next pass (stored with its launch) if this
     # pass began less than this long ago; otherwise the intake stores it at once (`offer`).
     offer_while_busy_s: float = 0.02
@@ -274,7 +278,7 @@ class Dispatcher:
             store.apply_changes,
             self._completion_recorded,
             self._wake.set if settings.project_limits else lambda: None,
-            linger_s=settings.completion_linger_s,
+            linger_s=settings.completion_linger_limited_s if settings.project_limits else settings.completion_linger_s,
             on_refused=self._completion_refused,
             give_way=self.wait_quiet,
         )

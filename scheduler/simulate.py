@@ -73,7 +73,7 @@ DRAIN_FACTOR = 20  # stop draining after duration x this, reporting what is left
 # Live, a run's ending frees its slot and settles its budget attempt together (the dispatcher
 # settles before it frees the slot, then passes), but the project counts drop when the completion
 # batcher commits, after its linger; under project limits that commit wakes a pass.
-COMPLETION_LAG_S = DispatcherSettings.completion_linger_s
+COMPLETION_LAG_S = DispatcherSettings.completion_linger_limited_s
 
 
 class SimClock:
