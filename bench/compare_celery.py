@@ -52,7 +52,15 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import context_switches, cpu_seconds, machine_facts, percentiles, system_cpu_seconds
+from bench.machine import (
+    context_switches,
+    cpu_seconds,
+    host_cpu_times,
+    machine_facts,
+    percentiles,
+    steal_share,
+    system_cpu_seconds,
+)
 from facefleet.scheduler.store import TaskStore
 from facefleet.v1 import scheduler_pb2, types_pb2
 from tests.scheduler.conftest import write_policy
@@ -330,6 +338,7 @@ def main() -> None:
     sizes = [int(size) for size in args.payload_kib.split(",")]
     for _round in range(max(1, args.repeat)):  # rounds alternate the sides, so drift hits both
         for kib in sizes:
+            before = host_cpu_times()
             ours = run_facefleet(
                 args.tasks,
                 args.slots,
@@ -341,9 +350,12 @@ def main() -> None:
                 args.warmup,
                 args.stream,
             )
+            between = host_cpu_times()
+            ours["host_steal_share"] = steal_share(before, between)
             theirs = run_celery(
                 args.tasks, args.slots, kib * 1024, private_share=0.5, rate=args.rate, warmup=args.warmup
             )
+            theirs["host_steal_share"] = steal_share(between, host_cpu_times())
             ratio = ours["throughput_tasks_per_s"] / max(theirs["throughput_tasks_per_s"], 1e-9)
             runs.append({"payload_kib": kib, "facefleet": ours, "celery": theirs, "ratio": round(ratio, 2)})
     median_ratio = {
@@ -373,11 +385,14 @@ def main() -> None:
     if args.output:
         args.output.write_text(text + "\n")
     medians = ", ".join(f"{kib} KiB {ratio}x" for kib, ratio in median_ratio.items())
+    at_or_below = sum(
+        1 for run in runs if run["facefleet"]["submit_to_start"]["p50_ms"] <= run["celery"]["submit_to_start"]["p50_ms"]
+    )
     paced = f"offered {args.rate:g} tasks/s" if args.rate else "as fast as clients submit"
     tail = (
         f" ({args.tasks} tasks, {args.slots} slots per group, prefetch {args.prefetch}, "
         f"{'SubmitStream' if args.stream else f'{args.batch} tasks per facefleet call'}, {paced}; "
-        f"median ratio {medians})"
+        f"median ratio {medians}; facefleet p50 <= Celery's in {at_or_below} of {len(runs)} pairs)"
     )
     print("compare_celery: " + "; ".join(summary_line(run) for run in runs) + tail)
 
@@ -387,11 +402,16 @@ def summary_line(run: dict[str, Any]) -> str:
     return (
         f"{run['payload_kib']} KiB: facefleet {ours['throughput_tasks_per_s']} tasks/s "
         f"(p50 {ours['submit_to_start']['p50_ms']} ms, p99 {ours['submit_to_start']['p99_ms']} ms, "
-        f"{ours['scheduler_cpu_ms_per_task']} ms scheduler CPU per task) "
+        f"{ours['scheduler_cpu_ms_per_task']} ms scheduler CPU per task{_steal(ours)}) "
         f"vs celery {theirs['throughput_tasks_per_s']} tasks/s "
-        f"(p50 {theirs['submit_to_start']['p50_ms']} ms, p99 {theirs['submit_to_start']['p99_ms']} ms) "
+        f"(p50 {theirs['submit_to_start']['p50_ms']} ms, p99 {theirs['submit_to_start']['p99_ms']} ms{_steal(theirs)}) "
         f"= {run['ratio']}x"
     )
+
+
+def _steal(side: dict[str, Any]) -> str:
+    share = side.get("host_steal_share")
+    return "" if share is None else f", host steal {share:.0%}"
 
 
 if __name__ == "__main__":
