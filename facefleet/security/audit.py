@@ -249,12 +249,15 @@ class AuditLog:
                     record["sig"] = self.signer.sign(record["hash"])
                 records.append(record)
                 seq, prev = seq + 1, record["hash"]
-            handle.seek(0, os.SEEK_END)
-            data = memoryview(b"".join(canonical_json(record) + b"\n" for record in records))
-            while data:  # an unbuffered write may take less than all of it
-                data = data[handle.write(data) :]
+            # Appended wherever the read position is (the file is opened in append mode), so no seek;
+            # and under the lock the file ends where `stat` said plus what this batch wrote, so no tell.
+            # (Each system call hands the GIL to another thread that wants it: the dispatch path.)
+            data = b"".join(canonical_json(record) + b"\n" for record in records)
+            unwritten = memoryview(data)
+            while unwritten:  # an unbuffered write may take less than all of it
+                unwritten = unwritten[handle.write(unwritten) :]
             os.fsync(handle.fileno())
-            self._tail = (stat.st_ino, handle.tell(), seq, prev)
+            self._tail = (stat.st_ino, stat.st_size + len(data), seq, prev)
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
         return records
