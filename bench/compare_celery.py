@@ -297,6 +297,39 @@ def run_facefleet(
     }
 
 
+def spin() -> None:
+    """A busy CPU (`--busy-cores`): runs until the bench ends it."""
+    while True:
+        pass
+
+
+def run_pair(args: argparse.Namespace, sizes: list[int]) -> list[dict[str, Any]]:
+    """One round: facefleet, then Celery, at each payload size."""
+    from bench.celery_side import run_celery  # needs celery + redis-server; imported late for --help
+
+    runs = []
+    for kib in sizes:
+        before = host_cpu_times()
+        ours = run_facefleet(
+            args.tasks,
+            args.slots,
+            kib * 1024,
+            args.clients,
+            args.prefetch,
+            args.batch,
+            args.rate,
+            args.warmup,
+            args.stream,
+        )
+        between = host_cpu_times()
+        ours["host_steal_share"] = steal_share(before, between)
+        theirs = run_celery(args.tasks, args.slots, kib * 1024, private_share=0.5, rate=args.rate, warmup=args.warmup)
+        theirs["host_steal_share"] = steal_share(between, host_cpu_times())
+        ratio = ours["throughput_tasks_per_s"] / max(theirs["throughput_tasks_per_s"], 1e-9)
+        runs.append({"payload_kib": kib, "facefleet": ours, "celery": theirs, "ratio": round(ratio, 2)})
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=2000)
@@ -327,37 +360,29 @@ def main() -> None:
         help="tasks run through each side before its clock starts (not measured; 0 = measure a cold start)",
     )
     parser.add_argument("--repeat", type=int, default=1, help="pairs per payload (alternated); report the median ratio")
+    parser.add_argument(
+        "--busy-cores",
+        type=int,
+        default=0,
+        help="processes that spin on the CPU for the whole run: contention both sides meet alike, "
+        "and that can be repeated (the host's steal cannot)",
+    )
     parser.add_argument("--output", type=Path, help="also write the JSON here")
     args = parser.parse_args()
     if args.stream and args.batch != 1:
         parser.error("--stream sends one task per message; drop --batch")
 
-    from bench.celery_side import run_celery  # needs celery + redis-server; imported late for --help
-
     runs = []
     sizes = [int(size) for size in args.payload_kib.split(",")]
-    for _round in range(max(1, args.repeat)):  # rounds alternate the sides, so drift hits both
-        for kib in sizes:
-            before = host_cpu_times()
-            ours = run_facefleet(
-                args.tasks,
-                args.slots,
-                kib * 1024,
-                args.clients,
-                args.prefetch,
-                args.batch,
-                args.rate,
-                args.warmup,
-                args.stream,
-            )
-            between = host_cpu_times()
-            ours["host_steal_share"] = steal_share(before, between)
-            theirs = run_celery(
-                args.tasks, args.slots, kib * 1024, private_share=0.5, rate=args.rate, warmup=args.warmup
-            )
-            theirs["host_steal_share"] = steal_share(between, host_cpu_times())
-            ratio = ours["throughput_tasks_per_s"] / max(theirs["throughput_tasks_per_s"], 1e-9)
-            runs.append({"payload_kib": kib, "facefleet": ours, "celery": theirs, "ratio": round(ratio, 2)})
+    spinners = [multiprocessing.Process(target=spin, daemon=True) for _ in range(max(0, args.busy_cores))]
+    for spinner in spinners:
+        spinner.start()
+    try:
+        for _round in range(max(1, args.repeat)):  # rounds alternate the sides, so drift hits both
+            runs.extend(run_pair(args, sizes))
+    finally:
+        for spinner in spinners:
+            spinner.terminate()
     median_ratio = {
         str(kib): round(statistics.median(run["ratio"] for run in runs if run["payload_kib"] == kib), 2)
         for kib in sizes
@@ -375,6 +400,7 @@ def main() -> None:
             "warmup_tasks_per_side": args.warmup,
             "private_share": 0.5,
             "repeat": args.repeat,
+            "busy_cores": args.busy_cores,
         },
         "runs": runs,
         "median_ratio_by_payload_kib": median_ratio,
@@ -391,7 +417,8 @@ def main() -> None:
     paced = f"offered {args.rate:g} tasks/s" if args.rate else "as fast as clients submit"
     tail = (
         f" ({args.tasks} tasks, {args.slots} slots per group, prefetch {args.prefetch}, "
-        f"{'SubmitStream' if args.stream else f'{args.batch} tasks per facefleet call'}, {paced}; "
+        f"{'SubmitStream' if args.stream else f'{args.batch} tasks per facefleet call'}, {paced}"
+        f"{f', {args.busy_cores} busy cores' if args.busy_cores else ''}; "
         f"median ratio {medians}; facefleet p50 <= Celery's in {at_or_below} of {len(runs)} pairs)"
     )
     print("compare_celery: " + "; ".join(summary_line(run) for run in runs) + tail)
