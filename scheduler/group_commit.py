@@ -293,7 +293,6 @@ class GroupCommitter:
             _release(carried, {id(pending): (False, error) for pending in carried})
             raise error
         pending = _Pending(op=op, isolated=False, carried=carried)
-        pending.held = []  # committed on this thread: the answers wait for `answer`
         value: tuple[list[SubmitResult], T | Exception] = self._commit_here_or_enqueue(pending, timeout)
         metrics.SUBMIT_BATCH_SIZE.observe(len(items))
         held = pending.held or []
@@ -322,16 +321,18 @@ class GroupCommitter:
     def _commit_here_or_enqueue(self, pending: _Pending, timeout: float) -> Any:
         """While the writer idles, commit `pending` on the calling thread (a hand-off to the writer
         and back cost more than the write itself: two thread switches on a process whose threads
-        share one GIL); otherwise queue it for the writer's next batch. Not on an event loop."""
+        share one GIL); otherwise queue it for the writer's next batch. Not on an event loop.
+        Committed here, the submits it carries (`insert_with`) are answered by its caller (`held`);
+        queued, by the writer as it commits."""
         idle = self._pending.empty() and not self._lingering and not self._closed
         if idle and self._writing.acquire(blocking=False):
+            if pending.carried:
+                pending.held = []
             try:
                 self._write_batch([pending])
             finally:
                 self._writing.release()
             return pending.result(0)
-        if pending.held is not None:
-            pending.held = None  # the writer answers the carried submits as it commits
         return self._enqueue(pending, timeout)
 
     def on_writer_thread(self) -> bool:
