@@ -61,6 +61,7 @@ from bench.machine import (
     steal_share,
     system_cpu_seconds,
 )
+from facefleet.long_running import freeze_startup_objects
 from facefleet.scheduler.store import TaskStore
 from facefleet.v1 import scheduler_pb2, types_pb2
 from tests.scheduler.conftest import write_policy
@@ -98,6 +99,7 @@ def run_agents(address: str, slots: int, pipe: multiprocessing.connection.Connec
         ).start()
         for pool, zone in GROUPS
     ]
+    freeze_startup_objects()  # as `facefleet agent run` does: no full collection stalls a session
     while not pipe.poll(0.05):
         with lock:
             count = len(starts)

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.machine import cpu_seconds, machine_facts  # noqa: E402
+from facefleet.long_running import freeze_startup_objects  # noqa: E402
 from facefleet.scheduler.store import TaskStore  # noqa: E402
 from facefleet.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2  # noqa: E402
 from tests.scheduler.conftest import write_policy  # noqa: E402
@@ -48,6 +49,7 @@ def run_agents(address: str, count: int, slots: int, stop: multiprocessing.synch
         ).start()
         for i in range(count)
     ]
+    freeze_startup_objects()  # as `facefleet agent run` does: no full collection stalls a session
     stop.wait()
     for agent in agents:
         agent.kill()

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from facefleet.cli.output import JSON_OPTION, console, fail, print_json, styled
 from facefleet.domain import TRUST_ZONES
+from facefleet.long_running import freeze_startup_objects
 
 
 def _settings(config: Path | None) -> Any:
@@ -104,6 +105,7 @@ def register(app: typer.Typer) -> None:
             handle = start_agent(settings.agent.model_copy(update=updates), tls, metadata_url)
         except AgentStartError as error:
             fail(error.message, hint=error.hint)
+        freeze_startup_objects()  # a full collection would stall the session and every run
         description = handle.runtime.describe()
         console.print(
             f"agent {description.agent_id} pool={pool} zone={trust_zone} on port {handle.port}, "

@@ -98,7 +98,6 @@ def register(app: typer.Typer) -> None:
 def _progress_table(demo: Any, statuses: dict[str, Any]) -> Any:
     from rich.table import Table
 
-
     table = Table(title="workload", expand=False)
     for column in ("task", "state", "pool", "progress"):
         table.add_column(column)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import re
 import signal
 import threading
@@ -13,6 +12,7 @@ import typer
 
 from facefleet.cli.output import JSON_OPTION, console, fail, line, print_error, print_json
 from facefleet.domain import state_name
+from facefleet.long_running import freeze_startup_objects
 
 SCHEDULER_OPTION = typer.Option(None, "--scheduler", help="Scheduler host:port (default: scheduler.listen).")
 INSECURE_OPTION = typer.Option(False, "--insecure", help="Plaintext gRPC: local development only.")
@@ -140,10 +140,7 @@ def register(app: typer.Typer) -> None:
             fail(str(error), hint="fix [audit] signing_key (or remove it) in the config")
         except OSError as error:
             fail(f"could not start the scheduler: {error}", hint="is another process using the port or the store?")
-        # Everything built so far (modules, config, rules, the contract's classes) lives as long as the
-        # process: out of the collector's sight, a full collection no longer walks it (tens of ms a
-        # pause, every few seconds under load, each one a stall of every task in flight).
-        gc.freeze()
+        freeze_startup_objects()  # a full collection would stall every task in flight
         stopped = threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stopped.set())

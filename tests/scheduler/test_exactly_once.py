@@ -242,4 +242,3 @@ def test_leader_of_a_postgres_pair_killed_three_times_every_task_runs_exactly_on
     postgres_url: str, tmp_path: Path
 ) -> None:
     run_chaos(tmp_path, postgres_url, replicas=2)
-
