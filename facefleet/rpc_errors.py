@@ -60,10 +60,17 @@ def _trailers(reason: int, field: str) -> tuple[tuple[str, str], ...]:
 
 def reason_of(error: grpc.RpcError) -> str:
     """The `facefleet-reason` a server attached to `error`, or "" when none."""
-    trailing: tuple[tuple[str, str | bytes], ...] = (
-        tuple(error.trailing_metadata() or ()) if isinstance(error, grpc.Call) else ()
-    )
-    for item in trailing:
-        if item[0] == REASON_KEY:
+    return _trailer(error, REASON_KEY)
+
+
+def field_of(error: grpc.RpcError) -> str:
+    """The `facefleet-field` (the refused field's path) a server attached to `error`, or "" when none."""
+    return _trailer(error, FIELD_KEY)
+
+
+def _trailer(error: grpc.RpcError, key: str) -> str:
+    trailing_metadata = getattr(error, "trailing_metadata", None)  # a sync call's error, or grpc.aio's
+    for item in (trailing_metadata() if callable(trailing_metadata) else None) or ():
+        if item[0] == key:
             return str(item[1])
     return ""

@@ -58,6 +58,7 @@ from facefleet.domain import (
     state_to_proto,
 )
 from facefleet.grpc_server import LoopThread
+from facefleet.rpc_errors import field_of
 from facefleet.scheduler import metrics, queue
 from facefleet.scheduler.agent_sessions import AgentSession, AgentSessions
 from facefleet.scheduler.agent_streams import AgentStreams, AioChannelFactory
@@ -1112,15 +1113,18 @@ class Dispatcher:
         reason = types_pb2.ErrorReason.Name(refusal.error.reason) if refusal.error.reason else "REFUSED"
         detail = f"agent {agent_id} refused: {reason}: {refusal.error.message}"
         if refusal.error.field == "checkpoint_uri":
-            # Our checkpoint, under a root this agent cannot read (a pool that does not share the
-            # one that wrote it): the task itself is fine and runs again from frame 0.
-            fresh = f"{detail}; re-queued to start from frame 0"
-            self._requeue(record, fresh, "checkpoint_unreadable", now, agent_id, fresh_start=True)
+            self._checkpoint_unreadable(record, agent_id, detail, now)
             return
         requeue_reason = ""
         if refusal.retry:
             requeue_reason = "stale_term" if refusal.error.reason == types_pb2.STALE_LEADER_TERM else "no_capacity"
         self._refused(record, agent_id, detail, requeue_reason, now)
+
+    def _checkpoint_unreadable(self, record: TaskRecord, agent_id: str, detail: str, now: float) -> None:
+        """The agent refused the task's checkpoint: ours, under a root it cannot read (a pool that
+        does not share the one that wrote it). The task itself is fine and runs again from frame 0."""
+        fresh = f"{detail}; re-queued to start from frame 0"
+        self._requeue(record, fresh, "checkpoint_unreadable", now, agent_id, fresh_start=True)
 
     def _refused(self, record: TaskRecord, agent_id: str, detail: str, requeue_reason: str, now: float) -> None:
         """An agent did not start a run (a RunTask status or a session's RunRefusal): with a
@@ -1320,6 +1324,9 @@ class Dispatcher:
         record = self.store.get(task_id)
         if record.state in TERMINAL:
             return  # cancelled meanwhile: the call was cancelled on purpose
+        if code == grpc.StatusCode.INVALID_ARGUMENT and field_of(error) == "checkpoint_uri":
+            self._checkpoint_unreadable(record, agent_id, f"agent {agent_id} refused: {code.name}: {detail}", now)
+            return
         if code in (
             grpc.StatusCode.INVALID_ARGUMENT,
             grpc.StatusCode.FAILED_PRECONDITION,

@@ -32,6 +32,7 @@ import grpc
 
 from facefleet.agent.run_journal import RUN_ENDED_STATES
 from facefleet.grpc_server import SERVICE_NAMES, LoopThread, ServerHandle, build_server
+from facefleet.rpc_errors import FIELD_KEY
 from facefleet.v1 import agent_pb2, agent_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc, types_pb2
 
 UPDATE_LINGER_S = 0.005  # progress waits this long for company; endings and refusals go at once (as agent.session)
@@ -82,9 +83,11 @@ class _Session:
             self.urgent = self.urgent or progress.state in RUN_ENDED_STATES
             self.wake.set()
 
-    def refuse(self, request: agent_pb2.RunTaskRequest, reason: int, message: str, retry: bool) -> None:
+    def refuse(
+        self, request: agent_pb2.RunTaskRequest, reason: int, message: str, retry: bool, field: str = ""
+    ) -> None:
         if self.open:
-            error = types_pb2.Error(reason=reason, message=message)  # type: ignore[arg-type]
+            error = types_pb2.Error(reason=reason, message=message, field=field)  # type: ignore[arg-type]
             refusal = scheduler_pb2.RunRefusal(
                 task_id=request.task.id, attempt=request.attempt, error=error, retry=retry
             )
@@ -107,6 +110,7 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
         refuse_residency: bool = True,
         session: bool = True,
         max_waiting: int = 64,
+        checkpoint_root: str = "file:///ckpt/",
     ) -> None:
         self.scheduler_address = scheduler_address
         self.agent_id = agent_id
@@ -119,6 +123,8 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
         self.refuse_residency = refuse_residency
         self.session = session
         self.max_waiting = max_waiting
+        # Where its runs write checkpoints; as a real agent, it refuses to resume from one elsewhere.
+        self.checkpoint_root = checkpoint_root
         self.runs: dict[str, Run] = {}
         self.executions: Counter[str] = Counter()
         self.completed: Counter[str] = Counter()
@@ -372,7 +378,10 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
             code = {
                 types_pb2.RESIDENCY_VIOLATION: grpc.StatusCode.FAILED_PRECONDITION,
                 types_pb2.STALE_LEADER_TERM: grpc.StatusCode.ABORTED,
+                types_pb2.INPUT_REJECTED: grpc.StatusCode.INVALID_ARGUMENT,
             }.get(refusal[0], grpc.StatusCode.RESOURCE_EXHAUSTED)
+            if refusal[3]:
+                context.set_trailing_metadata(((FIELD_KEY, refusal[3]),))
             context.abort(code, refusal[1])
         with self._lock:
             run = self._journaled(request)
@@ -399,16 +408,19 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
 
     # ---- the run journal (in memory) -------------------------------------------------------------
 
-    def _refusal(self, request: agent_pb2.RunTaskRequest) -> tuple[int, str, bool] | None:
-        """(reason, message, retry) when this agent refuses the request before looking it up."""
+    def _refusal(self, request: agent_pb2.RunTaskRequest) -> tuple[int, str, bool, str] | None:
+        """(reason, message, retry, field) when this agent refuses the request before looking it up."""
         task = request.task
         private = task.sensitivity == types_pb2.SENSITIVITY_PRIVATE or request.project_locked
         if self.refuse_residency and private and self.trust_zone != "private":
-            return types_pb2.RESIDENCY_VIOLATION, "RESIDENCY_VIOLATION: private task on a cloud agent", False
+            return types_pb2.RESIDENCY_VIOLATION, "RESIDENCY_VIOLATION: private task on a cloud agent", False, ""
+        if request.checkpoint_uri and not request.checkpoint_uri.startswith(self.checkpoint_root):
+            unreadable = f"checkpoint_uri {request.checkpoint_uri!r} is not under {self.checkpoint_root}"
+            return types_pb2.INPUT_REJECTED, unreadable, False, "checkpoint_uri"
         with self._lock:
             known = task.id in self.runs
             if not known and request.leader_term < self.leader_term:
-                return types_pb2.STALE_LEADER_TERM, f"stale leader term {request.leader_term}", True
+                return types_pb2.STALE_LEADER_TERM, f"stale leader term {request.leader_term}", True, ""
         return None
 
     def _journaled(self, request: agent_pb2.RunTaskRequest) -> Run | None:
@@ -464,7 +476,7 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
             frames_total=total,
             stage="swap",
             checkpoint_frame=checkpoint,
-            checkpoint_uri=f"file:///ckpt/{run.task.id}" if checkpoint else "",
+            checkpoint_uri=f"{self.checkpoint_root}{run.task.id}" if checkpoint else "",
             state=types_pb2.TASK_STATE_RUNNING,
         )
 

@@ -5,6 +5,7 @@ as the agents' own records see it."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -12,6 +13,7 @@ import grpc
 import pytest
 
 from facefleet.scheduler.app import SchedulerApp
+from facefleet.scheduler.store import Step
 from facefleet.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 from tests.scheduler.conftest import FAST_DISPATCH, make_settings
 from tests.scheduler.fake_agents import wait_for
@@ -180,3 +182,27 @@ def test_the_lock_gates_admission_is_held_until_the_agent_answers(tmp_path, star
         assert watch_until_terminal(stub, reply.task_id)[-1].state == types_pb2.TASK_STATE_SUCCEEDED
     finally:
         app.stop()
+
+
+@pytest.mark.parametrize("session", [True, False], ids=["session", "runtask"])
+def test_a_checkpoint_the_agent_cannot_read_reruns_from_frame_zero_on_either_protocol(  # type: ignore[no-untyped-def]
+    start_scheduler, start_agent, client, session: bool
+) -> None:
+    """A task preempted on a pool whose checkpoint root this agent does not share: the agent refuses
+    the checkpoint (a RunRefusal on its session, INVALID_ARGUMENT with `facefleet-field:
+    checkpoint_uri` on a RunTask stream), and the task runs from frame 0 instead of failing."""
+    app = start_scheduler()
+    stub = client(app.port)
+    task_id = stub.SubmitTask(scheduler_pb2.SubmitTaskRequest(task=task(frames=8))).task_id  # no agent yet
+    store, now = app.store, time.time()
+    steps = [Step("placed", "p", pool="cloud-b"), Step("dispatched", "d", agent_id="spot-9", count_attempt=True)]
+    assert store.transition_chain(task_id, steps, now, expect_from="queued")
+    elsewhere = types_pb2.Progress(checkpoint_frame=5, checkpoint_uri=f"file:///other-pool/ckpt/{task_id}")
+    store.record_progress(task_id, "spot-9", elsewhere, now)
+    assert store.transition(task_id, "preempted", "spot interruption", now, expect_agent="spot-9")
+    assert store.transition(task_id, "queued", "resume after preemption", now, agent_id="")
+    cloud = start_agent(app.port, "cloud-1", "cloud-b", "cloud", slots=1, session=session)
+    assert watch_until_terminal(stub, task_id)[-1].state == types_pb2.TASK_STATE_SUCCEEDED
+    assert cloud.resumed_from[task_id] == 0 and cloud.completed[task_id] == 1  # the agent's own records
+    reasons = [t.reason for t in store.transitions_of(task_id)]
+    assert any("checkpoint_uri" in r and "start from frame 0" in r for r in reasons), reasons
