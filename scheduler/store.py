@@ -798,7 +798,7 @@ class TaskStore:
         if current == QUEUED:
             self.requeues += 1
         if change.progress is not None:  # before the update: the run's agent still holds the row
-            self._write_progress(conn, task_id, change.progress, now, row_agent or "", cursor)
+            self._write_progress(conn, task_id, change.progress, now, row_agent or "", cursor, held=True)
         cursor.execute(
             sql["update"],
             (
@@ -824,6 +824,10 @@ class TaskStore:
         if self._apply_statements is None:
             mark = self._mark
             lock = "" if self.is_sqlite else " FOR UPDATE"
+            upsert = (
+                "ON CONFLICT (task_id) DO UPDATE SET version = progress.version + 1, "
+                "progress_proto = excluded.progress_proto, at = excluded.at"
+            )
             self._apply_statements = {
                 "select": f"SELECT state, pool, agent_id FROM tasks WHERE id = {mark}{lock}",
                 "transition": "INSERT INTO transitions (task_id, from_state, to_state, reason, at, pool, agent_id) "
@@ -834,9 +838,12 @@ class TaskStore:
                 f"not_before = COALESCE({mark}, not_before), attempts = attempts + {mark}, "
                 f"finished_at = COALESCE({mark}, finished_at) WHERE id = {mark}",
                 "progress": "INSERT INTO progress (task_id, version, progress_proto, at) "
-                f"VALUES ({mark}, 1, {mark}, {mark}) "
-                "ON CONFLICT (task_id) DO UPDATE SET version = progress.version + 1, "
-                "progress_proto = excluded.progress_proto, at = excluded.at",
+                f"VALUES ({mark}, 1, {mark}, {mark}) " + upsert,
+                # The same, only from the run that holds the task: a stopped or superseded run's
+                # late report is not the task's latest progress (a watcher would see it run on).
+                "holder_progress": "INSERT INTO progress (task_id, version, progress_proto, at) "
+                f"SELECT {mark}, 1, {mark}, {mark} WHERE EXISTS "
+                f"(SELECT 1 FROM tasks WHERE id = {mark} AND agent_id = {mark}) " + upsert,
                 # Only the run that holds the task moves its checkpoint: a stopped or superseded
                 # run's late report (another agent, often another pool) never does.
                 "checkpoint": f"UPDATE tasks SET checkpoint_frame = {mark}, checkpoint_uri = {mark} "
@@ -878,13 +885,26 @@ class TaskStore:
         self._execute_write(run)
 
     def _write_progress(
-        self, conn: Connection, task_id: str, message: types_pb2.Progress, now: float, agent_id: str, cursor: Any = None
+        self,
+        conn: Connection,
+        task_id: str,
+        message: types_pb2.Progress,
+        now: float,
+        agent_id: str,
+        cursor: Any = None,
+        held: bool = False,
     ) -> None:
-        # One upsert in plain driver SQL (SQLite >= 3.24 and PostgreSQL share the syntax): this runs
-        # for every progress message and every completion.
+        """Only the run of `agent_id` while it holds the task moves its progress and checkpoint;
+        `held`: the caller has checked that it does (a change's progress, in the same transaction).
+        One upsert in plain driver SQL (SQLite >= 3.24 and PostgreSQL share the syntax): this runs
+        for every progress message and every completion."""
         sql = self._apply_sql()
         cursor = cursor if cursor is not None else _driver_cursor(conn)
-        cursor.execute(sql["progress"], (task_id, message.SerializeToString(), now))
+        proto = message.SerializeToString()
+        if held:
+            cursor.execute(sql["progress"], (task_id, proto, now))
+        else:
+            cursor.execute(sql["holder_progress"], (task_id, proto, now, task_id, agent_id))
         if message.checkpoint_frame:
             cursor.execute(
                 sql["checkpoint"],

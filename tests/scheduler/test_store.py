@@ -14,6 +14,7 @@ from facefleet.domain import TASK_STATES as ALL_STATES
 from facefleet.scheduler import metrics
 from facefleet.scheduler.group_commit import GroupCommitter
 from facefleet.scheduler.store import (
+    Change,
     IllegalTransition,
     NewTask,
     Placement,
@@ -183,15 +184,17 @@ def test_checkpoint_only_moves_forward(store: TaskStore) -> None:
     assert latest is not None and latest.version == 2 and latest.progress.checkpoint_frame == 10
 
 
+def dispatch(store: TaskStore, task_id: str, agent_id: str, now: float) -> None:
+    """Place a queued task on pool cloud-a and send it to `agent_id`."""
+    steps = [Step("placed", "p", pool="cloud-a"), Step("dispatched", "d", agent_id=agent_id, count_attempt=True)]
+    assert store.transition_chain(task_id, steps, now, expect_from="queued")
+
+
 def test_only_the_run_holding_the_task_moves_its_checkpoint_and_a_fresh_start_forgets_it(store: TaskStore) -> None:
     """A stopped run's late report (its agent no longer holds the task) never sets the checkpoint,
     alone or in a session's batch; a fresh start forgets it in the same commit as the move."""
     task_id = submit(store)
     now = time.time()
-
-    def dispatch(agent_id: str) -> None:
-        steps = [Step("placed", "p", pool="cloud-a"), Step("dispatched", "d", agent_id=agent_id, count_attempt=True)]
-        assert store.transition_chain(task_id, steps, now, expect_from="queued")
 
     def checkpoint(agent_id: str, frame: int) -> None:
         progress = types_pb2.Progress(
@@ -203,7 +206,7 @@ def test_only_the_run_holding_the_task_moves_its_checkpoint_and_a_fresh_start_fo
         record = store.get(task_id)
         return record.checkpoint_frame, record.checkpoint_uri
 
-    dispatch("cloud-1")
+    dispatch(store, task_id, "cloud-1", now)
     checkpoint("cloud-1", 20)
     assert held() == (20, "file:///cloud-1/20")
     assert store.transition(task_id, "queued", "stopped", now, expect_agent="cloud-1", agent_id="", fresh_start=True)
@@ -211,10 +214,42 @@ def test_only_the_run_holding_the_task_moves_its_checkpoint_and_a_fresh_start_fo
     checkpoint("cloud-1", 30)  # the stopped run's late report
     store.record_progress_many([(task_id, "cloud-1", types_pb2.Progress(checkpoint_frame=35, checkpoint_uri="x"))], now)
     assert held() == (0, "")
-    dispatch("onprem-1")
+    dispatch(store, task_id, "onprem-1", now)
     checkpoint("cloud-1", 40)  # still late, now that another agent holds the task
     checkpoint("onprem-1", 10)
     assert held() == (10, "file:///onprem-1/10")
+
+
+def test_a_stopped_runs_late_report_is_not_the_tasks_latest_progress(store: TaskStore) -> None:
+    """What GetTask and WatchTask show as the task's progress comes only from the run that holds it:
+    after a stop (a lock, a budget) the cloud run's late report does not make it look as if it ran
+    on, alone or in a session's batch; a completion's own progress is recorded with it."""
+    task_id = submit(store)
+    now = time.time()
+
+    def report(agent_id: str, frame: int) -> None:
+        store.record_progress(task_id, agent_id, types_pb2.Progress(task_id=task_id, frames_done=frame), now)
+
+    def latest() -> tuple[int, int]:
+        record = store.latest_progress(task_id)
+        assert record is not None
+        return record.version, record.progress.frames_done
+
+    dispatch(store, task_id, "cloud-1", now)
+    report("cloud-1", 3)
+    assert latest() == (1, 3)
+    assert store.transition(task_id, "queued", "stopped", now, expect_agent="cloud-1", agent_id="", fresh_start=True)
+    report("cloud-1", 4)  # the stopped run's late report
+    store.record_progress_many([(task_id, "cloud-1", types_pb2.Progress(task_id=task_id, frames_done=5))], now)
+    assert latest() == (1, 3)
+    dispatch(store, task_id, "onprem-1", now)
+    report("cloud-1", 6)  # still late, now that another agent holds the task
+    report("onprem-1", 1)
+    assert latest() == (2, 1)
+    done = types_pb2.Progress(task_id=task_id, frames_done=9)
+    finish = Step("succeeded", "done", agent_id="onprem-1")
+    assert store.apply_changes([Change(task_id, (finish,), expect_agent="onprem-1", progress=done)], now) == [True]
+    assert latest() == (3, 9)
 
 
 def test_list_filters_and_pagination(store: TaskStore) -> None:
