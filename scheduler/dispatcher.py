@@ -1324,8 +1324,9 @@ class Dispatcher:
         record = self.store.get(task_id)
         if record.state in TERMINAL:
             return  # cancelled meanwhile: the call was cancelled on purpose
+        refused = f"agent {agent_id} refused: {code.name}: {detail}"
         if code == grpc.StatusCode.INVALID_ARGUMENT and field_of(error) == "checkpoint_uri":
-            self._checkpoint_unreadable(record, agent_id, f"agent {agent_id} refused: {code.name}: {detail}", now)
+            self._checkpoint_unreadable(record, agent_id, refused, now)
             return
         if code in (
             grpc.StatusCode.INVALID_ARGUMENT,
@@ -1333,7 +1334,7 @@ class Dispatcher:
             grpc.StatusCode.PERMISSION_DENIED,
         ):
             # The agent refuses the task itself (bad input, residency, model verification): no retry.
-            self._refused(record, agent_id, f"agent {agent_id} refused: {code.name}: {detail}", "", now)
+            self._refused(record, agent_id, refused, "", now)
             return
         if code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.ABORTED):  # refused before it started
             reason = "no_capacity" if code == grpc.StatusCode.RESOURCE_EXHAUSTED else "stale_term"
