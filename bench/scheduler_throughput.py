@@ -37,7 +37,13 @@ from tests.scheduler.fake_agents import HollowAgent  # noqa: E402
 from tests.scheduler.scheduler_process import SchedulerProcess, prefetch_env  # noqa: E402
 
 
-def run_agents(address: str, count: int, slots: int, stop: multiprocessing.synchronize.Event) -> None:
+def run_agents(
+    address: str,
+    count: int,
+    slots: int,
+    ready: multiprocessing.synchronize.Event,
+    stop: multiprocessing.synchronize.Event,
+) -> None:
     agents = [
         HollowAgent(
             address,
@@ -50,6 +56,7 @@ def run_agents(address: str, count: int, slots: int, stop: multiprocessing.synch
         for i in range(count)
     ]
     freeze_startup_objects()  # as `facefleet agent run` does: no full collection stalls a session
+    ready.set()
     stop.wait()
     for agent in agents:
         agent.kill()
@@ -80,9 +87,12 @@ def main() -> None:
     scheduler = SchedulerProcess(
         store_url, write_policy(work / "policy"), work / "scheduler.log", extra_env=env
     ).start()
-    stop = multiprocessing.Event()
-    agents = multiprocessing.Process(target=run_agents, args=(scheduler.address, args.agents, args.slots, stop))
+    spawn = multiprocessing.get_context("spawn")  # not fork: a child forked after gRPC started may hang in it
+    ready, stop = spawn.Event(), spawn.Event()
+    agents = spawn.Process(target=run_agents, args=(scheduler.address, args.agents, args.slots, ready, stop))
     agents.start()
+    if not ready.wait(60):
+        sys.exit("error: the hollow agents did not start within 60 s")
     time.sleep(1.5)  # first heartbeats
 
     latencies: list[float] = []

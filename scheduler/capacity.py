@@ -16,9 +16,10 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import structlog
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -62,6 +63,28 @@ class HeartbeatRejected(ValueError):
         self.message = message
 
 
+class Reserved(NamedTuple):
+    """The agent a slot was reserved on (`AgentRegistry.reserve`)."""
+
+    agent_id: str
+    address: str
+
+
+@dataclass
+class PoolMembers:
+    """One pool's agents as placement sees them (`AgentRegistry.pool_members`): "live" = dispatchable."""
+
+    provider: str  # of the pool's first agent by id
+    region: str
+    zones: set[str] = field(default_factory=set)  # trust zones of the agents not lost
+    instances: int = 0  # agents not lost
+    live: int = 0
+    free_slots: int = 0  # effective free slots of the live agents
+    speeds: list[float] = field(default_factory=list)  # reported sec/frame of the live agents
+    gpu: str = ""  # of the first live agent that reports one
+    states: Counter[str] = field(default_factory=Counter)  # agents per `AgentRecord.state()`
+
+
 @dataclass
 class AgentRecord:
     """What the scheduler knows about one agent. Copies handed out are snapshots."""
@@ -102,9 +125,17 @@ class AgentRecord:
     def effective_free_slots(self) -> int:
         """Assignments this agent may take now. Never more outstanding than total_slots + prefetch
         for a session agent; a RunTask agent: its reported free slots less those sent since."""
+        # Counted without building the union of `running` and `in_flight`: this runs for every agent
+        # of a pool on every launch (`_best_agent_locked`).
         if self.session:
-            return max(0, self.total_slots + self.prefetch - len(self.running | self.in_flight.keys()))
-        return max(0, self.free_slots - len(self.in_flight))
+            held = len(self.in_flight)
+            for task_id in self.running:  # a session agent's running tasks are normally held too
+                if task_id not in self.in_flight:
+                    held += 1
+            free = self.total_slots + self.prefetch - held
+        else:
+            free = self.free_slots - len(self.in_flight)
+        return free if free > 0 else 0
 
     @property
     def task_ids(self) -> frozenset[str]:
@@ -353,13 +384,34 @@ class AgentRegistry:
         with self._lock:
             return [record.snapshot() for record in sorted(self._agents.values(), key=lambda r: r.agent_id)]
 
+    def pool_members(self, now: float) -> dict[str, PoolMembers]:
+        """What placement needs of each pool's agents, counted under one lock without copying a
+        record: every dispatch pass takes this, and a snapshot of every agent was most of its set-up."""
+        members: dict[str, PoolMembers] = {}
+        with self._lock:
+            for record in sorted(self._agents.values(), key=lambda r: r.agent_id):
+                pool = members.get(record.pool)
+                if pool is None:
+                    pool = members[record.pool] = PoolMembers(record.provider, record.region)
+                pool.states[record.state()] += 1
+                if record.lost_at is None:
+                    pool.instances += 1
+                    pool.zones.add(record.trust_zone)
+                if self._dispatchable(record, now):
+                    pool.live += 1
+                    pool.free_slots += record.effective_free_slots
+                    if record.sec_per_frame > 0:
+                        pool.speeds.append(record.sec_per_frame)
+                    pool.gpu = pool.gpu or record.gpu
+        return members
+
     def pick_agent(self, pool: str, now: float) -> AgentRecord | None:
         """The dispatchable agent of `pool` with the most effective free slots, or None."""
         with self._lock:
             best = self._best_agent_locked(pool, now)
             return None if best is None else best.snapshot()
 
-    def reserve(self, pool: str, task_id: str, now: float) -> AgentRecord | None:
+    def reserve(self, pool: str, task_id: str, now: float) -> Reserved | None:
         """pick_agent and note_dispatched as one step, so concurrent dispatchers never share a slot."""
         with self._lock:
             best = self._best_agent_locked(pool, now)
@@ -367,7 +419,7 @@ class AgentRegistry:
                 return None
             best.in_flight[task_id] = now
             best.last_dispatch = now
-            return best.snapshot()
+            return Reserved(best.agent_id, best.address)  # not a snapshot: a launch needs no more
 
     def note_dispatched(self, agent_id: str, task_id: str, now: float) -> None:
         """Count `task_id` against the agent's slots until a heartbeat lists it as running."""
@@ -440,18 +492,20 @@ class AgentRegistry:
 
     def _best_agent_locked(self, pool: str, now: float) -> AgentRecord | None:
         # Most free slots first; among equals the one that waited longest for work, then by id.
-        # One pass, each agent's free slots computed once: this runs for every task launched.
+        # One pass, each agent's free slots computed once and checked first (a busy fleet's agents
+        # are mostly full): this runs for every task launched.
         best: AgentRecord | None = None
-        best_key: tuple[int, float, str] | None = None
+        best_free = 0
         for record in self._pools.get(pool, {}).values():
-            if not self._dispatchable(record, now):
-                continue
             free = record.effective_free_slots
-            if free <= 0:
+            if free <= 0 or free < best_free or not self._dispatchable(record, now):
                 continue
-            key = (-free, record.last_dispatch, record.agent_id)
-            if best_key is None or key < best_key:
-                best, best_key = record, key
+            if (
+                best is None
+                or free > best_free
+                or (record.last_dispatch, record.agent_id) < (best.last_dispatch, best.agent_id)
+            ):
+                best, best_free = record, free
         return best
 
     def _dispatchable(self, record: AgentRecord, now: float) -> bool:
@@ -646,12 +700,8 @@ class CapacityView:
         return cls(registry, PrometheusSignals.from_config(config), [pool_state_from_config(p) for p in config.pools])
 
     def snapshot(self, now: float) -> CapacitySnapshot:
-        agents = self.registry.agents()
+        members = self.registry.pool_members(now)
         notes: list[str] = []
-        by_pool: dict[str, list[AgentRecord]] = defaultdict(list)
-        for agent in agents:
-            by_pool[agent.pool].append(agent)
-
         sample: PrometheusSample | None = None
         if self.prometheus is not None:
             sample = self.prometheus.sample(now)
@@ -663,20 +713,19 @@ class CapacityView:
         signals = {} if sample is None or sample.stale else sample.by_pool
 
         pools = []
-        for name in sorted(set(by_pool) | set(self.static_pools)):
-            state = self._pool_state(name, by_pool.get(name, []), now, notes)
+        for name in sorted(set(members) | set(self.static_pools)):
+            state = self._pool_state(name, members.get(name), notes)
             pool_signals = signals.get(name, {})
             if QUEUE_WAIT_SIGNAL in pool_signals:
                 state = replace(state, queue_wait_s=max(0.0, pool_signals[QUEUE_WAIT_SIGNAL]))
             pools.append(state)
         if time.monotonic() - self._published_at >= GAUGES_EVERY_S:  # dispatch passes run far more often
-            self._publish(agents, pools)
+            self._publish(members, pools)
         return CapacitySnapshot(pools=tuple(pools), notes=tuple(notes), signals=signals, taken_at=now)
 
-    def _pool_state(self, name: str, agents: list[AgentRecord], now: float, notes: list[str]) -> PoolState:
+    def _pool_state(self, name: str, members: PoolMembers | None, notes: list[str]) -> PoolState:
         static = self.static_pools.get(name)
-        live = [a for a in agents if self.registry.is_dispatchable(a, now)]
-        zones = {a.trust_zone for a in agents if a.lost_at is None}
+        zones = set(members.zones) if members is not None else set()
         if static is not None:
             zones.add(static.trust_zone)
         # Private only when every source agrees: a pool with any cloud member is a cloud pool.
@@ -685,38 +734,36 @@ class CapacityView:
             notes.append(
                 f"pool {name}: agents/config disagree on trust zone ({', '.join(sorted(zones))}); treated as cloud"
             )
-        free = sum(a.effective_free_slots for a in live)
-        speeds = [a.sec_per_frame for a in live if a.sec_per_frame > 0]
+        speeds = members.speeds if members is not None else []
         if static is None:
-            first = agents[0]
+            assert members is not None  # a pool is listed for its agents or its configuration
             return PoolState(
                 name=name,
-                provider=first.provider,
+                provider=members.provider,
                 trust_zone=trust_zone,
-                region=first.region,
-                gpu=next((a.gpu for a in live if a.gpu), ""),
-                free_slots=free,
+                region=members.region,
+                gpu=members.gpu,
+                free_slots=members.free_slots,
                 sec_per_frame=sum(speeds) / len(speeds) if speeds else DEFAULT_SEC_PER_FRAME,
-                healthy=bool(live),
+                healthy=members.live > 0,
                 instance_type="",
             )
-        instances = sum(1 for a in agents if a.lost_at is None)
+        instances = members.instances if members is not None else 0
+        live = members.live if members is not None else 0
         return replace(
             static,
             trust_zone=trust_zone,
-            gpu=next((a.gpu for a in live if a.gpu), static.gpu),
-            free_slots=free,
+            gpu=(members.gpu if members is not None else "") or static.gpu,
+            free_slots=members.free_slots if members is not None else 0,
             sec_per_frame=sum(speeds) / len(speeds) if speeds else static.sec_per_frame,
             can_provision=max(0, static.can_provision - instances),
             # A pool without live agents is still healthy while it can provision one.
-            healthy=bool(live) or static.can_provision > instances,
+            healthy=live > 0 or static.can_provision > instances,
         )
 
-    def _publish(self, agents: list[AgentRecord], pools: list[PoolState]) -> None:
+    def _publish(self, members: Mapping[str, PoolMembers], pools: list[PoolState]) -> None:
         self._published_at = time.monotonic()
-        counts: dict[tuple[str, str], int] = defaultdict(int)
-        for agent in agents:
-            counts[(agent.pool, agent.state())] += 1
+        counts = {(pool, state): count for pool, m in members.items() for state, count in m.states.items()}
         with self._gauge_lock:
             for pool, state in self._gauge_labels - set(counts):
                 metrics.AGENTS.labels(pool=pool, state=state).set(0)

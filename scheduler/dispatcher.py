@@ -78,7 +78,15 @@ from facefleet.scheduler.pass_planner import (
 from facefleet.scheduler.placement.model import World
 from facefleet.scheduler.placement.proto_codec import task_spec_from_proto
 from facefleet.scheduler.placement_gateway import PlacementResult, Placer, WorldSnapshot, residency_violation
-from facefleet.scheduler.store import Change, IllegalTransition, Placement, Step, TaskRecord, TaskStore
+from facefleet.scheduler.store import (
+    Change,
+    IllegalTransition,
+    Placement,
+    Step,
+    TaskRecord,
+    TaskStore,
+    queued_in_order,
+)
 from facefleet.v1 import agent_pb2, scheduler_pb2, types_pb2
 
 log = structlog.get_logger()
@@ -684,19 +692,24 @@ class Dispatcher:
     def _queue_head(self, now: float, free: int, uncommitted: Mapping[str, str]) -> Iterator[Waiting]:
         """Runnable tasks in queue order (the store computes `queue.order_key` in SQL), read a few
         at a time: most passes fill one or two freed slots, so reading (and decoding) a long prefix
-        of the queue every pass was wasted work. Reads on while the planner keeps asking, up to
-        `batch` rows past the uncommitted ones."""
+        of the queue every pass was wasted work. Ids first, then the records of those this pass may
+        place (not the uncommitted ones of the passes before it). Reads on while the planner keeps
+        asking, up to `batch` rows past the uncommitted ones."""
         seen: set[str] = set()
-        offset, size = 0, free + len(uncommitted) + 2
+        offset, size = 0, min(free, self.settings.batch) + len(uncommitted) + 2
         while offset < self.settings.batch + len(uncommitted):
-            rows = self.store.runnable(now, size, self.settings.aging_s, offset)
-            for record in rows:
-                if record.id in uncommitted or record.id in seen:  # a row may move between reads
-                    continue
-                seen.add(record.id)
-                task = record.task()
-                yield Waiting(task_spec_from_proto(task), record.priority, record.submitted_at, _Queued(record, task))
-            if len(rows) < size:
+            ids = self.store.runnable_ids(now, size, self.settings.aging_s, offset)
+            fresh = [task_id for task_id in ids if task_id not in uncommitted and task_id not in seen]
+            seen.update(fresh)  # a row may move between reads
+            step = self.settings.max_misses_per_pass  # free slots may be in pools these tasks cannot use
+            for start in range(0, len(fresh), step):
+                chunk = fresh[start : start + step]
+                for record in queued_in_order(chunk, self.store.get_many(chunk)):
+                    task = record.task()
+                    yield Waiting(
+                        task_spec_from_proto(task), record.priority, record.submitted_at, _Queued(record, task)
+                    )
+            if len(ids) < size:
                 self._queue_drained = True
                 return  # the end of the runnable queue
             offset, size = offset + size, max(size, self.settings.max_misses_per_pass)

@@ -292,6 +292,12 @@ def _record_from_tuple(row: Sequence[Any]) -> TaskRecord:
     return TaskRecord(*values)
 
 
+def queued_in_order(ids: Sequence[str], records: dict[str, TaskRecord]) -> list[TaskRecord]:
+    """The records of `ids` in that order, leaving out those no longer queued (a row may move
+    between the read of the ids and the read of the records)."""
+    return [record for record in map(records.get, ids) if record is not None and record.state == QUEUED]
+
+
 def encode_page_token(submitted_at: float, task_id: str) -> str:
     return base64.urlsafe_b64encode(json.dumps([submitted_at, task_id]).encode()).decode()
 
@@ -627,18 +633,25 @@ class TaskStore:
         return rows, ""
 
     def runnable(self, now: float, limit: int, aging_s: float, offset: int = 0) -> list[TaskRecord]:
-        """Queued tasks whose backoff has passed, in queue order (see `scheduler.queue`).
+        """Queued tasks whose backoff has passed, in queue order (see `scheduler.queue`)."""
+        ids = self.runnable_ids(now, limit, aging_s, offset)
+        return queued_in_order(ids, self.get_many(ids))
+
+    def runnable_ids(self, now: float, limit: int, aging_s: float, offset: int = 0) -> list[str]:
+        """The ids of `runnable`'s tasks, in queue order.
 
         The dispatcher runs this every pass, so it walks a partial index on the order key itself
         (`ensure_queue_index`): LIMIT rows of an index scan instead of sorting the whole queue.
-        `+not_before` keeps the planner off the (state, not_before) index for this query."""
+        Ids only: a pass skips the tasks its previous pass is still committing, and fetching (and
+        decoding) their whole rows again was most of its read. `+not_before` keeps the planner off
+        the (state, not_before) index for this query."""
         order, index = self.ensure_queue_index(aging_s)
         mark, hint = self._mark, f" INDEXED BY {index}" if self.is_sqlite else ""
         sql = (
-            f"SELECT {_RECORD_COLUMNS} FROM tasks{hint} WHERE state = '{QUEUED}' AND +not_before <= {mark} "
+            f"SELECT id FROM tasks{hint} WHERE state = '{QUEUED}' AND +not_before <= {mark} "
             f"ORDER BY {order}, id LIMIT {int(limit)} OFFSET {int(offset)}"
         )
-        return [_record_from_tuple(row) for row in self._driver_read(sql, (now,))]
+        return [row[0] for row in self._driver_read(sql, (now,))]
 
     def ensure_queue_index(self, aging_s: float) -> tuple[str, str]:
         """The queue-order expression for `aging_s` and its partial index (created once)."""

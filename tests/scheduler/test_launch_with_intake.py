@@ -170,13 +170,13 @@ def test_a_submit_arriving_while_a_long_pass_runs_is_stored_at_once(tmp_path: Pa
 def queue_reads(store: TaskStore) -> list[float]:
     """Record each read of the store's runnable queue (its `now`)."""
     reads: list[float] = []
-    runnable = store.runnable
+    runnable_ids = store.runnable_ids
 
     def counted(now: float, *args: Any) -> Any:
         reads.append(now)
-        return runnable(now, *args)
+        return runnable_ids(now, *args)
 
-    store.runnable = counted  # type: ignore[method-assign]
+    store.runnable_ids = counted  # type: ignore[method-assign]
     return reads
 
 
