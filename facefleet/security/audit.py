@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import json
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -62,6 +63,38 @@ def record_hash(record: dict[str, Any]) -> str:
     if "hash" in record or "sig" in record:
         record = {key: value for key, value in record.items() if key not in ("hash", "sig")}
     return hashlib.sha256(canonical_json(record)).hexdigest()
+
+
+# Stand-ins for a new record's hash and signature in `seal`'s one encoding (random per process).
+_HASH_SLOT, _SIG_SLOT = secrets.token_hex(32), secrets.token_hex(32)
+
+
+def seal(record: dict[str, Any], signer: Signer | None) -> bytes:
+    """Set `record`'s `hash` (and `sig` with a signer) and return `canonical_json(record)`.
+
+    One encoding instead of two (the record for its hash, then the record with it): the record is
+    encoded once with stand-ins for both, the hashed form is that text without the two members, and
+    the line is that text with the real values. A stand-in is found at the top level only when it
+    occurs exactly once (nested text cannot hold the top-level member's unescaped quotes, a nested
+    key can); otherwise, as for a record that already holds either key, the plain way is taken."""
+    if "hash" not in record and "sig" not in record:
+        slots = {"hash": _HASH_SLOT, "sig": _SIG_SLOT} if signer is not None else {"hash": _HASH_SLOT}
+        text = _CANONICAL.encode({**record, **slots})
+        members = [f',"{key}":"{slot}"' for key, slot in slots.items()]  # never first: "actor" < both
+        if all(text.count(slot) == 1 for slot in slots.values()) and all(m in text for m in members):
+            hashed = text
+            for member in members:
+                hashed = hashed.replace(member, "", 1)
+            record["hash"] = hashlib.sha256(hashed.encode()).hexdigest()
+            text = text.replace(_HASH_SLOT, record["hash"], 1)
+            if signer is not None:
+                record["sig"] = signer.sign(record["hash"])
+                text = text.replace(f'"{_SIG_SLOT}"', _CANONICAL.encode(record["sig"]), 1)
+            return text.encode()
+    record["hash"] = record_hash(record)
+    if signer is not None:
+        record["sig"] = signer.sign(record["hash"])
+    return canonical_json(record)
 
 
 class Signer:
@@ -238,21 +271,21 @@ class AuditLog:
                     ) from exc
             at = dt.datetime.fromtimestamp(self.clock(), dt.UTC).isoformat(timespec="milliseconds")
             records: list[dict[str, Any]] = []
+            lines: list[bytes] = []
             for kind, (_kind, actor, fields) in zip(kinds, entries, strict=True):
                 record: dict[str, Any] = {"seq": seq, "at": at, "kind": kind.value, "actor": actor}
                 record.update({key: value for key, value in fields.items() if key not in record})
                 if self.signer is not None:
                     record["signed"] = self.signer.scheme
                 record["prev"] = prev
-                record["hash"] = record_hash(record)
-                if self.signer is not None:
-                    record["sig"] = self.signer.sign(record["hash"])
+                lines.append(seal(record, self.signer))
                 records.append(record)
                 seq, prev = seq + 1, record["hash"]
             # Appended wherever the read position is (the file is opened in append mode), so no seek;
             # and under the lock the file ends where `stat` said plus what this batch wrote, so no tell.
             # (Each system call hands the GIL to another thread that wants it: the dispatch path.)
-            data = b"".join(canonical_json(record) + b"\n" for record in records)
+            lines.append(b"")
+            data = b"\n".join(lines)
             unwritten = memoryview(data)
             while unwritten:  # an unbuffered write may take less than all of it
                 unwritten = unwritten[handle.write(unwritten) :]

@@ -92,7 +92,6 @@ def test_torn_last_line_refuses_further_appends(audit: AuditLog) -> None:
         audit.admin("op", "whoami", {})
 
 
-
 def test_a_log_moved_away_is_left_alone_and_a_new_one_starts_at_the_path(audit: AuditLog) -> None:
     """The writer keeps its file open between batches: after a rotation (the file renamed away)
     its next record must go to a new log at the configured path, not on the end of the old one."""
@@ -104,6 +103,7 @@ def test_a_log_moved_away_is_left_alone_and_a_new_one_starts_at_the_path(audit: 
     report = verify(audit.path)
     assert report.ok and report.records == 2
     assert json.loads(lines(audit.path)[0])["seq"] == 1
+
 
 def rewrite_chain(path: Path) -> None:
     """What an attacker with write access but no key can do: edit, then recompute every hash."""
