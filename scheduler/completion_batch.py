@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cached_property
 
 import structlog
@@ -53,8 +53,7 @@ class Completion:
         """The task as this completion leaves it (what listeners get, without reading it back;
         built once, for the run's end and again when recorded); `attempts` counts this run, so it
         is the run's attempt number."""
-        return replace(
-            self.record,
+        return self.record.evolve(
             state=self.to_state,
             agent_id=self.agent_id,
             attempts=self.record.attempts + 1,

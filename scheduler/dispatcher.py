@@ -220,7 +220,7 @@ class _Launch:
 
 def _sent(launch: _Launch) -> TaskRecord:
     """The task as its launch sends it: on the chosen pool and agent."""
-    return replace(launch.record, pool=launch.result.pool, agent_id=launch.agent_id)
+    return launch.record.evolve(pool=launch.result.pool, agent_id=launch.agent_id)
 
 
 @dataclass(frozen=True)
@@ -632,7 +632,7 @@ class Dispatcher:
 
         def place_live(waiting: Waiting, pass_world: World) -> PlacementResult:
             result = self.placer.decide(waiting.handle.task, now, WorldSnapshot(active, pass_world))
-            metrics.PLACEMENTS.labels(pool=result.pool or "-", rule=result.rule or "-", outcome=result.outcome).inc()
+            metrics.child(metrics.PLACEMENTS, result.pool or "-", result.rule or "-", result.outcome).inc()
             return result
 
         read = self._must_read(offered or ())
@@ -1314,7 +1314,7 @@ class Dispatcher:
         """A completion the batcher committed: metrics and listeners get the record as committed."""
         record = completion.record
         self.agents.acknowledge(completion.agent_id, record.id, completion.attempt)
-        metrics.TASKS_FINISHED.labels(state=completion.to_state, pool=record.pool or "").inc()
+        metrics.child(metrics.TASKS_FINISHED, completion.to_state, record.pool or "").inc()
         if self.listeners:  # without reading it back
             final = completion.finished_record
             for listener in self.listeners:

@@ -203,6 +203,17 @@ class TaskRecord:
         task.ParseFromString(self.task_proto)
         return task
 
+    def evolve(self, **changes: Any) -> TaskRecord:
+        """`dataclasses.replace(self, **changes)` without re-running `__init__` (no field here is
+        derived or checked): the dispatch path makes one or two of these per task."""
+        unknown = changes.keys() - self.__dict__.keys()
+        if unknown:
+            raise TypeError(f"TaskRecord has no field {sorted(unknown)[0]!r}")
+        copy = object.__new__(TaskRecord)
+        copy.__dict__.update(self.__dict__)
+        copy.__dict__.update(changes)
+        return copy
+
     def placement_decision(self) -> types_pb2.PlacementDecision | None:
         if self.placement_proto is None:
             return None

@@ -404,3 +404,15 @@ def test_a_thread_reading_again_sees_what_other_threads_committed_meanwhile(stor
         assert store.get(first.task_id).state == "placed"
     finally:
         committer.close()
+
+
+def test_evolve_is_dataclasses_replace(store: TaskStore) -> None:
+    import dataclasses
+
+    record = store.get(store.insert_batch([NewTask(make_task(), "")], time.time())[0].task_id)
+    changes = {"state": "succeeded", "agent_id": "a1", "attempts": 3, "finished_at": 9.0, "placement": {"x": 1}}
+    evolved = record.evolve(**changes)
+    assert evolved == dataclasses.replace(record, **changes) and evolved is not record
+    assert record.state == "queued" and record.agent_id is None  # the original is untouched
+    with pytest.raises(TypeError, match="no field 'stat'"):
+        record.evolve(stat="succeeded")
