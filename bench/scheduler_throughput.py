@@ -92,7 +92,10 @@ def main() -> None:
     agents = spawn.Process(target=run_agents, args=(scheduler.address, args.agents, args.slots, ready, stop))
     agents.start()
     if not ready.wait(60):
-        sys.exit("error: the hollow agents did not start within 60 s")
+        sys.exit(
+            "error: the hollow agents did not start within 60 s\n"
+            f"hint: check that the scheduler is up (its log: {work / 'scheduler.log'}) and try fewer --agents"
+        )
     time.sleep(1.5)  # first heartbeats
 
     latencies: list[float] = []

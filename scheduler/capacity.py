@@ -725,7 +725,9 @@ class CapacityView:
 
     def _pool_state(self, name: str, members: PoolMembers | None, notes: list[str]) -> PoolState:
         static = self.static_pools.get(name)
-        zones = set(members.zones) if members is not None else set()
+        # None: a configured pool no agent has joined (a pool is listed for its agents or its config).
+        members = members if members is not None else PoolMembers(provider="", region="")
+        zones = set(members.zones)
         if static is not None:
             zones.add(static.trust_zone)
         # Private only when every source agrees: a pool with any cloud member is a cloud pool.
@@ -734,9 +736,8 @@ class CapacityView:
             notes.append(
                 f"pool {name}: agents/config disagree on trust zone ({', '.join(sorted(zones))}); treated as cloud"
             )
-        speeds = members.speeds if members is not None else []
+        speeds = members.speeds
         if static is None:
-            assert members is not None  # a pool is listed for its agents or its configuration
             return PoolState(
                 name=name,
                 provider=members.provider,
@@ -748,17 +749,15 @@ class CapacityView:
                 healthy=members.live > 0,
                 instance_type="",
             )
-        instances = members.instances if members is not None else 0
-        live = members.live if members is not None else 0
         return replace(
             static,
             trust_zone=trust_zone,
-            gpu=(members.gpu if members is not None else "") or static.gpu,
-            free_slots=members.free_slots if members is not None else 0,
+            gpu=members.gpu or static.gpu,
+            free_slots=members.free_slots,
             sec_per_frame=sum(speeds) / len(speeds) if speeds else static.sec_per_frame,
-            can_provision=max(0, static.can_provision - instances),
+            can_provision=max(0, static.can_provision - members.instances),
             # A pool without live agents is still healthy while it can provision one.
-            healthy=live > 0 or static.can_provision > instances,
+            healthy=members.live > 0 or static.can_provision > members.instances,
         )
 
     def _publish(self, members: Mapping[str, PoolMembers], pools: list[PoolState]) -> None:

@@ -696,12 +696,12 @@ class Dispatcher:
         place (not the uncommitted ones of the passes before it). Reads on while the planner keeps
         asking, up to `batch` rows past the uncommitted ones."""
         seen: set[str] = set()
+        step = self.settings.max_misses_per_pass  # records per read: free slots may be in pools these tasks cannot use
         offset, size = 0, min(free, self.settings.batch) + len(uncommitted) + 2
         while offset < self.settings.batch + len(uncommitted):
             ids = self.store.runnable_ids(now, size, self.settings.aging_s, offset)
             fresh = [task_id for task_id in ids if task_id not in uncommitted and task_id not in seen]
             seen.update(fresh)  # a row may move between reads
-            step = self.settings.max_misses_per_pass  # free slots may be in pools these tasks cannot use
             for start in range(0, len(fresh), step):
                 chunk = fresh[start : start + step]
                 for record in queued_in_order(chunk, self.store.get_many(chunk)):
@@ -712,7 +712,7 @@ class Dispatcher:
             if len(ids) < size:
                 self._queue_drained = True
                 return  # the end of the runnable queue
-            offset, size = offset + size, max(size, self.settings.max_misses_per_pass)
+            offset, size = offset + size, max(size, step)
 
     def _record_queued(self, queued: list[tuple[str, Placement]], now: float) -> None:
         try:
