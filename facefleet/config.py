@@ -136,6 +136,9 @@ class ResidencyConfig(Section):
 class AuditConfig(Section):
     path: Path = Path("var/audit.jsonl")
     signing_key: Path | None = None
+    # The scheduler seals (hashes, signs) and writes its dispatch records in a child process, off
+    # the GIL of the dispatch path; false: on a thread of the scheduler process (docs/security.md).
+    separate_writer: bool = True
 
 
 class CloudPoolConfig(Section):

@@ -131,7 +131,7 @@ def build_scheduler(
     audit = AuditLog(settings.audit.path, settings.audit.signing_key, on_record=metrics.count_audit_record)
     rules: Any = rules_source or rules_source_from(settings)
     gate = LockGate(rules)
-    trail = AuditTrail(audit)
+    trail = AuditTrail(audit, separate_process=settings.audit.separate_writer)
     allowed_prefixes = list(settings.residency.private_storage_prefixes)
 
     def intake_check(task: types_pb2.Task) -> None:

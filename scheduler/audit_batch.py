@@ -16,8 +16,8 @@ dispatch (the task store stays the source of truth), exactly as with synchronous
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import structlog
 
@@ -29,9 +29,19 @@ Entry = tuple[AuditKind | str, str, Mapping[str, Any]]
 LINGER_S = 0.1  # the longest a lingering record waits for a batch to share
 
 
+class Appender(Protocol):
+    """Writes a batch durably: `AuditLog` itself, or `AuditProcess` (the same, in a child process)."""
+
+    def append_many(self, entries: Sequence[Entry]) -> Any: ...
+    def close(self) -> None: ...
+
+
 class AuditBatchWriter:
-    def __init__(self, audit: AuditLog, max_batch: int = 1024, linger_s: float = LINGER_S) -> None:
+    def __init__(
+        self, audit: AuditLog, max_batch: int = 1024, linger_s: float = LINGER_S, appender: Appender | None = None
+    ) -> None:
         self.audit = audit
+        self._appender: Appender = appender if appender is not None else audit
         self._max_batch = max_batch
         self._linger_s = linger_s
         self._pending: list[Entry] = []
@@ -95,7 +105,9 @@ class AuditBatchWriter:
             self._has_work.notify()
         self._thread.join(timeout)
         if not self._thread.is_alive():
-            self.audit.close()
+            self._appender.close()
+            if self._appender is not self.audit:
+                self.audit.close()
 
     def _run(self) -> None:
         while True:
@@ -109,7 +121,7 @@ class AuditBatchWriter:
                 del self._pending[: self._max_batch]
                 self._due = bool(self._pending)
             try:
-                self.audit.append_many(batch)
+                self._appender.append_many(batch)
             except Exception:
                 self._failed += len(batch)
                 log.exception("audit_write_failed", records=len(batch), kinds=sorted({str(e[0]) for e in batch}))

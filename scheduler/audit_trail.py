@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import structlog
 
 from facefleet.scheduler.audit_batch import AuditBatchWriter
+from facefleet.scheduler.audit_process import AuditProcess
 from facefleet.scheduler.placement_gateway import PlacementResult
 from facefleet.scheduler.store import TaskRecord
 from facefleet.security.audit import AuditKind, AuditLog
@@ -47,10 +48,11 @@ def uri_of_field(task: types_pb2.Task, field: str) -> str:
 
 
 class AuditTrail:
-    def __init__(self, audit: AuditLog, agents: AgentZones | None = None) -> None:
+    def __init__(self, audit: AuditLog, agents: AgentZones | None = None, separate_process: bool = False) -> None:
+        """`separate_process`: the batches are sealed and written by a child process (`AuditProcess`)."""
         self.audit = audit
         self.agents = agents
-        self.writer = AuditBatchWriter(audit)
+        self.writer = AuditBatchWriter(audit, appender=AuditProcess(audit) if separate_process else None)
         self._zones: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
 

@@ -130,6 +130,17 @@ class Signer:
             raise ValueError(f"{path}: HMAC secret is shorter than 16 bytes; use a longer random secret")
         return cls(secret=data.strip())
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Picklable (the scheduler's audit writer process gets a copy): Ed25519 keys as raw bytes."""
+        raw = serialization.Encoding.Raw
+        private = (
+            self.private_key.private_bytes(raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+            if self.private_key is not None
+            else None
+        )
+        public = self.public_key.public_bytes(raw, serialization.PublicFormat.Raw) if self.public_key else None
+        return (_signer_from_raw, (self.secret, private, public))
+
     @property
     def scheme(self) -> str:
         return "hmac-sha256" if self.secret is not None else "ed25519"
@@ -153,6 +164,14 @@ class Signer:
                 return False
             return True
         return False
+
+
+def _signer_from_raw(secret: bytes | None, private: bytes | None, public: bytes | None) -> Signer:
+    return Signer(
+        secret=secret,
+        private_key=Ed25519PrivateKey.from_private_bytes(private) if private is not None else None,
+        public_key=Ed25519PublicKey.from_public_bytes(public) if public is not None else None,
+    )
 
 
 def _read_last_line(handle: Any) -> bytes:

@@ -25,6 +25,7 @@ from facefleet.domain import TERMINAL
 from facefleet.scheduler.ledger import cloud_spend
 from facefleet.scheduler.store import TaskStore
 from facefleet.security import certs
+from facefleet.security.audit import read_records, verify
 from facefleet.v1 import scheduler_pb2, scheduler_pb2_grpc, types_pb2
 from tests.agent.conftest import write_image
 from tests.scheduler.agent_process import AgentProcess
@@ -229,6 +230,14 @@ def run_chaos(tmp_path: Path, store_url: str, replicas: int) -> None:
     # The ledger settled each completed cloud run at most once.
     assert all(count == 1 for count in settlements.values()), settlements.most_common(3)
     assert set(settlements) <= {t for t, where in ran.items() if where == ["cloud-1"]}
+    # The audit log that the killed leaders (and their audit writer processes) shared is one intact
+    # chain, and every run an agent finished was dispatched to that agent on the record.
+    audit_log = tmp_path / "var" / "audit.jsonl"
+    report = verify(audit_log)
+    assert report.ok, (report.first_bad, report.problem)
+    on_record = {(r["task"], r["agent"]) for r in read_records(audit_log) if r["kind"] == "dispatch"}
+    unrecorded = [(task, agent) for task, where in ran.items() for agent in where if (task, agent) not in on_record]
+    assert not unrecorded, f"{len(unrecorded)} runs without a dispatch record, e.g. {unrecorded[:3]}"
 
 
 @pytest.mark.slow
