@@ -10,7 +10,7 @@ when another writer appended), so the records the scheduler still writes itself 
 denials) chain with the child's.
 
 A child that dies or cannot start fails the batch it had, as a failed write does (the writer logs
-and counts it; dispatch goes on), and the next batch starts a new child. A child ends when its pipe
+and counts it; dispatch goes on), and the next batch starts a new child. A child ends when its socket
 closes: at `close()`, or when the scheduler dies (it ignores SIGINT and SIGTERM, so a signal to the
 whole process group cannot cut a batch short while the scheduler is still waiting for it).
 """
@@ -18,14 +18,16 @@ whole process group cannot cut a batch short while the scheduler is still waitin
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import signal
+import socket
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from facefleet.security.audit import AuditKind, AuditLog, Signer
+from facefleet.security.audit import AuditKind, AuditLog
 
 Entry = tuple[AuditKind | str, str, Mapping[str, Any]]
 
@@ -41,7 +43,7 @@ class AuditProcess:
     def __init__(self, audit: AuditLog) -> None:
         self.audit = audit
         self._connection: Connection | None = None
-        self._process: Any = None
+        self._process: subprocess.Popen[bytes] | None = None
         self._start()
 
     @property
@@ -80,19 +82,21 @@ class AuditProcess:
         self._end_child(timeout)
 
     def _start(self) -> None:
-        context = multiprocessing.get_context("spawn")  # not fork: the scheduler has threads and gRPC
-        ours, theirs = context.Pipe()
-        process = context.Process(
-            target=serve,
-            args=(theirs, str(self.audit.path), self.audit.signer),
-            name="facefleet-audit-writer",
-            daemon=True,
-        )
+        # A fresh interpreter running this module (not multiprocessing's spawn, which re-runs the
+        # parent's __main__ and fails where that is no file), talking over a socket pair.
+        ours, theirs = socket.socketpair()
         try:
-            process.start()
+            process = subprocess.Popen(
+                [sys.executable, "-m", __name__, str(theirs.fileno())], pass_fds=(theirs.fileno(),), close_fds=True
+            )
+        except OSError:
+            ours.close()
+            raise
         finally:
             theirs.close()
-        self._connection, self._process = ours, process
+        connection = Connection(ours.detach())
+        connection.send((str(self.audit.path), self.audit.signer))
+        self._connection, self._process = connection, process
 
     def _end_child(self, timeout: float = 1.0) -> None:
         connection, process = self._connection, self._process
@@ -100,16 +104,22 @@ class AuditProcess:
         if connection is not None:
             connection.close()
         if process is not None:
-            process.join(timeout)
-            if process.is_alive():
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
                 process.kill()
-                process.join(timeout)
+                process.wait(timeout)
 
 
-def serve(connection: Connection, path: str, signer: Signer | None) -> None:
-    """The child: append each batch received, answer None (durable) or the error's text; end at EOF."""
+def serve(connection: Connection) -> None:
+    """The child: take (path, signer), then append each batch received and answer None (durable)
+    or the error's text; end at EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        path, signer = connection.recv()
+    except (EOFError, OSError):
+        return
     audit = AuditLog(Path(path), signer)
     try:
         while True:
@@ -131,3 +141,7 @@ def serve(connection: Connection, path: str, signer: Signer | None) -> None:
                 return
     finally:
         audit.close()
+
+
+if __name__ == "__main__":
+    serve(Connection(int(sys.argv[1])))

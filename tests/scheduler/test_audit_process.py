@@ -6,6 +6,8 @@ import json
 import os
 import pickle
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -129,3 +131,22 @@ def test_a_killed_scheduler_leaves_no_audit_writer_behind(tmp_path: Path) -> Non
     while any(alive(child) for child in children) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [child for child in children if alive(child)]
+
+
+def test_the_child_starts_whatever_the_parent_runs_as_main(tmp_path: Path) -> None:
+    """The child is its own `python -m`: it never re-runs the parent's __main__ (here a script on stdin)."""
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from facefleet.scheduler.audit_process import AuditProcess\n"
+        "from facefleet.security.audit import AuditKind, AuditLog\n"
+        "writer = AuditProcess(AuditLog(Path(sys.argv[1])))\n"
+        "writer.append_many([(AuditKind.PLACEMENT, 'scheduler', {'task': 'from-c'})])\n"
+        "writer.close()\n"
+    )
+    path = tmp_path / "audit.jsonl"
+    done = subprocess.run(
+        [sys.executable, "-", str(path)], input=script, capture_output=True, text=True, timeout=60
+    )  # a script on stdin: multiprocessing's spawn would re-run "<stdin>" in the child and fail
+    assert done.returncode == 0, done.stderr
+    assert [r["task"] for r in lines(path)] == ["from-c"]
