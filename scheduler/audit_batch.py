@@ -21,11 +21,10 @@ from typing import Any, Protocol
 
 import structlog
 
-from facefleet.security.audit import AuditKind, AuditLog
+from facefleet.security.audit import AuditKind, AuditLog, Entry
 
 log = structlog.get_logger()
 
-Entry = tuple[AuditKind | str, str, Mapping[str, Any]]
 LINGER_S = 0.1  # the longest a lingering record waits for a batch to share
 
 

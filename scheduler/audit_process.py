@@ -22,14 +22,11 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
 
-from facefleet.security.audit import AuditKind, AuditLog
-
-Entry = tuple[AuditKind | str, str, Mapping[str, Any]]
+from facefleet.security.audit import AuditKind, AuditLog, Entry
 
 
 class AuditWriteFailed(RuntimeError):

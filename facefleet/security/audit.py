@@ -47,6 +47,9 @@ class AuditKind(StrEnum):
     UNLOCK = "unlock"
 
 
+Entry = tuple[AuditKind | str, str, Mapping[str, Any]]  # (kind, actor, fields): one record to append
+
+
 class AuditLogCorrupt(RuntimeError):
     """The log's last record cannot be read, so a new record cannot be chained to it."""
 
@@ -246,7 +249,7 @@ class AuditLog:
         """Write one record and return it. Raises AuditLogCorrupt when the tail cannot be chained."""
         return self.append_many([(kind, actor, fields)])[0]
 
-    def append_many(self, entries: Sequence[tuple[AuditKind | str, str, Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    def append_many(self, entries: Sequence[Entry]) -> list[dict[str, Any]]:
         """Write `(kind, actor, fields)` entries in order, chained, under one lock and one fsync.
 
         All or nothing as far as the chain goes: the records are written together, then fsynced."""
@@ -265,9 +268,7 @@ class AuditLog:
                 self.on_record(kind.value)
         return records
 
-    def _append_locked(
-        self, handle: Any, kinds: list[AuditKind], entries: Sequence[tuple[AuditKind | str, str, Mapping[str, Any]]]
-    ) -> list[dict[str, Any]]:
+    def _append_locked(self, handle: Any, kinds: list[AuditKind], entries: Sequence[Entry]) -> list[dict[str, Any]]:
         """`append_many`'s records, written to `handle` under the file lock (other processes append too)."""
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
