@@ -32,6 +32,7 @@ import contextlib
 import heapq
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -630,9 +631,11 @@ class Dispatcher:
             warmup=now - self._leader_since < self.settings.warmup_s,
         )
 
+        placed: Counter[tuple[str, str, str]] = Counter()  # counted once per pass: inc() takes a lock
+
         def place_live(waiting: Waiting, pass_world: World) -> PlacementResult:
-            result = self.placer.decide(waiting.handle.task, now, WorldSnapshot(active, pass_world))
-            metrics.child(metrics.PLACEMENTS, result.pool or "-", result.rule or "-", result.outcome).inc()
+            result = self.placer.decide(waiting.handle.task, now, WorldSnapshot(active, pass_world), waiting.task)
+            placed[(result.pool or "-", result.rule or "-", result.outcome)] += 1
             return result
 
         read = self._must_read(offered or ())
@@ -660,6 +663,8 @@ class Dispatcher:
                 left_waiting = True
                 if applied is not None:
                     queued.append((planned.waiting.handle.record.id, applied))
+        for labels, count in placed.items():
+            metrics.child(metrics.PLACEMENTS, *labels).inc(count)
         self._cut_short = planner.cut_short
         self._queue_waiting = left_waiting or not self._queue_drained
         if self._queue_waiting or uncommitted:

@@ -122,8 +122,9 @@ class PassWorld:
             self.world = replace(self.world, budgets=budgets)
 
     def _replace_pool(self, name: str, change: Callable[[PoolState], PoolState]) -> None:
-        pools = tuple(change(pool) if pool.name == name else pool for pool in self.world.pools)
-        self.world = replace(self.world, pools=pools)
+        world = self.world  # built directly: `replace` costs as much as the rest of a launch's bookkeeping
+        pools = tuple(change(pool) if pool.name == name else pool for pool in world.pools)
+        self.world = World(pools, world.budgets, world.locks, world.notes)
 
 
 @dataclass(frozen=True)
@@ -216,7 +217,7 @@ class PassPlanner(Generic[P]):
         self.rules = rules
         self._waiting = waiting
         self._place = place_fn
-        self._waits_for_a_slot: set[TaskSpec] = set()  # placement inputs known to wait in this pass
+        self._waits_for_a_slot: set[tuple[object, ...]] = set()  # placement inputs known to wait in this pass
         self._misses = 0
         self._misses_before_launch = 0
         self.cut_short = False  # the pass stopped at `max_tasks`: more of the queue may launch now
@@ -255,7 +256,7 @@ class PassPlanner(Generic[P]):
         self._misses = self._misses_before_launch + 1
 
     def _plan(self, item: Waiting) -> Planned[P]:
-        if self._waits_for_a_slot and replace(item.task, id="") in self._waits_for_a_slot:
+        if self._waits_for_a_slot and placement_inputs(item.task) in self._waits_for_a_slot:
             return Planned(item, Action.NOTHING, None)
         placed = self._place(item, self.state.world)
         decision = placed.decision
@@ -263,7 +264,7 @@ class PassPlanner(Generic[P]):
             return Planned(item, Action.NOTHING if self.rules.warmup else Action.REJECT, placed)
         if decision.outcome != "dispatch" or decision.pool is None:
             if waits_for_a_slot_only(decision):
-                self._waits_for_a_slot.add(replace(item.task, id=""))  # the same inputs wait the same
+                self._waits_for_a_slot.add(placement_inputs(item.task))  # the same inputs wait the same
                 return Planned(item, Action.NOTHING, placed)  # nothing to explain beyond "busy"
             return Planned(item, Action.KEEP, placed)
         refusal = self.state.budget_refusal(decision)
@@ -282,6 +283,11 @@ def plan_pass(
     """The whole plan of one pass as a list: the simulator's form (it applies every entry as
     planned, having no I/O races); the dispatcher iterates `PassPlanner` to feed races back."""
     return list(PassPlanner(waiting, place_fn, state, rules or PassRules()))
+
+
+def placement_inputs(task: TaskSpec) -> tuple[object, ...]:
+    """What placement reads of a task: every field but its id."""
+    return (task.project, task.sensitivity, task.priority, task.sla_seconds, task.frames)
 
 
 def waits_for_a_slot_only(decision: Decision) -> bool:

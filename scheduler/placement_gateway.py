@@ -46,7 +46,9 @@ BudgetsObserver = Callable[[str, Mapping[str, Budget]], None]
 
 class Placer(Protocol):
     def world(self, now: float) -> WorldSnapshot: ...
-    def decide(self, task: types_pb2.Task, now: float, snapshot: WorldSnapshot | None = None) -> PlacementResult: ...
+    def decide(
+        self, task: types_pb2.Task, now: float, snapshot: WorldSnapshot | None = None, spec: TaskSpec | None = None
+    ) -> PlacementResult: ...
 
 
 @dataclass(frozen=True)
@@ -101,10 +103,13 @@ class LivePlacement:
         world = World(pools=pools, budgets=budgets, locks=dict(active.locks or {}), notes=notes)
         return WorldSnapshot(active, world)
 
-    def decide(self, task: types_pb2.Task, now: float, snapshot: WorldSnapshot | None = None) -> PlacementResult:
-        """Place `task` against `snapshot` (from `world(now)`, shared by a dispatch pass) or a fresh one."""
+    def decide(
+        self, task: types_pb2.Task, now: float, snapshot: WorldSnapshot | None = None, spec: TaskSpec | None = None
+    ) -> PlacementResult:
+        """Place `task` against `snapshot` (from `world(now)`, shared by a dispatch pass) or a fresh
+        one; `spec`: the task's `task_spec_from_proto`, when the caller has it already."""
         active, world = snapshot or self.world(now)
-        decision = self._place(task_spec_from_proto(task), active.ruleset, world)
+        decision = self._place(spec or task_spec_from_proto(task), active.ruleset, world)
         chosen = next((pool for pool in world.pools if pool.name == decision.pool), None) if decision.pool else None
         return PlacementResult(
             outcome=decision.outcome,

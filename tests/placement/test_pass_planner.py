@@ -5,7 +5,7 @@ snapshot, without side effects."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 from hypothesis import given, settings
@@ -19,6 +19,7 @@ from facefleet.scheduler.pass_planner import (
     PassWorld,
     PurePlacement,
     Waiting,
+    placement_inputs,
     plan_pass,
     pure_placement,
     queue_order,
@@ -260,3 +261,14 @@ def test_a_pass_says_whether_it_stopped_at_its_size_limit() -> None:
     assert cut_short(5, 2, many)  # two considered, three left with slots free
     assert not cut_short(2, 5, many)  # the queue ran out
     assert not cut_short(5, 5, replace(CLOUD, free_slots=1))  # the slots ran out
+
+
+def test_placement_inputs_tell_apart_tasks_that_differ_in_anything_but_their_id() -> None:
+    """The waits-for-a-slot memo keys on `placement_inputs`: a field it left out would let a task
+    with other inputs be skipped as if it had to wait too."""
+    base = TaskSpec(id="a", project="p", sensitivity="public", priority="normal", sla_seconds=10.0, frames=2)
+    assert placement_inputs(replace(base, id="b")) == placement_inputs(base)
+    changed = {"project": "q", "sensitivity": "private", "priority": "urgent", "sla_seconds": 20.0, "frames": 3}
+    assert set(changed) == {f.name for f in fields(TaskSpec)} - {"id"}  # a new field must be added here and there
+    for name, value in changed.items():
+        assert placement_inputs(replace(base, **{name: value})) != placement_inputs(base), name

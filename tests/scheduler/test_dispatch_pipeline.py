@@ -227,11 +227,11 @@ class FirstFreePlacer(FixedPlacer):
         )
         return WorldSnapshot(ActiveConfig(RuleSet(rules=(), version="")), World(pools=pools, budgets={}, locks={}))
 
-    def decide(self, task: types_pb2.Task, now: float, snapshot: Any = None) -> PlacementResult:
+    def decide(self, task: types_pb2.Task, now: float, snapshot: Any = None, spec: Any = None) -> PlacementResult:
         _active, world = snapshot or self.world(now)
         pool = next((p.name for p in world.pools if p.free_slots > 0), "")
         self.pool = pool
-        result = super().decide(task, now, snapshot)
+        result = super().decide(task, now, snapshot, spec)
         if pool:
             return result
         decision = Decision("queue", None, "first-free", "every pool full", (), None)
@@ -267,8 +267,8 @@ def test_a_pass_accounts_for_the_slots_it_takes_so_later_tasks_go_to_other_pools
 class ProjectPlacer(FirstFreePlacer):
     """Project "go" runs on pool-a while it has a slot; every other project waits (e.g. its budget)."""
 
-    def decide(self, task: types_pb2.Task, now: float, snapshot: Any = None) -> PlacementResult:
-        result = super().decide(task, now, snapshot)
+    def decide(self, task: types_pb2.Task, now: float, snapshot: Any = None, spec: Any = None) -> PlacementResult:
+        result = super().decide(task, now, snapshot, spec)
         if task.project == "go":
             return result
         decision = Decision("queue", None, "budgeted", "budget exhausted", (), None)

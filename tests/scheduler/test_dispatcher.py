@@ -33,7 +33,7 @@ class FixedPlacer:
         pool = PoolState(name=self.pool, provider="aws", trust_zone=self.trust_zone, free_slots=8)
         return WorldSnapshot(ActiveConfig(RuleSet(rules=(), version="")), World(pools=(pool,), budgets={}, locks={}))
 
-    def decide(self, task: types_pb2.Task, now: float, snapshot: Any = None) -> PlacementResult:
+    def decide(self, task: types_pb2.Task, now: float, snapshot: Any = None, spec: Any = None) -> PlacementResult:
         decision = Decision("dispatch", self.pool, "buggy", "always here", (), None)
         return PlacementResult(
             outcome="dispatch",
