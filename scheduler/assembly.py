@@ -128,7 +128,7 @@ def build_scheduler(
     StoreUnusable for a store URL that names no usable or reachable database."""
     check_store(settings.scheduler.store_url)
     credentials = server_credentials_unless_insecure(settings.tls, "scheduler")
-    audit = AuditLog(settings.audit.path, settings.audit.signing_key, on_record=metrics.count_audit_record)
+    audit = AuditLog(settings.audit.path, settings.audit.signing_key, on_record=metrics.count_audit_records)
     rules: Any = rules_source or rules_source_from(settings)
     gate = LockGate(rules)
     trail = AuditTrail(audit, separate_process=settings.audit.separate_writer)

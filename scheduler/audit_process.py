@@ -22,6 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -68,8 +69,8 @@ class AuditProcess:
         if error is not None:
             raise AuditWriteFailed(error)
         if self.audit.on_record is not None:
-            for kind in kinds:
-                self.audit.on_record(kind)
+            for kind, count in Counter(kinds).items():
+                self.audit.on_record(kind, count)
 
     def close(self, timeout: float = 10.0) -> None:
         """End the child after the batch it may be writing."""

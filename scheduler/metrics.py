@@ -87,9 +87,9 @@ def child(metric: Any, *values: str) -> Any:
     return found
 
 
-def count_audit_record(kind: str) -> None:
+def count_audit_records(kind: str, count: int) -> None:
     """AuditLog's on_record hook in the scheduler process."""
-    child(AUDIT_RECORDS, kind).inc()
+    child(AUDIT_RECORDS, kind).inc(count)
 
 
 def count_denial(method: str) -> None:

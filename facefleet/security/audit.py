@@ -20,6 +20,7 @@ import os
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -205,9 +206,10 @@ class AuditLog:
         path: Path,
         signing_key: Path | Signer | None = None,
         clock: Callable[[], float] = time.time,
-        on_record: Callable[[str], None] | None = None,
+        on_record: Callable[[str, int], None] | None = None,
     ) -> None:
-        """`on_record(kind)` runs after each durable record (the serving process counts them)."""
+        """`on_record(kind, count)` runs after each durable batch, once per kind in it (the serving
+        process counts them)."""
         self.path = Path(path)
         self.on_record = on_record
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -264,8 +266,8 @@ class AuditLog:
                 self._forget_handle()  # the next batch starts from a fresh open and re-reads the tail
                 raise
         if self.on_record is not None:
-            for kind in kinds:
-                self.on_record(kind.value)
+            for kind_value, count in Counter(kind.value for kind in kinds).items():
+                self.on_record(kind_value, count)
         return records
 
     def _append_locked(self, handle: Any, kinds: list[AuditKind], entries: Sequence[Entry]) -> list[dict[str, Any]]:
