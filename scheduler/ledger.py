@@ -24,11 +24,13 @@ import structlog
 from sqlalchemy.engine import Engine
 
 from facefleet.money import USD
+from facefleet.scheduler import schema
 from facefleet.scheduler.metrics import BUDGET_ALERT, BUDGET_CAP, BUDGET_SPENT
 
 log = structlog.get_logger()
 
 metadata = sa.MetaData()
+SCHEMA_VERSION = 1  # of the tables below: raise it with each change, with a step (`scheduler.schema`)
 
 cloud_spend = sa.Table(
     "cloud_spend",
@@ -171,7 +173,7 @@ class SpendLedger:
         self._engine = engine
         self._lock = threading.Lock()
         self._alerted: set[tuple[str, str]] = set()
-        metadata.create_all(engine)
+        schema.prepare(engine, metadata, "spend_ledger", SCHEMA_VERSION)
 
     # ---- accounts ----------------------------------------------------------------------
     def upsert_accounts(self, accounts: Iterable[BudgetAccountLike], now: datetime) -> None:

@@ -25,9 +25,11 @@ from dataclasses import replace
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from facefleet.scheduler import schema
 from facefleet.scheduler.placement.model import PoolState
 
 metadata = sa.MetaData()
+SCHEMA_VERSION = 1  # of the tables below: raise it with each change, with a step (`scheduler.schema`)
 
 run_time_samples = sa.Table(
     "run_time_samples",
@@ -96,7 +98,7 @@ class RunTimeBook:
         self._clock = clock
         self._lock = threading.Lock()
         self._runs = LearnedRunTimes(window, fraction)
-        metadata.create_all(engine)
+        schema.prepare(engine, metadata, "run_times", SCHEMA_VERSION)
         self._load()
 
     def _load(self) -> None:

@@ -31,12 +31,13 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
 from facefleet.domain import IN_FLIGHT, QUEUED, TERMINAL, sensitivity_from_proto
-from facefleet.scheduler import metrics, task_states
+from facefleet.scheduler import metrics, schema, task_states
 from facefleet.v1 import types_pb2
 
 log = structlog.get_logger()
 
 metadata = sa.MetaData()
+SCHEMA_VERSION = 1  # of the tables below: raise it with each change, with a step (`scheduler.schema`)
 
 tasks = sa.Table(
     "tasks",
@@ -377,7 +378,7 @@ class TaskStore:
         else:
             self._writer = sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
             self._reader = self._writer
-        metadata.create_all(self._writer)
+        schema.prepare(self._writer, metadata, "task_store", SCHEMA_VERSION)
         with warnings.catch_warnings():  # reflection cannot describe the queue-order expression index
             warnings.filterwarnings("ignore", "Skipped unsupported reflection", sa.exc.SAWarning)
             for index in tasks.indexes:  # create_all skips indexes added to a table that already exists

@@ -5,6 +5,8 @@ exit 1). What still escapes a command ends here instead of in a traceback:
 - usage errors (bad option values, unknown commands, `typer.BadParameter`): `error:` + `hint:`, exit 2;
 - the operating system's refusals (missing file, permission, disk full): `error:` + `hint:`, exit 1;
 - text that cannot be encoded (an argument holding undecodable bytes, sent where UTF-8 is required): exit 1;
+- an expected failure raised below the command that carries its own `hint` (a database schema that
+  this release cannot use, `scheduler.schema.SchemaMismatch`): `error:` + that hint, exit 1;
 - anything else is a bug: `error: internal error ...` with a hint to rerun with `--debug`, exit 1.
 `--debug` (or FACEFLEET_DEBUG=1) lets the exception through with its traceback.
 """
@@ -61,6 +63,8 @@ class GuardedGroup(TyperGroup):
                 raise
             if isinstance(error, OSError):
                 print_error(describe_os_error(error), "check the path, its permissions and free disk space")
+            elif isinstance(getattr(error, "hint", None), str):
+                print_error(str(error), error.hint)  # type: ignore[attr-defined]
             elif isinstance(error, UnicodeEncodeError):
                 bad = printable(error.object[error.start : error.end])
                 print_error(f"an argument holds {bad}, which is not UTF-8 text", "pass names and reasons as UTF-8 text")
