@@ -79,6 +79,7 @@ from facefleet.scheduler.pass_planner import (
 from facefleet.scheduler.placement.model import World
 from facefleet.scheduler.placement.proto_codec import task_spec_from_proto
 from facefleet.scheduler.placement_gateway import PlacementResult, Placer, WorldSnapshot, residency_violation
+from facefleet.scheduler.queue_read import Marks, QueueRead, ReadAhead, still_valid
 from facefleet.scheduler.store import (
     Change,
     IllegalTransition,
@@ -86,11 +87,14 @@ from facefleet.scheduler.store import (
     Step,
     TaskRecord,
     TaskStore,
-    queued_in_order,
 )
 from facefleet.v1 import agent_pb2, scheduler_pb2, types_pb2
 
 log = structlog.get_logger()
+
+# Queued tasks a store read fetches while read-aheads are being used (`queue_read`): a pass fills a
+# few freed slots, and the rest serve the passes after it until the queue changes.
+READ_AHEAD = 32
 
 
 class AgentDirectory(Protocol):
@@ -278,7 +282,12 @@ class Dispatcher:
         self._queue_drained = False  # the pass's queue read reached the end of the runnable queue
         # The last queue read that left nothing waiting: (monotonic time, `_queue_marks()` before
         # it). While both hold, a pass with offered submits need not read the queue (`_must_read`).
-        self._empty_read: tuple[float, tuple[int, int]] | None = None
+        self._empty_read: tuple[float, Marks] | None = None
+        # The queue the last pass read but did not take (`queue_read`), and whether the pass that
+        # used the one before read wide (a read-ahead worth having: the queue stayed unchanged).
+        self._read_ahead: ReadAhead | None = None
+        self._read_wide = False
+        self._not_committed = 0  # passes whose launches or queue decisions did not commit (tasks as before)
         self._intake_commits = 0  # intake commits that stored queued tasks (`queue_grew`)
         self._slot_freed = False  # a completion freed a slot since the pass began
         # A slot is free as soon as its stream ends (which wakes the loop). A recorded completion
@@ -339,8 +348,11 @@ class Dispatcher:
         self._intake_commits += 1
         self._wake.set()
 
-    def _queue_marks(self) -> tuple[int, int]:
-        return self._intake_commits, self.store.requeues
+    def _queue_marks(self) -> Marks:
+        """What this process has done to the queue (stored new tasks, re-queued, taken out other
+        than by launching, planned what then did not commit) and the leader term: a read of the
+        queue stays good only while these stay the same."""
+        return self._intake_commits, self.store.requeues, self.store.unqueued, self._not_committed, self.term
 
     def _must_read(self, offered: Sequence[Offered]) -> bool:
         """Whether a pass reads the store's queue. A pass for offered submits skips the read while the
@@ -641,7 +653,8 @@ class Dispatcher:
         read = self._must_read(offered or ())
         marks, read_at = self._queue_marks(), time.monotonic()
         self._queue_drained = not read
-        head: Iterator[Waiting] = self._queue_head(now, free, uncommitted) if read else iter(())
+        reading = self._queue_read(now, free, uncommitted, marks, read_at) if read else None
+        head: Iterator[Waiting] = iter(reading) if reading is not None else iter(())
         fresh = self._offered_waiting(offered, now) if offered else []
         if fresh:
             head = heapq.merge(head, fresh, key=self._queue_order)
@@ -649,20 +662,29 @@ class Dispatcher:
         changes: list[Change] = []
         queued: list[tuple[str, Placement]] = []
         launches: list[_Launch] = []
+        dequeued: set[str] = set()  # out of the queue by this pass (dispatched, failed)
+        replaced: dict[str, Waiting] = {}  # kept queued with a new decision, as the store will hold them
         left_waiting = False
         for planned in planner:
             if self._stop.is_set():
                 break
             applied = self._apply(planned, now, planner)
+            task_id = planned.waiting.task.id
             if isinstance(applied, _Launch):
                 launches.append(applied)
                 changes.append(applied.change)
+                dequeued.add(task_id)
             elif isinstance(applied, Change):
                 changes.append(applied)
+                dequeued.add(task_id)
             else:
                 left_waiting = True
                 if applied is not None:
                     queued.append((planned.waiting.handle.record.id, applied))
+                    replaced[task_id] = _with_decision(planned.waiting, applied)
+        if reading is not None:
+            self._queue_drained = reading.drained
+            self._read_ahead = reading.ahead(dequeued, replaced)
         for labels, count in placed.items():
             metrics.child(metrics.PLACEMENTS, *labels).inc(count)
         self._cut_short = planner.cut_short
@@ -694,35 +716,46 @@ class Dispatcher:
             self._workers.submit(self._commit_and_launch, changes, launches, [], now, True)
         return len(launching)
 
-    def _queue_head(self, now: float, free: int, uncommitted: Mapping[str, str]) -> Iterator[Waiting]:
+    def _queue_read(
+        self, now: float, free: int, uncommitted: Mapping[str, str], marks: Marks, read_at: float
+    ) -> QueueRead:
         """Runnable tasks in queue order (the store computes `queue.order_key` in SQL), read a few
         at a time: most passes fill one or two freed slots, so reading (and decoding) a long prefix
         of the queue every pass was wasted work. Ids first, then the records of those this pass may
-        place (not the uncommitted ones of the passes before it). Reads on while the planner keeps
-        asking, up to `batch` rows past the uncommitted ones."""
-        seen: set[str] = set()
+        place (not the uncommitted ones of the passes before it), up to `batch` rows past those.
+
+        The last pass's read-ahead comes first while it is valid (`queue_read`); while read-aheads
+        are used, a read takes `READ_AHEAD` tasks or more, to leave the next passes some."""
+        previous, self._read_ahead = self._read_ahead, None
+        ahead = still_valid(previous, marks, self.settings.idle_sleep_s)
+        if previous is not None:
+            self._read_wide = ahead is not None
         step = self.settings.max_misses_per_pass  # records per read: free slots may be in pools these tasks cannot use
-        offset, size = 0, min(free, self.settings.batch) + len(uncommitted) + 2
-        while offset < self.settings.batch + len(uncommitted):
-            ids = self.store.runnable_ids(now, size, self.settings.aging_s, offset)
-            fresh = [task_id for task_id in ids if task_id not in uncommitted and task_id not in seen]
-            seen.update(fresh)  # a row may move between reads
-            for start in range(0, len(fresh), step):
-                chunk = fresh[start : start + step]
-                for record in queued_in_order(chunk, self.store.get_many(chunk)):
-                    task = record.task()
-                    yield Waiting(
-                        task_spec_from_proto(task), record.priority, record.submitted_at, _Queued(record, task)
-                    )
-            if len(ids) < size:
-                self._queue_drained = True
-                return  # the end of the runnable queue
-            offset, size = offset + size, max(size, step)
+        want = min(free, self.settings.batch) + 2
+        return QueueRead(
+            self.store,
+            self._waiting,
+            now=now,
+            aging_s=self.settings.aging_s,
+            want=max(want, READ_AHEAD) if self._read_wide else want,
+            limit=self.settings.batch,
+            step=max(step, READ_AHEAD) if self._read_wide else step,
+            uncommitted=uncommitted,
+            ahead=ahead,
+            marks=marks,
+            read_at=read_at,
+        )
+
+    @staticmethod
+    def _waiting(record: TaskRecord) -> Waiting:
+        task = record.task()
+        return Waiting(task_spec_from_proto(task), record.priority, record.submitted_at, _Queued(record, task))
 
     def _record_queued(self, queued: list[tuple[str, Placement]], now: float) -> None:
         try:
             self.store.record_queue_decisions(queued, now)
         except Exception:
+            self._not_committed += 1
             log.exception("recording queue decisions failed; the next pass decides again", tasks=len(queued))
         finally:
             self._forget_uncommitted([task_id for task_id, _placement in queued])
@@ -793,6 +826,7 @@ class Dispatcher:
             for launch in launches:
                 if results.get(launch.record.id) is not True:  # not committed, cancelled or taken meanwhile
                     self._empty_read = None  # it may still be queued: the next pass reads the queue
+                    self._not_committed += 1
                     self.agents.note_finished(launch.agent_id, launch.record.id)
                     if self.gate is not None:
                         self.gate.withdraw(launch.record.id)
@@ -1505,6 +1539,13 @@ def _ending(message: types_pb2.Progress) -> tuple[str, str, types_pb2.Progress]:
 def _as_dispatched(record: TaskRecord) -> TaskRecord:
     """A stored in-flight record as the launch path holds it (attempts before this run counted)."""
     return replace(record, attempts=max(0, record.attempts - 1))
+
+
+def _with_decision(waiting: Waiting, placement: Placement) -> Waiting:
+    """`waiting` as the store holds it once `placement` is recorded for it (`record_queue_decisions`)."""
+    queued: _Queued = waiting.handle
+    record = queued.record.evolve(placement=placement.summary, placement_proto=placement.decision, rule=placement.rule)
+    return replace(waiting, handle=_Queued(record, queued.task))
 
 
 def _kept_queued(placement: Placement, why: str, record: TaskRecord) -> Placement | None:

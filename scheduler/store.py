@@ -30,7 +30,7 @@ import structlog
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from facefleet.domain import IN_FLIGHT, QUEUED, TERMINAL, sensitivity_from_proto
+from facefleet.domain import DISPATCHED, IN_FLIGHT, PLACED, QUEUED, TERMINAL, sensitivity_from_proto
 from facefleet.scheduler import metrics, schema, task_states
 from facefleet.v1 import types_pb2
 
@@ -393,6 +393,9 @@ class TaskStore:
         # Changes this process wrote that leave a task queued (re-queues): a reader that found the
         # queue empty knows it may have changed (counted as the change is written, before its commit).
         self.requeues = 0
+        # Changes this process wrote that take a task out of the queue other than by a launch (a
+        # cancel, a reject): a reader that kept part of the queue knows it changed (`queue_read`).
+        self.unqueued = 0
 
     @property
     def _mark(self) -> str:
@@ -780,7 +783,7 @@ class TaskStore:
         if row is None:
             raise UnknownTask(task_id)
         current, row_pool, row_agent = row
-        final = steps[-1].to_state
+        was, final = current, steps[-1].to_state
         if current in TERMINAL:
             if final in TERMINAL:
                 metrics.DUPLICATE_COMPLETIONS.labels(state=final).inc()
@@ -822,6 +825,8 @@ class TaskStore:
         cursor.executemany(sql["transition"], rows)
         if current == QUEUED:
             self.requeues += 1
+        elif was == QUEUED and current not in (PLACED, DISPATCHED):
+            self.unqueued += 1
         if change.progress is not None:  # before the update: the run's agent still holds the row
             self._write_progress(conn, task_id, change.progress, now, row_agent or "", cursor, held=True)
         cursor.execute(
