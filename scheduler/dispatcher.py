@@ -279,12 +279,9 @@ class Dispatcher:
         # left some in the queue (or did not read all of it). A queue the last pass emptied gets
         # new tasks only through paths that wake the loop themselves (intake, requeues).
         self._queue_waiting = True
-        self._queue_drained = False  # the pass's queue read reached the end of the runnable queue
-        # The last queue read that left nothing waiting: (monotonic time, `_queue_marks()` before
-        # it). While both hold, a pass with offered submits need not read the queue (`_must_read`).
-        self._empty_read: tuple[float, Marks] | None = None
-        # The queue the last pass read but did not take (`queue_read`), and whether the pass that
-        # used the one before read wide (a read-ahead worth having: the queue stayed unchanged).
+        # The queue the last pass read but did not take (`queue_read`; an empty one that reached the
+        # end of the queue spares the next pass its store read too), and whether store reads fetch
+        # `READ_AHEAD` tasks (the last read-ahead was still valid when the next pass came).
         self._read_ahead: ReadAhead | None = None
         self._read_wide = False
         self._not_committed = 0  # passes whose launches or queue decisions did not commit (tasks as before)
@@ -353,16 +350,6 @@ class Dispatcher:
         than by launching, planned what then did not commit) and the leader term: a read of the
         queue stays good only while these stay the same."""
         return self._intake_commits, self.store.requeues, self.store.unqueued, self._not_committed, self.term
-
-    def _must_read(self, offered: Sequence[Offered]) -> bool:
-        """Whether a pass reads the store's queue. A pass for offered submits skips the read while the
-        last one left nothing waiting, nothing was stored queued or re-queued here since, and it was
-        at most `idle_sleep_s` ago: what becomes runnable otherwise (another replica's intake, a
-        backoff that ends) waits at most that long, as it does for the idle loop's periodic pass."""
-        if not offered or self._empty_read is None:
-            return True
-        read_at, marks = self._empty_read
-        return marks != self._queue_marks() or time.monotonic() - read_at > self.settings.idle_sleep_s
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -628,7 +615,6 @@ class Dispatcher:
         free = state.free_anywhere()
         if free <= 0:
             self._queue_waiting = True  # whatever is queued waits for the next free slot
-            self._empty_read = None
             return 0  # nothing can start anywhere: skip placing the whole queue again
         with self._uncommitted_lock:
             uncommitted = dict(self._uncommitted)
@@ -650,11 +636,8 @@ class Dispatcher:
             placed[(result.pool or "-", result.rule or "-", result.outcome)] += 1
             return result
 
-        read = self._must_read(offered or ())
-        marks, read_at = self._queue_marks(), time.monotonic()
-        self._queue_drained = not read
-        reading = self._queue_read(now, free, uncommitted, marks, read_at) if read else None
-        head: Iterator[Waiting] = iter(reading) if reading is not None else iter(())
+        reading = self._queue_read(now, free, uncommitted, self._queue_marks(), time.monotonic())
+        head: Iterator[Waiting] = iter(reading)
         fresh = self._offered_waiting(offered, now) if offered else []
         if fresh:
             head = heapq.merge(head, fresh, key=self._queue_order)
@@ -682,17 +665,11 @@ class Dispatcher:
                 if applied is not None:
                     queued.append((planned.waiting.handle.record.id, applied))
                     replaced[task_id] = _with_decision(planned.waiting, applied)
-        if reading is not None:
-            self._queue_drained = reading.drained
-            self._read_ahead = reading.ahead(dequeued, replaced)
+        self._read_ahead = reading.ahead(dequeued, replaced)
         for labels, count in placed.items():
             metrics.child(metrics.PLACEMENTS, *labels).inc(count)
         self._cut_short = planner.cut_short
-        self._queue_waiting = left_waiting or not self._queue_drained
-        if self._queue_waiting or uncommitted:
-            self._empty_read = None
-        elif read:
-            self._empty_read = (read_at, marks)
+        self._queue_waiting = left_waiting or not reading.drained
         if offered:
             taken = list(offered)
             offered.clear()
@@ -761,7 +738,6 @@ class Dispatcher:
             self._forget_uncommitted([task_id for task_id, _placement in queued])
 
     def _forget_uncommitted(self, task_ids: Sequence[str], wake: bool = True) -> None:
-        self._empty_read = None
         with self._uncommitted_lock:
             for task_id in task_ids:
                 self._uncommitted.pop(task_id, None)
@@ -825,8 +801,7 @@ class Dispatcher:
         finally:
             for launch in launches:
                 if results.get(launch.record.id) is not True:  # not committed, cancelled or taken meanwhile
-                    self._empty_read = None  # it may still be queued: the next pass reads the queue
-                    self._not_committed += 1
+                    self._not_committed += 1  # it may still be queued: the next pass reads the queue
                     self.agents.note_finished(launch.agent_id, launch.record.id)
                     if self.gate is not None:
                         self.gate.withdraw(launch.record.id)

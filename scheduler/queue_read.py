@@ -16,8 +16,11 @@ What keeps a read-ahead honest:
   leader term) and at most `max_age_s` after it: what other processes change (another replica's
   intake or cancel, a backoff that ends) is seen at most that late, as the idle loop's periodic pass
   sees it;
-- the dispatcher drops it when a launch does not commit (that task is queued again, ahead of it).
-When a pass has gone through a read-ahead and wants more, it reads the store as before.
+- a launch or queue decision of this process that does not commit changes the marks too (its task
+  is queued as before, ahead of what is held).
+An empty read-ahead that reached the end of the queue spares the next pass its store read (a pass
+for a submit offered to an idle dispatcher reads nothing then). When a pass has gone through a
+read-ahead and wants more, it reads the store as before.
 """
 
 from __future__ import annotations

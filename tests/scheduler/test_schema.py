@@ -18,8 +18,8 @@ from facefleet.scheduler.cloud.wiring import ledger_engine
 from facefleet.scheduler.ledger import SpendLedger
 from facefleet.scheduler.run_estimates import RunTimeBook
 from facefleet.scheduler.store import NewTask, TaskStore
-from facefleet.v1 import types_pb2
 from tests.scheduler.conftest import write_policy
+from tests.scheduler.test_launch_with_intake import make_task
 
 
 def versions(url: str) -> dict[str, int]:
@@ -42,20 +42,6 @@ def set_version(url: str, part: str, version: int) -> None:
         engine.dispose()
 
 
-def task() -> NewTask:
-    return NewTask(
-        types_pb2.Task(
-            project="p",
-            sensitivity=types_pb2.SENSITIVITY_PRIVATE,
-            priority=types_pb2.PRIORITY_NORMAL,
-            frames=1,
-            source_uri="file:///a.png",
-            target_uri="file:///b.png",
-        ),
-        "",
-    )
-
-
 def test_a_new_database_is_stamped_with_every_parts_version(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/s.db"
     TaskStore(url).close()
@@ -69,7 +55,7 @@ def test_a_new_database_is_stamped_with_every_parts_version(tmp_path: Path) -> N
 def test_a_database_from_before_versioning_is_version_1_and_keeps_its_tasks(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/s.db"
     store = TaskStore(url)
-    [stored] = store.insert_batch([task()], time.time())
+    [stored] = store.insert_batch([NewTask(make_task(), "")], time.time())
     store.close()
     engine = sa.create_engine(url)
     with engine.begin() as conn:
