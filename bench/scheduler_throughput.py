@@ -101,11 +101,11 @@ def fill_history(store_url: str, count: int) -> int:
     return sum(counts.get(state, 0) for state in TERMINAL)
 
 
-def states_since(store: TaskStore, since: float) -> dict[str, int]:
+def states_since(engine: sa.Engine, since: float) -> dict[str, int]:
     """Tasks submitted at or after `since`, by state: this run's, without counting the history
     (a count over the whole table, polled, would compete with the scheduler for the CPU)."""
     query = sa.select(tasks.c.state, sa.func.count()).where(tasks.c.submitted_at >= since).group_by(tasks.c.state)
-    with store.engine.connect() as conn:
+    with engine.connect() as conn:
         return {state: int(count) for state, count in conn.execute(query)}
 
 
@@ -199,7 +199,7 @@ def main() -> None:
     submit_s = time.perf_counter() - submit_start
     submit_cpu = cpu_seconds(scheduler.process.pid) - cpu_start
 
-    reader = TaskStore(store_url)
+    reader = sa.create_engine(store_url)  # plain reads: the store's own write engine would lock out its writer
     accepted = len(latencies)
     deadline = time.monotonic() + (600 if args.agents else 0)  # no agents: intake only
     while time.monotonic() < deadline:
@@ -210,7 +210,7 @@ def main() -> None:
     end_to_end_s = time.perf_counter() - submit_start
     total_cpu = cpu_seconds(scheduler.process.pid) - cpu_start
     counts = states_since(reader, clock_started_at)
-    reader.close()
+    reader.dispose()
     stop.set()
     agents.join(timeout=10)
     scheduler.stop()

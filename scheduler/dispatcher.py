@@ -79,7 +79,7 @@ from facefleet.scheduler.pass_planner import (
 from facefleet.scheduler.placement.model import World
 from facefleet.scheduler.placement.proto_codec import task_spec_from_proto
 from facefleet.scheduler.placement_gateway import PlacementResult, Placer, WorldSnapshot, residency_violation
-from facefleet.scheduler.queue_read import Marks, QueueRead, ReadAhead, still_valid
+from facefleet.scheduler.queue_read import READ_AHEAD, Marks, QueueRead, ReadAhead, still_valid
 from facefleet.scheduler.store import (
     Change,
     IllegalTransition,
@@ -91,10 +91,6 @@ from facefleet.scheduler.store import (
 from facefleet.v1 import agent_pb2, scheduler_pb2, types_pb2
 
 log = structlog.get_logger()
-
-# Queued tasks a store read fetches while read-aheads are being used (`queue_read`): a pass fills a
-# few freed slots, and the rest serve the passes after it until the queue changes.
-READ_AHEAD = 32
 
 
 class AgentDirectory(Protocol):

@@ -34,6 +34,10 @@ from facefleet.scheduler.store import TaskRecord, TaskStore, queued_in_order
 
 Marks = tuple[int, ...]
 
+# Queued tasks a store read fetches while read-aheads are being used: a pass fills a few freed
+# slots, and the rest serve the passes after it until the queue changes.
+READ_AHEAD = 32
+
 
 @dataclass(frozen=True)
 class ReadAhead:
