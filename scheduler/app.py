@@ -20,7 +20,14 @@ from facefleet.grpc_server import SERVICE_NAMES, AioServerHandle, AioServices, L
 from facefleet.scheduler import metrics
 from facefleet.scheduler.agent_streams import AioChannelFactory
 from facefleet.scheduler.capacity import AgentRegistry, CapacityView
-from facefleet.scheduler.dispatcher import AdmissionGate, AuditHook, Dispatcher, DispatcherSettings, DispatchListener
+from facefleet.scheduler.dispatcher import (
+    AdmissionGate,
+    AuditHook,
+    Dispatcher,
+    DispatcherSettings,
+    DispatchListener,
+    PassRecords,
+)
 from facefleet.scheduler.group_commit import GroupCommitter
 from facefleet.scheduler.leader import LeaderLock
 from facefleet.scheduler.placement_gateway import LivePlacement, RulesSource
@@ -53,6 +60,7 @@ class SchedulerApp:
         rules_source: RulesSource | None = None,
         listeners: Sequence[DispatchListener] = (),
         audit: AuditHook | None = None,
+        records: PassRecords | None = None,
         channel_for: AioChannelFactory | None = None,
         dispatcher_settings: DispatcherSettings | None = None,
         admission: AdmissionGate | None = None,
@@ -98,6 +106,7 @@ class SchedulerApp:
             channel_for=channel_for,
             listeners=[*listeners, *(cloud.listeners if cloud else ())],
             audit=audit,
+            records=records,
             gate=cloud.gate if cloud else None,
             admission=admission,
             loop=self._loop,
@@ -200,6 +209,7 @@ class SchedulerApp:
         self._loop.stop()  # after the dispatcher: its agent streams close on this loop
         if self.cloud is not None:
             self.cloud.stop()
+        self._before_store_closes()
         self.committer.close()
         self.leader.stop()
         if hasattr(self.rules, "stop"):
@@ -208,6 +218,10 @@ class SchedulerApp:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
         self.store.close()
+
+    def _before_store_closes(self) -> None:
+        """Parts that still write to the store as they stop (the audit trail deletes the staged
+        records it writes last)."""
 
     def wait(self) -> None:
         if self._server is not None:

@@ -86,9 +86,10 @@ class AssembledScheduler(SchedulerApp):
         admin: AdminServicer,
         **parts: Any,
     ) -> None:
-        super().__init__(settings, audit=audit_trail, admission=lock_gate, **parts)
+        super().__init__(settings, audit=audit_trail, records=audit_trail, admission=lock_gate, **parts)
         self.audit_log, self.audit_trail, self.lock_gate, self.admin = audit_log, audit_trail, lock_gate, admin
         audit_trail.agents = self.registry
+        audit_trail.store = self.store  # written staged records are deleted there
         self.lock_enforcer = LockEnforcer(
             self.store,
             self.rules,
@@ -112,7 +113,9 @@ class AssembledScheduler(SchedulerApp):
     def stop(self) -> None:
         self.lock_enforcer.stop()
         super().stop()
-        self.audit_trail.close()  # after the dispatcher: its last records are written first
+
+    def _before_store_closes(self) -> None:
+        self.audit_trail.close()  # after the dispatcher (its last records are written), before the store
 
 
 def build_scheduler(

@@ -11,12 +11,16 @@ flush) or at the latest `linger_s` later, so at low load a task's records cost o
 
 A failed write is logged loudly and its waiters are released: an audit failure never stops
 dispatch (the task store stays the source of truth), exactly as with synchronous appends.
+
+`enqueue_staged(tag, entries)`: records the task store already holds durably (staged with the
+decisions they record, `TaskStore.stage_records_in`); they linger like completions, and once all of
+a tag's records are written (one batch holds all of them) `on_staged(written, failed)` gets the tags.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import structlog
@@ -37,13 +41,20 @@ class Appender(Protocol):
 
 class AuditBatchWriter:
     def __init__(
-        self, audit: AuditLog, max_batch: int = 1024, linger_s: float = LINGER_S, appender: Appender | None = None
+        self,
+        audit: AuditLog,
+        max_batch: int = 1024,
+        linger_s: float = LINGER_S,
+        appender: Appender | None = None,
+        on_staged: Callable[[list[str], list[str]], None] | None = None,
     ) -> None:
         self.audit = audit
+        self.on_staged = on_staged
         self._appender: Appender = appender if appender is not None else audit
         self._max_batch = max_batch
         self._linger_s = linger_s
         self._pending: list[Entry] = []
+        self._tags: list[str] = []  # per pending entry: its staged row ("" = none)
         self._due = False  # a pending entry is waited for (or may not linger): write now
         self._enqueued = 0  # tickets handed out (ticket n = the n-th entry ever enqueued)
         self._written = 0  # entries whose write has finished (durable, or failed and logged)
@@ -67,13 +78,21 @@ class AuditBatchWriter:
     def enqueue(self, kind: AuditKind | str, actor: str, fields: Mapping[str, Any], linger: bool = False) -> int:
         """Queue one record; returns its ticket for `wait`. Raises ValueError for an unknown kind.
         `linger`: written with the next batch, or `linger_s` from now at the latest."""
-        entry: Entry = (AuditKind(kind), actor, dict(fields))
+        return self._enqueue([(AuditKind(kind), actor, dict(fields))], linger, "")
+
+    def enqueue_staged(self, tag: str, entries: Sequence[Entry]) -> int:
+        """Queue records the store holds as staged row `tag` (lingering); returns the last one's ticket."""
+        return self._enqueue([(AuditKind(kind), actor, dict(fields)) for kind, actor, fields in entries], True, tag)
+
+    def _enqueue(self, entries: list[Entry], linger: bool, tag: str) -> int:
         with self._changed:
             if self._closed:
                 raise RuntimeError("the audit writer is closed; the scheduler is shutting down")
-            self._pending.append(entry)
-            self._enqueued += 1
-            if len(self._pending) == 1 or not (linger or self._due):
+            was_empty = not self._pending
+            self._pending.extend(entries)
+            self._tags.extend([tag] * len(entries))
+            self._enqueued += len(entries)
+            if was_empty or not (linger or self._due):
                 self._due = self._due or not linger
                 self._has_work.notify()  # the first entry starts the linger clock; a due one ends it
             return self._enqueued
@@ -116,14 +135,25 @@ class AuditBatchWriter:
                     return  # closed and drained
                 # Only lingering entries: wait for company (a due entry, a waiter) up to linger_s.
                 self._has_work.wait_for(lambda: self._due or self._closed, self._linger_s)
-                batch = self._pending[: self._max_batch]
-                del self._pending[: self._max_batch]
+                size = min(self._max_batch, len(self._pending))
+                while size < len(self._pending) and self._tags[size] and self._tags[size] == self._tags[size - 1]:
+                    size += 1  # a staged row's records go in one batch: written or failed together
+                batch, tags = self._pending[:size], self._tags[:size]
+                del self._pending[:size], self._tags[:size]
                 self._due = bool(self._pending)
+            ok = True
             try:
                 self._appender.append_many(batch)
             except Exception:
+                ok = False
                 self._failed += len(batch)
                 log.exception("audit_write_failed", records=len(batch), kinds=sorted({str(e[0]) for e in batch}))
             with self._changed:
                 self._written += len(batch)
                 self._changed.notify_all()
+            rows = [tag for tag in dict.fromkeys(tags) if tag]
+            if rows and self.on_staged is not None:
+                try:
+                    self.on_staged(rows, []) if ok else self.on_staged([], rows)
+                except Exception:
+                    log.exception("audit_unstage_failed", rows=len(rows))

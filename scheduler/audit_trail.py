@@ -5,18 +5,23 @@
 refusals carry `redact_uri(...)` only. An audit write that fails is logged loudly and never stops
 dispatch (the task state in the store stays the source of truth).
 
-Writes go through one `AuditBatchWriter` (one fsync per batch). Records the dispatcher makes
-during a pass (placements, dispatches) and completions are only queued; a pass's dispatch records
-are queued before the store commits its launches, so both are written at the same time, and a
-launch that then does not commit gets a `dispatch_withdrawn` record. The dispatcher calls `flush()`
-once per pass before it sends the assignments, so placements and dispatches are still durable before
-any task reaches an agent. Every other record (refusals, lock actions) waits until it is written.
+Writes go through one `AuditBatchWriter` (one fsync per batch). The records of a launch (its
+`placement` and `dispatch`) are made by `launch_records` inside the dispatcher's commit, which stages
+them in the task store in the same transaction (`TaskStore.stage_records_in`): they are durable
+exactly when the launch is, before any agent may start it, and a launch that does not commit leaves
+none. After the commit `staged` queues them for the log, tagged with the staged row's id (`staged`
+field); once written the row is deleted. Rows a crash left behind, or whose write failed, are written
+when a leader next starts (`write_leftovers`); a crash between a write and its row's deletion writes
+that row's records twice, with the same `staged` id. Completions and placements that launched nothing
+are only queued (the store holds what they record); every other record (refusals, lock actions) waits
+until it is written.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import structlog
@@ -24,7 +29,7 @@ import structlog
 from facefleet.scheduler.audit_batch import AuditBatchWriter
 from facefleet.scheduler.audit_process import AuditProcess
 from facefleet.scheduler.placement_gateway import PlacementResult
-from facefleet.scheduler.store import TaskRecord
+from facefleet.scheduler.store import StagedRecord, TaskRecord, TaskStore
 from facefleet.security.audit import AuditKind, AuditLog
 from facefleet.security.residency import ResidencyViolation, redact_uri
 from facefleet.v1 import types_pb2
@@ -52,15 +57,18 @@ class AuditTrail:
         """`separate_process`: the batches are sealed and written by a child process (`AuditProcess`)."""
         self.audit = audit
         self.agents = agents
-        self.writer = AuditBatchWriter(audit, appender=AuditProcess(audit) if separate_process else None)
+        self.writer = AuditBatchWriter(
+            audit, appender=AuditProcess(audit) if separate_process else None, on_staged=self._staged_done
+        )
+        self.store: TaskStore | None = None  # where staged records are deleted once written (set by the app)
         self._zones: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
+        self._queued_rows: set[str] = set()  # staged rows queued for the log and not written yet
 
     # ---- DispatchListener ----------------------------------------------------------------------
 
-    def on_dispatching(self, task: TaskRecord, decision: PlacementResult) -> None:
-        """A launch is being committed: its records are queued now, so the writer makes them durable
-        while the store commits (the dispatcher's flush before the assignment goes out waits for both)."""
+    def launch_records(self, task: TaskRecord, decision: PlacementResult) -> list[StagedRecord]:
+        """A launch's `placement` and `dispatch` records, for its commit to stage (`staged` next)."""
         zone = decision.pool_trust_zone or self._agent_zone(task.agent_id)
         with self._lock:
             self._zones[task.id] = zone
@@ -68,18 +76,55 @@ class AuditTrail:
             while len(self._zones) > ZONES_REMEMBERED:
                 self._zones.popitem(last=False)
         placement = {"task": task.id, "project": task.project, "rule": decision.rule, "pool": decision.pool}
-        self._queue(AuditKind.PLACEMENT, {**placement, "trust_zone": zone, "outcome": "dispatch"})
-        self._queue(AuditKind.DISPATCH, self._dispatch_fields(task, decision, zone))
+        return [
+            (AuditKind.PLACEMENT, ACTOR, {**placement, "trust_zone": zone, "outcome": "dispatch"}),
+            (AuditKind.DISPATCH, ACTOR, self._dispatch_fields(task, decision, zone)),
+        ]
 
-    def on_withdrawn(self, task: TaskRecord, decision: PlacementResult) -> None:
-        """A launch whose records were queued did not commit (cancelled or taken meanwhile, the store
-        refused): it was never sent, and its `dispatch` record is answered by `dispatch_withdrawn`."""
+    def staged(self, row_id: str, records: Sequence[StagedRecord]) -> None:
+        """`records` are committed in the store as row `row_id`: into the log with the next batch."""
         with self._lock:
-            zone = self._zones.pop(task.id, "") or decision.pool_trust_zone
-        self._queue(AuditKind.DISPATCH_WITHDRAWN, self._dispatch_fields(task, decision, zone))
+            self._queued_rows.add(row_id)
+        try:
+            self.writer.enqueue_staged(
+                row_id, [(kind, actor, {**fields, "staged": row_id}) for kind, actor, fields in records]
+            )
+        except Exception:
+            with self._lock:
+                self._queued_rows.discard(row_id)
+            log.exception("audit_write_failed", staged=row_id)  # kept in the store: the next leader writes it
+
+    def write_leftovers(self) -> int:
+        """Queue the staged rows no one is writing (a crash left them, or their write failed); a
+        leader calls it before its first pass. Returns how many rows."""
+        if self.store is None:
+            return 0
+        try:
+            rows = self.store.staged_records()
+        except Exception:
+            log.exception("reading staged audit records failed; the next leader start tries again")
+            return 0
+        with self._lock:
+            rows = [(row_id, records) for row_id, records in rows if row_id not in self._queued_rows]
+        for row_id, records in rows:
+            self.staged(row_id, records)
+        if rows:
+            log.warning("audit records left staged in the store are written now", rows=len(rows))
+        return len(rows)
+
+    def _staged_done(self, written: list[str], failed: list[str]) -> None:
+        """The writer's word on staged rows: written ones are deleted from the store, failed ones
+        stay there for the next leader start."""
+        try:
+            if written and self.store is not None:
+                self.store.unstage_records(written)
+        finally:  # after the delete: a leader starting meanwhile must not queue these rows again
+            with self._lock:
+                self._queued_rows.difference_update(written)
+                self._queued_rows.difference_update(failed)
 
     def on_dispatched(self, task: TaskRecord, decision: PlacementResult) -> None:
-        """Committed and about to be sent: its records were queued by `on_dispatching`."""
+        """Committed and about to be sent: its records were staged with the commit (`launch_records`)."""
 
     def _dispatch_fields(self, task: TaskRecord, decision: PlacementResult, zone: str) -> dict[str, Any]:
         return {
@@ -91,7 +136,7 @@ class AuditTrail:
         }
 
     def flush(self) -> None:
-        """Wait until every record queued so far is durable (the dispatcher calls it once per pass)."""
+        """Wait until every record queued so far is durable."""
         self.writer.flush()
 
     def close(self) -> None:

@@ -33,7 +33,7 @@ import heapq
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -84,6 +84,7 @@ from facefleet.scheduler.store import (
     Change,
     IllegalTransition,
     Placement,
+    StagedRecord,
     Step,
     TaskRecord,
     TaskStore,
@@ -111,13 +112,21 @@ class AgentDirectory(Protocol):
     def note_session(self, agent_id: str, is_open: bool) -> None: ...
 
 
+class PassRecords(Protocol):
+    """The audit records a launch commits with (`audit_trail.AuditTrail`)."""
+
+    def launch_records(self, task: TaskRecord, decision: PlacementResult) -> list[StagedRecord]: ...
+    def staged(self, row_id: str, records: Sequence[StagedRecord]) -> None: ...  # committed as store row `row_id`
+    def write_leftovers(self) -> int: ...  # staged rows nobody writes: a leader starts with these
+
+
+_Staged = tuple[str, list[StagedRecord]] | None  # a commit's staged audit row and its records
+
+
 class DispatchListener(Protocol):
     """Hook for the cloud budget ledger and the audit log. Optional hooks, looked up by name:
-    `on_dispatching(task, decision)` (a launch is about to be committed: the audit trail queues its
-    records here, so they are written while the store commits), `on_withdrawn(task, decision)` (a
-    launch announced that way did not commit and was not sent), `on_run_ended(task)` (an agent
-    reported the run's end; before its slot frees and before the store records it) and
-    `on_requeued(task, reason)`."""
+    `on_run_ended(task)` (an agent reported the run's end; before its slot frees and before the
+    store records it) and `on_requeued(task, reason)`. (A launch's audit records are `PassRecords`.)"""
 
     def on_dispatched(self, task: TaskRecord, decision: PlacementResult) -> None: ...
     def on_finished(self, task: TaskRecord) -> None: ...
@@ -243,6 +252,7 @@ class Dispatcher:
         channel_for: AioChannelFactory | None = None,
         listeners: Sequence[DispatchListener] = (),
         audit: AuditHook | None = None,
+        records: PassRecords | None = None,
         clock: Callable[[], float] = time.time,
         gate: DispatchGate | None = None,
         admission: AdmissionGate | None = None,
@@ -255,6 +265,7 @@ class Dispatcher:
         self.is_leader = is_leader
         self.listeners = list(listeners)
         self.audit = audit
+        self.records = records
         self.clock = clock
         self.gate = gate
         self.admission = admission
@@ -390,6 +401,8 @@ class Dispatcher:
             log.info("leading", leader_term=self.term)
             self._was_leader = True
             self._leader_since = now
+            if self.records is not None:  # audit records a crash left staged go to the log first
+                self.records.write_leftovers()
             self.reconcile(now)
         self.handle_lost_agents(now)
         self.handle_outcomes(now)
@@ -671,7 +684,6 @@ class Dispatcher:
             offered.clear()
             return self._commit_and_launch(changes, launches, queued, now, taken=taken)
         if not changes and not queued:
-            self._flush_audit()
             return 0
         if not pipelined:
             return self._commit_and_launch(changes, launches, queued, now)
@@ -771,24 +783,20 @@ class Dispatcher:
         answers: list[Callable[[], None]],
     ) -> int:
         results: dict[str, bool | Exception] = {}
-        announced: dict[str, tuple[TaskRecord, PlacementResult]] = {}
+        staged: _Staged = None
         try:
             if taken:
-                results = self._commit_with_intake(taken, changes, launches, queued, now, announced, answers)
+                results, staged = self._commit_with_intake(taken, changes, launches, queued, now, answers)
                 if not changes:
-                    self._flush_audit()
                     return 0
             else:
                 if queued:
                     self.store.record_queue_decisions(queued, now)
                 if not changes:
-                    self._flush_audit()
                     return 0
                 if not self.is_leader():  # lost the lock while placing: commit nothing, release reservations
                     return 0
-                self._announce(launches, announced)
-                applied = self.store.apply_changes(changes, now)
-                results = dict(zip([c.task_id for c in changes], applied, strict=True))
+                results, staged = self.store.write(lambda conn: self._apply_and_stage(conn, changes, launches, now))
         except Exception:
             if not background:
                 raise
@@ -801,7 +809,6 @@ class Dispatcher:
                     self.agents.note_finished(launch.agent_id, launch.record.id)
                     if self.gate is not None:
                         self.gate.withdraw(launch.record.id)
-            self._tell("on_withdrawn", [announced[id_] for id_ in announced if results.get(id_) is not True])
             if background:  # a pass runs again now only if some of this one's tasks are back in the queue
                 committed = all(results.get(change.task_id) is True for change in changes)
                 self._forget_uncommitted([change.task_id for change in changes], wake=not committed)
@@ -810,12 +817,16 @@ class Dispatcher:
             if results.get(launch.record.id) is not True:
                 continue
             metrics.QUEUE_WAIT.observe(max(0.0, now - launch.record.submitted_at))
-            sent = announced[launch.record.id][0]
+            sent = _sent(launch)
             for listener in self.listeners:
                 _safe(listener.on_dispatched, sent, launch.result)
             sending.append((sent, launch))
-        self._flush_audit()  # the pass's placement/dispatch records are durable before any assignment
-        self._launch_all([(sent, launch.agent_id, launch.address, launch.request) for sent, launch in sending], now)
+        # The launches' audit records were committed with them (`_apply_and_stage`): durable already.
+        try:
+            self._launch_all([(sent, launch.agent_id, launch.address, launch.request) for sent, launch in sending], now)
+        finally:
+            if staged is not None and self.records is not None:
+                _safe(self.records.staged, *staged)  # on to the audit log, after the assignments went out
         for change in changes:
             if change.steps[-1].to_state == FAILED and results.get(change.task_id) is True:
                 self._finished(change.task_id)
@@ -828,49 +839,43 @@ class Dispatcher:
         launches: list[_Launch],
         queued: list[tuple[str, Placement]],
         now: float,
-        announced: dict[str, tuple[TaskRecord, PlacementResult]],
         answers: list[Callable[[], None]],
-    ) -> dict[str, bool | Exception]:
+    ) -> tuple[dict[str, bool | Exception], _Staged]:
         """Store the offered submits and the pass's decisions in one commit; returns each change's
-        result (none when leadership was lost meanwhile: then only the submits are stored). How to
-        answer the submitters goes to `answers`."""
+        result (none when leadership was lost meanwhile: then only the submits are stored) and the
+        staged audit records. How to answer the submitters goes to `answers`."""
         assert self.committer is not None
         leading = self.is_leader()
-        if leading:
-            self._announce(launches, announced)
 
-        def decide(conn: Any) -> list[bool | Exception]:
+        def decide(conn: Any) -> tuple[dict[str, bool | Exception], _Staged]:
             self.store.record_queue_decisions_in(conn, queued, now)
-            return self.store.apply_changes_in(conn, changes, now) if leading else []
+            return self._apply_and_stage(conn, changes, launches, now) if leading else ({}, None)
 
-        applied, answer = self.committer.insert_with(taken, now, decide)
+        outcome, answer = self.committer.insert_with(taken, now, decide)
         answers.append(answer)
-        if isinstance(applied, Exception) or not leading:
-            return {}
-        return dict(zip([c.task_id for c in changes], applied, strict=True))
+        if isinstance(outcome, Exception):
+            return {}, None
+        return outcome
 
-    def _announce(self, launches: list[_Launch], announced: dict[str, tuple[TaskRecord, PlacementResult]]) -> None:
-        """Tell the listeners the launches about to be committed: their audit records are written
-        while the store commits them (one wait less before the assignments go out); a launch that
-        then does not commit is withdrawn (`announced` says which were told)."""
-        announced.update({launch.record.id: (_sent(launch), launch.result) for launch in launches})
-        self._tell("on_dispatching", announced.values())
-
-    def _tell(self, hook: str, launches: Iterable[tuple[TaskRecord, PlacementResult]]) -> None:
-        """Call an optional listener hook (`on_dispatching`, `on_withdrawn`) for each launch."""
-        for listener in self.listeners:
-            call = getattr(listener, hook, None)
-            if call is not None:
-                for task, result in launches:
-                    _safe(call, task, result)
-
-    def _flush_audit(self) -> None:
-        """Listeners and the audit hook may queue records during a pass (`flush()`): wait for them once."""
-        hooks = {id(hook): hook for hook in (*self.listeners, self.audit) if hook is not None}
-        for hook in hooks.values():
-            flush = getattr(hook, "flush", None)
-            if flush is not None:
-                _safe(flush)
+    def _apply_and_stage(
+        self, conn: Any, changes: list[Change], launches: list[_Launch], now: float
+    ) -> tuple[dict[str, bool | Exception], _Staged]:
+        """Apply the pass's changes and, in the same transaction, stage the audit records of the
+        launches that applied: they are durable exactly when those launches are, before any agent
+        may start one, and a launch that does not commit leaves no record."""
+        applied = self.store.apply_changes_in(conn, changes, now)
+        results = dict(zip([change.task_id for change in changes], applied, strict=True))
+        if self.records is None:
+            return results, None
+        records = [
+            record
+            for launch in launches
+            if results.get(launch.record.id) is True
+            for record in self.records.launch_records(_sent(launch), launch.result)
+        ]
+        if not records:
+            return results, None
+        return results, (self.store.stage_records_in(conn, records, now), records)
 
     def _apply(
         self, planned: Planned[PlacementResult], now: float, planner: PassPlanner[PlacementResult]

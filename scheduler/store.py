@@ -21,7 +21,7 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -38,7 +38,9 @@ from facefleet.v1 import types_pb2
 log = structlog.get_logger()
 
 metadata = sa.MetaData()
-SCHEMA_VERSION = 1  # of the tables below: raise it with each change, with a step (`scheduler.schema`)
+SCHEMA_VERSION = 2  # of the tables below: raise it with each change, with a step (`scheduler.schema`)
+# 1 -> 2 adds `audit_outbox` (create_all makes it): a facefleet without it would leave its rows unwritten.
+_MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: lambda _conn: None}
 
 tasks = sa.Table(
     "tasks",
@@ -106,6 +108,18 @@ leader_terms = sa.Table(
     sa.Column("term", sa.BigInteger, nullable=False),
 )
 
+# Audit records committed with the decisions they record (`stage_records_in`): one row per commit,
+# its records as a JSON list of [kind, actor, fields]. The audit trail writes them to the
+# tamper-evident log after the commit and then deletes the row (docs/security.md, "Audit log format").
+audit_outbox = sa.Table(
+    "audit_outbox",
+    metadata,
+    sa.Column("id", sa.String(40), primary_key=True),  # time-ordered (`new_task_id`'s form)
+    sa.Column("at", sa.Float, nullable=False),  # staged at: the order they are written in
+    sa.Column("records", sa.Text, nullable=False),
+)
+
+StagedRecord = tuple[str, str, Mapping[str, Any]]  # an audit record's kind, actor and fields (`security.audit.Entry`)
 
 T = TypeVar("T")
 
@@ -388,7 +402,7 @@ class TaskStore:
         else:
             self._writer = sa.create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
             self._reader = self._writer
-        schema.prepare(self._writer, metadata, "task_store", SCHEMA_VERSION)
+        schema.prepare(self._writer, metadata, "task_store", SCHEMA_VERSION, _MIGRATIONS)
         with warnings.catch_warnings():  # reflection cannot describe the queue-order expression index
             warnings.filterwarnings("ignore", "Skipped unsupported reflection", sa.exc.SAWarning)
             for index in tasks.indexes:  # create_all skips indexes added to a table that already exists
@@ -454,6 +468,11 @@ class TaskStore:
         """Route every write through `writer` (scheduler.group_commit): one writer thread, batched
         commits, no lock contention between threads. None = each call commits on its own."""
         self._writer_thread = writer
+
+    def write(self, op: Callable[[Connection], T]) -> T:
+        """Run `op(conn)` in one write transaction (the group commit's, when one is attached); `op`
+        checks everything before it writes (no savepoint)."""
+        return self._execute_write(op)
 
     def _execute_write(self, op: Callable[[Connection], T], isolated: bool = False) -> T:
         """Our operations check everything before they write, so they need no savepoint."""
@@ -907,6 +926,36 @@ class TaskStore:
             for task_id, p in decisions
         ]
         conn.execute(_QUEUE_DECISION, rows)  # one executemany for the whole pass
+
+    # ---- audit records staged with the decisions they record ----------------------------------
+
+    def stage_records_in(self, conn: Connection, records: Sequence[StagedRecord], now: float) -> str:
+        """Keep `records` ((kind, actor, fields) each) in the caller's transaction, so they are
+        durable exactly when the decisions they record are; returns the row's id (`unstage_records`)."""
+        row_id = new_task_id()  # time-ordered, as the tasks' ids: inserts land at the index's right edge
+        text = json.dumps([[str(kind), actor, dict(fields)] for kind, actor, fields in records], separators=(",", ":"))
+        mark = self._mark
+        sql = f"INSERT INTO audit_outbox (id, at, records) VALUES ({mark}, {mark}, {mark})"
+        _driver_cursor(conn).execute(sql, (row_id, now, text))
+        return row_id
+
+    def staged_records(self) -> list[tuple[str, list[StagedRecord]]]:
+        """Rows not unstaged yet, oldest first: (id, records)."""
+        order = (audit_outbox.c.at, audit_outbox.c.id)  # ids minted in one millisecond sort at random
+        query = sa.select(audit_outbox.c.id, audit_outbox.c.records).order_by(*order)
+        with self._reader.connect() as conn:
+            rows = conn.execute(query).all()
+        return [(row.id, [(kind, actor, fields) for kind, actor, fields in json.loads(row.records)]) for row in rows]
+
+    def unstage_records(self, row_ids: Sequence[str]) -> None:
+        """Delete staged rows (their records are in the audit log now)."""
+        ids = list(row_ids)
+
+        def delete(conn: Connection, chunk: list[str]) -> None:
+            conn.execute(audit_outbox.delete().where(audit_outbox.c.id.in_(chunk)))
+
+        for start in range(0, len(ids), _IDS_PER_READ):
+            self._execute_write(functools.partial(delete, chunk=ids[start : start + _IDS_PER_READ]))
 
     def record_progress(self, task_id: str, agent_id: str, message: types_pb2.Progress, now: float) -> None:
         """Keep the latest progress per task, and the highest checkpoint reported by the agent that

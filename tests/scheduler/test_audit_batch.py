@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 from facefleet.cli import app as cli_app
 from facefleet.scheduler.audit_batch import AuditBatchWriter
 from facefleet.scheduler.audit_trail import AuditTrail
-from facefleet.scheduler.store import TaskRecord
+from facefleet.scheduler.store import TaskRecord, TaskStore
 from facefleet.security.audit import AuditKind, AuditLog, Signer, residency_proof, verify
+from tests.scheduler.fake_agents import wait_for
 
 
 def records(path: Path) -> list[dict[str, Any]]:
@@ -151,61 +152,96 @@ def dispatched_record(task_id: str, state: str) -> TaskRecord:
     )  # fmt: skip
 
 
-def test_trail_queues_dispatch_and_completion_records_until_flush(tmp_path: Path) -> None:
+def staged_in(store: TaskStore, records_: list[Any]) -> str:
+    """Stage `records_` as a launch's commit does: in a transaction of the store."""
+    return store.write(lambda conn: store.stage_records_in(conn, records_, time.time()))
+
+
+def test_staged_launch_records_reach_the_log_and_leave_the_store(tmp_path: Path) -> None:
+    """A launch's records are staged in its commit; after it the trail writes them (lingering, so
+    with the next batch), tagged with the staged row, and deletes the row once they are durable.
+    A completion goes after them."""
     log = AuditLog(tmp_path / "a.jsonl")
+    store = TaskStore(f"sqlite:///{tmp_path}/s.db")
     trail = AuditTrail(log)
-    blocker = threading.Lock()
-    blocker.acquire()
-    real_append_many = log.append_many
-
-    def held_append_many(entries: Any) -> Any:
-        with blocker:
-            return real_append_many(entries)
-
-    log.append_many = held_append_many  # type: ignore[method-assign]
+    trail.store = store
     record = dispatched_record("t1", "succeeded")
-    # queued before the store commits the launch: returns while the write is held
-    trail.on_dispatching(record, Decision())  # type: ignore[arg-type]
-    assert not log.path.exists() or not log.path.read_text()
-    blocker.release()
-    trail.on_dispatched(record, Decision())  # type: ignore[arg-type]  # committed: nothing more to write
-    trail.flush()
-    assert [r["kind"] for r in records(log.path)] == ["placement", "dispatch"]
+    launch = trail.launch_records(record, Decision())  # type: ignore[arg-type]
+    row_id = staged_in(store, launch)
+    assert store.staged_records() == [(row_id, [(str(k), a, f) for k, a, f in launch])]
+    trail.staged(row_id, launch)
     trail.on_finished(record)  # queued too: the store already holds the completion durably
-    trail.flush()  # what the dispatcher's next pass does before it sends any RunTask
-    assert [r["kind"] for r in records(log.path)][-1] == "completion"
-    assert records(log.path)[-1]["trust_zone"] == "private"
-    assert verify(log.path).ok
-    trail.close()
-
-
-def test_a_withdrawn_launch_answers_its_dispatch_record(tmp_path: Path) -> None:
-    """A launch whose records were queued but whose commit failed: `dispatch_withdrawn` follows its
-    `dispatch` (same task, pool, zone), the chain verifies, and the residency proof lists it."""
-    log = AuditLog(tmp_path / "audit.jsonl")
-    trail = AuditTrail(log)
-    record = dispatched_record("t9", "queued")
-    trail.on_dispatching(record, Decision())  # type: ignore[arg-type]
-    trail.on_withdrawn(record, Decision())  # type: ignore[arg-type]
     trail.flush()
     written = records(log.path)
-    assert [r["kind"] for r in written] == ["placement", "dispatch", "dispatch_withdrawn"]
-    assert {k: written[2][k] for k in ("task", "pool", "trust_zone", "agent")} == {
-        k: written[1][k] for k in ("task", "pool", "trust_zone", "agent")
-    }
+    assert [(r["kind"], r.get("staged")) for r in written] == [
+        ("placement", row_id),
+        ("dispatch", row_id),
+        ("completion", None),
+    ]
+    assert written[1]["trust_zone"] == written[2]["trust_zone"] == "private"
+    wait_for(lambda: store.staged_records() == [], 5, what="the written row deleted from the store")
+    assert verify(log.path).ok
+    trail.close()
+    store.close()
+
+
+def test_staged_records_a_crash_or_a_failed_write_left_are_written_at_the_next_leader_start(tmp_path: Path) -> None:
+    """Rows nobody wrote (the scheduler died after its commit; the log could not be written) stay in
+    the store until a leader starts: `write_leftovers` writes them in staging order, once."""
+    store = TaskStore(f"sqlite:///{tmp_path}/s.db")
+    log = AuditLog(tmp_path / "a.jsonl")
+    failing = AuditTrail(log)
+    failing.store = store
+    # committed by a scheduler that died before it handed them to its writer
+    first = staged_in(store, failing.launch_records(dispatched_record("t1", "dispatched"), Decision()))  # type: ignore[arg-type]
+    real_append_many = log.append_many
+
+    def refuse(_entries: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+    log.append_many = refuse  # type: ignore[method-assign]
+    second_records = failing.launch_records(dispatched_record("t2", "dispatched"), Decision())  # type: ignore[arg-type]
+    second = staged_in(store, second_records)
+    failing.staged(second, second_records)
+    failing.flush()
+    assert failing.writer.failed == 2 and [row for row, _ in store.staged_records()] == [first, second]
+    log.append_many = real_append_many  # type: ignore[method-assign]
+    assert failing.write_leftovers() == 2  # the failed row is no longer anyone's: written now
+    assert failing.write_leftovers() == 0  # queued already: not twice
+    failing.flush()
+    written = records(log.path)
+    assert [(r["kind"], r["task"], r["staged"]) for r in written] == [
+        ("placement", "t1", first),
+        ("dispatch", "t1", first),
+        ("placement", "t2", second),
+        ("dispatch", "t2", second),
+    ]
+    wait_for(lambda: store.staged_records() == [], 5, what="the written rows deleted from the store")
+    assert verify(log.path).ok
+    failing.close()
+    store.close()
+
+
+def test_a_withdrawn_dispatch_in_an_older_log_is_listed_by_the_proof(tmp_path: Path) -> None:
+    """Schedulers before staged records wrote `dispatch_withdrawn` for a launch whose records were
+    written but whose commit failed. Such logs still verify, and the residency proof lists it."""
+    log = AuditLog(tmp_path / "audit.jsonl")
+    fields = {"task": "t9", "project": "p", "pool": "onprem-a", "trust_zone": "private", "agent": "a1"}
+    log.append_many(
+        [
+            (AuditKind.PLACEMENT, "scheduler", {**fields, "rule": "r1", "outcome": "dispatch"}),
+            (AuditKind.DISPATCH, "scheduler", fields),
+            (AuditKind.DISPATCH_WITHDRAWN, "scheduler", fields),
+        ]
+    )
     assert verify(log.path).ok
     proof = residency_proof(log.path, "p")
     assert proof.passed and proof.tasks[0].withdrawn == ["onprem-a"]
     shown = CliRunner().invoke(cli_app, ["audit", "proof", "--project", "p", "--path", str(log.path)])
     assert shown.exit_code == 0 and "t9: dispatch to onprem-a withdrawn before it was sent" in shown.output
 
-    class CloudDecision:
-        pool_trust_zone, rule, pool = "cloud", "r2", "cloud-b"
-
     # The scheduler chose a cloud pool for it: withdrawn or not, the proof fails on that choice.
-    trail.on_dispatching(dispatched_record("t10", "queued"), CloudDecision())  # type: ignore[arg-type]
-    trail.on_withdrawn(dispatched_record("t10", "queued"), CloudDecision())  # type: ignore[arg-type]
-    trail.flush()
+    cloud = {**fields, "task": "t10", "pool": "cloud-b", "trust_zone": "cloud"}
+    log.append_many([(AuditKind.DISPATCH, "scheduler", cloud), (AuditKind.DISPATCH_WITHDRAWN, "scheduler", cloud)])
     proof = residency_proof(log.path, "p")
     assert not proof.passed and [t.task for t in proof.tasks if not t.private_only] == ["t10"]
-    trail.close()

@@ -1,15 +1,15 @@
 """The dispatcher's fast path: pipelined passes (commit and RPCs off the loop thread), the slot freed
-at completion, and the audit flush before any RunTask leaves."""
+at completion, and a launch's audit records committed with it before any RunTask leaves."""
 
 from __future__ import annotations
 
 import contextlib
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -21,25 +21,27 @@ from facefleet.scheduler.placement import RuleSet
 from facefleet.scheduler.placement.model import Decision, PoolState, World
 from facefleet.scheduler.placement_gateway import PlacementResult, WorldSnapshot
 from facefleet.scheduler.rules_source.base import ActiveConfig
-from facefleet.scheduler.store import Change, TaskStore
-from facefleet.security.audit import AuditLog, query, verify
+from facefleet.scheduler.store import TaskStore
+from facefleet.security.audit import AuditLog, query
 from facefleet.v1 import scheduler_pb2, types_pb2
 from tests.scheduler.fake_agents import HollowAgent, wait_for
 from tests.scheduler.test_dispatcher import FixedPlacer, register, submit
 
+T = TypeVar("T")
+
 
 class HeldStore(TaskStore):
-    """apply_changes waits until `release` is set: a commit that is slow to become durable."""
+    """A pass's commit (`write`) waits until `release` is set: a commit that is slow to become durable."""
 
     def __init__(self, url: str) -> None:
         super().__init__(url)
         self.release = threading.Event()
         self.commits_started = 0
 
-    def apply_changes(self, changes: Sequence[Change], now: float) -> list[bool | Exception]:
+    def write(self, op: Callable[[Any], T]) -> T:
         self.commits_started += 1
         assert self.release.wait(10), "test never released the held commit"
-        return super().apply_changes(changes, now)
+        return super().write(op)
 
 
 def dispatched_count(store: TaskStore, task_id: str) -> int:
@@ -78,10 +80,10 @@ def test_a_pass_that_cannot_commit_releases_its_slot_reservations(tmp_path: Path
     registry = AgentRegistry(heartbeat_timeout_s=30)
     register(registry, "onprem-1", "onprem-a", "private", slots=2)
 
-    def failing_commit(changes: Sequence[Change], now: float) -> list[bool | Exception]:
+    def failing_commit(op: Any) -> Any:
         raise RuntimeError("disk full")
 
-    store.apply_changes = failing_commit  # type: ignore[method-assign]
+    store.write = failing_commit  # type: ignore[method-assign]
     dispatcher = Dispatcher(
         store, FixedPlacer("onprem-a", "private"), registry, DispatcherSettings(project_limits={}, warmup_s=0)
     )
@@ -97,19 +99,27 @@ def test_a_pass_that_cannot_commit_releases_its_slot_reservations(tmp_path: Path
         store.close()
 
 
-def test_a_launch_that_does_not_commit_is_withdrawn_in_the_audit_log(tmp_path: Path) -> None:
-    """The pass's dispatch records are written while the store commits; when the commit fails the
-    log answers each with `dispatch_withdrawn`, and nothing was sent (the slot is free again)."""
+def test_a_launch_that_does_not_commit_leaves_no_audit_record(tmp_path: Path) -> None:
+    """The pass's records are staged in the transaction that commits its launches: when that commit
+    fails, neither the store nor the log holds a record of the launch, and nothing was sent (the
+    slot is free again). The next pass that launches it records it then."""
     store = TaskStore(f"sqlite:///{tmp_path}/d.db")
     registry = AgentRegistry(heartbeat_timeout_s=30)
     register(registry, "onprem-1", "onprem-a", "private", slots=2)
     trail = AuditTrail(AuditLog(tmp_path / "audit.jsonl"), registry)
+    trail.store = store
+    real_write = store.write
+    staged_then_failed: list[bool] = []
 
-    def failing_commit(changes: Sequence[Change], now: float) -> list[bool | Exception]:
-        trail.flush()  # the records queued before the commit are written by now
-        raise RuntimeError("disk full")
+    def failing_commit(op: Callable[[Any], T]) -> T:
+        def op_then_fail(conn: Any) -> T:
+            op(conn)  # applies the launch and stages its records in this transaction ...
+            staged_then_failed.append(True)
+            raise RuntimeError("disk full")  # ... which then rolls back
 
-    store.apply_changes = failing_commit  # type: ignore[method-assign]
+        return real_write(op_then_fail)
+
+    store.write = failing_commit  # type: ignore[method-assign]
     dispatcher = Dispatcher(
         store,
         FixedPlacer("onprem-a", "private"),
@@ -117,20 +127,17 @@ def test_a_launch_that_does_not_commit_is_withdrawn_in_the_audit_log(tmp_path: P
         DispatcherSettings(project_limits={}, warmup_s=0),
         listeners=[trail],
         audit=trail,
+        records=trail,
     )
     task_id = submit(store, "p", types_pb2.SENSITIVITY_PRIVATE)
     try:
         assert dispatcher.dispatch_pass(time.time(), pipelined=True) == 1  # the commit runs on a worker
-
-        def kinds() -> list[tuple[str, str]]:
-            trail.flush()
-            return [(r["kind"], r["task"]) for r in query(tmp_path / "audit.jsonl")]
-
-        wait_for(lambda: len(kinds()) == 3, 5, what="the withdrawn record")
-        assert kinds() == [("placement", task_id), ("dispatch", task_id), ("dispatch_withdrawn", task_id)]
-        assert verify(tmp_path / "audit.jsonl").ok
-        assert store.get(task_id).state == "queued"
         wait_for(lambda: registry.get("onprem-1").effective_free_slots == 2, 5, what="the slot")  # type: ignore[union-attr]
+        trail.flush()
+        assert staged_then_failed == [True]
+        assert store.staged_records() == []
+        assert not (tmp_path / "audit.jsonl").exists() or query(tmp_path / "audit.jsonl") == []
+        assert store.get(task_id).state == "queued"
     finally:
         dispatcher.stop()
         trail.close()
@@ -138,22 +145,28 @@ def test_a_launch_that_does_not_commit_is_withdrawn_in_the_audit_log(tmp_path: P
 
 
 class Recorder:
-    """Listener + audit hook that notes the order of events, and whether the slot was free at completion."""
+    """Listener + audit hook + pass records that note the order of events, whether the launch's
+    records were in the store when the RPC began, and whether the slot was free at completion."""
 
-    def __init__(self, registry: AgentRegistry, agent_id: str) -> None:
+    def __init__(self, registry: AgentRegistry, agent_id: str, store: TaskStore) -> None:
         self.registry = registry
         self.agent_id = agent_id
+        self.store = store
         self.events: list[str] = []
         self.free_at_finish: list[int] = []
 
-    def on_dispatching(self, task: Any, decision: Any) -> None:
-        self.events.append("dispatching")
+    def launch_records(self, task: Any, decision: Any) -> list[Any]:
+        self.events.append("launch_records")
+        return [("dispatch", "scheduler", {"task": task.id, "agent": task.agent_id})]
+
+    def staged(self, row_id: str, records: Any) -> None:
+        self.events.append("staged")
+
+    def write_leftovers(self) -> int:
+        return 0
 
     def on_dispatched(self, task: Any, decision: Any) -> None:
         self.events.append("dispatched")
-
-    def flush(self) -> None:
-        self.events.append("flush")
 
     def on_finished(self, task: Any) -> None:
         record = self.registry.get(self.agent_id)
@@ -165,7 +178,9 @@ class Recorder:
         self.events.append(event)
 
 
-def test_audit_is_flushed_before_the_rpc_and_the_slot_is_free_before_listeners_run(tmp_path: Path) -> None:
+def test_launch_records_are_committed_before_the_rpc_and_the_slot_is_free_before_listeners_run(
+    tmp_path: Path,
+) -> None:
     store = TaskStore(f"sqlite:///{tmp_path}/d.db")
     registry = AgentRegistry(heartbeat_timeout_s=30)
     agent = HollowAgent("127.0.0.1:9", "onprem-1", "onprem-a", "private", slots=1, heartbeat_s=60, session=False)
@@ -183,10 +198,12 @@ def test_audit_is_flushed_before_the_rpc_and_the_slot_is_free_before_listeners_r
         ),
         time.time(),
     )
-    recorder = Recorder(registry, "onprem-1")
+    recorder = Recorder(registry, "onprem-1", store)
+    staged_at_rpc: list[list[Any]] = []
 
     def channel_for(address: str) -> grpc.aio.Channel:
         recorder.events.append("rpc")
+        staged_at_rpc.append([records for _row, records in store.staged_records()])  # read from the database
         return grpc.aio.insecure_channel(address)
 
     dispatcher = Dispatcher(
@@ -196,6 +213,7 @@ def test_audit_is_flushed_before_the_rpc_and_the_slot_is_free_before_listeners_r
         DispatcherSettings(project_limits={}, warmup_s=0),
         listeners=[recorder],
         audit=recorder,
+        records=recorder,
         channel_for=channel_for,
     )
     task_id = submit(store, "p", types_pb2.SENSITIVITY_PRIVATE)
@@ -203,9 +221,11 @@ def test_audit_is_flushed_before_the_rpc_and_the_slot_is_free_before_listeners_r
         assert dispatcher.dispatch_pass(time.time(), pipelined=True) == 1
         wait_for(lambda: store.get(task_id).state == "succeeded", 10, what="the hollow agent to finish the task")
         wait_for(lambda: "finished" in recorder.events, 5, what="the completion listener")
-        # announced before the commit, flushed once (listener and audit hook are the same object),
-        # before the channel was opened
-        assert recorder.events[:4] == ["dispatching", "dispatched", "flush", "rpc"]
+        # made inside the commit, and in the database when the channel was opened (the RunTask
+        # call starts on the loop, so `staged`, handed on after the send, may come first)
+        assert recorder.events[:2] == ["launch_records", "dispatched"]
+        assert sorted(recorder.events[2:4]) == ["rpc", "staged"]
+        assert staged_at_rpc == [[[("dispatch", "scheduler", {"task": task_id, "agent": "onprem-1"})]]]
         assert recorder.free_at_finish == [1]  # the slot was already free when the listeners ran
     finally:
         dispatcher.stop()

@@ -17,7 +17,7 @@ from facefleet.scheduler import schema
 from facefleet.scheduler.cloud.wiring import ledger_engine
 from facefleet.scheduler.ledger import SpendLedger
 from facefleet.scheduler.run_estimates import RunTimeBook
-from facefleet.scheduler.store import NewTask, TaskStore
+from facefleet.scheduler.store import SCHEMA_VERSION, NewTask, TaskStore
 from tests.scheduler.conftest import write_policy
 from tests.scheduler.test_launch_with_intake import make_task
 
@@ -42,6 +42,19 @@ def set_version(url: str, part: str, version: int) -> None:
         engine.dispose()
 
 
+def store_with_a_task(url: str, then: str) -> str:
+    """A store at `url` holding one task, then `then` (SQL) run on it as another release might have
+    left it; returns the task's id."""
+    store = TaskStore(url)
+    [stored] = store.insert_batch([NewTask(make_task(), "")], time.time())
+    store.close()
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(then)
+    engine.dispose()
+    return stored.task_id
+
+
 def test_a_new_database_is_stamped_with_every_parts_version(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/s.db"
     TaskStore(url).close()
@@ -49,29 +62,39 @@ def test_a_new_database_is_stamped_with_every_parts_version(tmp_path: Path) -> N
     SpendLedger(engine)
     RunTimeBook(engine)
     engine.dispose()
-    assert versions(url) == {"task_store": 1, "spend_ledger": 1, "run_times": 1}
+    assert versions(url) == {"task_store": SCHEMA_VERSION, "spend_ledger": 1, "run_times": 1}
 
 
-def test_a_database_from_before_versioning_is_version_1_and_keeps_its_tasks(tmp_path: Path) -> None:
+def test_a_database_from_before_versioning_is_version_1_upgraded_and_keeps_its_tasks(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/s.db"
-    store = TaskStore(url)
-    [stored] = store.insert_batch([NewTask(make_task(), "")], time.time())
-    store.close()
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.exec_driver_sql("DROP TABLE schema_versions")  # as every store written before versioning
-    engine.dispose()
+    task_id = store_with_a_task(url, then="DROP TABLE schema_versions")  # as every store before versioning
     reopened = TaskStore(url)
-    assert reopened.get(stored.task_id).project == "p"
+    assert reopened.get(task_id).project == "p"
     reopened.close()
-    assert versions(url) == {"task_store": 1}
+    assert versions(url) == {"task_store": SCHEMA_VERSION}
+
+
+def test_a_version_1_store_gets_the_audit_outbox_and_keeps_its_tasks(tmp_path: Path) -> None:
+    """Version 2 added `audit_outbox` (audit records staged with their launches): a store written by
+    version 1 has no such table, and is upgraded in place."""
+    url = f"sqlite:///{tmp_path}/s.db"
+    task_id = store_with_a_task(url, then="DROP TABLE audit_outbox")
+    set_version(url, "task_store", 1)
+    reopened = TaskStore(url)
+    with reopened.engine.begin() as conn:
+        row_id = reopened.stage_records_in(conn, [("dispatch", "scheduler", {"task": task_id})], time.time())
+    assert reopened.staged_records() == [(row_id, [("dispatch", "scheduler", {"task": task_id})])]
+    assert reopened.get(task_id).project == "p"
+    reopened.close()
+    assert versions(url) == {"task_store": 2}
 
 
 def test_a_store_from_a_newer_release_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/s.db"
     TaskStore(url).close()
     set_version(url, "task_store", 7)
-    with pytest.raises(schema.SchemaMismatch, match=r"task_store tables at schema version 7, newer than .* version 1"):
+    newer = rf"task_store tables at schema version 7, newer than .* version {SCHEMA_VERSION}"
+    with pytest.raises(schema.SchemaMismatch, match=newer):
         TaskStore(url)
     assert versions(url) == {"task_store": 7}
 
@@ -79,7 +102,7 @@ def test_a_store_from_a_newer_release_is_refused_and_left_as_it_is(tmp_path: Pat
 def test_scheduler_run_on_a_newer_store_says_error_and_hint(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/s.db"
     TaskStore(url).close()
-    set_version(url, "task_store", 2)
+    set_version(url, "task_store", SCHEMA_VERSION + 1)
     policy = write_policy(tmp_path / "policy")
     command = [sys.executable, "-m", "facefleet", "scheduler", "run", "--store", url, "--policy", str(policy)]
     result = subprocess.run(
@@ -91,7 +114,8 @@ def test_scheduler_run_on_a_newer_store_says_error_and_hint(tmp_path: Path) -> N
     )
     shown = result.stdout + result.stderr
     assert result.returncode == 1, shown
-    assert "error:" in shown and "schema version 2, newer than this facefleet's version 1" in shown, shown
+    newer = f"schema version {SCHEMA_VERSION + 1}, newer than this facefleet's version {SCHEMA_VERSION}"
+    assert "error:" in shown and newer in shown, shown
     assert "hint: use the facefleet release that wrote this database" in shown, shown
     assert "Traceback" not in shown and "internal error" not in shown, shown
 
@@ -165,4 +189,4 @@ def test_replicas_that_start_together_on_postgresql_stamp_once(postgres_url: str
     for thread in threads:
         thread.join(60)
     assert results == ["ok"] * 4
-    assert versions(postgres_url) == {"task_store": 1}
+    assert versions(postgres_url) == {"task_store": SCHEMA_VERSION}
