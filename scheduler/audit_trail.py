@@ -94,15 +94,16 @@ class AuditTrail:
                 self._queued_rows.discard(row_id)
             log.exception("audit_write_failed", staged=row_id)  # kept in the store: the next leader writes it
 
-    def write_leftovers(self) -> int:
+    def write_leftovers(self, staged_before: float | None = None) -> int:
         """Queue the staged rows no one is writing (a crash left them, or their write failed); a
-        leader calls it before its first pass. Returns how many rows."""
+        leader calls it before its first pass, and then now and then for those staged before
+        `staged_before` (younger ones may be on their way here from a commit). Returns how many rows."""
         if self.store is None:
             return 0
         try:
-            rows = self.store.staged_records()
+            rows = self.store.staged_records(staged_before)
         except Exception:
-            log.exception("reading staged audit records failed; the next leader start tries again")
+            log.exception("reading staged audit records failed; the leader tries again later")
             return 0
         with self._lock:
             rows = [(row_id, records) for row_id, records in rows if row_id not in self._queued_rows]
@@ -114,7 +115,7 @@ class AuditTrail:
 
     def _staged_done(self, written: list[str], failed: list[str]) -> None:
         """The writer's word on staged rows: written ones are deleted from the store, failed ones
-        stay there for the next leader start."""
+        stay there for the leader's next look (`write_leftovers`)."""
         try:
             if written and self.store is not None:
                 self.store.unstage_records(written)

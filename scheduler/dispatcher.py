@@ -117,7 +117,8 @@ class PassRecords(Protocol):
 
     def launch_records(self, task: TaskRecord, decision: PlacementResult) -> list[StagedRecord]: ...
     def staged(self, row_id: str, records: Sequence[StagedRecord]) -> None: ...  # committed as store row `row_id`
-    def write_leftovers(self) -> int: ...  # staged rows nobody writes: a leader starts with these
+    # Staged rows nobody writes (staged before `staged_before`, None = all): a leader starts with these.
+    def write_leftovers(self, staged_before: float | None = None) -> int: ...
 
 
 _Staged = tuple[str, list[StagedRecord]] | None  # a commit's staged audit row and its records
@@ -185,6 +186,9 @@ class DispatcherSettings:
     # A run went unresolved on an agent this leader has not heard from: re-queue after this long.
     inventory_wait_s: float = 15.0
     leader_lock_name: str = DEFAULT_LOCK_NAME
+    # A leader writes the audit records left staged this long or longer (their log write failed)
+    # this often; at leadership it writes all that are left (`PassRecords.write_leftovers`).
+    leftover_records_s: float = 60.0
 
 
 def backoff_until(attempt: int, now: float, settings: DispatcherSettings) -> float:
@@ -314,6 +318,7 @@ class Dispatcher:
         self._thread: threading.Thread | None = None
         self._was_leader = False
         self._leader_since = 0.0
+        self._leftovers_due = 0.0  # when this leader next looks for audit records left staged
         # Launches with their intake (`take_intake`): submits offered while the loop leads (`offer`).
         self.committer: GroupCommitter | None = None
         self._offer_lock = threading.Lock()
@@ -403,7 +408,11 @@ class Dispatcher:
             self._leader_since = now
             if self.records is not None:  # audit records a crash left staged go to the log first
                 self.records.write_leftovers()
+            self._leftovers_due = now + self.settings.leftover_records_s
             self.reconcile(now)
+        elif now >= self._leftovers_due and self.records is not None:  # a failed log write's, retried
+            self.records.write_leftovers(staged_before=now - self.settings.leftover_records_s)
+            self._leftovers_due = now + self.settings.leftover_records_s
         self.handle_lost_agents(now)
         self.handle_outcomes(now)
         self.resolve(now)

@@ -939,10 +939,12 @@ class TaskStore:
         _driver_cursor(conn).execute(sql, (row_id, now, text))
         return row_id
 
-    def staged_records(self) -> list[tuple[str, list[StagedRecord]]]:
-        """Rows not unstaged yet, oldest first: (id, records)."""
+    def staged_records(self, staged_before: float | None = None) -> list[tuple[str, list[StagedRecord]]]:
+        """Rows not unstaged yet (staged before `staged_before`, if given), oldest first: (id, records)."""
         order = (audit_outbox.c.at, audit_outbox.c.id)  # ids minted in one millisecond sort at random
         query = sa.select(audit_outbox.c.id, audit_outbox.c.records).order_by(*order)
+        if staged_before is not None:
+            query = query.where(audit_outbox.c.at < staged_before)
         with self._reader.connect() as conn:
             rows = conn.execute(query).all()
         return [(row.id, [(kind, actor, fields) for kind, actor, fields in json.loads(row.records)]) for row in rows]

@@ -206,6 +206,7 @@ def test_staged_records_a_crash_or_a_failed_write_left_are_written_at_the_next_l
     failing.flush()
     assert failing.writer.failed == 2 and [row for row, _ in store.staged_records()] == [first, second]
     log.append_many = real_append_many  # type: ignore[method-assign]
+    assert failing.write_leftovers(staged_before=time.time() - 60) == 0  # a periodic look: not old enough
     assert failing.write_leftovers() == 2  # the failed row is no longer anyone's: written now
     assert failing.write_leftovers() == 0  # queued already: not twice
     failing.flush()

@@ -162,7 +162,8 @@ class Recorder:
     def staged(self, row_id: str, records: Any) -> None:
         self.events.append("staged")
 
-    def write_leftovers(self) -> int:
+    def write_leftovers(self, staged_before: float | None = None) -> int:
+        self.events.append(f"leftovers before {staged_before}")
         return 0
 
     def on_dispatched(self, task: Any, decision: Any) -> None:
@@ -230,6 +231,39 @@ def test_launch_records_are_committed_before_the_rpc_and_the_slot_is_free_before
     finally:
         dispatcher.stop()
         agent.kill()
+        store.close()
+
+
+def test_a_leader_writes_leftover_audit_records_first_and_then_those_a_failed_write_left(tmp_path: Path) -> None:
+    """At leadership every staged row nobody writes goes to the log; after that, every
+    `leftover_records_s`, the rows staged at least that long ago (a failed log write's: younger
+    ones may still be on their way from a commit to the writer)."""
+    store = TaskStore(f"sqlite:///{tmp_path}/d.db")
+    registry = AgentRegistry(heartbeat_timeout_s=30)
+    recorder = Recorder(registry, "onprem-1", store)
+    now = [1000.0]
+    dispatcher = Dispatcher(
+        store,
+        FixedPlacer("onprem-a", "private"),
+        registry,
+        DispatcherSettings(project_limits={}, warmup_s=0, leftover_records_s=60.0),
+        records=recorder,
+        clock=lambda: now[0],
+    )
+    try:
+        dispatcher.step()  # gains leadership
+        now[0] += 59.0
+        dispatcher.step()
+        now[0] += 1.0
+        dispatcher.step()
+        now[0] += 30.0
+        dispatcher.step()
+        assert [e for e in recorder.events if e.startswith("leftovers")] == [
+            "leftovers before None",
+            "leftovers before 1000.0",
+        ]
+    finally:
+        dispatcher.stop()
         store.close()
 
 
