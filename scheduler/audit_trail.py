@@ -10,11 +10,11 @@ Writes go through one `AuditBatchWriter` (one fsync per batch). The records of a
 them in the task store in the same transaction (`TaskStore.stage_records_in`): they are durable
 exactly when the launch is, before any agent may start it, and a launch that does not commit leaves
 none. After the commit `staged` queues them for the log, tagged with the staged row's id (`staged`
-field); once written the row is deleted. Rows a crash left behind, or whose write failed, are written
-when a leader next starts (`write_leftovers`); a crash between a write and its row's deletion writes
-that row's records twice, with the same `staged` id. Completions and placements that launched nothing
-are only queued (the store holds what they record); every other record (refusals, lock actions) waits
-until it is written.
+field); once written the row is deleted. Rows a crash left behind are written when a leader next
+starts, those of a failed write by the leader a minute later (`write_leftovers`); a crash between a
+write and its row's deletion writes that row's records twice, with the same `staged` id.
+Completions and placements that launched nothing are only queued (the store holds what they
+record); every other record (refusals, lock actions) waits until it is written.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class AuditTrail:
         self._lock = threading.Lock()
         self._queued_rows: set[str] = set()  # staged rows queued for the log and not written yet
 
-    # ---- DispatchListener ----------------------------------------------------------------------
+    # ---- a launch's records (the dispatcher's PassRecords) ---------------------------------------
 
     def launch_records(self, task: TaskRecord, decision: PlacementResult) -> list[StagedRecord]:
         """A launch's `placement` and `dispatch` records, for its commit to stage (`staged` next)."""
@@ -92,7 +92,7 @@ class AuditTrail:
         except Exception:
             with self._lock:
                 self._queued_rows.discard(row_id)
-            log.exception("audit_write_failed", staged=row_id)  # kept in the store: the next leader writes it
+            log.exception("audit_write_failed", staged=row_id)  # kept in the store: written later
 
     def write_leftovers(self, staged_before: float | None = None) -> int:
         """Queue the staged rows no one is writing (a crash left them, or their write failed); a
@@ -100,13 +100,16 @@ class AuditTrail:
         `staged_before` (younger ones may be on their way here from a commit). Returns how many rows."""
         if self.store is None:
             return 0
+        with self._lock:  # a row being written now may be deleted (and no longer queued) after the read
+            queued = set(self._queued_rows)
         try:
             rows = self.store.staged_records(staged_before)
         except Exception:
             log.exception("reading staged audit records failed; the leader tries again later")
             return 0
         with self._lock:
-            rows = [(row_id, records) for row_id, records in rows if row_id not in self._queued_rows]
+            queued |= self._queued_rows
+        rows = [(row_id, records) for row_id, records in rows if row_id not in queued]
         for row_id, records in rows:
             self.staged(row_id, records)
         if rows:
@@ -123,6 +126,8 @@ class AuditTrail:
             with self._lock:
                 self._queued_rows.difference_update(written)
                 self._queued_rows.difference_update(failed)
+
+    # ---- DispatchListener ----------------------------------------------------------------------
 
     def on_dispatched(self, task: TaskRecord, decision: PlacementResult) -> None:
         """Committed and about to be sent: its records were staged with the commit (`launch_records`)."""

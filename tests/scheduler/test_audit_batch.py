@@ -223,6 +223,33 @@ def test_staged_records_a_crash_or_a_failed_write_left_are_written_at_the_next_l
     store.close()
 
 
+def test_a_row_written_while_leftovers_are_read_is_not_written_again(tmp_path: Path) -> None:
+    """A leader's look for leftovers reads a row that the writer is writing at that moment; the
+    writer then deletes it and forgets it before the look filters what it read. The look must not
+    queue it again (it would be written twice)."""
+    log = AuditLog(tmp_path / "a.jsonl")
+    store = TaskStore(f"sqlite:///{tmp_path}/s.db")
+    trail = AuditTrail(log)
+    launch = trail.launch_records(dispatched_record("t1", "dispatched"), Decision())  # type: ignore[arg-type]
+    row_id = staged_in(store, launch)
+    with trail._lock:
+        trail._queued_rows.add(row_id)  # queued and being written: `staged` was called for it
+
+    class WrittenDuringTheRead(TaskStore):
+        def staged_records(self, staged_before: float | None = None) -> Any:
+            rows = super().staged_records(staged_before)
+            trail._staged_done([row_id], [])  # the writer finishes right after the read
+            return rows
+
+    racing = WrittenDuringTheRead(f"sqlite:///{tmp_path}/s.db")
+    trail.store = racing
+    assert trail.write_leftovers() == 0
+    assert store.staged_records() == []
+    trail.close()
+    racing.close()
+    store.close()
+
+
 def test_a_withdrawn_dispatch_in_an_older_log_is_listed_by_the_proof(tmp_path: Path) -> None:
     """Schedulers before staged records wrote `dispatch_withdrawn` for a launch whose records were
     written but whose commit failed. Such logs still verify, and the residency proof lists it."""
