@@ -14,7 +14,7 @@ dispatch (the task store stays the source of truth), exactly as with synchronous
 
 `enqueue_staged(tag, entries)`: records the task store already holds durably (staged with the
 decisions they record, `TaskStore.stage_records_in`); they linger like completions, and once all of
-a tag's records are written (one batch holds all of them) `on_staged(written, failed)` gets the tags.
+a tag's records are written or failed (one batch holds all of them) `on_staged(tags, written)` hears so.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class AuditBatchWriter:
         max_batch: int = 1024,
         linger_s: float = LINGER_S,
         appender: Appender | None = None,
-        on_staged: Callable[[list[str], list[str]], None] | None = None,
+        on_staged: Callable[[list[str], bool], None] | None = None,
     ) -> None:
         self.audit = audit
         self.on_staged = on_staged
@@ -154,6 +154,6 @@ class AuditBatchWriter:
             rows = [tag for tag in dict.fromkeys(tags) if tag]
             if rows and self.on_staged is not None:
                 try:
-                    self.on_staged(rows, []) if ok else self.on_staged([], rows)
+                    self.on_staged(rows, ok)
                 except Exception:
                     log.exception("audit_unstage_failed", rows=len(rows))

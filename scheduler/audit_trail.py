@@ -29,8 +29,8 @@ import structlog
 from facefleet.scheduler.audit_batch import AuditBatchWriter
 from facefleet.scheduler.audit_process import AuditProcess
 from facefleet.scheduler.placement_gateway import PlacementResult
-from facefleet.scheduler.store import StagedRecord, TaskRecord, TaskStore
-from facefleet.security.audit import AuditKind, AuditLog
+from facefleet.scheduler.store import TaskRecord, TaskStore
+from facefleet.security.audit import AuditKind, AuditLog, Entry
 from facefleet.security.residency import ResidencyViolation, redact_uri
 from facefleet.v1 import types_pb2
 
@@ -67,7 +67,7 @@ class AuditTrail:
 
     # ---- a launch's records (the dispatcher's PassRecords) ---------------------------------------
 
-    def launch_records(self, task: TaskRecord, decision: PlacementResult) -> list[StagedRecord]:
+    def launch_records(self, task: TaskRecord, decision: PlacementResult) -> list[Entry]:
         """A launch's `placement` and `dispatch` records, for its commit to stage (`staged` next)."""
         zone = decision.pool_trust_zone or self._agent_zone(task.agent_id)
         with self._lock:
@@ -81,7 +81,7 @@ class AuditTrail:
             (AuditKind.DISPATCH, ACTOR, self._dispatch_fields(task, decision, zone)),
         ]
 
-    def staged(self, row_id: str, records: Sequence[StagedRecord]) -> None:
+    def staged(self, row_id: str, records: Sequence[Entry]) -> None:
         """`records` are committed in the store as row `row_id`: into the log with the next batch."""
         with self._lock:
             self._queued_rows.add(row_id)
@@ -116,16 +116,15 @@ class AuditTrail:
             log.warning("audit records left staged in the store are written now", rows=len(rows))
         return len(rows)
 
-    def _staged_done(self, written: list[str], failed: list[str]) -> None:
+    def _staged_done(self, rows: list[str], written: bool) -> None:
         """The writer's word on staged rows: written ones are deleted from the store, failed ones
         stay there for the leader's next look (`write_leftovers`)."""
         try:
             if written and self.store is not None:
-                self.store.unstage_records(written)
+                self.store.unstage_records(rows)
         finally:  # after the delete: a leader starting meanwhile must not queue these rows again
             with self._lock:
-                self._queued_rows.difference_update(written)
-                self._queued_rows.difference_update(failed)
+                self._queued_rows.difference_update(rows)
 
     # ---- DispatchListener ----------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any, Protocol
 
 import grpc
@@ -84,11 +85,11 @@ from facefleet.scheduler.store import (
     Change,
     IllegalTransition,
     Placement,
-    StagedRecord,
     Step,
     TaskRecord,
     TaskStore,
 )
+from facefleet.security.audit import Entry
 from facefleet.v1 import agent_pb2, scheduler_pb2, types_pb2
 
 log = structlog.get_logger()
@@ -115,13 +116,13 @@ class AgentDirectory(Protocol):
 class PassRecords(Protocol):
     """The audit records a launch commits with (`audit_trail.AuditTrail`)."""
 
-    def launch_records(self, task: TaskRecord, decision: PlacementResult) -> list[StagedRecord]: ...
-    def staged(self, row_id: str, records: Sequence[StagedRecord]) -> None: ...  # committed as store row `row_id`
+    def launch_records(self, task: TaskRecord, decision: PlacementResult) -> list[Entry]: ...
+    def staged(self, row_id: str, records: Sequence[Entry]) -> None: ...  # committed as store row `row_id`
     # Staged rows nobody writes (staged before `staged_before`, None = all): a leader starts with these.
     def write_leftovers(self, staged_before: float | None = None) -> int: ...
 
 
-_Staged = tuple[str, list[StagedRecord]] | None  # a commit's staged audit row and its records
+_Staged = tuple[str, list[Entry]] | None  # a commit's staged audit row and its records
 
 
 class DispatchListener(Protocol):
@@ -231,10 +232,10 @@ class _Launch:
     request: agent_pb2.RunTaskRequest
     change: Change
 
-
-def _sent(launch: _Launch) -> TaskRecord:
-    """The task as its launch sends it: on the chosen pool and agent."""
-    return launch.record.evolve(pool=launch.result.pool, agent_id=launch.agent_id)
+    @cached_property
+    def sent(self) -> TaskRecord:
+        """The task as its launch sends it: on the chosen pool and agent."""
+        return self.record.evolve(pool=self.result.pool, agent_id=self.agent_id)
 
 
 @dataclass(frozen=True)
@@ -826,7 +827,7 @@ class Dispatcher:
             if results.get(launch.record.id) is not True:
                 continue
             metrics.QUEUE_WAIT.observe(max(0.0, now - launch.record.submitted_at))
-            sent = _sent(launch)
+            sent = launch.sent
             for listener in self.listeners:
                 _safe(listener.on_dispatched, sent, launch.result)
             sending.append((sent, launch))
@@ -880,7 +881,7 @@ class Dispatcher:
             record
             for launch in launches
             if results.get(launch.record.id) is True
-            for record in self.records.launch_records(_sent(launch), launch.result)
+            for record in self.records.launch_records(launch.sent, launch.result)
         ]
         if not records:
             return results, None

@@ -21,7 +21,7 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -33,6 +33,7 @@ from sqlalchemy.exc import IntegrityError
 
 from facefleet.domain import DISPATCHED, IN_FLIGHT, PLACED, QUEUED, TERMINAL, sensitivity_from_proto
 from facefleet.scheduler import metrics, schema, task_states
+from facefleet.security.audit import Entry
 from facefleet.v1 import types_pb2
 
 log = structlog.get_logger()
@@ -119,7 +120,6 @@ audit_outbox = sa.Table(
     sa.Column("records", sa.Text, nullable=False),
 )
 
-StagedRecord = tuple[str, str, Mapping[str, Any]]  # an audit record's kind, actor and fields (`security.audit.Entry`)
 
 T = TypeVar("T")
 
@@ -929,7 +929,7 @@ class TaskStore:
 
     # ---- audit records staged with the decisions they record ----------------------------------
 
-    def stage_records_in(self, conn: Connection, records: Sequence[StagedRecord], now: float) -> str:
+    def stage_records_in(self, conn: Connection, records: Sequence[Entry], now: float) -> str:
         """Keep `records` ((kind, actor, fields) each) in the caller's transaction, so they are
         durable exactly when the decisions they record are; returns the row's id (`unstage_records`)."""
         row_id = new_task_id()  # time-ordered, as the tasks' ids: inserts land at the index's right edge
@@ -939,7 +939,7 @@ class TaskStore:
         _driver_cursor(conn).execute(sql, (row_id, now, text))
         return row_id
 
-    def staged_records(self, staged_before: float | None = None) -> list[tuple[str, list[StagedRecord]]]:
+    def staged_records(self, staged_before: float | None = None) -> list[tuple[str, list[Entry]]]:
         """Rows not unstaged yet (staged before `staged_before`, if given), oldest first: (id, records)."""
         order = (audit_outbox.c.at, audit_outbox.c.id)  # ids minted in one millisecond sort at random
         query = sa.select(audit_outbox.c.id, audit_outbox.c.records).order_by(*order)
@@ -953,11 +953,11 @@ class TaskStore:
         """Delete staged rows (their records are in the audit log now)."""
         ids = list(row_ids)
 
-        def delete(conn: Connection, chunk: list[str]) -> None:
-            conn.execute(audit_outbox.delete().where(audit_outbox.c.id.in_(chunk)))
+        def delete(conn: Connection) -> None:
+            for start in range(0, len(ids), _IDS_PER_READ):
+                conn.execute(audit_outbox.delete().where(audit_outbox.c.id.in_(ids[start : start + _IDS_PER_READ])))
 
-        for start in range(0, len(ids), _IDS_PER_READ):
-            self._execute_write(functools.partial(delete, chunk=ids[start : start + _IDS_PER_READ]))
+        self._execute_write(delete)
 
     def record_progress(self, task_id: str, agent_id: str, message: types_pb2.Progress, now: float) -> None:
         """Keep the latest progress per task, and the highest checkpoint reported by the agent that

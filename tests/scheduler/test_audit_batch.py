@@ -238,7 +238,7 @@ def test_a_row_written_while_leftovers_are_read_is_not_written_again(tmp_path: P
     class WrittenDuringTheRead(TaskStore):
         def staged_records(self, staged_before: float | None = None) -> Any:
             rows = super().staged_records(staged_before)
-            trail._staged_done([row_id], [])  # the writer finishes right after the read
+            trail._staged_done([row_id], True)  # the writer finishes right after the read
             return rows
 
     racing = WrittenDuringTheRead(f"sqlite:///{tmp_path}/s.db")
