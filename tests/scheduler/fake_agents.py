@@ -126,6 +126,9 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
         # Where its runs write checkpoints; as a real agent, it refuses to resume from one elsewhere.
         self.checkpoint_root = checkpoint_root
         self.runs: dict[str, Run] = {}
+        # Task ids of the runs not done (`busy`): counted as it changes, as a real agent's journal
+        # keeps them apart, not by a scan of every run this agent ever held on each assignment.
+        self._held: set[str] = set()
         self.executions: Counter[str] = Counter()
         self.completed: Counter[str] = Counter()
         self.cancel_requests: list[str] = []
@@ -181,7 +184,7 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
             return self.busy_unlocked()
 
     def busy_unlocked(self) -> list[str]:
-        return [task_id for task_id, run in self.runs.items() if not run.done.is_set()]
+        return list(self._held)
 
     # ---- heartbeats ----------------------------------------------------------------------------
 
@@ -442,6 +445,7 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
             leader_term=request.leader_term,
         )
         self.runs[request.task.id] = run
+        self._held.add(request.task.id)
         return run
 
     def _cancel(self, task_id: str) -> bool:
@@ -464,6 +468,7 @@ class HollowAgent(agent_pb2_grpc.AgentServicer):
             run.history.append(progress)
             if progress.state != types_pb2.TASK_STATE_RUNNING:
                 run.done.set()
+                self._held.discard(run.task.id)
             run.changed.notify_all()
         if run.session is not None:
             run.session.update(run, progress)
