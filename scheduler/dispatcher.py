@@ -831,7 +831,7 @@ class Dispatcher:
             for listener in self.listeners:
                 _safe(listener.on_dispatched, sent, launch.result)
             sending.append((sent, launch))
-        # The launches' audit records were committed with them (`_apply_and_stage`): durable already.
+        # The launches' audit records were committed with them (`_stage`): durable already.
         try:
             self._launch_all([(sent, launch.agent_id, launch.address, launch.request) for sent, launch in sending], now)
         finally:
@@ -856,12 +856,13 @@ class Dispatcher:
         staged audit records. How to answer the submitters goes to `answers`."""
         assert self.committer is not None
         leading = self.is_leader()
+        applying = changes if leading else []
 
-        def decide(conn: Any) -> tuple[dict[str, bool | Exception], _Staged]:
+        def decide(conn: Any, applied: list[bool | Exception]) -> tuple[dict[str, bool | Exception], _Staged]:
             self.store.record_queue_decisions_in(conn, queued, now)
-            return self._apply_and_stage(conn, changes, launches, now) if leading else ({}, None)
+            return self._stage(conn, applying, applied, launches, now) if leading else ({}, None)
 
-        outcome, answer = self.committer.insert_with(taken, now, decide)
+        outcome, answer = self.committer.insert_with(taken, now, applying, decide)
         answers.append(answer)
         if isinstance(outcome, Exception):
             return {}, None
@@ -870,10 +871,15 @@ class Dispatcher:
     def _apply_and_stage(
         self, conn: Any, changes: list[Change], launches: list[_Launch], now: float
     ) -> tuple[dict[str, bool | Exception], _Staged]:
-        """Apply the pass's changes and, in the same transaction, stage the audit records of the
-        launches that applied: they are durable exactly when those launches are, before any agent
-        may start one, and a launch that does not commit leaves no record."""
-        applied = self.store.apply_changes_in(conn, changes, now)
+        return self._stage(conn, changes, self.store.apply_changes_in(conn, changes, now), launches, now)
+
+    def _stage(
+        self, conn: Any, changes: list[Change], applied: list[bool | Exception], launches: list[_Launch], now: float
+    ) -> tuple[dict[str, bool | Exception], _Staged]:
+        """Each change's result (`applied`, in the transaction `conn`) and, in that transaction, the
+        staged audit records of the launches that applied: they are durable exactly when those
+        launches are, before any agent may start one, and a launch that does not commit leaves no
+        record."""
         results = dict(zip([change.task_id for change in changes], applied, strict=True))
         if self.records is None:
             return results, None

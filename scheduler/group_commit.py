@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 
 from facefleet import loop_calls
 from facefleet.scheduler import metrics
-from facefleet.scheduler.store import NewTask, SubmitResult, TaskStore
+from facefleet.scheduler.store import Change, NewTask, SubmitResult, TaskStore
 
 log = structlog.get_logger()
 
@@ -264,24 +264,30 @@ class GroupCommitter:
         return results
 
     def insert_with(
-        self, offered: Sequence[Offered], now: float, then: Callable[[Connection], T], timeout: float = 60.0
+        self,
+        offered: Sequence[Offered],
+        now: float,
+        changes: Sequence[Change],
+        then: Callable[[Connection, list[bool | Exception]], T],
+        timeout: float = 60.0,
     ) -> tuple[T | Exception, Callable[[], None]]:
-        """Store `offered` submits (taken through `launcher.offer`) and run `then(conn)` in the same
-        transaction: the dispatcher's launches of them, one commit for both. Returns `then`'s result
-        (or the exception it raised: the submits are stored all the same) and `answer`: the
-        submitters are answered when the caller calls it, once the transaction is durable (the
-        dispatcher sends the launches first: an agent's start waits for no reply to a client).
-        Raises when the transaction did not commit (the submitters get that error at once).
-        No savepoint (SQLAlchemy's cost ~0.5 ms each here): like the store's own operations,
-        `then` checks everything before it writes."""
+        """Store `offered` submits (taken through `launcher.offer`) with `changes` applied
+        (`TaskStore.insert_and_apply_in`: the dispatcher's launches of them, and of other tasks),
+        and run `then(conn, results of the changes)` in the same transaction: one commit for all.
+        Returns `then`'s result (or the exception it raised: the submits and changes are stored all
+        the same) and `answer`: the submitters are answered when the caller calls it, once the
+        transaction is durable (the dispatcher sends the launches first: an agent's start waits for
+        no reply to a client). Raises when the transaction did not commit (the submitters get that
+        error at once). No savepoint (SQLAlchemy's cost ~0.5 ms each here): like the store's own
+        operations, `then` checks everything before it writes."""
         carried: list[_Pending] = list(offered)
         items = [pending.insert for pending in carried if pending.insert is not None]
         assert len(items) == len(carried), "offered submits come from submit_async"
 
         def op(conn: Connection) -> tuple[list[SubmitResult], T | Exception]:
-            results = self._store._insert_batch(conn, items, now)
+            results, applied = self._store.insert_and_apply_in(conn, items, changes, now)
             try:
-                return results, then(conn)
+                return results, then(conn, applied)
             except IntegrityError:
                 raise  # the whole batch is redone one write at a time
             except Exception as error:

@@ -21,7 +21,7 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -39,9 +39,8 @@ from facefleet.v1 import types_pb2
 log = structlog.get_logger()
 
 metadata = sa.MetaData()
-SCHEMA_VERSION = 2  # of the tables below: raise it with each change, with a step (`scheduler.schema`)
-# 1 -> 2 adds `audit_outbox` (create_all makes it): a facefleet without it would leave its rows unwritten.
-_MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: lambda _conn: None}
+SCHEMA_VERSION = 3  # of the tables below: raise it with each change, with a step (`_MIGRATIONS`)
+
 
 tasks = sa.Table(
     "tasks",
@@ -66,7 +65,6 @@ tasks = sa.Table(
     sa.Column("not_before", sa.Float, nullable=False, default=0.0),
     sa.Column("finished_at", sa.Float, nullable=True),
     sa.Column("last_reason", sa.Text, nullable=False, default=""),
-    sa.Index("ix_tasks_state_not_before", "state", "not_before"),
     sa.Index("ix_tasks_project_state", "project", "state"),
     sa.Index("ix_tasks_agent_state", "agent_id", "state"),
     sa.Index("ix_tasks_submitted", "submitted_at", "id"),
@@ -118,7 +116,24 @@ audit_outbox = sa.Table(
     sa.Column("id", sa.String(40), primary_key=True),  # time-ordered (`new_task_id`'s form)
     sa.Column("at", sa.Float, nullable=False),  # staged at: the order they are written in
     sa.Column("records", sa.Text, nullable=False),
+    sqlite_with_rowid=False,  # rows live a moment (until the log has them): one B-tree, keyed by id
 )
+
+
+def _fewer_pages_per_launch(conn: Connection) -> None:
+    """2 -> 3: each launch's commit writes two pages fewer. `ix_tasks_state_not_before` goes (no
+    query reads it: `runnable_ids` walks the queue-order index), and on SQLite `audit_outbox` is
+    rebuilt WITHOUT ROWID (its primary key is the table: one B-tree to write, not two)."""
+    conn.exec_driver_sql("DROP INDEX IF EXISTS ix_tasks_state_not_before")
+    if conn.dialect.name == "sqlite" and sa.inspect(conn).has_table("audit_outbox"):
+        conn.exec_driver_sql("ALTER TABLE audit_outbox RENAME TO audit_outbox_v2")
+        audit_outbox.create(conn)
+        conn.exec_driver_sql("INSERT INTO audit_outbox (id, at, records) SELECT id, at, records FROM audit_outbox_v2")
+        conn.exec_driver_sql("DROP TABLE audit_outbox_v2")
+
+
+# 1 -> 2 adds `audit_outbox` (create_all makes it): a facefleet without it would leave its rows unwritten.
+_MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: lambda _conn: None, 2: _fewer_pages_per_launch}
 
 
 T = TypeVar("T")
@@ -300,6 +315,51 @@ class Change:
     expect_from: str | None = None
     expect_agent: str | None = None
     progress: types_pb2.Progress | None = None
+
+
+@dataclass(frozen=True)
+class _Moved:
+    """Where a `Change`'s steps take a task: its transitions' rows and the columns they set."""
+
+    state: str
+    transitions: list[tuple[Any, ...]]  # (task_id, from_state, to_state, reason, at, pool, agent_id)
+    pool: str | None
+    agent_id: str | None
+    rule: str | None
+    placement_json: str | None
+    placement_proto: bytes | None
+    not_before: float | None
+    attempts: int  # added to the task's count
+    finished_at: float | None
+
+
+def _moved(
+    task_id: str, current: str, steps: Sequence[Step], pool: str | None, agent: str | None, now: float
+) -> _Moved:
+    """`steps` applied to a task in `current` on (`pool`, `agent`); raises IllegalTransition for a
+    step the state machine does not allow, before anything is written."""
+    state = current
+    for step in steps:
+        if not task_states.is_legal(state, step.to_state):
+            raise IllegalTransition(task_id, state, step.to_state)
+        state = step.to_state
+    rule = placement_json = placement_proto = not_before = finished_at = None
+    attempts = 0
+    rows = []
+    for step in steps:
+        if step.placement is not None:
+            pool, rule = step.placement.pool, step.placement.rule
+            placement_json = json.dumps(step.placement.summary)
+            placement_proto = step.placement.decision
+        pool = step.pool if step.pool is not None else pool
+        agent = step.agent_id if step.agent_id is not None else agent
+        not_before = step.not_before if step.not_before is not None else not_before
+        attempts += 1 if step.count_attempt else 0
+        if step.to_state in TERMINAL:
+            finished_at = now
+        rows.append((task_id, current, step.to_state, step.reason, now, pool or "", agent or ""))
+        current = step.to_state
+    return _Moved(state, rows, pool, agent, rule, placement_json, placement_proto, not_before, attempts, finished_at)
 
 
 def _record(row: sa.Row[Any]) -> TaskRecord:
@@ -505,6 +565,33 @@ class TaskStore:
             return results
 
     def _insert_batch(self, conn: Connection, batch: Sequence[NewTask], now: float) -> list[SubmitResult]:
+        return self._insert(conn, batch, now, {})[0]
+
+    def insert_and_apply_in(
+        self, conn: Connection, batch: Sequence[NewTask], changes: Sequence[Change], now: float
+    ) -> tuple[list[SubmitResult], list[bool | Exception]]:
+        """Insert `batch` and apply `changes` in the caller's transaction (the dispatcher's launches
+        of submits with their intake: `GroupCommitter.insert_with`); each change gets the result
+        `apply_changes_in` gives it. A change to a task this call creates is written with its
+        insert: the row goes in where the change takes it, with every transition from `submitted`
+        on, instead of in as queued and then moved (each index written once; a launched task's entry
+        never enters the queue-order index)."""
+        created = {item.task_id for item in batch}
+        moves = {
+            change.task_id: change
+            for change in changes
+            if change.task_id in created and change.expect_agent is None and change.progress is None
+        }
+        results, moved = self._insert(conn, batch, now, moves)
+        rest = [change for change in changes if change.task_id not in moved]
+        applied = dict(zip([change.task_id for change in rest], self.apply_changes_in(conn, rest, now), strict=True))
+        return results, [moved[c.task_id] if c.task_id in moved else applied[c.task_id] for c in changes]
+
+    def _insert(
+        self, conn: Connection, batch: Sequence[NewTask], now: float, moves: Mapping[str, Change]
+    ) -> tuple[list[SubmitResult], dict[str, bool | Exception]]:
+        """Insert `batch`, each new task moved on by its change in `moves` (if any, from queued);
+        returns the submits' results and the results of the changes it applied."""
         keys = {item.idempotency_key for item in batch if item.idempotency_key}
         existing: dict[str, SubmitResult] = {}
         if keys:
@@ -513,6 +600,7 @@ class TaskStore:
             )
             existing = {row.idempotency_key: SubmitResult(row.id, False, row.state) for row in rows}
         results: list[SubmitResult] = []
+        applied: dict[str, bool | Exception] = {}
         task_rows: list[tuple[Any, ...]] = []
         transition_rows: list[tuple[Any, ...]] = []
         for item in batch:
@@ -522,10 +610,23 @@ class TaskStore:
                 continue
             row = item.queued_record(now)
             task_id = row.id
-            task_rows.append(
-                (task_id, key, row.project, row.sensitivity, row.priority, row.state, row.task_proto, now, now)
-            )
-            transition_rows.append((task_id, "", QUEUED, "submitted", now))
+            transition_rows.append((task_id, "", QUEUED, "submitted", now, "", ""))
+            fields: tuple[Any, ...] = (QUEUED, None, None, None, 0, None, None, 0.0, None, "submitted")
+            change = moves.get(task_id)
+            if change is not None and change.expect_from in (None, QUEUED):
+                try:
+                    moved = _moved(task_id, QUEUED, change.steps, None, None, now)
+                except IllegalTransition as error:  # refused before anything is written: it goes in queued
+                    applied[task_id] = error
+                else:
+                    applied[task_id] = True
+                    transition_rows.extend(moved.transitions)
+                    fields = (
+                        moved.state, moved.pool, moved.rule, moved.agent_id, moved.attempts, moved.placement_json,
+                        moved.placement_proto, moved.not_before or 0.0, moved.finished_at, change.steps[-1].reason,
+                    )  # fmt: skip
+            submitted = (task_id, key, row.project, row.sensitivity, row.priority, row.task_proto, now, now)
+            task_rows.append((*submitted, *fields))
             if key is not None:
                 existing[key] = SubmitResult(task_id, False, QUEUED)
             results.append(SubmitResult(task_id, True, QUEUED))
@@ -537,7 +638,7 @@ class TaskStore:
             cursor = _driver_cursor(conn)
             cursor.executemany(task_sql, task_rows)
             cursor.executemany(transition_sql, transition_rows)
-        return results
+        return results, applied
 
     def _insert_sql(self) -> tuple[str, str]:
         if self._insert_statements is None:
@@ -549,12 +650,13 @@ class TaskStore:
             self._insert_statements = (
                 statement(
                     "tasks",
-                    "id, idempotency_key, project, sensitivity, priority, state, task_proto, submitted_at, "
-                    "updated_at, attempts, checkpoint_frame, checkpoint_uri, not_before, last_reason",
-                    9,
-                    ", 0, 0, '', 0.0, 'submitted'",
+                    "id, idempotency_key, project, sensitivity, priority, task_proto, submitted_at, updated_at, "
+                    "state, pool, rule, agent_id, attempts, placement, placement_proto, not_before, finished_at, "
+                    "last_reason, checkpoint_frame, checkpoint_uri",
+                    18,
+                    ", 0, ''",
                 ),
-                statement("transitions", "task_id, from_state, to_state, reason, at, pool, agent_id", 5, ", '', ''"),
+                statement("transitions", "task_id, from_state, to_state, reason, at, pool, agent_id", 7, ""),
             )
         return self._insert_statements
 
@@ -687,12 +789,11 @@ class TaskStore:
         The dispatcher runs this every pass, so it walks a partial index on the order key itself
         (`ensure_queue_index`): LIMIT rows of an index scan instead of sorting the whole queue.
         Ids only: a pass skips the tasks its previous pass is still committing, and fetching (and
-        decoding) their whole rows again was most of its read. `+not_before` keeps the planner off
-        the (state, not_before) index for this query."""
+        decoding) their whole rows again was most of its read."""
         order, index = self.ensure_queue_index(aging_s)
         mark, hint = self._mark, f" INDEXED BY {index}" if self.is_sqlite else ""
         sql = (
-            f"SELECT id FROM tasks{hint} WHERE state = '{QUEUED}' AND +not_before <= {mark} "
+            f"SELECT id FROM tasks{hint} WHERE state = '{QUEUED}' AND not_before <= {mark} "
             f"ORDER BY {order}, id LIMIT {int(limit)} OFFSET {int(offset)}"
         )
         return [row[0] for row in self._driver_read(sql, (now,))]
@@ -828,30 +929,9 @@ class TaskStore:
             return False
         if change.expect_agent is not None and row_agent != change.expect_agent:
             return False
-        # Check the whole chain before writing anything: a refused change leaves no trace.
-        state = current
-        for step in steps:
-            if not task_states.is_legal(state, step.to_state):
-                raise IllegalTransition(task_id, state, step.to_state)
-            state = step.to_state
-        pool, agent = row_pool, row_agent
-        rule = placement_json = placement_proto = not_before = finished_at = None
-        attempts = 0
-        rows = []
-        for step in steps:
-            if step.placement is not None:
-                pool, rule = step.placement.pool, step.placement.rule
-                placement_json = json.dumps(step.placement.summary)
-                placement_proto = step.placement.decision
-            pool = step.pool if step.pool is not None else pool
-            agent = step.agent_id if step.agent_id is not None else agent
-            not_before = step.not_before if step.not_before is not None else not_before
-            attempts += 1 if step.count_attempt else 0
-            if step.to_state in TERMINAL:
-                finished_at = now
-            rows.append((task_id, current, step.to_state, step.reason, now, pool or "", agent or ""))
-            current = step.to_state
-        cursor.executemany(sql["transition"], rows)
+        moved = _moved(task_id, current, steps, row_pool, row_agent, now)  # checks the whole chain first
+        current = moved.state
+        cursor.executemany(sql["transition"], moved.transitions)
         if current == QUEUED:
             self.requeues += 1
         elif was == QUEUED and current not in (PLACED, DISPATCHED):
@@ -864,14 +944,14 @@ class TaskStore:
                 current,
                 now,
                 steps[-1].reason,
-                pool,
-                agent,
-                rule,
-                placement_json,
-                placement_proto,
-                not_before,
-                attempts,
-                finished_at,
+                moved.pool,
+                moved.agent_id,
+                moved.rule,
+                moved.placement_json,
+                moved.placement_proto,
+                moved.not_before,
+                moved.attempts,
+                moved.finished_at,
                 task_id,
             ),
         )

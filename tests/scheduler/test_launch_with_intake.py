@@ -81,6 +81,16 @@ def test_a_submit_to_an_idle_scheduler_is_durable_only_with_its_launch(
     else:  # an intake commit, then a pass reads it back and commits the launch
         assert set(first_durable.values()) == {"queued"}, first_durable
     assert all(agent.executions[task_id] == 1 for task_id in ids)
+    # Either way the store keeps the same task: every transition from `submitted` on, one attempt,
+    # where it ran, and the placement decision that Explain shows.
+    wait_for(lambda: {app.store.get(task_id).state for task_id in ids} == {"succeeded"}, 10, what="the outcomes")
+    for task_id in ids:
+        record = app.store.get(task_id)
+        assert (record.state, record.pool, record.agent_id, record.attempts) == ("succeeded", "onprem-a", "onprem-1", 1)
+        assert record.placement_decision() is not None and record.rule
+        steps = [(step.from_state, step.to_state) for step in app.store.transitions_of(task_id)]
+        assert steps[:3] == [("", "queued"), ("queued", "placed"), ("placed", "dispatched")], steps
+        assert steps[-1] == ("running", "succeeded"), steps
 
 
 class Offering:
@@ -271,11 +281,11 @@ def launch_offered(world: Offering) -> tuple[str, Callable[[], None], list[int]]
     the thread its `then` ran on."""
     ran_on: list[int] = []
 
-    def then(conn: Any) -> str:
+    def then(conn: Any, applied: list[bool | Exception]) -> str:
         ran_on.append(threading.get_ident())
         return "launched"
 
-    result, answer = world.committer.insert_with(world.dispatcher._take_offered(), time.time(), then)
+    result, answer = world.committer.insert_with(world.dispatcher._take_offered(), time.time(), [], then)
     assert result == "launched"
     return result, answer, ran_on
 
