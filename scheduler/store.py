@@ -116,24 +116,17 @@ audit_outbox = sa.Table(
     sa.Column("id", sa.String(40), primary_key=True),  # time-ordered (`new_task_id`'s form)
     sa.Column("at", sa.Float, nullable=False),  # staged at: the order they are written in
     sa.Column("records", sa.Text, nullable=False),
-    sqlite_with_rowid=False,  # rows live a moment (until the log has them): one B-tree, keyed by id
 )
 
 
-def _fewer_pages_per_launch(conn: Connection) -> None:
-    """2 -> 3: each launch's commit writes two pages fewer. `ix_tasks_state_not_before` goes (no
-    query reads it: `runnable_ids` walks the queue-order index), and on SQLite `audit_outbox` is
-    rebuilt WITHOUT ROWID (its primary key is the table: one B-tree to write, not two)."""
+def _drop_the_unread_index(conn: Connection) -> None:
+    """2 -> 3: `ix_tasks_state_not_before` goes. No query reads it (`runnable_ids` walks the
+    queue-order index), and every write of a task's state wrote a page of it."""
     conn.exec_driver_sql("DROP INDEX IF EXISTS ix_tasks_state_not_before")
-    if conn.dialect.name == "sqlite" and sa.inspect(conn).has_table("audit_outbox"):
-        conn.exec_driver_sql("ALTER TABLE audit_outbox RENAME TO audit_outbox_v2")
-        audit_outbox.create(conn)
-        conn.exec_driver_sql("INSERT INTO audit_outbox (id, at, records) SELECT id, at, records FROM audit_outbox_v2")
-        conn.exec_driver_sql("DROP TABLE audit_outbox_v2")
 
 
 # 1 -> 2 adds `audit_outbox` (create_all makes it): a facefleet without it would leave its rows unwritten.
-_MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: lambda _conn: None, 2: _fewer_pages_per_launch}
+_MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: lambda _conn: None, 2: _drop_the_unread_index}
 
 
 T = TypeVar("T")

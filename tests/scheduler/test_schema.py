@@ -89,43 +89,6 @@ def test_a_version_1_store_gets_the_audit_outbox_and_keeps_its_tasks(tmp_path: P
     assert versions(url) == {"task_store": SCHEMA_VERSION}
 
 
-def test_a_version_2_store_keeps_its_staged_records_in_the_rebuilt_outbox(tmp_path: Path) -> None:
-    """Version 3 writes two pages fewer per launch: `ix_tasks_state_not_before` (read by no query)
-    goes, and `audit_outbox` becomes a WITHOUT ROWID table. Records that a version-2 leader staged
-    and did not write yet are still there after the upgrade, in their order, and still written."""
-    url = f"sqlite:///{tmp_path}/s.db"
-    task_id = store_with_a_task(url, then="DROP TABLE audit_outbox")
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:  # the tables as version 2 made them
-        conn.exec_driver_sql("CREATE INDEX ix_tasks_state_not_before ON tasks (state, not_before)")
-        conn.exec_driver_sql(
-            "CREATE TABLE audit_outbox (id VARCHAR(40) NOT NULL, at FLOAT NOT NULL, records TEXT NOT NULL, "
-            "PRIMARY KEY (id))"
-        )
-        for row_id, at in (("0190b", 2.0), ("0190a", 1.0)):
-            records = f'[["dispatch", "scheduler", {{"task_id": "{task_id}", "at": {at}}}]]'
-            conn.exec_driver_sql("INSERT INTO audit_outbox VALUES (?, ?, ?)", (row_id, at, records))
-    engine.dispose()
-    set_version(url, "task_store", 2)
-
-    reopened = TaskStore(url)
-    staged = reopened.staged_records()
-    assert [row_id for row_id, _records in staged] == ["0190a", "0190b"]
-    assert staged[0][1] == [("dispatch", "scheduler", {"task_id": task_id, "at": 1.0})]
-    reopened.unstage_records(["0190a", "0190b"])
-    assert reopened.staged_records() == []
-    assert reopened.get(task_id).project == "p"
-    reopened.close()
-    assert versions(url) == {"task_store": SCHEMA_VERSION}
-    engine = sa.create_engine(url)
-    with engine.connect() as conn:
-        ddl = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = 'audit_outbox'").scalar()
-        indexes = {row[0] for row in conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type = 'index'")}
-    engine.dispose()
-    assert "WITHOUT ROWID" in ddl
-    assert "ix_tasks_state_not_before" not in indexes and "ix_tasks_state_submitted" in indexes
-
-
 def test_a_store_from_a_newer_release_is_refused_and_left_as_it_is(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/s.db"
     TaskStore(url).close()
@@ -229,14 +192,20 @@ def test_replicas_that_start_together_on_postgresql_stamp_once(postgres_url: str
     assert versions(postgres_url) == {"task_store": SCHEMA_VERSION}
 
 
-def test_a_version_2_store_on_postgresql_loses_the_unread_index_and_keeps_its_outbox(postgres_url: str) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_version_2_store_loses_the_unread_index_and_keeps_its_tasks_and_staged_records(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Version 3 drops `ix_tasks_state_not_before` (read by no query: each launch's commit writes a
+    page fewer). Records a version-2 leader staged and did not write yet are still there."""
+    url = f"sqlite:///{tmp_path}/s.db" if backend == "sqlite" else request.getfixturevalue("postgres_url")
     version_2_index = "CREATE INDEX ix_tasks_state_not_before ON tasks (state, not_before)"
-    task_id = store_with_a_task(postgres_url, then=version_2_index)
-    engine = sa.create_engine(postgres_url)
+    task_id = store_with_a_task(url, then=version_2_index)
+    engine = sa.create_engine(url)
     with engine.begin() as conn:
         conn.exec_driver_sql("INSERT INTO audit_outbox VALUES ('0190a', 1.0, '[[\"dispatch\", \"scheduler\", {}]]')")
-    set_version(postgres_url, "task_store", 2)
-    reopened = TaskStore(postgres_url)
+    set_version(url, "task_store", 2)
+    reopened = TaskStore(url)
     assert reopened.staged_records() == [("0190a", [("dispatch", "scheduler", {})])]
     assert reopened.get(task_id).project == "p"
     reopened.close()
@@ -244,4 +213,4 @@ def test_a_version_2_store_on_postgresql_loses_the_unread_index_and_keeps_its_ou
         indexes = {index["name"] for index in sa.inspect(conn).get_indexes("tasks")}
     engine.dispose()
     assert "ix_tasks_state_not_before" not in indexes and "ix_tasks_state_submitted" in indexes
-    assert versions(postgres_url) == {"task_store": SCHEMA_VERSION}
+    assert versions(url) == {"task_store": SCHEMA_VERSION}
