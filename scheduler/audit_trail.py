@@ -151,8 +151,8 @@ class AuditTrail:
         """A completion is recorded only for a task that reached an agent: one that never ran has no zone.
 
         Queued, not waited for, and lingering: the store already holds the completion durably, and
-        the record is written with the writer's next batch (the next dispatch pass's, which it
-        flushes before it sends), or `audit_batch.LINGER_S` later at the latest. Waiting here cost a
+        the record is written with the writer's next batch (a pass's staged launch records, say),
+        or `audit_batch.LINGER_S` later at the latest. Waiting here cost a
         thread hand-off per task on the dispatch path; a batch of its own, an fsync per task."""
         if not task.agent_id:
             return

@@ -573,7 +573,10 @@ class TaskStore:
         moves = {
             change.task_id: change
             for change in changes
-            if change.task_id in created and change.expect_agent is None and change.progress is None
+            if change.task_id in created
+            and change.expect_from in (None, QUEUED)
+            and change.expect_agent is None
+            and change.progress is None
         }
         results, moved = self._insert(conn, batch, now, moves)
         rest = [change for change in changes if change.task_id not in moved]
@@ -583,7 +586,7 @@ class TaskStore:
     def _insert(
         self, conn: Connection, batch: Sequence[NewTask], now: float, moves: Mapping[str, Change]
     ) -> tuple[list[SubmitResult], dict[str, bool | Exception]]:
-        """Insert `batch`, each new task moved on by its change in `moves` (if any, from queued);
+        """Insert `batch`, each new task moved on from queued by its change in `moves` (if any);
         returns the submits' results and the results of the changes it applied."""
         keys = {item.idempotency_key for item in batch if item.idempotency_key}
         existing: dict[str, SubmitResult] = {}
@@ -606,7 +609,7 @@ class TaskStore:
             transition_rows.append((task_id, "", QUEUED, "submitted", now, "", ""))
             fields: tuple[Any, ...] = (QUEUED, None, None, None, 0, None, None, 0.0, None, "submitted")
             change = moves.get(task_id)
-            if change is not None and change.expect_from in (None, QUEUED):
+            if change is not None:
                 try:
                     moved = _moved(task_id, QUEUED, change.steps, None, None, now)
                 except IllegalTransition as error:  # refused before anything is written: it goes in queued
